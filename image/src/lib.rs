@@ -1,0 +1,574 @@
+//! The snapshim image format: one definition, shared by the shim (writer), the restorer and the
+//! tools. It depends on none of them.
+//!
+//! ```text
+//!  offset 0            4096                                   meta_off          meta_off+meta_len
+//!  +-------------------+--------------------------------------+-----------------+
+//!  | header (one page) | page data: runs of whole pages,      | metadata        |
+//!  | fixed layout,     | each run page-aligned in the file,   | postcard(Meta), |
+//!  | own CRC32         | one CRC32 per run (in the metadata)  | own CRC32       |
+//!  +-------------------+--------------------------------------+-----------------+
+//! ```
+//!
+//! The header is readable alone: magic and architecture are checked first, then the version,
+//! then the header checksum, and only then is anything else decoded, so a foreign or newer image
+//! is reported with what it is instead of as garbage. Page data is page-aligned so the restorer
+//! can read it with large aligned reads (and, later, map it straight from the file).
+//!
+//! Version rules: a reader accepts any image with the same major version and a minor version not
+//! newer than its own; new metadata fields are only ever appended (postcard is positional).
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+mod error;
+pub use error::ImageError;
+
+/// Size of a page, of the header, and the alignment of page data in the file.
+pub const PAGE_SIZE: u64 = 4096;
+/// First eight bytes of every image.
+pub const MAGIC: [u8; 8] = *b"SNAPSHIM";
+/// The architecture this build reads and writes, as stored in the header (NUL-padded).
+pub const ARCH: [u8; 8] = *b"x86_64\0\0";
+pub const VERSION_MAJOR: u16 = 1;
+pub const VERSION_MINOR: u16 = 0;
+/// File name suffix of committed images.
+pub const IMAGE_SUFFIX: &str = ".snap";
+/// Name of the symlink that points at the newest committed image in an image directory.
+pub const LATEST: &str = "latest";
+
+/// The fixed header at offset 0. Encoded by hand (little endian) so its layout never depends on
+/// a serializer: see [`Header::encode`] for the byte offsets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub major: u16,
+    pub minor: u16,
+    pub flags: u32,
+    /// Random identity of this image (incremental images will name their parent by it).
+    pub image_id: u64,
+    pub parent_id: u64,
+    /// Wall-clock time of the snapshot, nanoseconds since the Unix epoch.
+    pub created_ns: u64,
+    pub data_off: u64,
+    pub data_len: u64,
+    pub meta_off: u64,
+    pub meta_len: u64,
+    pub meta_crc: u32,
+}
+
+// Byte offsets inside the header page.
+const H_MAGIC: usize = 0;
+const H_ARCH: usize = 8;
+const H_MAJOR: usize = 16;
+const H_MINOR: usize = 18;
+const H_FLAGS: usize = 20;
+const H_ID: usize = 24;
+const H_PARENT: usize = 32;
+const H_CREATED: usize = 40;
+const H_DATA_OFF: usize = 48;
+const H_DATA_LEN: usize = 56;
+const H_META_OFF: usize = 64;
+const H_META_LEN: usize = 72;
+const H_META_CRC: usize = 80;
+/// CRC32 of bytes `0..H_CRC`.
+const H_CRC: usize = 84;
+const H_END: usize = 88;
+
+impl Header {
+    pub fn new(image_id: u64, created_ns: u64) -> Header {
+        Header {
+            major: VERSION_MAJOR,
+            minor: VERSION_MINOR,
+            flags: 0,
+            image_id,
+            parent_id: 0,
+            created_ns,
+            data_off: PAGE_SIZE,
+            data_len: 0,
+            meta_off: 0,
+            meta_len: 0,
+            meta_crc: 0,
+        }
+    }
+
+    /// The header page as stored in the file.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; PAGE_SIZE as usize];
+        b[H_MAGIC..H_MAGIC + 8].copy_from_slice(&MAGIC);
+        b[H_ARCH..H_ARCH + 8].copy_from_slice(&ARCH);
+        b[H_MAJOR..H_MAJOR + 2].copy_from_slice(&self.major.to_le_bytes());
+        b[H_MINOR..H_MINOR + 2].copy_from_slice(&self.minor.to_le_bytes());
+        b[H_FLAGS..H_FLAGS + 4].copy_from_slice(&self.flags.to_le_bytes());
+        for (off, v) in [
+            (H_ID, self.image_id),
+            (H_PARENT, self.parent_id),
+            (H_CREATED, self.created_ns),
+            (H_DATA_OFF, self.data_off),
+            (H_DATA_LEN, self.data_len),
+            (H_META_OFF, self.meta_off),
+            (H_META_LEN, self.meta_len),
+        ] {
+            b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        b[H_META_CRC..H_META_CRC + 4].copy_from_slice(&self.meta_crc.to_le_bytes());
+        let crc = crc32fast::hash(&b[..H_CRC]);
+        b[H_CRC..H_END].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes and checks a header page: magic, architecture, version, then checksum, in that
+    /// order, so that each kind of foreign file gets its own precise error.
+    pub fn decode(b: &[u8]) -> Result<Header, ImageError> {
+        if b.len() < H_END {
+            return Err(ImageError::Truncated {
+                what: "header",
+                need: PAGE_SIZE,
+                have: b.len() as u64,
+            });
+        }
+        if b[H_MAGIC..H_MAGIC + 8] != MAGIC {
+            return Err(ImageError::BadMagic);
+        }
+        if b[H_ARCH..H_ARCH + 8] != ARCH {
+            let arch = String::from_utf8_lossy(&b[H_ARCH..H_ARCH + 8])
+                .trim_end_matches('\0')
+                .to_string();
+            return Err(ImageError::ForeignArch { arch });
+        }
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        let (major, minor) = (u16_at(H_MAJOR), u16_at(H_MINOR));
+        if major != VERSION_MAJOR || minor > VERSION_MINOR {
+            return Err(ImageError::UnsupportedVersion { major, minor });
+        }
+        if crc32fast::hash(&b[..H_CRC]) != u32_at(H_CRC) {
+            return Err(ImageError::HeaderChecksum);
+        }
+        Ok(Header {
+            major,
+            minor,
+            flags: u32_at(H_FLAGS),
+            image_id: u64_at(H_ID),
+            parent_id: u64_at(H_PARENT),
+            created_ns: u64_at(H_CREATED),
+            data_off: u64_at(H_DATA_OFF),
+            data_len: u64_at(H_DATA_LEN),
+            meta_off: u64_at(H_META_OFF),
+            meta_len: u64_at(H_META_LEN),
+            meta_crc: u32_at(H_META_CRC),
+        })
+    }
+}
+
+/// Everything about the process except page contents.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Metadata {
+    pub process: Process,
+    pub shim: ShimInfo,
+    pub threads: Vec<ThreadState>,
+    pub regions: Vec<Region>,
+    pub runs: Vec<PageRun>,
+    pub fds: Vec<FdState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Process {
+    pub pid: i32,
+    /// Name used for the image directory (SNAPSHIM_NAME or the executable's file name).
+    pub name: String,
+    pub exe: String,
+    pub cmdline: Vec<String>,
+    pub cwd: String,
+    pub umask: u32,
+    pub personality: u32,
+    /// (resource, soft, hard)
+    pub rlimits: Vec<(u32, u64, u64)>,
+    pub mm: MmFields,
+    /// Raw auxiliary vector, pairs of (type, value), ending with AT_NULL.
+    pub auxv: Vec<u64>,
+    pub sigactions: Vec<SigAction>,
+    /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF as (interval_us, value_us).
+    pub itimers: Vec<(u64, u64)>,
+    /// XCR0 of the CPU that took the image: the XSAVE features in every signal frame.
+    pub xsave_features: u64,
+    pub clock_monotonic_ns: u64,
+    pub clock_realtime_ns: u64,
+    /// Statistics of the checkpoint that wrote this image.
+    pub pause_ns: u64,
+    pub resident_bytes: u64,
+}
+
+/// The mm fields `prctl(PR_SET_MM_MAP)` takes.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct MmFields {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+}
+
+/// One signal disposition as the kernel holds it (`struct kernel_sigaction`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SigAction {
+    pub signo: u32,
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+/// Where the shim that wrote the image lives, and what the restorer needs to re-enter it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct ShimInfo {
+    pub path: String,
+    /// Address of `snapshim_resume`: each restored thread jumps there with `rsp = ctx_rsp`.
+    pub resume_addr: u64,
+    /// The range the shim keeps free for the restorer (never part of an image).
+    pub reserved_start: u64,
+    pub reserved_end: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ThreadState {
+    pub tid: i32,
+    pub fs_base: u64,
+    /// Stack pointer saved by the shim when the thread parked (callee-saved registers and the
+    /// return address sit there; the kernel's signal frame with the full register state is above).
+    pub ctx_rsp: u64,
+    pub robust_head: u64,
+    pub robust_len: u64,
+    pub altstack_sp: u64,
+    pub altstack_flags: i32,
+    pub altstack_size: u64,
+    /// Mask in force while parked (inside the shim's handler).
+    pub sigmask: u64,
+    pub name: String,
+    /// The shim's own helper thread.
+    pub helper: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Region {
+    pub start: u64,
+    pub end: u64,
+    /// PROT_* bits.
+    pub prot: u32,
+    pub shared: bool,
+    pub kind: RegionKind,
+    /// The name /proc/self/maps shows (path, `[heap]`, `[stack]`, ...).
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum RegionKind {
+    /// Anonymous memory; stored pages are in the image, the rest are zero.
+    Anon,
+    /// A mapping of a file. Private: pages not in the image are the file's. Shared: the file
+    /// holds the content and nothing is stored.
+    File {
+        path: String,
+        offset: u64,
+        identity: FileIdentity,
+    },
+    /// Kernel-provided mappings that are moved, not stored.
+    Vdso,
+    Vvar,
+    VvarVclock,
+}
+
+/// What a referenced file was when the image was taken, to detect that it changed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct FileIdentity {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub inode: u64,
+}
+
+/// A run of whole pages stored contiguously in the file.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PageRun {
+    pub addr: u64,
+    pub pages: u64,
+    pub file_off: u64,
+    pub crc: u32,
+}
+
+impl PageRun {
+    pub fn len(&self) -> u64 {
+        self.pages * PAGE_SIZE
+    }
+    pub fn is_empty(&self) -> bool {
+        self.pages == 0
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FdState {
+    pub fd: i32,
+    /// O_* status flags from fdinfo (access mode, O_APPEND, O_NONBLOCK, ...).
+    pub flags: u32,
+    pub cloexec: bool,
+    pub kind: FdKind,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum FdKind {
+    /// A regular file: reopened at `offset`; if open for writing it is cut back to `size`.
+    Regular {
+        path: String,
+        offset: u64,
+        size: u64,
+        identity: FileIdentity,
+    },
+    Directory {
+        path: String,
+    },
+    /// A character device opened by path (/dev/null, /dev/zero, /dev/urandom, ...).
+    CharDevice {
+        path: String,
+    },
+    /// Both ends of this pipe are in the process; `data` was buffered in it.
+    Pipe {
+        id: u64,
+        read_end: bool,
+        data: Vec<u8>,
+    },
+    /// Connected to something outside the process (a terminal, a pipe from the shell): on
+    /// restore the restorer's own descriptor of the same number is used.
+    Inherited {
+        desc: String,
+    },
+    /// Not restorable yet (socket, eventfd, ...): reopened as /dev/null, and said so.
+    Unsupported {
+        desc: String,
+    },
+}
+
+/// An opened, header- and metadata-checked image.
+#[derive(Debug)]
+pub struct Image {
+    pub path: PathBuf,
+    pub file: File,
+    pub file_len: u64,
+    pub header: Header,
+    pub meta: Metadata,
+}
+
+impl Image {
+    /// Opens `path`, checks the header, the layout against the file's length and the metadata
+    /// checksum, and decodes the metadata. Page data is not read: see [`Image::verify_pages`].
+    pub fn open(path: &Path) -> Result<Image, ImageError> {
+        let io = |op: &'static str| {
+            let p = path.to_path_buf();
+            move |source| ImageError::Io {
+                op,
+                path: p,
+                source,
+            }
+        };
+        let mut file = File::open(path).map_err(io("open"))?;
+        let file_len = file.metadata().map_err(io("stat"))?.len();
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        let n = read_up_to(&mut file, &mut page).map_err(io("read header of"))?;
+        let header = Header::decode(&page[..n])?;
+        let end = header.meta_off.checked_add(header.meta_len);
+        let data_end = header.data_off.checked_add(header.data_len);
+        match (end, data_end) {
+            (Some(end), Some(data_end)) if data_end <= header.meta_off => {
+                if file_len < end {
+                    return Err(ImageError::Truncated {
+                        what: "image",
+                        need: end,
+                        have: file_len,
+                    });
+                }
+            }
+            _ => {
+                return Err(ImageError::Corrupt(
+                    "section offsets overlap or overflow".into(),
+                ))
+            }
+        }
+        if header.meta_len > 1 << 32 {
+            return Err(ImageError::Corrupt("metadata larger than 4 GiB".into()));
+        }
+        let mut meta_bytes = vec![0u8; header.meta_len as usize];
+        file.seek(SeekFrom::Start(header.meta_off))
+            .map_err(io("seek in"))?;
+        file.read_exact(&mut meta_bytes)
+            .map_err(io("read metadata of"))?;
+        if crc32fast::hash(&meta_bytes) != header.meta_crc {
+            return Err(ImageError::MetadataChecksum);
+        }
+        let meta: Metadata = postcard::from_bytes(&meta_bytes)
+            .map_err(|e| ImageError::Corrupt(format!("metadata does not decode: {e}")))?;
+        check_layout(&header, &meta)?;
+        Ok(Image {
+            path: path.to_path_buf(),
+            file,
+            file_len,
+            header,
+            meta,
+        })
+    }
+
+    /// Reads every page run and checks its checksum. Returns the number of bytes checked.
+    pub fn verify_pages(&self) -> Result<u64, ImageError> {
+        let mut buf = vec![0u8; 4 << 20];
+        let mut total = 0u64;
+        for (index, run) in self.meta.runs.iter().enumerate() {
+            let mut h = crc32fast::Hasher::new();
+            let mut off = 0u64;
+            while off < run.len() {
+                let n = (run.len() - off).min(buf.len() as u64) as usize;
+                self.file
+                    .read_exact_at(&mut buf[..n], run.file_off + off)
+                    .map_err(|source| ImageError::Io {
+                        op: "read page data of",
+                        path: self.path.clone(),
+                        source,
+                    })?;
+                h.update(&buf[..n]);
+                off += n as u64;
+            }
+            if h.finalize() != run.crc {
+                return Err(ImageError::RunChecksum {
+                    index,
+                    addr: run.addr,
+                });
+            }
+            total += run.len();
+        }
+        Ok(total)
+    }
+
+    /// Bytes of page data stored.
+    pub fn stored_bytes(&self) -> u64 {
+        self.meta.runs.iter().map(|r| r.len()).sum()
+    }
+}
+
+/// Checks that every run lies inside the data section and inside one region, in order.
+fn check_layout(h: &Header, m: &Metadata) -> Result<(), ImageError> {
+    let data_end = h.data_off + h.data_len;
+    for (i, r) in m.regions.iter().enumerate() {
+        if r.start >= r.end || r.start % PAGE_SIZE != 0 || r.end % PAGE_SIZE != 0 {
+            return Err(ImageError::Corrupt(format!("region {i} has a bad range")));
+        }
+        if i > 0 && m.regions[i - 1].end > r.start {
+            return Err(ImageError::Corrupt(format!(
+                "region {i} overlaps the one before"
+            )));
+        }
+    }
+    for (i, run) in m.runs.iter().enumerate() {
+        let len = run.pages.checked_mul(PAGE_SIZE);
+        let ok = len.is_some_and(|len| {
+            run.file_off % PAGE_SIZE == 0
+                && run.addr % PAGE_SIZE == 0
+                && run.file_off >= h.data_off
+                && run.file_off.checked_add(len).is_some_and(|e| e <= data_end)
+                && m.regions
+                    .iter()
+                    .any(|r| run.addr >= r.start && run.addr + len <= r.end)
+        });
+        if !ok {
+            return Err(ImageError::Corrupt(format!(
+                "page run {i} lies outside its section"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Encodes metadata for the file. Returns the bytes and their checksum.
+pub fn encode_metadata(m: &Metadata) -> (Vec<u8>, u32) {
+    let bytes = postcard::to_allocvec(m).expect("metadata always serializes");
+    let crc = crc32fast::hash(&bytes);
+    (bytes, crc)
+}
+
+/// Resolves what a user names: an image file, or an image directory (its `latest` link, else
+/// its newest committed image), or a directory holding one image directory.
+pub fn resolve(path: &Path) -> Result<PathBuf, ImageError> {
+    let meta = std::fs::metadata(path).map_err(|source| ImageError::Io {
+        op: "find",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let latest = path.join(LATEST);
+    if latest.exists() {
+        return Ok(std::fs::canonicalize(&latest).unwrap_or(latest));
+    }
+    let mut images = list_images(path)?;
+    if images.is_empty() {
+        // A base directory with exactly one program directory in it.
+        let subdirs: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|source| ImageError::Io {
+                op: "list",
+                path: path.to_path_buf(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        if let [only] = subdirs.as_slice() {
+            return resolve(only);
+        }
+        return Err(ImageError::NoImage(path.to_path_buf()));
+    }
+    Ok(images.pop().unwrap())
+}
+
+/// The committed images in a directory, oldest first (names sort by sequence number).
+pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, ImageError> {
+    let rd = std::fs::read_dir(dir).map_err(|source| ImageError::Io {
+        op: "list",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.ends_with(IMAGE_SUFFIX) && !name.starts_with('.')
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// File name of the image with sequence number `seq`; sorts by sequence.
+pub fn image_file_name(seq: u64) -> String {
+    format!("ckpt-{seq:08}{IMAGE_SUFFIX}")
+}
+
+#[cfg(test)]
+mod tests;
