@@ -28,6 +28,33 @@ use serde::{Deserialize, Serialize};
 mod error;
 pub use error::ImageError;
 
+/// Addresses shared by the shim and the restorer.
+///
+/// The shim keeps `RESERVED` mapped `PROT_NONE` in every program it is loaded into, so the
+/// program never puts anything there and no image ever contains it. The restorer's phase 2
+/// (after the old address space is gone) runs entirely inside it:
+///
+/// ```text
+/// 0x6e00_0000  restorer blob: text, data, bss (linked here)   | shim: (nothing)
+/// 0x7000_0000                                                 | shim: writer scratch heap
+/// 0x7400_0000  restorer plan arena                            |
+/// 0x7c00_0000  restorer phase-2 stack                         | shim: writer stack
+/// 0x7d00_0000  vDSO parking space while it is being moved     |
+/// 0x7e00_0000  end
+/// ```
+pub mod layout {
+    pub const RESERVED_START: u64 = 0x6e00_0000;
+    pub const RESERVED_END: u64 = 0x7e00_0000;
+    pub const BLOB_BASE: u64 = 0x6e00_0000;
+    pub const SCRATCH_START: u64 = 0x7000_0000;
+    pub const SCRATCH_END: u64 = 0x7c00_0000;
+    pub const ARENA_START: u64 = 0x7400_0000;
+    pub const ARENA_END: u64 = 0x7c00_0000;
+    pub const STACK_START: u64 = 0x7c00_0000;
+    pub const STACK_END: u64 = 0x7d00_0000;
+    pub const VDSO_PARK: u64 = 0x7d00_0000;
+}
+
 /// Size of a page, of the header, and the alignment of page data in the file.
 pub const PAGE_SIZE: u64 = 4096;
 /// First eight bytes of every image.

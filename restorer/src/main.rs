@@ -1,1 +1,794 @@
-fn main() {}
+//! snapshim-restore — rebuilds a process from a snapshim image, in this process, with no kernel
+//! module and no privileges, then runs it in the foreground (like exec: same PID, and this
+//! command's exit status is the program's).
+//!
+//! Algorithm.
+//! Phase 1 (here, with std; every failure is a clear message and nothing is lost yet):
+//! 1. resolve and open the image; check header, metadata and every page checksum;
+//! 2. check the machine: CPU XSAVE features, the kernel's vDSO layout, every mapped file present
+//!    and unchanged, every regular file the program had open present;
+//! 3. prepare the descriptors the program had (reopen files at their offsets, cut files open for
+//!    writing back to their checkpoint-time length, recreate pipes with their data), each on a
+//!    spare high number, then put them in place; set cwd, umask, personality;
+//! 4. write the plan (regions, page runs, threads, signal state...) into the arena, load the
+//!    phase-2 blob at its fixed address, block every signal and jump to it on its own stack.
+//!
+//! Phase 2 (`blob/main.rs`) replaces the address space and resumes every thread inside the
+//! shim, which finishes the per-thread kernel state and returns through each thread's signal
+//! frame. The reserved range that holds the blob and the arena is taken back by the shim.
+//!
+//! ```text
+//!   this process before phase 2                 after phase 2
+//!   0x55..  snapshim-restore (PIE), heap         the program's own mappings,
+//!   0x6e00_0000 blob | 0x7400_0000 plan arena    at their original addresses
+//!   0x7c00_0000 blob stack                       (reserved range: shim's again)
+//!   0x7f..  libc, ld.so, [vdso], [stack]          [vdso] where the image had it
+//! ```
+#![allow(unsafe_code)]
+
+mod plan;
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use snapshim_image::layout::{
+    ARENA_END, ARENA_START, RESERVED_END, RESERVED_START, STACK_END, STACK_START, VDSO_PARK,
+};
+use snapshim_image::{FdKind, Image, Metadata, RegionKind};
+
+use plan::*;
+
+static BLOB: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/blob"));
+
+const USAGE: &str = "usage: snapshim-restore [--no-verify] [--pause] IMAGE_OR_DIR
+
+Rebuilds the process saved in a snapshim image and runs it in the foreground, in this
+process (same PID); exits with the program's exit status.
+
+  IMAGE_OR_DIR  an image file, or an image directory (its `latest` image)
+  --no-verify   skip checking page-data checksums (faster for large images)
+  --pause       stop just before the jump and print the PID, for a debugger
+                (continue with kill -CONT PID)";
+
+fn main() -> ExitCode {
+    let mut verify = true;
+    let mut pause = std::env::var_os("SNAPSHIM_RESTORE_PAUSE").is_some();
+    let mut target = None;
+    for a in std::env::args().skip(1) {
+        match a.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            "-V" | "--version" => {
+                println!("snapshim-restore {}", env!("CARGO_PKG_VERSION"));
+                return ExitCode::SUCCESS;
+            }
+            "--no-verify" => verify = false,
+            "--pause" => pause = true,
+            s if s.starts_with('-') => {
+                eprintln!("snapshim-restore: unknown option {s}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+            _ if target.is_some() => {
+                eprintln!("snapshim-restore: one image at a time\n{USAGE}");
+                return ExitCode::from(2);
+            }
+            _ => target = Some(PathBuf::from(a)),
+        }
+    }
+    let Some(target) = target else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    match restore(&target, verify, pause) {
+        Ok(never) => match never {},
+        Err(msg) => {
+            eprintln!("snapshim-restore: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Never {}
+
+fn restore(target: &Path, verify: bool, pause: bool) -> Result<Never, String> {
+    // 1. The image.
+    let path = snapshim_image::resolve(target).map_err(|e| e.to_string())?;
+    let image = Image::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if verify {
+        image
+            .verify_pages()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let meta = &image.meta;
+
+    // 2. The machine.
+    check_machine(meta)?;
+    let kern = current_kernel_mappings()?;
+    let (kern_pieces, kern_delta) = plan_vdso_move(meta, &kern)?;
+    let region_fds = open_region_files(meta)?;
+
+    // 3. Descriptors, cwd, umask, personality.
+    let fd_plan = prepare_fds(meta)?;
+    std::env::set_current_dir(&meta.process.cwd).map_err(|e| {
+        format!(
+            "cannot enter the program's working directory {}: {e}",
+            meta.process.cwd
+        )
+    })?;
+    let image_fd = move_high(image.file.as_raw_fd(), fd_plan.high_base)?;
+    let region_fds: Vec<i32> = region_fds
+        .into_iter()
+        .map(|fd| {
+            if fd >= 0 {
+                move_high(fd, fd_plan.high_base)
+            } else {
+                Ok(-1)
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    // From here on stderr may be the program's: only fatal, unlikely errors remain.
+    install_fds(
+        &fd_plan,
+        &[image_fd]
+            .iter()
+            .chain(region_fds.iter())
+            .copied()
+            .collect::<Vec<_>>(),
+    );
+    // SAFETY: umask and personality only change process attributes.
+    unsafe {
+        libc::umask(meta.process.umask);
+        libc::personality(meta.process.personality as libc::c_ulong);
+    }
+
+    // 4. The plan, the blob, the jump.
+    let mut close: Vec<i32> = vec![image_fd];
+    close.extend(region_fds.iter().copied().filter(|&fd| fd >= 0));
+    let plan = write_plan(
+        meta,
+        &region_fds,
+        image_fd,
+        &close,
+        &kern_pieces,
+        kern_delta,
+    )?;
+    let entry = load_blob()?;
+    map_fixed(STACK_START, STACK_END - STACK_START)?;
+    if pause {
+        eprintln!(
+            "snapshim-restore: PID {} stopped before the jump; continue with: kill -CONT {}",
+            std::process::id(),
+            std::process::id()
+        );
+        // SAFETY: stops this process until SIGCONT.
+        unsafe { libc::raise(libc::SIGSTOP) };
+    }
+    // SAFETY: a full signal set; blocking everything keeps signals pending until each thread
+    // returns through its own signal frame, which restores its mask.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+        unregister_rseq();
+        jump(entry, plan)
+    }
+}
+
+fn check_machine(meta: &Metadata) -> Result<(), String> {
+    let have = xcr0();
+    let need = meta.process.xsave_features;
+    if need & !have != 0 {
+        return Err(format!(
+            "the image uses CPU register state this CPU lacks (XSAVE features {need:#x}, this CPU has {have:#x})"));
+    }
+    for r in &meta.regions {
+        if r.start < RESERVED_END && r.end > RESERVED_START {
+            return Err(format!(
+                "the image has memory at {:#x}, inside the restorer's range",
+                r.start
+            ));
+        }
+        if let RegionKind::File { path, identity, .. } = &r.kind {
+            let st = std::fs::metadata(path).map_err(|e| {
+                format!("file {path}, mapped by the program, is not available: {e}")
+            })?;
+            use std::os::unix::fs::MetadataExt;
+            let mtime = st.mtime() * 1_000_000_000 + st.mtime_nsec();
+            if st.len() != identity.size || mtime != identity.mtime_ns {
+                return Err(format!(
+                    "file {path}, mapped by the program, changed since the checkpoint (size or modification time differ)"));
+            }
+        }
+    }
+    if meta.threads.is_empty() || meta.shim.resume_addr == 0 {
+        return Err("the image has no threads to resume".into());
+    }
+    Ok(())
+}
+
+fn xcr0() -> u64 {
+    let c = core::arch::x86_64::__cpuid(1);
+    if c.ecx & (1 << 27) == 0 {
+        return 0;
+    }
+    let (lo, hi): (u32, u32);
+    // SAFETY: xgetbv(0) is allowed when OSXSAVE is set (checked above).
+    unsafe {
+        core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack))
+    };
+    (hi as u64) << 32 | lo as u64
+}
+
+/// This process's [vvar], [vvar_vclock], [vdso] as (name, start, end).
+fn current_kernel_mappings() -> Result<Vec<(String, u64, u64)>, String> {
+    let maps = std::fs::read_to_string("/proc/self/maps")
+        .map_err(|e| format!("cannot read /proc/self/maps: {e}"))?;
+    let mut v = Vec::new();
+    for line in maps.lines() {
+        let name = line.split_whitespace().nth(5).unwrap_or("");
+        if matches!(name, "[vvar]" | "[vvar_vclock]" | "[vdso]") {
+            let range = line.split_whitespace().next().unwrap_or("");
+            let (a, b) = range.split_once('-').unwrap_or(("0", "0"));
+            v.push((
+                name.to_string(),
+                u64::from_str_radix(a, 16).unwrap_or(0),
+                u64::from_str_radix(b, 16).unwrap_or(0),
+            ));
+        }
+    }
+    Ok(v)
+}
+
+/// The kernel mappings must have the image's layout; they move by one delta.
+fn plan_vdso_move(
+    meta: &Metadata,
+    kern: &[(String, u64, u64)],
+) -> Result<(Vec<KernPiece>, i64), String> {
+    let saved: Vec<(&str, u64, u64)> = meta
+        .regions
+        .iter()
+        .filter_map(|r| match r.kind {
+            RegionKind::Vdso => Some(("[vdso]", r.start, r.end)),
+            RegionKind::Vvar => Some(("[vvar]", r.start, r.end)),
+            RegionKind::VvarVclock => Some(("[vvar_vclock]", r.start, r.end)),
+            _ => None,
+        })
+        .collect();
+    let Some(&(_, saved_vdso, _)) = saved.iter().find(|s| s.0 == "[vdso]") else {
+        return Ok((Vec::new(), 0));
+    };
+    let Some((_, cur_vdso, _)) = kern.iter().find(|k| k.0 == "[vdso]") else {
+        return Err("this kernel gives the process no vDSO".into());
+    };
+    let delta = saved_vdso as i64 - *cur_vdso as i64;
+    let same = saved.len() == kern.len()
+        && saved.iter().all(|&(n, s, e)| {
+            kern.iter()
+                .any(|(kn, ks, ke)| kn == n && (*ks as i64 + delta) as u64 == s && ke - ks == e - s)
+        });
+    if !same {
+        return Err(
+            "this kernel's vDSO layout differs from the one the image was taken under \
+            (restoring across kernel versions is not supported yet)"
+                .into(),
+        );
+    }
+    Ok((
+        kern.iter()
+            .map(|(_, s, e)| KernPiece {
+                start: *s,
+                len: e - s,
+            })
+            .collect(),
+        delta,
+    ))
+}
+
+/// Opens the file behind each file mapping (-1 for the others), in region order.
+fn open_region_files(meta: &Metadata) -> Result<Vec<i32>, String> {
+    meta.regions
+        .iter()
+        .map(|r| match &r.kind {
+            RegionKind::File { path, .. } => {
+                let write = r.shared && r.prot & libc::PROT_WRITE as u32 != 0;
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(write)
+                    .open(path)
+                    .map(|f| f.into_raw_fd())
+                    .map_err(|e| format!("cannot open {path}, mapped by the program: {e}"))
+            }
+            _ => Ok(-1),
+        })
+        .collect()
+}
+
+/// Duplicates `fd` onto the lowest free number at or above `base` and closes the original.
+fn move_high(fd: i32, base: i32) -> Result<i32, String> {
+    // SAFETY: fcntl/close on descriptors this process owns.
+    let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, base) };
+    if n < 0 {
+        return Err(format!(
+            "cannot move a descriptor: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: fd is ours and no longer used.
+    unsafe { libc::close(fd) };
+    Ok(n)
+}
+
+struct FdPlan {
+    /// (target fd, prepared high fd, cloexec)
+    moves: Vec<(i32, i32, bool)>,
+    /// Numbers taken from this process as they are (inherited stdio).
+    inherit: Vec<i32>,
+    high_base: i32,
+}
+
+/// Opens everything the program's descriptor table needs, on numbers above any of its own.
+fn prepare_fds(meta: &Metadata) -> Result<FdPlan, String> {
+    let max_fd = meta.fds.iter().map(|f| f.fd).max().unwrap_or(2);
+    let high_base = (max_fd + 1).max(64);
+    let mut moves = Vec::new();
+    let mut inherit = Vec::new();
+    let mut pipes: Vec<(u64, i32, i32)> = Vec::new(); // id, read high, write high
+    for f in &meta.fds {
+        let acc = f.flags as i32 & libc::O_ACCMODE;
+        let status =
+            f.flags as i32 & !(libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL);
+        let open = |path: &str, extra: i32| -> Result<i32, String> {
+            let file = std::fs::OpenOptions::new()
+                .read(acc != libc::O_WRONLY)
+                .write(acc != libc::O_RDONLY)
+                .custom_flags(status | extra)
+                .open(path)
+                .map_err(|e| {
+                    format!(
+                        "cannot reopen {path} (descriptor {} of the program): {e}",
+                        f.fd
+                    )
+                })?;
+            move_high(file.into_raw_fd(), high_base)
+        };
+        let high = match &f.kind {
+            FdKind::Regular {
+                path, offset, size, ..
+            } => {
+                let fd = open(path, 0)?;
+                if acc != libc::O_RDONLY {
+                    // SAFETY: fstat/ftruncate on our descriptor.
+                    let cur = unsafe {
+                        let mut st: libc::stat = std::mem::zeroed();
+                        libc::fstat(fd, &mut st);
+                        st.st_size as u64
+                    };
+                    if cur < *size {
+                        return Err(format!(
+                            "{path} (descriptor {} of the program) is shorter than at the checkpoint ({cur} < {size} bytes)", f.fd));
+                    }
+                    // SAFETY: cutting our own descriptor's file back to its checkpoint length.
+                    if cur > *size && unsafe { libc::ftruncate(fd, *size as i64) } != 0 {
+                        return Err(format!(
+                            "cannot cut {path} back to {size} bytes: {}",
+                            std::io::Error::last_os_error()
+                        ));
+                    }
+                }
+                // SAFETY: lseek on our descriptor.
+                unsafe { libc::lseek(fd, *offset as i64, libc::SEEK_SET) };
+                fd
+            }
+            FdKind::Directory { path } => open(path, libc::O_DIRECTORY)?,
+            FdKind::CharDevice { path } => open(path, 0)?,
+            FdKind::Pipe { id, read_end, data } => {
+                let pair = match pipes.iter().find(|p| p.0 == *id) {
+                    Some(p) => *p,
+                    None => {
+                        let mut fds = [0i32; 2];
+                        // SAFETY: pipe2 writes two descriptors.
+                        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+                            return Err(format!(
+                                "cannot create a pipe: {}",
+                                std::io::Error::last_os_error()
+                            ));
+                        }
+                        let p = (
+                            *id,
+                            move_high(fds[0], high_base)?,
+                            move_high(fds[1], high_base)?,
+                        );
+                        pipes.push(p);
+                        p
+                    }
+                };
+                if *read_end && !data.is_empty() {
+                    // SAFETY: writing the pipe's saved content into its write end (it fits: it
+                    // came out of a pipe of the default size).
+                    unsafe {
+                        libc::write(pair.2, data.as_ptr() as *const libc::c_void, data.len())
+                    };
+                }
+                let fd = if *read_end { pair.1 } else { pair.2 };
+                // SAFETY: F_SETFL on our descriptor (O_NONBLOCK and friends).
+                unsafe { libc::fcntl(fd, libc::F_SETFL, status) };
+                fd
+            }
+            FdKind::Inherited { desc } => {
+                // SAFETY: F_GETFD only checks that the number is open here.
+                if f.fd <= 2 && unsafe { libc::fcntl(f.fd, libc::F_GETFD) } >= 0 {
+                    inherit.push(f.fd);
+                    continue;
+                }
+                eprintln!("snapshim-restore: warning: descriptor {} ({desc}) led outside the program; it is /dev/null now", f.fd);
+                open("/dev/null", 0)?
+            }
+            FdKind::Unsupported { desc } => {
+                eprintln!("snapshim-restore: warning: descriptor {} ({desc}) cannot be restored yet; it is /dev/null now", f.fd);
+                open("/dev/null", 0)?
+            }
+        };
+        moves.push((f.fd, high, f.cloexec));
+    }
+    // Pipe ends the program did not have are not needed.
+    for &(_, r, w) in &pipes {
+        for end in [r, w] {
+            if !moves.iter().any(|m| m.1 == end) {
+                // SAFETY: closing our own descriptor.
+                unsafe { libc::close(end) };
+            }
+        }
+    }
+    Ok(FdPlan {
+        moves,
+        inherit,
+        high_base,
+    })
+}
+
+/// Closes every descriptor the program did not have, then puts the prepared ones in place.
+fn install_fds(plan: &FdPlan, keep: &[i32]) {
+    let mut open: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    open.sort();
+    for fd in open {
+        let needed = keep.contains(&fd)
+            || plan.inherit.contains(&fd)
+            || plan.moves.iter().any(|m| m.1 == fd);
+        if !needed {
+            // SAFETY: closing a descriptor of this process that nothing uses any more.
+            unsafe { libc::close(fd) };
+        }
+    }
+    for &(target, high, cloexec) in &plan.moves {
+        // SAFETY: dup2/fcntl on our descriptors.
+        unsafe {
+            libc::dup2(high, target);
+            libc::fcntl(
+                target,
+                libc::F_SETFD,
+                if cloexec { libc::FD_CLOEXEC } else { 0 },
+            );
+        }
+    }
+    for &(_, high, _) in &plan.moves {
+        if !plan.moves.iter().any(|m| m.0 == high) {
+            // SAFETY: the prepared copy is in place; close the spare number.
+            unsafe { libc::close(high) };
+        }
+    }
+}
+
+fn map_fixed(start: u64, len: u64) -> Result<(), String> {
+    // SAFETY: the reserved range is free in this process (checked by MAP_FIXED_NOREPLACE).
+    let a = unsafe {
+        libc::mmap(
+            start as *mut libc::c_void,
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if a as u64 != start {
+        return Err(format!(
+            "cannot map {start:#x}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// A bump writer over the arena.
+struct Arena {
+    next: u64,
+}
+
+impl Arena {
+    fn put<T: Copy>(&mut self, items: &[T]) -> Result<u64, String> {
+        let align = std::mem::align_of::<T>().max(8) as u64;
+        let at = (self.next + align - 1) & !(align - 1);
+        let bytes = std::mem::size_of_val(items) as u64;
+        if at + bytes > ARENA_END {
+            return Err(
+                "the image has too many regions or page runs for the restorer's arena".into(),
+            );
+        }
+        // SAFETY: [at, at+bytes) is inside the mapped arena; T is plain data.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                items.as_ptr() as *const u8,
+                at as *mut u8,
+                bytes as usize,
+            )
+        };
+        self.next = at + bytes;
+        Ok(at)
+    }
+}
+
+fn write_plan(
+    meta: &Metadata,
+    region_fds: &[i32],
+    image_fd: i32,
+    close: &[i32],
+    kern: &[KernPiece],
+    kern_delta: i64,
+) -> Result<u64, String> {
+    let p = &meta.process;
+    let regions: Vec<PRegion> = meta
+        .regions
+        .iter()
+        .zip(region_fds)
+        .filter_map(|(r, &fd)| {
+            let base = if r.shared {
+                libc::MAP_SHARED
+            } else {
+                libc::MAP_PRIVATE
+            };
+            let flags = match &r.kind {
+                RegionKind::Vdso | RegionKind::Vvar | RegionKind::VvarVclock => return None,
+                RegionKind::File { .. } => base,
+                RegionKind::Anon if r.name == "[stack]" => {
+                    base | libc::MAP_ANONYMOUS | libc::MAP_GROWSDOWN
+                }
+                RegionKind::Anon => base | libc::MAP_ANONYMOUS,
+            };
+            let offset = if let RegionKind::File { offset, .. } = r.kind {
+                offset
+            } else {
+                0
+            };
+            let fill = meta
+                .runs
+                .iter()
+                .any(|run| run.addr >= r.start && run.addr < r.end) as u32;
+            Some(PRegion {
+                start: r.start,
+                end: r.end,
+                offset,
+                prot: r.prot,
+                flags: flags as u32,
+                fd,
+                fill,
+            })
+        })
+        .collect();
+    let runs: Vec<PRun> = meta
+        .runs
+        .iter()
+        .map(|r| PRun {
+            addr: r.addr,
+            len: r.len(),
+            file_off: r.file_off,
+        })
+        .collect();
+    let threads: Vec<PThread> = meta
+        .threads
+        .iter()
+        .map(|t| PThread {
+            ctx_rsp: t.ctx_rsp,
+            fs_base: t.fs_base,
+        })
+        .collect();
+    let main_thread = meta
+        .threads
+        .iter()
+        .position(|t| t.tid == p.pid)
+        .or_else(|| meta.threads.iter().position(|t| !t.helper))
+        .unwrap_or(0) as u64;
+    let sigs: Vec<PSig> = p
+        .sigactions
+        .iter()
+        .map(|s| PSig {
+            signo: s.signo as u64,
+            handler: s.handler,
+            flags: s.flags,
+            restorer: s.restorer,
+            mask: s.mask,
+        })
+        .collect();
+    let rlimits: Vec<PRlimit> = p
+        .rlimits
+        .iter()
+        .map(|&(r, c, m)| PRlimit {
+            resource: r as u64,
+            cur: c,
+            max: m,
+        })
+        .collect();
+    let mut itimers = [[0i64; 4]; 3];
+    for (i, &(interval, value)) in p.itimers.iter().take(3).enumerate() {
+        itimers[i] = [
+            (interval / 1_000_000) as i64,
+            (interval % 1_000_000) as i64,
+            (value / 1_000_000) as i64,
+            (value % 1_000_000) as i64,
+        ];
+    }
+    let mut kern_arr = [KernPiece::default(); 4];
+    for (i, k) in kern.iter().take(4).enumerate() {
+        kern_arr[i] = *k;
+    }
+
+    map_fixed(ARENA_START, ARENA_END - ARENA_START)?;
+    let mut a = Arena {
+        next: ARENA_START + 4096,
+    };
+    let m = &p.mm;
+    let plan = Plan {
+        magic: PLAN_MAGIC,
+        regions: a.put(&regions)?,
+        n_regions: regions.len() as u64,
+        runs: a.put(&runs)?,
+        n_runs: runs.len() as u64,
+        threads: a.put(&threads)?,
+        n_threads: threads.len() as u64,
+        main_thread,
+        sigactions: a.put(&sigs)?,
+        n_sigactions: sigs.len() as u64,
+        rlimits: a.put(&rlimits)?,
+        n_rlimits: rlimits.len() as u64,
+        close_fds: a.put(close)?,
+        n_close_fds: close.len() as u64,
+        image_fd: image_fd as i64,
+        resume_addr: meta.shim.resume_addr,
+        reserved_start: RESERVED_START,
+        reserved_end: RESERVED_END,
+        kern: kern_arr,
+        n_kern: kern.len().min(4) as u64,
+        kern_delta,
+        park: VDSO_PARK,
+        mm: [
+            m.start_code,
+            m.end_code,
+            m.start_data,
+            m.end_data,
+            m.start_brk,
+            m.brk,
+            m.start_stack,
+            m.arg_start,
+            m.arg_end,
+            m.env_start,
+            m.env_end,
+        ],
+        auxv: a.put(&p.auxv)?,
+        auxv_bytes: p.auxv.len() as u64 * 8,
+        itimers,
+    };
+    // SAFETY: the first arena page is reserved for the plan header.
+    unsafe { std::ptr::write(ARENA_START as *mut Plan, plan) };
+    Ok(ARENA_START)
+}
+
+/// Maps the blob's PT_LOAD segments at their link addresses; returns its entry point.
+fn load_blob() -> Result<u64, String> {
+    let b = BLOB;
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    if b.len() < 64 || &b[..4] != b"\x7fELF" {
+        return Err("the embedded restorer blob is damaged".into());
+    }
+    let (entry, phoff, phentsize, phnum) = (
+        u64_at(0x18),
+        u64_at(0x20) as usize,
+        u16_at(0x36),
+        u16_at(0x38),
+    );
+    let segs: Vec<(u32, u64, u64, u64, u64)> = (0..phnum)
+        .map(|i| phoff + i * phentsize)
+        .filter(|&o| u32_at(o) == 1) // PT_LOAD
+        .map(|o| {
+            (
+                u32_at(o + 4),
+                u64_at(o + 8),
+                u64_at(o + 16),
+                u64_at(o + 32),
+                u64_at(o + 40),
+            )
+        })
+        .collect();
+    let lo = segs.iter().map(|s| s.2 & !4095).min().unwrap_or(0);
+    let hi = segs
+        .iter()
+        .map(|s| (s.2 + s.4 + 4095) & !4095)
+        .max()
+        .unwrap_or(0);
+    if lo < RESERVED_START || hi > ARENA_START {
+        return Err("the embedded restorer blob is not linked inside the reserved range".into());
+    }
+    map_fixed(lo, hi - lo)?;
+    for &(_, off, vaddr, filesz, _) in &segs {
+        // SAFETY: the destination was just mapped writable; the source is inside the blob.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                b[off as usize..].as_ptr(),
+                vaddr as *mut u8,
+                filesz as usize,
+            )
+        };
+    }
+    for &(flags, _, vaddr, _, memsz) in &segs {
+        let prot = (if flags & 4 != 0 { libc::PROT_READ } else { 0 })
+            | (if flags & 2 != 0 { libc::PROT_WRITE } else { 0 })
+            | (if flags & 1 != 0 { libc::PROT_EXEC } else { 0 });
+        let start = vaddr & !4095;
+        // SAFETY: changes protection of the blob's own pages only.
+        unsafe {
+            libc::mprotect(
+                start as *mut libc::c_void,
+                ((vaddr + memsz + 4095) & !4095) as usize - start as usize,
+                prot,
+            )
+        };
+    }
+    Ok(entry)
+}
+
+/// glibc registered an rseq area in this thread's TLS; the kernel writes it on every return to
+/// user space, so it must go before phase 2 unmaps that memory (else: SIGSEGV).
+fn unregister_rseq() {
+    extern "C" {
+        static __rseq_offset: isize;
+        static __rseq_size: u32;
+    }
+    // SAFETY: glibc's exported constants; RSEQ_FLAG_UNREGISTER with the registered area, length
+    // (32, the kernel ABI size glibc registers) and signature.
+    unsafe {
+        if __rseq_size == 0 {
+            return;
+        }
+        let mut tp: u64;
+        core::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly));
+        tp = (tp as i64 + __rseq_offset as i64) as u64;
+        libc::syscall(libc::SYS_rseq, tp, 32u32, 1i32, 0x5305_3053u32);
+    }
+}
+
+/// Switches to the blob's stack and calls its entry with the plan. Never returns.
+///
+/// # Safety
+/// `entry` is the loaded blob's entry point and `plan` a complete plan in the arena.
+unsafe fn jump(entry: u64, plan: u64) -> ! {
+    // SAFETY: the stack range is mapped; the blob takes the plan in rdi and never returns.
+    unsafe {
+        core::arch::asm!("mov rsp, {sp}", "xor ebp, ebp", "call {entry}", "ud2",
+            sp = in(reg) STACK_END - 64, entry = in(reg) entry, in("rdi") plan, options(noreturn))
+    }
+}
+
+#[allow(dead_code)]
+fn cstr(s: &str) -> CString {
+    CString::new(s).unwrap_or_default()
+}

@@ -1,1 +1,206 @@
+//! libsnapshim.so — loaded with `LD_PRELOAD` into an unmodified program, it takes snapshots of
+//! the whole process on a signal, an interval or `snapshim checkpoint PID`, and makes the
+//! process resumable from them by `snapshim-restore`.
+//!
+//! Start-up (`.init_array`, before `main`):
+//! 1. read the configuration from the environment (never again afterwards);
+//! 2. reserve the restorer's address range (`PROT_NONE`) so the program never maps there;
+//! 3. install the trigger and quiesce handlers, with every signal masked while they run;
+//! 4. start the helper thread, which waits on a pipe and does all the work (`checkpoint.rs`).
+//!
+//! What may run where: signal handlers use atomics and raw system calls only (`park.rs`,
+//! `checkpoint::trigger_handler`); the writer runs while every other thread is parked and so
+//! never calls the program's malloc or takes a lock the program might hold.
+#![allow(unsafe_code)]
 
+extern crate alloc;
+
+mod capture;
+mod checkpoint;
+mod config;
+mod interpose;
+mod park;
+#[path = "alloc.rs"]
+mod shim_alloc;
+mod sys;
+
+use core::sync::atomic::{AtomicBool, Ordering::*};
+use std::path::PathBuf;
+
+use snapshim_image::layout::{RESERVED_END, RESERVED_START};
+
+#[global_allocator]
+static GLOBAL: shim_alloc::ShimAlloc = shim_alloc::ShimAlloc;
+
+/// The reserved range is ours (mapped PROT_NONE at start-up).
+pub static RESERVED: AtomicBool = AtomicBool::new(false);
+
+#[used]
+#[link_section = ".init_array"]
+static INIT: extern "C" fn() = init;
+
+fn warn(msg: &str) {
+    let _ = sys::write_all(2, alloc::format!("snapshim: {msg}\n").as_bytes());
+}
+
+extern "C" fn init() {
+    if std::env::var_os("SNAPSHIM_DISABLE").is_some() {
+        return;
+    }
+    let exe = sys::readlink(b"/proc/self/exe\0").unwrap_or_default();
+    let mut cmd = Vec::new();
+    let _ = sys::read_file(b"/proc/self/cmdline\0", &mut cmd);
+    let cmdline: Vec<String> = cmd
+        .split(|&c| c == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let base = env("SNAPSHIM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("snapshim-images"));
+    let base = if base.is_absolute() {
+        base
+    } else {
+        std::env::current_dir().unwrap_or_default().join(base)
+    };
+    let name = env("SNAPSHIM_NAME").unwrap_or_else(|| {
+        exe.rsplit('/')
+            .next()
+            .unwrap_or("program")
+            .trim_end_matches(" (deleted)")
+            .to_string()
+    });
+    let trigger = match env("SNAPSHIM_SIGNAL") {
+        None => libc::SIGUSR2,
+        Some(s) => match config::parse_signal(&s) {
+            Some(n) => n,
+            None => {
+                warn(&format!(
+                    "SNAPSHIM_SIGNAL={s} is not a signal snapshim can use; checkpoints are off"
+                ));
+                return;
+            }
+        },
+    };
+    let interval_ms = match env("SNAPSHIM_INTERVAL") {
+        None => None,
+        Some(s) => match config::parse_interval(&s) {
+            Some(ms) => Some(ms),
+            None => {
+                warn(&format!(
+                    "SNAPSHIM_INTERVAL={s} is not a duration (like 30s, 10m); ignored"
+                ));
+                None
+            }
+        },
+    };
+    let keep = env("SNAPSHIM_KEEP")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let quiesce = libc::SIGRTMAX() - 1;
+    let cfg = config::init(config::Config {
+        image_dir: base.join(&name),
+        name,
+        trigger_signal: trigger,
+        quiesce_signal: if quiesce == trigger {
+            quiesce - 1
+        } else {
+            quiesce
+        },
+        interval_ms,
+        keep,
+        exe,
+        cmdline,
+        shim_path: shim_path(),
+    });
+
+    // The restorer's range: refuse to start checkpointing if something is already there.
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
+    let r = unsafe {
+        libc::mmap(
+            RESERVED_START as *mut libc::c_void,
+            (RESERVED_END - RESERVED_START) as usize,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE
+                | libc::MAP_ANONYMOUS
+                | libc::MAP_NORESERVE
+                | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if r as u64 != RESERVED_START {
+        warn(&format!(
+            "address range {RESERVED_START:#x}-{RESERVED_END:#x} is in use; checkpoints are off"
+        ));
+        return;
+    }
+    RESERVED.store(true, Relaxed);
+
+    // rseq: glibc 2.35+ registers an area per thread at a fixed offset from the thread pointer.
+    extern "C" {
+        static __rseq_offset: isize;
+        static __rseq_size: u32;
+    }
+    // SAFETY: glibc exports both as constants set before any constructor runs.
+    unsafe {
+        park::RSEQ_OFFSET.store(__rseq_offset as i64, Relaxed);
+        park::RSEQ_SIZE.store(__rseq_size, Relaxed);
+    }
+
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        warn("cannot create the wake-up pipe; checkpoints are off");
+        return;
+    }
+    checkpoint::WAKE_R.store(fds[0], Relaxed);
+    checkpoint::WAKE_W.store(fds[1], Relaxed);
+
+    interpose::TRIGGER_SIG.store(cfg.trigger_signal, Relaxed);
+    interpose::QUIESCE_SIG.store(cfg.quiesce_signal, Relaxed);
+    install(cfg.quiesce_signal, park::quiesce_handler);
+    install(cfg.trigger_signal, checkpoint::trigger_handler);
+
+    extern "C" fn in_child() {
+        checkpoint::DISABLED.store(1, Relaxed);
+    }
+    // SAFETY: registers a plain function; no state is captured.
+    unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+
+    let candidates = park::tid_candidates();
+    let spawned = std::thread::Builder::new()
+        .name("snapshim".into())
+        .stack_size(512 << 10)
+        .spawn(move || checkpoint::helper_main(cfg, candidates));
+    if let Err(e) = spawned {
+        warn(&format!(
+            "cannot start the helper thread: {e}; checkpoints are off"
+        ));
+    }
+}
+
+fn install(sig: i32, handler: extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void)) {
+    // SAFETY: a zeroed sigaction is valid; the fields are set below.
+    let mut act: libc::sigaction = unsafe { core::mem::zeroed() };
+    act.sa_sigaction = handler as usize;
+    act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+    // SAFETY: act.sa_mask is a valid sigset.
+    unsafe { libc::sigfillset(&mut act.sa_mask) };
+    interpose::real_sigaction(sig, &act, core::ptr::null_mut());
+}
+
+/// Path of this library, from the loader.
+fn shim_path() -> String {
+    // SAFETY: dladdr on an address inside this library; info is a valid out-pointer.
+    unsafe {
+        let mut info: libc::Dl_info = core::mem::zeroed();
+        if libc::dladdr(init as *const libc::c_void, &mut info) != 0 && !info.dli_fname.is_null() {
+            return std::ffi::CStr::from_ptr(info.dli_fname)
+                .to_string_lossy()
+                .into_owned();
+        }
+    }
+    String::new()
+}

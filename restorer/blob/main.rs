@@ -1,0 +1,281 @@
+//! Phase 2 of the restorer: a freestanding blob linked at a fixed address inside the range every
+//! snapshim process keeps free. `snapshim-restore` (phase 1) validates the image, opens every
+//! file, writes a [`Plan`] into the arena, loads this blob and jumps here on a stack of its own.
+//!
+//! Rules that do not hold elsewhere: there is no libc, no allocator, no TLS and no way back.
+//! After step 1 the process has nothing but this blob, its plan and stack, and the kernel's
+//! vDSO; every failure writes a fixed message and exits with status 127.
+//!
+//! Algorithm:
+//! 1. unmap everything outside the reserved range and the kernel's vvar/vDSO;
+//! 2. move vvar/vDSO by one delta to where the image had them (via a parking spot, in case the
+//!    old and new places overlap): glibc in the image caches pointers into the vDSO;
+//! 3. map every region at its address with its kind, read stored pages from the image, then set
+//!    each region's protection;
+//! 4. set the mm fields (brk, stack, arg/env, auxv) with prctl(PR_SET_MM_MAP);
+//! 5. signal dispositions, resource limits, interval timers; close the plan's descriptors;
+//! 6. start every other thread with clone() on its saved stack pointer and thread pointer,
+//!    jumping into the shim's `snapshim_resume`; this thread becomes the main thread last.
+#![no_std]
+#![no_main]
+#![allow(clippy::missing_safety_doc, unsafe_op_in_unsafe_fn)]
+
+use core::arch::asm;
+
+#[path = "../src/plan.rs"]
+mod plan;
+use plan::*;
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    fail(b"internal error")
+}
+
+#[inline(always)]
+unsafe fn sc6(nr: u64, a: u64, b: u64, c: u64, d: u64, e: u64, f: u64) -> i64 {
+    let r: i64;
+    asm!("syscall", inlateout("rax") nr as i64 => r, in("rdi") a, in("rsi") b, in("rdx") c,
+         in("r10") d, in("r8") e, in("r9") f, lateout("rcx") _, lateout("r11") _, options(nostack));
+    r
+}
+
+const SYS_WRITE: u64 = 1;
+const SYS_CLOSE: u64 = 3;
+const SYS_MMAP: u64 = 9;
+const SYS_MPROTECT: u64 = 10;
+const SYS_MUNMAP: u64 = 11;
+const SYS_RT_SIGACTION: u64 = 13;
+const SYS_PREAD64: u64 = 17;
+const SYS_MREMAP: u64 = 25;
+const SYS_SETITIMER: u64 = 38;
+const SYS_CLONE: u64 = 56;
+const SYS_EXIT_GROUP: u64 = 231;
+const SYS_PRCTL: u64 = 157;
+const SYS_ARCH_PRCTL: u64 = 158;
+const SYS_PRLIMIT64: u64 = 302;
+const SYS_SET_ROBUST_LIST: u64 = 273;
+const SYS_SET_TID_ADDRESS: u64 = 218;
+
+const MAP_FIXED: u64 = 0x10;
+const MREMAP_MAYMOVE: u64 = 1;
+const MREMAP_FIXED: u64 = 2;
+const PROT_RW: u64 = 3;
+const ARCH_SET_FS: u64 = 0x1002;
+const PR_SET_MM: u64 = 35;
+const PR_SET_MM_MAP: u64 = 14;
+const TASK_END: u64 = 0x7fff_ffff_f000;
+const CLONE_THREAD_FLAGS: u64 = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000 | 0x80000;
+
+fn write_err(parts: &[&[u8]]) {
+    for p in parts {
+        // SAFETY: writing a static or stack buffer to stderr.
+        unsafe { sc6(SYS_WRITE, 2, p.as_ptr() as u64, p.len() as u64, 0, 0, 0) };
+    }
+}
+
+fn hex(mut v: u64, buf: &mut [u8; 18]) -> &[u8] {
+    buf[0] = b'0';
+    buf[1] = b'x';
+    for i in (2..18).rev() {
+        let d = (v & 15) as u8;
+        buf[i] = if d < 10 { b'0' + d } else { b'a' + d - 10 };
+        v >>= 4;
+    }
+    &buf[..]
+}
+
+fn fail(what: &[u8]) -> ! {
+    write_err(&[b"snapshim-restore: restore failed after the old process image was dropped: ", what, b"\n"]);
+    // SAFETY: exit_group never returns.
+    unsafe { sc6(SYS_EXIT_GROUP, 127, 0, 0, 0, 0, 0) };
+    loop {}
+}
+
+fn fail_at(what: &[u8], addr: u64, err: i64) -> ! {
+    let mut a = [0u8; 18];
+    let mut e = [0u8; 18];
+    write_err(&[b"snapshim-restore: ", what, b" at ", hex(addr, &mut a), b" failed, errno ",
+        hex((-err) as u64, &mut e), b"\n"]);
+    fail(b"see above")
+}
+
+unsafe fn slice<'a, T>(addr: u64, n: u64) -> &'a [T] {
+    if n == 0 {
+        &[]
+    } else {
+        core::slice::from_raw_parts(addr as *const T, n as usize)
+    }
+}
+
+/// Entry point (the ELF entry), called with the plan on the blob's own stack.
+#[no_mangle]
+pub unsafe extern "C" fn blob_main(p: &Plan) -> ! {
+    if p.magic != PLAN_MAGIC {
+        fail(b"bad plan");
+    }
+    // The restorer's glibc pointed these into memory about to go away.
+    sc6(SYS_SET_ROBUST_LIST, 0, 24, 0, 0, 0, 0);
+    sc6(SYS_SET_TID_ADDRESS, 0, 0, 0, 0, 0, 0);
+    // 1. Drop the old address space. Keep [reserved] and [kern_lo, kern_hi).
+    let (mut kern_lo, mut kern_hi) = (u64::MAX, 0);
+    for k in &p.kern[..p.n_kern as usize] {
+        kern_lo = kern_lo.min(k.start);
+        kern_hi = kern_hi.max(k.start + k.len);
+    }
+    let mut keep = [(p.reserved_start, p.reserved_end), (kern_lo, kern_hi)];
+    if p.n_kern == 0 {
+        keep[1] = (p.reserved_start, p.reserved_end);
+    }
+    if keep[1].0 < keep[0].0 {
+        keep.swap(0, 1);
+    }
+    let mut from = 0x1000u64;
+    for &(lo, hi) in keep.iter().chain(core::iter::once(&(TASK_END, TASK_END))) {
+        if lo > from {
+            sc6(SYS_MUNMAP, from, lo - from, 0, 0, 0, 0);
+        }
+        from = from.max(hi);
+    }
+
+    // 2. Move vvar/vDSO: first to the parking spot, then to their place in the image.
+    for pass in 0..2 {
+        for k in &p.kern[..p.n_kern as usize] {
+            let rel = k.start - kern_lo;
+            let (src, dst) = if pass == 0 {
+                (k.start, p.park + rel)
+            } else {
+                (p.park + rel, (kern_lo as i64 + p.kern_delta) as u64 + rel)
+            };
+            if src != dst {
+                let r = sc6(SYS_MREMAP, src, k.len, k.len, MREMAP_MAYMOVE | MREMAP_FIXED, dst, 0);
+                if r < 0 {
+                    fail_at(b"moving the vDSO", dst, r);
+                }
+            }
+        }
+    }
+
+    // 3. Memory.
+    let regions: &[PRegion] = slice(p.regions, p.n_regions);
+    for r in regions {
+        let prot = if r.fill != 0 { PROT_RW | r.prot as u64 } else { r.prot as u64 };
+        let fd = if r.fd >= 0 { r.fd as i64 as u64 } else { u64::MAX };
+        let a = sc6(SYS_MMAP, r.start, r.end - r.start, prot, r.flags as u64 | MAP_FIXED, fd, r.offset);
+        if a != r.start as i64 {
+            fail_at(b"mapping a region", r.start, a);
+        }
+    }
+    for run in slice::<PRun>(p.runs, p.n_runs) {
+        let mut done = 0u64;
+        while done < run.len {
+            let n = sc6(SYS_PREAD64, p.image_fd as u64, run.addr + done, run.len - done, run.file_off + done, 0, 0);
+            if n == -4 {
+                continue;
+            }
+            if n <= 0 {
+                fail_at(b"reading pages from the image", run.addr + done, if n == 0 { -5 } else { n });
+            }
+            done += n as u64;
+        }
+    }
+    for r in regions {
+        if r.fill != 0 && r.prot as u64 != PROT_RW | r.prot as u64 {
+            let e = sc6(SYS_MPROTECT, r.start, r.end - r.start, r.prot as u64, 0, 0, 0);
+            if e < 0 {
+                fail_at(b"protecting a region", r.start, e);
+            }
+        }
+    }
+
+    // 4. mm fields. struct prctl_mm_map: 11 u64, auxv pointer, auxv size (u32), exe_fd (u32).
+    let mut map = [0u64; 14];
+    map[..11].copy_from_slice(&p.mm);
+    map[11] = p.auxv;
+    map[12] = (p.auxv_bytes & 0xffff_ffff) | (0xffff_ffffu64 << 32);
+    let e = sc6(SYS_PRCTL, PR_SET_MM, PR_SET_MM_MAP, map.as_ptr() as u64, 104, 0, 0);
+    if e < 0 {
+        write_err(&[b"snapshim-restore: warning: prctl(PR_SET_MM_MAP) refused; brk and /proc/PID/cmdline keep the restorer's values\n"]);
+    }
+
+    // 5. Signals, limits, timers, descriptors.
+    for s in slice::<PSig>(p.sigactions, p.n_sigactions) {
+        let k = [s.handler, s.flags, s.restorer, s.mask];
+        sc6(SYS_RT_SIGACTION, s.signo, k.as_ptr() as u64, 0, 8, 0, 0);
+    }
+    for l in slice::<PRlimit>(p.rlimits, p.n_rlimits) {
+        let v = [l.cur, l.max];
+        sc6(SYS_PRLIMIT64, 0, l.resource, v.as_ptr() as u64, 0, 0, 0);
+    }
+    for (which, t) in p.itimers.iter().enumerate() {
+        if t.iter().any(|&v| v != 0) {
+            sc6(SYS_SETITIMER, which as u64, t.as_ptr() as u64, 0, 0, 0, 0);
+        }
+    }
+    for &fd in slice::<i32>(p.close_fds, p.n_close_fds) {
+        sc6(SYS_CLOSE, fd as u64, 0, 0, 0, 0, 0);
+    }
+
+    // 6. Threads.
+    let threads: &[PThread] = slice(p.threads, p.n_threads);
+    for (i, t) in threads.iter().enumerate() {
+        if i as u64 == p.main_thread {
+            continue;
+        }
+        let r: i64;
+        // The child starts on the thread's saved stack with its thread pointer and jumps to the
+        // shim; r9 survives the system call. The parent goes on.
+        asm!("syscall", "test rax, rax", "jnz 2f", "jmp r9", "2:",
+             inlateout("rax") SYS_CLONE as i64 => r, in("rdi") CLONE_THREAD_FLAGS, in("rsi") t.ctx_rsp,
+             in("rdx") 0u64, in("r10") 0u64, in("r8") t.fs_base, in("r9") p.resume_addr,
+             lateout("rcx") _, lateout("r11") _);
+        if r < 0 {
+            fail_at(b"creating a thread", t.ctx_rsp, r);
+        }
+    }
+    let main = &threads[p.main_thread as usize];
+    sc6(SYS_ARCH_PRCTL, ARCH_SET_FS, main.fs_base, 0, 0, 0, 0);
+    asm!("mov rsp, {sp}", "jmp {to}", sp = in(reg) main.ctx_rsp, to = in(reg) p.resume_addr, options(noreturn));
+}
+
+// The compiler may emit calls to these; there is no libc here. `rep` string instructions
+// cannot be turned back into calls to themselves.
+#[no_mangle]
+pub unsafe extern "C" fn memcpy(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
+    asm!("rep movsb", inout("rcx") n => _, inout("rdi") d => _, inout("rsi") s => _, options(nostack));
+    d
+}
+#[no_mangle]
+pub unsafe extern "C" fn memmove(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
+    if (d as usize) <= (s as usize) || (d as usize) >= (s as usize + n) {
+        return memcpy(d, s, n);
+    }
+    asm!("std", "rep movsb", "cld", inout("rcx") n => _, inout("rdi") d.add(n - 1) => _,
+         inout("rsi") s.add(n - 1) => _, options(nostack));
+    d
+}
+#[no_mangle]
+pub unsafe extern "C" fn memset(d: *mut u8, c: i32, n: usize) -> *mut u8 {
+    asm!("rep stosb", inout("rcx") n => _, inout("rdi") d => _, in("al") c as u8, options(nostack));
+    d
+}
+#[no_mangle]
+pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    let mut i = 0;
+    while i < n {
+        let (x, y) = (core::ptr::read_volatile(a.add(i)), core::ptr::read_volatile(b.add(i)));
+        if x != y {
+            return x as i32 - y as i32;
+        }
+        i += 1;
+    }
+    0
+}
+#[no_mangle]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    memcmp(a, b, n)
+}
+
+/// core's precompiled objects name a personality routine; with panic=abort nothing unwinds, so
+/// it is never called.
+#[no_mangle]
+pub extern "C" fn rust_eh_personality() {}

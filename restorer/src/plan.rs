@@ -1,0 +1,95 @@
+//! The plan: everything phase 2 needs, laid out by phase 1 in the arena (inside the reserved
+//! range) as plain `#[repr(C)]` data. Shared by `main.rs` and the freestanding blob
+//! (`blob/main.rs` includes this file), so it uses only `core` types; pointers are stored as
+//! `u64` addresses inside the arena.
+
+pub const PLAN_MAGIC: u64 = 0x736e_6170_706c_616e; // "snapplan"
+
+#[repr(C)]
+pub struct Plan {
+    pub magic: u64,
+    pub regions: u64,
+    pub n_regions: u64,
+    pub runs: u64,
+    pub n_runs: u64,
+    pub threads: u64,
+    pub n_threads: u64,
+    pub main_thread: u64,
+    pub sigactions: u64,
+    pub n_sigactions: u64,
+    pub rlimits: u64,
+    pub n_rlimits: u64,
+    pub close_fds: u64,
+    pub n_close_fds: u64,
+    pub image_fd: i64,
+    pub resume_addr: u64,
+    pub reserved_start: u64,
+    pub reserved_end: u64,
+    /// The kernel's vvar/vdso mappings in this process: pieces to move by one delta.
+    pub kern: [KernPiece; 4],
+    pub n_kern: u64,
+    pub kern_delta: i64,
+    pub park: u64,
+    /// start_code, end_code, start_data, end_data, start_brk, brk, start_stack, arg_start,
+    /// arg_end, env_start, env_end: as `struct prctl_mm_map`.
+    pub mm: [u64; 11],
+    pub auxv: u64,
+    pub auxv_bytes: u64,
+    /// ITIMER_REAL, _VIRTUAL, _PROF as struct itimerval (interval sec, usec, value sec, usec).
+    pub itimers: [[i64; 4]; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct KernPiece {
+    pub start: u64,
+    pub len: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PRegion {
+    pub start: u64,
+    pub end: u64,
+    pub offset: u64,
+    pub prot: u32,
+    /// MAP_PRIVATE/MAP_SHARED, MAP_ANONYMOUS, MAP_GROWSDOWN (MAP_FIXED is added by the blob).
+    pub flags: u32,
+    pub fd: i32,
+    /// Non-zero: page runs are written into it, so it is mapped writable first.
+    pub fill: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PRun {
+    pub addr: u64,
+    pub len: u64,
+    pub file_off: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PThread {
+    pub ctx_rsp: u64,
+    pub fs_base: u64,
+}
+
+/// `struct kernel_sigaction` plus the signal number.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PSig {
+    pub signo: u64,
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PRlimit {
+    pub resource: u64,
+    pub cur: u64,
+    pub max: u64,
+}

@@ -1,0 +1,399 @@
+//! Reading the process's state while every other thread is parked: memory map, page presence,
+//! file descriptors, and the per-process kernel state. Runs in the writer, so it allocates only
+//! from the scratch region and reads /proc with raw system calls.
+#![allow(unsafe_code)]
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use snapshim_image::layout::{RESERVED_END, RESERVED_START};
+use snapshim_image::{FdKind, FdState, FileIdentity, MmFields, Process, SigAction};
+
+use crate::sys::{self, sc};
+
+/// One line of /proc/self/maps.
+#[derive(Debug, Clone)]
+pub struct MapsEntry {
+    pub start: u64,
+    pub end: u64,
+    pub prot: u32,
+    pub shared: bool,
+    pub offset: u64,
+    pub inode: u64,
+    pub name: String,
+}
+
+pub fn parse_maps(text: &str) -> Vec<MapsEntry> {
+    let mut v = Vec::new();
+    for line in text.lines() {
+        let mut it = line.splitn(6, ' ');
+        let (Some(range), Some(perms), Some(off), Some(_dev), Some(inode)) =
+            (it.next(), it.next(), it.next(), it.next(), it.next())
+        else {
+            continue;
+        };
+        let name = it.next().unwrap_or("").trim_start().to_string();
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        let p = perms.as_bytes();
+        let mut prot = 0;
+        if p.first() == Some(&b'r') {
+            prot |= libc::PROT_READ as u32;
+        }
+        if p.get(1) == Some(&b'w') {
+            prot |= libc::PROT_WRITE as u32;
+        }
+        if p.get(2) == Some(&b'x') {
+            prot |= libc::PROT_EXEC as u32;
+        }
+        v.push(MapsEntry {
+            start,
+            end,
+            prot,
+            shared: p.get(3) == Some(&b's'),
+            offset: u64::from_str_radix(off, 16).unwrap_or(0),
+            inode: inode.parse().unwrap_or(0),
+            name,
+        });
+    }
+    v
+}
+
+/// Whether a mapping is the shim's own (the reserved range) or the kernel's vsyscall page.
+pub fn is_excluded(e: &MapsEntry) -> bool {
+    (e.start < RESERVED_END && e.end > RESERVED_START)
+        || e.name == "[vsyscall]"
+        || e.end > 0x7fff_ffff_f000
+}
+
+/// Page flags from /proc/self/pagemap.
+pub const PM_PRESENT: u64 = 1 << 63;
+pub const PM_SWAP: u64 = 1 << 62;
+pub const PM_FILE: u64 = 1 << 61;
+
+/// Reads pagemap entries for `[start, end)` into `out`.
+pub fn pagemap(fd: i32, start: u64, end: u64, out: &mut Vec<u64>) -> sys::Result<()> {
+    let n = ((end - start) / 4096) as usize;
+    out.clear();
+    out.resize(n, 0);
+    // SAFETY: viewing the u64 buffer as bytes for reading into it.
+    let bytes = unsafe { core::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, n * 8) };
+    let mut done = 0;
+    while done < bytes.len() {
+        match sys::pread(fd, &mut bytes[done..], (start / 4096) * 8 + done as u64) {
+            Ok(0) => break,
+            Ok(k) => done += k,
+            Err(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+pub fn identity_of(st: &libc::stat) -> FileIdentity {
+    FileIdentity {
+        size: st.st_size as u64,
+        mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
+        inode: st.st_ino,
+    }
+}
+
+pub fn stat_path(path: &str) -> Option<libc::stat> {
+    let mut c = path.as_bytes().to_vec();
+    c.push(0);
+    // SAFETY: zeroed stat is valid; c is NUL-terminated.
+    let mut st: libc::stat = unsafe { core::mem::zeroed() };
+    // SAFETY: as above.
+    sys::check(unsafe { sc!(libc::SYS_stat, c.as_ptr(), &mut st as *mut libc::stat) }).ok()?;
+    Some(st)
+}
+
+fn fstat(fd: i32) -> Option<libc::stat> {
+    // SAFETY: zeroed stat is valid.
+    let mut st: libc::stat = unsafe { core::mem::zeroed() };
+    // SAFETY: st is a valid out-pointer.
+    sys::check(unsafe { sc!(libc::SYS_fstat, fd, &mut st as *mut libc::stat) }).ok()?;
+    Some(st)
+}
+
+/// Entries of a /proc directory (numbers only), with getdents64: opendir would call malloc.
+pub fn list_numeric_dir(path: &[u8]) -> sys::Result<Vec<i32>> {
+    let fd = sys::open(
+        path,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        0,
+    )?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        // SAFETY: buf is writable for its length.
+        let n = unsafe { sc!(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+        let n = match sys::check(n) {
+            Ok(0) => break,
+            Ok(n) => n as usize,
+            Err(e) => {
+                sys::close(fd);
+                return Err(e);
+            }
+        };
+        let mut off = 0;
+        while off < n {
+            let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
+            let name = &buf[off + 19..off + reclen];
+            let name = &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())];
+            if let Some(v) = core::str::from_utf8(name).ok().and_then(|s| s.parse().ok()) {
+                out.push(v);
+            }
+            off += reclen;
+        }
+    }
+    sys::close(fd);
+    out.retain(|&v| v != fd);
+    Ok(out)
+}
+
+fn cpath(parts: &[&str]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for p in parts {
+        v.extend_from_slice(p.as_bytes());
+    }
+    v.push(0);
+    v
+}
+
+/// The file descriptor table. `skip` are the writer's own descriptors.
+pub fn fds(skip: &[i32]) -> Vec<FdState> {
+    let mut out = Vec::new();
+    let Ok(list) = list_numeric_dir(b"/proc/self/fd\0") else {
+        return out;
+    };
+    let mut info = Vec::new();
+    let mut pipes: Vec<(u64, i32, bool)> = Vec::new(); // (inode, fd, read end)
+    for fd in list {
+        if skip.contains(&fd) {
+            continue;
+        }
+        let mut nb = [0u8; 20];
+        let num = crate::interpose::itoa(fd as u64, &mut nb);
+        let target = sys::readlink(&cpath(&["/proc/self/fd/", num])).unwrap_or_default();
+        let (mut pos, mut flags) = (0u64, 0u32);
+        if sys::read_file(&cpath(&["/proc/self/fdinfo/", num]), &mut info).is_ok() {
+            for line in String::from_utf8_lossy(&info).lines() {
+                if let Some(v) = line.strip_prefix("pos:") {
+                    pos = v.trim().parse().unwrap_or(0);
+                } else if let Some(v) = line.strip_prefix("flags:") {
+                    flags = u32::from_str_radix(v.trim(), 8).unwrap_or(0);
+                }
+            }
+        }
+        let cloexec = flags & libc::O_CLOEXEC as u32 != 0;
+        let flags = flags & !(libc::O_CLOEXEC as u32);
+        let Some(st) = fstat(fd) else { continue };
+        let fmt = st.st_mode & libc::S_IFMT;
+        let deleted = target.ends_with(" (deleted)");
+        let kind = if fmt == libc::S_IFREG && !deleted {
+            FdKind::Regular {
+                path: target,
+                offset: pos,
+                size: st.st_size as u64,
+                identity: identity_of(&st),
+            }
+        } else if fmt == libc::S_IFDIR && !deleted {
+            FdKind::Directory { path: target }
+        } else if fmt == libc::S_IFCHR {
+            if target.starts_with("/dev/pts/")
+                || target.starts_with("/dev/tty")
+                || target == "/dev/console"
+            {
+                FdKind::Inherited { desc: target }
+            } else {
+                FdKind::CharDevice { path: target }
+            }
+        } else if fmt == libc::S_IFIFO && target.starts_with("pipe:") {
+            let read_end = flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32;
+            pipes.push((st.st_ino, fd, read_end));
+            FdKind::Pipe {
+                id: st.st_ino,
+                read_end,
+                data: Vec::new(),
+            }
+        } else if fd <= 2 {
+            FdKind::Inherited { desc: target }
+        } else {
+            FdKind::Unsupported { desc: target }
+        };
+        out.push(FdState {
+            fd,
+            flags,
+            cloexec,
+            kind,
+        });
+    }
+    // A pipe is ours only if both ends are here; else it goes to something outside.
+    for st in out.iter_mut() {
+        if let FdKind::Pipe { id, read_end, .. } = st.kind {
+            let other = pipes.iter().find(|p| p.0 == id && p.2 != read_end);
+            match other {
+                None => {
+                    st.kind = FdKind::Inherited {
+                        desc: alloc::format!("pipe:[{id}]"),
+                    }
+                }
+                Some(&(_, wfd, _)) if read_end => {
+                    let data = drain_and_refill(st.fd, wfd);
+                    st.kind = FdKind::Pipe { id, read_end, data };
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    out
+}
+
+/// Takes the bytes buffered in a pipe (both ends are ours, every other thread is parked) and
+/// puts them straight back, keeping a copy for the image.
+fn drain_and_refill(rfd: i32, wfd: i32) -> Vec<u8> {
+    let mut avail: i32 = 0;
+    // SAFETY: FIONREAD writes an int.
+    unsafe { sc!(libc::SYS_ioctl, rfd, libc::FIONREAD, &mut avail as *mut i32) };
+    if avail <= 0 {
+        return Vec::new();
+    }
+    let mut data = alloc::vec![0u8; avail as usize];
+    let mut got = 0;
+    while got < data.len() {
+        match sys::read(rfd, &mut data[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    data.truncate(got);
+    let _ = sys::write_all(wfd, &data);
+    data
+}
+
+/// Per-process kernel state.
+pub fn process(cfg: &crate::config::Config) -> Process {
+    let mut p = Process {
+        pid: sys::getpid(),
+        name: cfg.name.clone(),
+        exe: cfg.exe.clone(),
+        cmdline: cfg.cmdline.clone(),
+        cwd: sys::readlink(b"/proc/self/cwd\0").unwrap_or_default(),
+        ..Default::default()
+    };
+    // SAFETY: umask has no memory effects; set back at once (every other thread is parked).
+    unsafe {
+        let old = sc!(libc::SYS_umask, 0o22);
+        sc!(libc::SYS_umask, old);
+        p.umask = old as u32;
+        p.personality = sc!(libc::SYS_personality, 0xffff_ffffu32) as u32;
+    }
+    for res in 0..16u32 {
+        let mut lim = libc::rlimit64 {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: prlimit64 with a null new limit writes the old one.
+        if sys::check(unsafe {
+            sc!(
+                libc::SYS_prlimit64,
+                0,
+                res,
+                0,
+                &mut lim as *mut libc::rlimit64
+            )
+        })
+        .is_ok()
+        {
+            p.rlimits.push((res, lim.rlim_cur, lim.rlim_max));
+        }
+    }
+    let mut buf = Vec::new();
+    if sys::read_file(b"/proc/self/stat\0", &mut buf).is_ok() {
+        let text = String::from_utf8_lossy(&buf);
+        if let Some(i) = text.rfind(')') {
+            let f: Vec<u64> = text[i + 1..]
+                .split_whitespace()
+                .map(|t| t.parse().unwrap_or(0))
+                .collect();
+            let g = |field: usize| f.get(field - 3).copied().unwrap_or(0);
+            p.mm = MmFields {
+                start_code: g(26),
+                end_code: g(27),
+                start_stack: g(28),
+                start_data: g(45),
+                end_data: g(46),
+                start_brk: g(47),
+                arg_start: g(48),
+                arg_end: g(49),
+                env_start: g(50),
+                env_end: g(51),
+                // SAFETY: brk(0) only reports the current break.
+                brk: unsafe { sc!(libc::SYS_brk, 0) } as u64,
+            };
+        }
+    }
+    if sys::read_file(b"/proc/self/auxv\0", &mut buf).is_ok() {
+        p.auxv = buf
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+    }
+    for sig in 1..=64u32 {
+        if sig == libc::SIGKILL as u32 || sig == libc::SIGSTOP as u32 {
+            continue;
+        }
+        let mut k = [0u64; 4]; // handler, flags, restorer, mask
+                               // SAFETY: rt_sigaction with a null new action writes the 32-byte kernel sigaction.
+        if sys::check(unsafe { sc!(libc::SYS_rt_sigaction, sig, 0, k.as_mut_ptr(), 8) }).is_ok() {
+            p.sigactions.push(SigAction {
+                signo: sig,
+                handler: k[0],
+                flags: k[1],
+                restorer: k[2],
+                mask: k[3],
+            });
+        }
+    }
+    for which in 0..3 {
+        let mut v = [0i64; 4];
+        // SAFETY: getitimer writes a struct itimerval (4 longs).
+        unsafe { sc!(libc::SYS_getitimer, which, v.as_mut_ptr()) };
+        p.itimers.push((
+            (v[0] * 1_000_000 + v[1]) as u64,
+            (v[2] * 1_000_000 + v[3]) as u64,
+        ));
+    }
+    p.xsave_features = xcr0();
+    p.clock_monotonic_ns = sys::monotonic_ns();
+    p.clock_realtime_ns = sys::clock_ns(libc::CLOCK_REALTIME);
+    if sys::read_file(b"/proc/self/statm\0", &mut buf).is_ok() {
+        let t = String::from_utf8_lossy(&buf);
+        p.resident_bytes = t
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 4096;
+    }
+    p
+}
+
+/// XCR0: the XSAVE features enabled on this CPU (what signal frames contain).
+pub fn xcr0() -> u64 {
+    let c = core::arch::x86_64::__cpuid(1);
+    if c.ecx & (1 << 27) == 0 {
+        return 0; // no OSXSAVE
+    }
+    let (lo, hi): (u32, u32);
+    // SAFETY: xgetbv(0) is allowed when OSXSAVE is set (checked above).
+    unsafe {
+        core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack))
+    };
+    (hi as u64) << 32 | lo as u64
+}

@@ -1,0 +1,423 @@
+//! Functions the shim interposes in the program (`LD_PRELOAD` puts ours first).
+//!
+//! - The signal API, so the program cannot block, ignore or replace the shim's two signals (the
+//!   trigger, SIGUSR2 by default, and the internal quiesce signal). What the program asks for on
+//!   those signals is remembered and reported as a clash, once.
+//! - The mmap family, so the program cannot map over the range kept for the restorer, and so the
+//!   shim sees large mappings (counted; later engines hook here).
+//! - The malloc family, forwarded to glibc's own entry points (`__libc_malloc`...), never through
+//!   `dlsym`, so there is no recursion; large allocations are counted.
+//!
+//! `/proc/self/maps` stays the truth about memory: glibc maps memory internally without passing
+//! through these symbols.
+#![allow(unsafe_code)]
+
+use core::ffi::c_void;
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+
+use libc::{c_int, sigset_t, size_t};
+use snapshim_image::layout::{RESERVED_END, RESERVED_START};
+
+use crate::sys;
+
+/// Our two signals, once the shim is initialised (0 before).
+pub static TRIGGER_SIG: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(0);
+pub static QUIESCE_SIG: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(0);
+
+pub static LARGE_ALLOCS: AtomicU64 = AtomicU64::new(0);
+pub static MMAP_BYTES: AtomicU64 = AtomicU64::new(0);
+const LARGE: usize = 1 << 20;
+
+fn is_ours(sig: c_int) -> bool {
+    sig != 0 && (sig == TRIGGER_SIG.load(Relaxed) || sig == QUIESCE_SIG.load(Relaxed))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signals
+
+type SigactionFn =
+    unsafe extern "C" fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int;
+type SigmaskFn = unsafe extern "C" fn(c_int, *const sigset_t, *mut sigset_t) -> c_int;
+
+static REAL_SIGACTION: AtomicUsize = AtomicUsize::new(0);
+static REAL_SIGPROCMASK: AtomicUsize = AtomicUsize::new(0);
+static REAL_PTHREAD_SIGMASK: AtomicUsize = AtomicUsize::new(0);
+
+fn next(cache: &AtomicUsize, name: &core::ffi::CStr) -> usize {
+    let mut f = cache.load(Relaxed);
+    if f == 0 {
+        // SAFETY: dlsym with a NUL-terminated name; RTLD_NEXT finds glibc's definition.
+        f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
+        cache.store(f, Relaxed);
+    }
+    f
+}
+
+/// glibc's sigaction, bypassing our interposition (used by the shim itself).
+pub fn real_sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int {
+    let f = next(&REAL_SIGACTION, c"sigaction");
+    // SAFETY: f is glibc's sigaction (non-null in any glibc process); pointers come from callers
+    // that pass valid or null structures.
+    unsafe { core::mem::transmute::<usize, SigactionFn>(f)(sig, act, old) }
+}
+
+/// What the program asked for on our signals: handler and flags (kept, never installed).
+static APP_HANDLER: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+static APP_FLAGS: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+static CLASH_REPORTED: AtomicBool = AtomicBool::new(false);
+
+fn clash(sig: c_int) {
+    if !CLASH_REPORTED.swap(true, Relaxed) {
+        let which = if sig == TRIGGER_SIG.load(Relaxed) {
+            "checkpoint"
+        } else {
+            "internal"
+        };
+        let mut msg = [0u8; 200];
+        let text = format_into(&mut msg, &[
+            "snapshim: the program sets a handler for signal ",
+            itoa(sig as u64, &mut [0u8; 20]),
+            ", snapshim's ", which,
+            " signal; the program's handler will not run (choose another with SNAPSHIM_SIGNAL)\n",
+        ]);
+        let _ = sys::write_all(2, text);
+    }
+}
+
+/// Concatenates parts into buf without allocating (usable anywhere).
+pub fn format_into<'a>(buf: &'a mut [u8], parts: &[&str]) -> &'a [u8] {
+    let mut n = 0;
+    for p in parts {
+        let k = p.len().min(buf.len() - n);
+        buf[n..n + k].copy_from_slice(&p.as_bytes()[..k]);
+        n += k;
+    }
+    &buf[..n]
+}
+
+/// Decimal digits of v, without allocating.
+pub fn itoa(mut v: u64, buf: &mut [u8; 20]) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    core::str::from_utf8(&buf[i..]).unwrap_or("?")
+}
+
+/// # Safety
+/// As `sigaction(2)`: `act` and `old` are null or valid.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn sigaction(
+    sig: c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> c_int {
+    if !is_ours(sig) {
+        return real_sigaction(sig, act, old);
+    }
+    let i = (sig != TRIGGER_SIG.load(Relaxed)) as usize;
+    if !old.is_null() {
+        // SAFETY: old is valid per the contract.
+        unsafe {
+            core::ptr::write_bytes(old, 0, 1);
+            (*old).sa_sigaction = APP_HANDLER[i].load(Relaxed);
+            (*old).sa_flags = APP_FLAGS[i].load(Relaxed) as c_int;
+        }
+    }
+    if !act.is_null() {
+        // SAFETY: act is valid per the contract.
+        let (h, f) = unsafe { ((*act).sa_sigaction, (*act).sa_flags) };
+        APP_HANDLER[i].store(h, Relaxed);
+        APP_FLAGS[i].store(f as usize, Relaxed);
+        if h != libc::SIG_DFL {
+            clash(sig);
+        }
+    }
+    0
+}
+
+/// # Safety
+/// As `signal(2)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    // SAFETY: zeroed sigaction is a valid value.
+    let mut act: libc::sigaction = unsafe { core::mem::zeroed() };
+    act.sa_sigaction = handler;
+    act.sa_flags = libc::SA_RESTART;
+    // SAFETY: act and old are valid; BSD semantics as glibc's signal().
+    let mut old: libc::sigaction = unsafe { core::mem::zeroed() };
+    // SAFETY: both pointers are to live structures.
+    if unsafe { sigaction(sig, &act, &mut old) } < 0 {
+        return libc::SIG_ERR;
+    }
+    old.sa_sigaction
+}
+
+/// # Safety
+/// As `signal(2)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn bsd_signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    // SAFETY: forwarded with the same contract.
+    unsafe { signal(sig, handler) }
+}
+
+/// Removes our signals from a set the program wants to block.
+fn filtered(how: c_int, set: *const sigset_t, copy: &mut sigset_t) -> *const sigset_t {
+    if set.is_null() || how == libc::SIG_UNBLOCK {
+        return set;
+    }
+    // SAFETY: set is valid per the caller's contract; copy is a live sigset.
+    unsafe {
+        *copy = *set;
+        for s in [TRIGGER_SIG.load(Relaxed), QUIESCE_SIG.load(Relaxed)] {
+            if s != 0 {
+                libc::sigdelset(copy, s);
+            }
+        }
+    }
+    copy
+}
+
+/// # Safety
+/// As `sigprocmask(2)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn sigprocmask(
+    how: c_int,
+    set: *const sigset_t,
+    old: *mut sigset_t,
+) -> c_int {
+    // SAFETY: an all-zero sigset is valid.
+    let mut copy: sigset_t = unsafe { core::mem::zeroed() };
+    let set = filtered(how, set, &mut copy);
+    let f = next(&REAL_SIGPROCMASK, c"sigprocmask");
+    // SAFETY: glibc's sigprocmask with valid or null sets.
+    unsafe { core::mem::transmute::<usize, SigmaskFn>(f)(how, set, old) }
+}
+
+/// # Safety
+/// As `pthread_sigmask(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn pthread_sigmask(
+    how: c_int,
+    set: *const sigset_t,
+    old: *mut sigset_t,
+) -> c_int {
+    // SAFETY: an all-zero sigset is valid.
+    let mut copy: sigset_t = unsafe { core::mem::zeroed() };
+    let set = filtered(how, set, &mut copy);
+    let f = next(&REAL_PTHREAD_SIGMASK, c"pthread_sigmask");
+    // SAFETY: glibc's pthread_sigmask with valid or null sets.
+    unsafe { core::mem::transmute::<usize, SigmaskFn>(f)(how, set, old) }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The mmap family
+
+fn hits_reserved(addr: usize, len: size_t) -> bool {
+    let (a, e) = (addr as u64, addr as u64 + len as u64);
+    a < RESERVED_END && e > RESERVED_START
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: this thread's errno slot.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// # Safety
+/// As `mmap(2)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn mmap(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: libc::off_t,
+) -> *mut c_void {
+    if flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0
+        && hits_reserved(addr as usize, len)
+        && crate::RESERVED.load(Relaxed)
+    {
+        set_errno(libc::ENOMEM);
+        return libc::MAP_FAILED;
+    }
+    // SAFETY: forwarded unchanged; the kernel validates everything.
+    let r = unsafe {
+        sys::syscall6(
+            libc::SYS_mmap,
+            addr as u64,
+            len as u64,
+            prot as u64,
+            flags as u64,
+            fd as i64 as u64,
+            off as u64,
+        )
+    };
+    match sys::check(r) {
+        Ok(a) => {
+            if len >= LARGE {
+                MMAP_BYTES.fetch_add(len as u64, Relaxed);
+            }
+            a as *mut c_void
+        }
+        Err(e) => {
+            set_errno(e);
+            libc::MAP_FAILED
+        }
+    }
+}
+
+/// # Safety
+/// As `mmap(2)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn mmap64(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: libc::off_t,
+) -> *mut c_void {
+    // SAFETY: same function on x86_64.
+    unsafe { mmap(addr, len, prot, flags, fd, off) }
+}
+
+/// # Safety
+/// As `mremap(2)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn mremap(
+    old: *mut c_void,
+    old_len: size_t,
+    new_len: size_t,
+    flags: c_int,
+    new_addr: usize,
+) -> *mut c_void {
+    // mremap is variadic in C; on x86_64 a variadic caller passes the optional fifth argument in
+    // the same register as a fixed one, and it is only meaningful with MREMAP_FIXED.
+    let new_addr = if flags & libc::MREMAP_FIXED != 0 {
+        new_addr
+    } else {
+        0
+    };
+    if flags & libc::MREMAP_FIXED != 0
+        && hits_reserved(new_addr, new_len)
+        && crate::RESERVED.load(Relaxed)
+    {
+        set_errno(libc::ENOMEM);
+        return libc::MAP_FAILED;
+    }
+    // SAFETY: forwarded unchanged.
+    let r = unsafe {
+        sys::syscall6(
+            libc::SYS_mremap,
+            old as u64,
+            old_len as u64,
+            new_len as u64,
+            flags as u64,
+            new_addr as u64,
+            0,
+        )
+    };
+    match sys::check(r) {
+        Ok(a) => a as *mut c_void,
+        Err(e) => {
+            set_errno(e);
+            libc::MAP_FAILED
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The malloc family
+
+extern "C" {
+    fn __libc_malloc(size: size_t) -> *mut c_void;
+    fn __libc_calloc(n: size_t, size: size_t) -> *mut c_void;
+    fn __libc_realloc(p: *mut c_void, size: size_t) -> *mut c_void;
+    fn __libc_free(p: *mut c_void);
+    fn __libc_memalign(align: size_t, size: size_t) -> *mut c_void;
+}
+
+fn note(size: size_t) {
+    if size >= LARGE {
+        LARGE_ALLOCS.fetch_add(1, Relaxed);
+    }
+}
+
+/// # Safety
+/// As `malloc(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn malloc(size: size_t) -> *mut c_void {
+    note(size);
+    // SAFETY: glibc's malloc.
+    unsafe { __libc_malloc(size) }
+}
+
+/// # Safety
+/// As `calloc(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn calloc(n: size_t, size: size_t) -> *mut c_void {
+    note(n.saturating_mul(size));
+    // SAFETY: glibc's calloc.
+    unsafe { __libc_calloc(n, size) }
+}
+
+/// # Safety
+/// As `realloc(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn realloc(p: *mut c_void, size: size_t) -> *mut c_void {
+    note(size);
+    // SAFETY: glibc's realloc on a pointer from glibc's allocator.
+    unsafe { __libc_realloc(p, size) }
+}
+
+/// # Safety
+/// As `free(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn free(p: *mut c_void) {
+    // SAFETY: glibc's free on a pointer from glibc's allocator.
+    unsafe { __libc_free(p) }
+}
+
+/// # Safety
+/// As `memalign(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn memalign(align: size_t, size: size_t) -> *mut c_void {
+    note(size);
+    // SAFETY: glibc's memalign.
+    unsafe { __libc_memalign(align, size) }
+}
+
+/// # Safety
+/// As `aligned_alloc(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn aligned_alloc(align: size_t, size: size_t) -> *mut c_void {
+    // SAFETY: same contract as memalign.
+    unsafe { memalign(align, size) }
+}
+
+/// # Safety
+/// As `posix_memalign(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn posix_memalign(
+    out: *mut *mut c_void,
+    align: size_t,
+    size: size_t,
+) -> c_int {
+    if align < core::mem::size_of::<usize>() || !align.is_power_of_two() {
+        return libc::EINVAL;
+    }
+    // SAFETY: glibc's memalign.
+    let p = unsafe { memalign(align, size) };
+    if p.is_null() && size != 0 {
+        return libc::ENOMEM;
+    }
+    // SAFETY: out is valid per the contract.
+    unsafe { *out = p };
+    0
+}

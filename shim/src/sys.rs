@@ -1,0 +1,240 @@
+//! Raw system calls for paths that must not enter interposed or allocating libc code: signal
+//! handlers, the writer while every other thread is parked (maybe holding malloc's or stdio's
+//! lock), and the first moments of a restored thread.
+//!
+//! Every function here is async-signal-safe. Errors are returned as a positive errno and
+//! decoded in exactly one place, [`check`]; `errno` itself is never touched.
+#![allow(unsafe_code)]
+
+use core::arch::asm;
+
+pub type Result<T> = core::result::Result<T, i32>;
+
+/// `syscall(nr, a1..a6)`.
+///
+/// # Safety
+/// The arguments must be valid for system call `nr` (pointers readable/writable as it needs).
+#[inline(always)]
+pub unsafe fn syscall6(nr: i64, a1: u64, a2: u64, a3: u64, a4: u64, a5: u64, a6: u64) -> i64 {
+    let ret: i64;
+    // SAFETY: the x86_64 syscall convention; rcx and r11 are clobbered by the instruction, the
+    // caller vouches for the arguments.
+    unsafe {
+        asm!("syscall", inlateout("rax") nr => ret, in("rdi") a1, in("rsi") a2, in("rdx") a3,
+             in("r10") a4, in("r8") a5, in("r9") a6, lateout("rcx") _, lateout("r11") _,
+             options(nostack));
+    }
+    ret
+}
+
+/// Turns a raw return value into `Ok(value)` or `Err(errno)`.
+#[inline(always)]
+pub fn check(r: i64) -> Result<i64> {
+    if (-4095..0).contains(&r) {
+        Err(-r as i32)
+    } else {
+        Ok(r)
+    }
+}
+
+macro_rules! sc {
+    ($nr:expr) => {
+        $crate::sys::syscall6($nr as i64, 0, 0, 0, 0, 0, 0)
+    };
+    ($nr:expr, $a:expr) => {
+        $crate::sys::syscall6($nr as i64, $a as u64, 0, 0, 0, 0, 0)
+    };
+    ($nr:expr, $a:expr, $b:expr) => {
+        $crate::sys::syscall6($nr as i64, $a as u64, $b as u64, 0, 0, 0, 0)
+    };
+    ($nr:expr, $a:expr, $b:expr, $c:expr) => {
+        $crate::sys::syscall6($nr as i64, $a as u64, $b as u64, $c as u64, 0, 0, 0)
+    };
+    ($nr:expr, $a:expr, $b:expr, $c:expr, $d:expr) => {
+        $crate::sys::syscall6($nr as i64, $a as u64, $b as u64, $c as u64, $d as u64, 0, 0)
+    };
+    ($nr:expr, $a:expr, $b:expr, $c:expr, $d:expr, $e:expr) => {
+        $crate::sys::syscall6(
+            $nr as i64, $a as u64, $b as u64, $c as u64, $d as u64, $e as u64, 0,
+        )
+    };
+    ($nr:expr, $a:expr, $b:expr, $c:expr, $d:expr, $e:expr, $f:expr) => {
+        $crate::sys::syscall6(
+            $nr as i64, $a as u64, $b as u64, $c as u64, $d as u64, $e as u64, $f as u64,
+        )
+    };
+}
+pub(crate) use sc;
+
+pub fn gettid() -> i32 {
+    // SAFETY: gettid takes no arguments.
+    unsafe { sc!(libc::SYS_gettid) as i32 }
+}
+
+pub fn getpid() -> i32 {
+    // SAFETY: getpid takes no arguments.
+    unsafe { sc!(libc::SYS_getpid) as i32 }
+}
+
+pub fn tgkill(pid: i32, tid: i32, sig: i32) -> Result<()> {
+    // SAFETY: plain integer arguments.
+    check(unsafe { sc!(libc::SYS_tgkill, pid, tid, sig) }).map(|_| ())
+}
+
+pub fn write(fd: i32, buf: &[u8]) -> Result<usize> {
+    // SAFETY: buf is a valid readable slice.
+    check(unsafe { sc!(libc::SYS_write, fd, buf.as_ptr(), buf.len()) }).map(|n| n as usize)
+}
+
+/// Writes all of `buf` at the current offset, retrying on EINTR and short writes.
+pub fn write_all(fd: i32, mut buf: &[u8]) -> Result<()> {
+    while !buf.is_empty() {
+        match write(fd, buf) {
+            Ok(0) => return Err(libc::EIO),
+            Ok(n) => buf = &buf[n..],
+            Err(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+pub fn read(fd: i32, buf: &mut [u8]) -> Result<usize> {
+    // SAFETY: buf is a valid writable slice.
+    check(unsafe { sc!(libc::SYS_read, fd, buf.as_mut_ptr(), buf.len()) }).map(|n| n as usize)
+}
+
+pub fn pread(fd: i32, buf: &mut [u8], off: u64) -> Result<usize> {
+    // SAFETY: buf is a valid writable slice.
+    check(unsafe { sc!(libc::SYS_pread64, fd, buf.as_mut_ptr(), buf.len(), off) })
+        .map(|n| n as usize)
+}
+
+pub fn pwrite(fd: i32, buf: &[u8], off: u64) -> Result<usize> {
+    // SAFETY: buf is a valid readable slice.
+    check(unsafe { sc!(libc::SYS_pwrite64, fd, buf.as_ptr(), buf.len(), off) }).map(|n| n as usize)
+}
+
+/// `open(path, flags, mode)`; `path` must end with a NUL byte.
+pub fn open(path: &[u8], flags: i32, mode: u32) -> Result<i32> {
+    assert!(path.last() == Some(&0));
+    // SAFETY: path is NUL-terminated.
+    check(unsafe { sc!(libc::SYS_open, path.as_ptr(), flags, mode) }).map(|fd| fd as i32)
+}
+
+pub fn close(fd: i32) {
+    // SAFETY: closing a descriptor number has no memory effects.
+    unsafe { sc!(libc::SYS_close, fd) };
+}
+
+/// Reads a whole (small, /proc) file into `buf`, returning the length used.
+pub fn read_file(path: &[u8], buf: &mut alloc::vec::Vec<u8>) -> Result<usize> {
+    let fd = open(path, libc::O_RDONLY | libc::O_CLOEXEC, 0)?;
+    buf.clear();
+    let mut chunk = [0u8; 4096];
+    let r = loop {
+        match read(fd, &mut chunk) {
+            Ok(0) => break Ok(buf.len()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(libc::EINTR) => {}
+            Err(e) => break Err(e),
+        }
+    };
+    close(fd);
+    r
+}
+
+/// `readlink(path)` into a String (path NUL-terminated).
+pub fn readlink(path: &[u8]) -> Result<alloc::string::String> {
+    assert!(path.last() == Some(&0));
+    let mut buf = [0u8; 4096];
+    // SAFETY: path is NUL-terminated, buf writable for its length.
+    let n = check(unsafe {
+        sc!(
+            libc::SYS_readlink,
+            path.as_ptr(),
+            buf.as_mut_ptr(),
+            buf.len()
+        )
+    })?;
+    Ok(alloc::string::String::from_utf8_lossy(&buf[..n as usize]).into_owned())
+}
+
+pub fn futex_wait(word: &core::sync::atomic::AtomicU32, val: u32, timeout_ns: Option<u64>) {
+    let ts = timeout_ns.map(|ns| libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as i64,
+        tv_nsec: (ns % 1_000_000_000) as i64,
+    });
+    let tsp = ts
+        .as_ref()
+        .map_or(core::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: word is a live aligned u32; tsp is null or points to a live timespec.
+    unsafe {
+        sc!(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            val,
+            tsp
+        )
+    };
+}
+
+pub fn futex_wake(word: &core::sync::atomic::AtomicU32) {
+    // SAFETY: word is a live aligned u32.
+    unsafe {
+        sc!(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            i32::MAX
+        )
+    };
+}
+
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+pub fn clock_ns(clock: i32) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer.
+    unsafe {
+        sc!(
+            libc::SYS_clock_gettime,
+            clock,
+            &mut ts as *mut libc::timespec
+        )
+    };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+pub const ARCH_SET_FS: i32 = 0x1002;
+pub const ARCH_GET_FS: i32 = 0x1003;
+
+pub fn get_fs_base() -> u64 {
+    let mut v = 0u64;
+    // SAFETY: ARCH_GET_FS writes one u64 to the given address.
+    unsafe { sc!(libc::SYS_arch_prctl, ARCH_GET_FS, &mut v as *mut u64) };
+    v
+}
+
+/// Anonymous mapping at a fixed address (replacing what is there).
+pub fn mmap_fixed(addr: u64, len: u64, prot: i32, extra: i32) -> Result<u64> {
+    // SAFETY: MAP_FIXED over a range this crate owns (the reserved range); callers ensure that.
+    check(unsafe {
+        sc!(
+            libc::SYS_mmap,
+            addr,
+            len,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | extra,
+            -1i64,
+            0
+        )
+    })
+    .map(|a| a as u64)
+}
