@@ -340,6 +340,8 @@ fn release() {
 /// In a restored process: wait for every thread's fix-ups, then take the reserved range back
 /// (it still holds the restorer, which the threads have left by now).
 fn after_restore(nthreads: usize) {
+    // The snapshot was taken while the writer ran: its scratch heap was active, and is gone now.
+    crate::shim_alloc::SCRATCH_ACTIVE.store(false, SeqCst);
     park::record_restored_helper();
     loop {
         let r = park::RESUMED.load(Acquire);
