@@ -1,1 +1,322 @@
-fn main() {}
+//! `snapshim`: the command-line tool around the shim and the restorer.
+//!
+//! - `run` launches a program with `libsnapshim.so` preloaded and the shim's settings in its
+//!   environment, by `exec`, so the program keeps the PID `snapshim run` had.
+//! - `checkpoint` asks a running program for a checkpoint and waits for the outcome (the
+//!   protocol is described in `checkpoint.rs`).
+//! - `restore` execs `snapshim-restore`.
+//! - `inspect`, `verify` and `ls` read images through `snapshim-image` only; they never load
+//!   the shim.
+//!
+//! Errors are one line on stderr, `snapshim: <what failed>: <why>`. Exit codes: 0 success,
+//! 1 the operation failed, 2 bad usage (clap's code for usage errors).
+
+mod checkpoint;
+mod images;
+mod launch;
+mod parse;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Why a command failed: the line(s) printed after `snapshim: `, and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    /// The operation failed (exit code 1).
+    pub fn op(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 1,
+            message: message.into(),
+        }
+    }
+
+    /// The input was unusable (exit code 2).
+    pub fn usage(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 2,
+            message: message.into(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Failure>;
+
+#[derive(Parser)]
+#[command(
+    name = "snapshim",
+    version,
+    about = "Transparent checkpoint/restart for Linux programs",
+    long_about = "Transparent checkpoint/restart for Linux programs.\n\n\
+        A program started with `snapshim run` (or with LD_PRELOAD=libsnapshim.so) writes an \
+        image of itself when it receives the checkpoint signal (SIGUSR2 by default), on a \
+        timer, or when asked with `snapshim checkpoint PID`. `snapshim restore IMAGE` brings \
+        it back, here or on another machine."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Run(RunArgs),
+    Checkpoint(CheckpointArgs),
+    Restore(RestoreArgs),
+    Inspect(InspectArgs),
+    Verify(VerifyArgs),
+    Ls(LsArgs),
+}
+
+/// Run a program with snapshim loaded (LD_PRELOAD), replacing this process
+///
+/// The program keeps this process's PID, which is printed on stderr. Options not given are
+/// left to the environment (SNAPSHIM_DIR, SNAPSHIM_INTERVAL, ...) and the shim's defaults.
+#[derive(Args)]
+#[command(
+    after_help = "Example:\n  snapshim run --interval 10m --dir /shared/ckpt -- ./solver input.dat"
+)]
+pub struct RunArgs {
+    /// Directory for images, SNAPSHIM_DIR [default: $SNAPSHIM_DIR, else ./snapshim-images]
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Take a checkpoint every TIME (30s, 10m, 1h, 500ms, or seconds), SNAPSHIM_INTERVAL
+    #[arg(long, value_name = "TIME", value_parser = parse::interval_arg)]
+    pub interval: Option<String>,
+    /// Name of the image directory inside DIR, SNAPSHIM_NAME [default: the program's file name]
+    #[arg(long, value_name = "NAME", value_parser = name_arg)]
+    pub name: Option<String>,
+    /// Checkpoint signal (USR2, SIGUSR1, RTMIN+3, or a number), SNAPSHIM_SIGNAL [default: USR2]
+    #[arg(long, value_name = "SIG", value_parser = parse::signal_arg)]
+    pub signal: Option<String>,
+    /// Number of images to keep, SNAPSHIM_KEEP [default: 3]
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep: Option<u32>,
+    /// The program and its arguments (after `--`)
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "PROG ARGS"
+    )]
+    pub command: Vec<OsString>,
+}
+
+/// Checkpoint a running program and wait until its image is committed
+///
+/// Sends the program's checkpoint signal (SNAPSHIM_SIGNAL in its environment, else SIGUSR2)
+/// with sigqueue, only after checking that libsnapshim.so is loaded in it, then waits for the
+/// shim's report and prints where the image is.
+#[derive(Args)]
+pub struct CheckpointArgs {
+    /// Give up waiting after TIME (seconds, or 30s, 10m, ...)
+    #[arg(long, value_name = "TIME", default_value = "600", value_parser = parse::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Print only the image path
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Process to checkpoint (a program under snapshim, or a running snapshim-restore)
+    #[arg(value_parser = clap::value_parser!(i32).range(1..))]
+    pub pid: i32,
+}
+
+/// Restore a program from an image (runs snapshim-restore with these arguments)
+///
+/// The restored program replaces this process. IMAGE_OR_DIR is an image file, an image
+/// directory (its `latest` image is used), or a base directory holding one image directory.
+#[derive(Args)]
+#[command(
+    after_help = "Options of snapshim-restore (see `snapshim-restore --help`) go before \
+                  IMAGE_OR_DIR:\n  snapshim restore --no-verify /shared/ckpt/solver"
+)]
+pub struct RestoreArgs {
+    /// Options for snapshim-restore, then IMAGE_OR_DIR
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
+    pub args: Vec<OsString>,
+}
+
+/// Describe an image: the program, its memory regions, threads, files and signal handlers
+#[derive(Args)]
+pub struct InspectArgs {
+    /// Image file, image directory (uses `latest`), or a base directory with one image directory
+    #[arg(value_name = "IMAGE_OR_DIR")]
+    pub image: PathBuf,
+}
+
+/// Check an image: header, metadata and page checksums, and the files its mappings need
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// Image file, image directory (uses `latest`), or a base directory with one image directory
+    #[arg(value_name = "IMAGE_OR_DIR")]
+    pub image: PathBuf,
+}
+
+/// List image directories and their images
+#[derive(Args)]
+pub struct LsArgs {
+    /// Base directory or image directory [default: $SNAPSHIM_DIR, else ./snapshim-images]
+    #[arg(value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+/// An image directory name: one non-empty path component.
+fn name_arg(s: &str) -> std::result::Result<String, String> {
+    if s.is_empty() || s == "." || s == ".." || s.contains('/') || s.contains('\0') {
+        return Err(format!(
+            "'{s}' cannot be a directory name (it must be one path component)"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => launch::run(a),
+        Command::Checkpoint(a) => checkpoint::checkpoint(a),
+        Command::Restore(a) => launch::restore(a),
+        Command::Inspect(a) => images::inspect(&a.image),
+        Command::Verify(a) => images::verify(&a.image),
+        Command::Ls(a) => images::ls(a.dir),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            for line in f.message.lines() {
+                eprintln!("snapshim: {line}");
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> std::result::Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("snapshim").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_takes_options_then_the_program() {
+        let cli = parse(&[
+            "run",
+            "--dir",
+            "/d",
+            "--interval",
+            "10m",
+            "--name",
+            "x",
+            "--signal",
+            "usr1",
+            "--keep",
+            "2",
+            "--",
+            "prog",
+            "-v",
+            "--flag",
+        ])
+        .unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(a.dir, Some(PathBuf::from("/d")));
+        assert_eq!(a.interval.as_deref(), Some("10m"));
+        assert_eq!(a.name.as_deref(), Some("x"));
+        assert_eq!(a.signal.as_deref(), Some("USR1"));
+        assert_eq!(a.keep, Some(2));
+        assert_eq!(a.command, ["prog", "-v", "--flag"]);
+    }
+
+    #[test]
+    fn run_program_options_are_not_ours() {
+        let cli = parse(&["run", "prog", "--dir", "x"]).unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(a.dir, None);
+        assert_eq!(a.command, ["prog", "--dir", "x"]);
+    }
+
+    #[test]
+    fn run_refuses_bad_values_as_usage_errors() {
+        for args in [
+            &["run", "--interval", "soon", "--", "p"][..],
+            &["run", "--interval", "0", "--", "p"],
+            &["run", "--signal", "KILL", "--", "p"],
+            &["run", "--keep", "0", "--", "p"],
+            &["run", "--name", "a/b", "--", "p"],
+            &["run", "--name", "..", "--", "p"],
+            &["run"],
+            &["run", "--"],
+        ] {
+            let e = parse(args)
+                .err()
+                .unwrap_or_else(|| panic!("{args:?} accepted"));
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn checkpoint_takes_a_pid_and_a_timeout() {
+        let cli = parse(&["checkpoint", "--timeout", "30s", "-q", "1234"]).unwrap();
+        let Command::Checkpoint(a) = cli.command else {
+            panic!("not checkpoint")
+        };
+        assert_eq!(a.pid, 1234);
+        assert_eq!(a.timeout, std::time::Duration::from_secs(30));
+        assert!(a.quiet);
+        let cli = parse(&["checkpoint", "7"]).unwrap();
+        let Command::Checkpoint(a) = cli.command else {
+            panic!("not checkpoint")
+        };
+        assert_eq!(a.timeout, std::time::Duration::from_secs(600));
+        for bad in [
+            &["checkpoint"][..],
+            &["checkpoint", "0"],
+            &["checkpoint", "-5"],
+            &["checkpoint", "abc"],
+            &["checkpoint", "--timeout", "x", "5"],
+        ] {
+            assert_eq!(parse(bad).err().map(|e| e.exit_code()), Some(2), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn restore_passes_everything_through() {
+        let cli = parse(&["restore", "--verbose", "-x", "/img/dir"]).unwrap();
+        let Command::Restore(a) = cli.command else {
+            panic!("not restore")
+        };
+        assert_eq!(a.args, ["--verbose", "-x", "/img/dir"]);
+        assert!(parse(&["restore"]).is_err());
+    }
+
+    #[test]
+    fn every_command_has_help() {
+        for cmd in ["run", "checkpoint", "restore", "inspect", "verify", "ls"] {
+            let e = parse(&[cmd, "--help"]).err().unwrap();
+            assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp, "{cmd}");
+            assert_eq!(e.exit_code(), 0);
+        }
+    }
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds the workspace and runs every test, from any directory. Installs the few Debian packages
+# the tests need (a C compiler, python3, setpriv) only if one is missing and we are root.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+missing=()
+command -v cc >/dev/null || missing+=(build-essential)
+[[ -x /usr/bin/python3 ]] || missing+=(python3)
+command -v setpriv >/dev/null || missing+=(util-linux)
+if ((${#missing[@]})); then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        echo "test.sh: installing ${missing[*]}"
+        apt-get update
+        DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
+    else
+        echo "test.sh: missing: ${missing[*]}; install with: sudo apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+fi
+if ! command -v cargo >/dev/null; then
+    echo "test.sh: cargo not found; install the Rust toolchain (https://rustup.rs)" >&2
+    exit 1
+fi
+
+cargo build --release --workspace
+cargo test --release --workspace

@@ -1,0 +1,458 @@
+//! `snapshim checkpoint PID`: ask a running program for a checkpoint and wait for the outcome.
+//!
+//! Protocol (the shim implements the other half):
+//!
+//! ```text
+//!  snapshim checkpoint                          program with libsnapshim.so
+//!  -------------------                          ---------------------------
+//!  /proc/PID/maps has libsnapshim.so?
+//!  signal = SNAPSHIM_SIGNAL from /proc/PID/environ, else SIGUSR2
+//!  /proc/PID/status SigCgt has that signal?
+//!  (if we are root and PID is not: become PID's user)
+//!  pipe2(O_CLOEXEC) -> (r, w)
+//!  sigqueue(PID, signal, sival = w) ---------->  handler: si_code == SI_QUEUE, so remember
+//!                                                (si_pid, si_value) and wake the helper
+//!  poll(r) in 200 ms slices, checking                ... quiesce, capture, flush, commit ...
+//!  that PID is still alive                       open("/proc/<si_pid>/fd/<si_value>", O_WRONLY)
+//!                                <-------------  "ok path=... bytes=... pause_us=... total_us=...
+//!                                                 resident=...\n"   or   "err <message>\n"
+//! ```
+//!
+//! We keep `w` open until the reply arrives: the shim reopens it through /proc, which works
+//! only while it is open here, and only if the shim's user may open our descriptors. The signal
+//! is never sent to a process that does not handle it: the default action of SIGUSR2 is to
+//! terminate, and a shim whose set-up failed is loaded but installs no handler.
+
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use crate::parse::{self, Reply};
+use crate::{CheckpointArgs, Failure, Result};
+
+/// How often the target's liveness is checked while waiting.
+const SLICE: Duration = Duration::from_millis(200);
+/// A reply longer than this is not a reply.
+const MAX_REPLY: usize = 64 * 1024;
+
+pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
+    let pid = a.pid;
+    require_shim(pid)?;
+    let signo = trigger_signal(pid)?;
+    require_handler(pid, signo)?;
+    become_owner_of(pid)?;
+    let (read_end, write_end) = pipe()?;
+    sigqueue(pid, signo, write_end.as_raw_fd())?;
+    let show_progress = !a.quiet && is_terminal(libc::STDERR_FILENO);
+    let line = wait_for_reply(pid, read_end, a.timeout, show_progress);
+    drop(write_end);
+    let line = line?;
+    match parse::parse_reply(&line) {
+        Ok(Reply::Committed(c)) => {
+            if a.quiet {
+                println!("{}", c.path);
+            } else {
+                println!("checkpoint committed: {}", c.path);
+                println!(
+                    "  image {} (process resident {}), pause {}, total {}",
+                    parse::human_bytes(c.bytes),
+                    parse::human_bytes(c.resident),
+                    parse::format_ms(c.pause_us),
+                    parse::format_ms(c.total_us)
+                );
+            }
+            Ok(())
+        }
+        Ok(Reply::Failed(msg)) => Err(Failure::op(format!(
+            "checkpoint of PID {pid} failed: {msg}"
+        ))),
+        Err(why) => Err(Failure::op(format!("checkpoint of PID {pid}: {why}"))),
+    }
+}
+
+/// Fails unless `libsnapshim.so` is mapped in `pid`.
+fn require_shim(pid: i32) -> Result<()> {
+    let maps = read_proc(pid, "maps")?;
+    let loaded = String::from_utf8_lossy(&maps).lines().any(|l| {
+        let path = l.split_whitespace().nth(5).unwrap_or("");
+        path.rsplit('/').next() == Some(crate::launch::SHIM_LIB)
+    });
+    if !loaded {
+        return Err(Failure::op(format!(
+            "process {pid} is not running under snapshim ({} is not loaded)",
+            crate::launch::SHIM_LIB
+        )));
+    }
+    if is_gone(pid) {
+        return Err(Failure::op(format!("process {pid} has exited")));
+    }
+    Ok(())
+}
+
+/// When we run as root and `pid` does not, becomes its user for good. The shim opens
+/// `/proc/<our pid>/fd/<n>` with its own credentials: that needs our process to be of its user
+/// (and dumpable), and the pipe to be created by that user (pipes are mode 0600).
+fn become_owner_of(pid: i32) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let status = String::from_utf8_lossy(&read_proc(pid, "status")?).into_owned();
+    let (Some(uid), Some(gid)) = (fs_id(&status, "Uid:"), fs_id(&status, "Gid:")) else {
+        return Err(Failure::op(format!(
+            "cannot read the user of process {pid}"
+        )));
+    };
+    if uid == 0 {
+        return Ok(());
+    }
+    let fail = |what: &str| {
+        let e = std::io::Error::last_os_error();
+        Failure::op(format!(
+            "cannot {what} to receive the reply of process {pid} (uid {uid}): {e}"
+        ))
+    };
+    // SAFETY: plain credential system calls on this process; an empty group list is valid.
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0 {
+            return Err(fail("drop supplementary groups"));
+        }
+        if libc::setresgid(gid, gid, gid) != 0 {
+            return Err(fail(&format!("switch to group {gid}")));
+        }
+        if libc::setresuid(uid, uid, uid) != 0 {
+            return Err(fail(&format!("switch to user {uid}")));
+        }
+        // Changing credentials made us non-dumpable, which would hide our /proc/PID/fd.
+        if libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) != 0 {
+            return Err(fail("become dumpable"));
+        }
+    }
+    Ok(())
+}
+
+/// The filesystem id (4th field) of a `Uid:` or `Gid:` line of `/proc/PID/status`: the one
+/// the kernel checks when that process opens files.
+fn fs_id(status: &str, key: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
+}
+
+/// Fails unless `pid` catches `signo`. The shim installs its handler only when its set-up
+/// succeeded: with `SNAPSHIM_DISABLE`, a `SNAPSHIM_SIGNAL` it refused or its address range
+/// taken, it stays loaded but checkpoints are off, and the signal's default action would
+/// kill the program.
+fn require_handler(pid: i32, signo: i32) -> Result<()> {
+    let status = read_proc(pid, "status")?;
+    let caught = caught_signals(&String::from_utf8_lossy(&status)).ok_or_else(|| {
+        Failure::op(format!(
+            "cannot read the signal dispositions of process {pid}"
+        ))
+    })?;
+    if caught & (1u64 << (signo - 1)) == 0 {
+        return Err(Failure::op(format!(
+            "process {pid} does not handle {}: snapshim is loaded but its checkpoints are off \
+             (the program's stderr says why); not signalling it",
+            parse::signal_name(signo)
+        )));
+    }
+    Ok(())
+}
+
+/// The `SigCgt` mask of a `/proc/PID/status` text: bit n-1 set when signal n is caught.
+fn caught_signals(status: &str) -> Option<u64> {
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))?
+        .trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// The checkpoint signal of `pid`: `SNAPSHIM_SIGNAL` in its environment, else SIGUSR2.
+fn trigger_signal(pid: i32) -> Result<i32> {
+    let environ = read_proc(pid, "environ")?;
+    let value = environ
+        .split(|&b| b == 0)
+        .find_map(|var| var.strip_prefix(b"SNAPSHIM_SIGNAL="));
+    match value {
+        None | Some(b"") => Ok(libc::SIGUSR2),
+        Some(v) => {
+            let v = String::from_utf8_lossy(v);
+            parse::parse_signal(&v).map_err(|why| {
+                Failure::op(format!(
+                    "cannot tell which signal triggers a checkpoint in process {pid}: \
+                     its SNAPSHIM_SIGNAL={v}: {why}"
+                ))
+            })
+        }
+    }
+}
+
+/// Reads `/proc/PID/<file>`, with errors worded for the user.
+fn read_proc(pid: i32, file: &str) -> Result<Vec<u8>> {
+    let path = format!("/proc/{pid}/{file}");
+    std::fs::read(&path).map_err(|e| match e.kind() {
+        ErrorKind::NotFound => Failure::op(format!("no process with PID {pid}")),
+        _ => Failure::op(format!("cannot read {path}: {e}")),
+    })
+}
+
+/// A pipe, both ends close-on-exec.
+fn pipe() -> Result<(File, OwnedFd)> {
+    let mut fds = [-1; 2];
+    // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(Failure::op(format!("cannot create a pipe: {e}")));
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    let ends = unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    Ok(ends)
+}
+
+/// `sigqueue(pid, signo, { sival_ptr = fd })`: the shim reads our PID from `si_pid` and the
+/// descriptor to reply on from `si_value`.
+fn sigqueue(pid: i32, signo: i32, fd: i32) -> Result<()> {
+    let value = libc::sigval {
+        sival_ptr: fd as usize as *mut libc::c_void,
+    };
+    // SAFETY: sigqueue takes plain values; the pointer is never dereferenced by anyone.
+    if unsafe { libc::sigqueue(pid, signo, value) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(Failure::op(format!(
+            "cannot send {} to process {pid}: {e}",
+            parse::signal_name(signo)
+        )));
+    }
+    Ok(())
+}
+
+/// Waits for one line on `r`, giving up when `pid` is gone or `timeout` has passed.
+fn wait_for_reply(pid: i32, mut r: File, timeout: Duration, show: bool) -> Result<String> {
+    let start = Instant::now();
+    let mut buf = Vec::new();
+    let mut spinner = Spinner::new(show, pid);
+    let result = loop {
+        let elapsed = start.elapsed();
+        let slice = SLICE.min(timeout.saturating_sub(elapsed));
+        if let Err(e) = poll_read(&mut r, &mut buf, slice) {
+            break Err(Failure::op(format!("cannot read the shim's reply: {e}")));
+        }
+        if let Some(line) = take_line(&mut buf) {
+            break Ok(line);
+        }
+        if buf.len() > MAX_REPLY {
+            break Err(Failure::op(format!(
+                "checkpoint of PID {pid}: the shim's reply is longer than {MAX_REPLY} bytes"
+            )));
+        }
+        if is_gone(pid) {
+            // It may have replied just before exiting.
+            let _ = poll_read(&mut r, &mut buf, Duration::ZERO);
+            if let Some(line) = take_line(&mut buf) {
+                break Ok(line);
+            }
+            break Err(Failure::op(format!(
+                "process {pid} exited before the checkpoint was committed"
+            )));
+        }
+        if start.elapsed() >= timeout {
+            break Err(Failure::op(format!(
+                "checkpoint of PID {pid}: no outcome within {} (the program is still running; \
+                 the checkpoint may still complete)",
+                humantime(timeout)
+            )));
+        }
+        spinner.tick(start.elapsed());
+    };
+    spinner.clear();
+    result
+}
+
+/// Waits up to `wait` for data on `r` and appends what is there to `buf`.
+fn poll_read(r: &mut File, buf: &mut Vec<u8>, wait: Duration) -> std::io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd: r.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = wait.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `pfd` is one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.kind() == ErrorKind::Interrupted {
+            Ok(())
+        } else {
+            Err(e)
+        };
+    }
+    if n == 0 || pfd.revents & libc::POLLIN == 0 {
+        return Ok(());
+    }
+    let mut chunk = [0u8; 4096];
+    // The pipe has data, so this read does not block.
+    match r.read(&mut chunk) {
+        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}
+
+/// The first complete line in `buf`, without its newline.
+fn take_line(buf: &mut Vec<u8>) -> Option<String> {
+    let end = buf.iter().position(|&b| b == b'\n')?;
+    let line = String::from_utf8_lossy(&buf[..end]).into_owned();
+    buf.drain(..=end);
+    Some(line)
+}
+
+/// True when `pid` no longer exists or is a zombie (exited, not yet reaped).
+fn is_gone(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    if unsafe { libc::kill(pid, 0) } != 0
+        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+    {
+        return true;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may contain any
+        // character, so look after the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X"),
+        Err(e) => e.kind() == ErrorKind::NotFound,
+    }
+}
+
+fn is_terminal(fd: i32) -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(fd) == 1 }
+}
+
+fn humantime(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 60.0 {
+        format!("{s:.1} s")
+    } else {
+        format!("{:.0} s", s.round())
+    }
+}
+
+/// Elapsed time on stderr while waiting, when stderr is a terminal; shown only after the
+/// first second so that quick checkpoints print nothing extra.
+struct Spinner {
+    show: bool,
+    pid: i32,
+    drawn: bool,
+    frame: usize,
+}
+
+impl Spinner {
+    fn new(show: bool, pid: i32) -> Spinner {
+        Spinner {
+            show,
+            pid,
+            drawn: false,
+            frame: 0,
+        }
+    }
+
+    fn tick(&mut self, elapsed: Duration) {
+        if !self.show || elapsed < Duration::from_secs(1) {
+            return;
+        }
+        const FRAMES: [char; 4] = ['|', '/', '-', '\\'];
+        self.frame = (self.frame + 1) % FRAMES.len();
+        let mut e = std::io::stderr().lock();
+        let _ = write!(
+            e,
+            "\r\x1b[Ksnapshim: {} waiting for PID {} to commit its checkpoint ({:.1} s)",
+            FRAMES[self.frame],
+            self.pid,
+            elapsed.as_secs_f64()
+        );
+        let _ = e.flush();
+        self.drawn = true;
+    }
+
+    fn clear(&mut self) {
+        if self.drawn {
+            let _ = write!(std::io::stderr(), "\r\x1b[K");
+            self.drawn = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caught_signals_come_from_sigcgt() {
+        let status = "Name:\tapp\nSigIgn:\t0000000000001000\nSigCgt:\t0000000000000a00\n";
+        let caught = caught_signals(status).unwrap();
+        assert_eq!(caught, 0xa00);
+        assert!(caught & (1 << (libc::SIGUSR2 - 1)) != 0);
+        assert!(caught & (1 << (libc::SIGUSR1 - 1)) != 0);
+        assert!(caught & (1 << (libc::SIGTERM - 1)) == 0);
+        assert_eq!(caught_signals("Name:\tapp\n"), None);
+    }
+
+    #[test]
+    fn fs_ids_are_the_fourth_field() {
+        let status = "Name:\tapp\nUid:\t1000\t1001\t1002\t1003\nGid:\t50\t50\t50\t51\n";
+        assert_eq!(fs_id(status, "Uid:"), Some(1003));
+        assert_eq!(fs_id(status, "Gid:"), Some(51));
+        assert_eq!(fs_id("Uid:\t1\t2\n", "Uid:"), None);
+    }
+
+    #[test]
+    fn lines_are_taken_whole() {
+        let mut buf = b"ok path=/a".to_vec();
+        assert_eq!(take_line(&mut buf), None);
+        buf.extend_from_slice(b" bytes=1\nrest");
+        assert_eq!(take_line(&mut buf).as_deref(), Some("ok path=/a bytes=1"));
+        assert_eq!(buf, b"rest");
+    }
+
+    #[test]
+    fn this_process_is_alive_and_a_reaped_child_is_gone() {
+        assert!(!is_gone(std::process::id() as i32));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        child.wait().unwrap();
+        assert!(is_gone(pid));
+    }
+
+    #[test]
+    fn an_unreaped_child_is_gone() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !is_gone(pid) {
+            assert!(Instant::now() < deadline, "zombie not detected");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_process_without_the_shim_is_refused() {
+        let e = require_shim(std::process::id() as i32).unwrap_err();
+        assert!(
+            e.message.contains("is not running under snapshim"),
+            "{}",
+            e.message
+        );
+        assert_eq!(e.code, 1);
+    }
+}

@@ -1,0 +1,781 @@
+//! The `snapshim` binary end to end, without the real shim or restorer:
+//!
+//! - `checkpoint` against a fake `libsnapshim.so` (tests/fake_shim.c) that answers the reply
+//!   protocol as told by its environment, loaded into a host program that just waits;
+//! - `run` with that fake library, checking what the program gets in its environment;
+//! - `inspect`, `verify` and `ls` on synthetic images written with `snapshim-image`;
+//! - `restore` with `SNAPSHIM_RESTORE` pointing at a script.
+//!
+//! Needs `cc` (scripts/test.sh installs it).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use snapshim_image::{
+    encode_metadata, FdKind, FdState, FileIdentity, Header, Metadata, PageRun, Process, Region,
+    RegionKind, ShimInfo, SigAction, ThreadState, PAGE_SIZE,
+};
+
+const SNAPSHIM: &str = env!("CARGO_BIN_EXE_snapshim");
+
+/// A fresh directory under cargo's scratch space, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "cli-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The fake shim and the host program, compiled once per test run.
+struct Fixtures {
+    lib: PathBuf,
+    host: PathBuf,
+}
+
+fn fixtures() -> &'static Fixtures {
+    static F: OnceLock<Fixtures> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fake-shim");
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+        let lib = dir.join("libsnapshim.so");
+        let host = dir.join("host");
+        // Built under a private name, then renamed: another test run may be using the files.
+        let tmp = |p: &Path| p.with_extension(format!("tmp{}", std::process::id()));
+        cc(
+            &["-shared", "-fPIC", "-O1", "-pthread"],
+            &src.join("fake_shim.c"),
+            &tmp(&lib),
+        );
+        cc(&["-O1"], &src.join("host.c"), &tmp(&host));
+        std::fs::rename(tmp(&lib), &lib).unwrap();
+        std::fs::rename(tmp(&host), &host).unwrap();
+        Fixtures { lib, host }
+    })
+}
+
+fn cc(flags: &[&str], src: &Path, out: &Path) {
+    let status = Command::new("cc")
+        .args(flags)
+        .arg("-o")
+        .arg(out)
+        .arg(src)
+        .status()
+        .expect(
+            "cannot run cc: a C compiler is needed for these tests (scripts/test.sh installs one)",
+        );
+    assert!(status.success(), "cc failed on {}", src.display());
+}
+
+/// A running host program; killed and reaped when dropped.
+struct Host {
+    child: Child,
+    pid: i32,
+}
+
+impl Host {
+    /// Starts the host with the fake shim preloaded (if `with_shim`) and `env` added.
+    fn start(with_shim: bool, env: &[(&str, &str)]) -> Host {
+        let f = fixtures();
+        let mut cmd = Command::new(&f.host);
+        if with_shim {
+            cmd.env("LD_PRELOAD", &f.lib);
+        }
+        cmd.envs(env.iter().copied());
+        Host::wait_ready(cmd)
+    }
+
+    fn wait_ready(mut cmd: Command) -> Host {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let pid = line
+            .strip_prefix("READY ")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("host did not start: {line:?}"));
+        Host { child, pid }
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn snapshim(args: &[&str]) -> Output {
+    Command::new(SNAPSHIM).args(args).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn checkpoint(pid: i32, extra: &[&str]) -> Output {
+    let pid = pid.to_string();
+    let mut args = vec!["checkpoint", "--timeout", "20"];
+    args.extend_from_slice(extra);
+    args.push(&pid);
+    snapshim(&args)
+}
+
+const OK_LINE: &str = "ok path=/tmp/img dir/app/ckpt-00000003.snap bytes=5242880 pause_us=1500 \
+                       total_us=250000 resident=10485760";
+
+#[test]
+fn checkpoint_reports_a_committed_image() {
+    let mut host = Host::start(true, &[("FAKE_REPLY", OK_LINE), ("FAKE_DELAY_MS", "300")]);
+    let out = checkpoint(host.pid, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "checkpoint committed: /tmp/img dir/app/ckpt-00000003.snap\n  image 5.0 MiB (process \
+         resident 10.0 MiB), pause 1.50 ms, total 250.0 ms\n"
+    );
+    assert!(host.alive());
+    // A second checkpoint of the same process works as well.
+    let out = checkpoint(host.pid, &["--quiet"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "/tmp/img dir/app/ckpt-00000003.snap\n");
+}
+
+#[test]
+fn checkpoint_reads_a_reply_written_in_pieces() {
+    let host = Host::start(true, &[("FAKE_REPLY", OK_LINE), ("FAKE_MODE", "split")]);
+    let out = checkpoint(host.pid, &["-q"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
+fn checkpoint_reports_the_shims_error() {
+    let host = Host::start(
+        true,
+        &[(
+            "FAKE_REPLY",
+            "err cannot create /ro/app: Read-only file system",
+        )],
+    );
+    let out = checkpoint(host.pid, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "snapshim: checkpoint of PID {} failed: cannot create /ro/app: Read-only file system\n",
+            host.pid
+        )
+    );
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn checkpoint_by_root_of_another_users_process() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to start a process as another user");
+        return;
+    }
+    let f = fixtures();
+    // Preloaded into the host only: setpriv itself cannot change credentials with the fake
+    // shim's thread running (glibc aborts when threads end up with different ids).
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+        "env",
+    ])
+    .arg(format!("LD_PRELOAD={}", f.lib.display()))
+    .arg(&f.host)
+    .env("FAKE_REPLY", OK_LINE);
+    let host = Host::wait_ready(cmd);
+    let out = checkpoint(host.pid, &["-q"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
+fn checkpoint_refuses_a_garbled_reply() {
+    let host = Host::start(true, &[("FAKE_REPLY", "hello")]);
+    let out = checkpoint(host.pid, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("unexpected reply from the shim: \"hello\""),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn checkpoint_notices_the_process_exiting() {
+    let host = Host::start(true, &[("FAKE_MODE", "exit"), ("FAKE_DELAY_MS", "300")]);
+    let out = checkpoint(host.pid, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "snapshim: process {} exited before the checkpoint was committed\n",
+            host.pid
+        )
+    );
+}
+
+#[test]
+fn checkpoint_times_out() {
+    let mut host = Host::start(true, &[("FAKE_MODE", "silent")]);
+    let t = std::time::Instant::now();
+    let out = snapshim(&["checkpoint", "--timeout", "1", &host.pid.to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no outcome within 1.0 s"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    assert!(host.alive());
+}
+
+#[test]
+fn checkpoint_never_signals_a_process_without_the_shim() {
+    let mut host = Host::start(false, &[]);
+    let out = checkpoint(host.pid, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "snapshim: process {} is not running under snapshim (libsnapshim.so is not loaded)\n",
+            host.pid
+        )
+    );
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(host.alive(), "the host was signalled");
+}
+
+#[test]
+fn checkpoint_uses_the_programs_snapshim_signal() {
+    // The fake shim handles only SIGUSR1 here: SIGUSR2 would kill the host.
+    let usr1 = libc::SIGUSR1.to_string();
+    let rt = (libc::SIGRTMIN() + 2).to_string();
+    for (name, signo) in [
+        ("SIGUSR1", usr1.as_str()),
+        ("USR1", &usr1),
+        ("RTMIN+2", &rt),
+        (&usr1, &usr1),
+    ] {
+        let mut host = Host::start(
+            true,
+            &[
+                ("FAKE_REPLY", OK_LINE),
+                ("FAKE_SIGNO", signo),
+                ("SNAPSHIM_SIGNAL", name),
+            ],
+        );
+        let out = checkpoint(host.pid, &["-q"]);
+        assert_eq!(out.status.code(), Some(0), "{name}: {}", text(&out.stderr));
+        assert!(host.alive());
+    }
+}
+
+#[test]
+fn checkpoint_refuses_an_unknown_snapshim_signal() {
+    // The shim refuses these, turns checkpoints off, and leaves the signal unhandled.
+    for bad in ["USR9", "usr1", "TERM"] {
+        let mut host = Host::start(true, &[("SNAPSHIM_SIGNAL", bad)]);
+        let out = checkpoint(host.pid, &[]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = text(&out.stderr);
+        assert!(err.contains(&format!("SNAPSHIM_SIGNAL={bad}")), "{err}");
+        assert!(host.alive());
+    }
+}
+
+#[test]
+fn checkpoint_never_signals_a_shim_whose_checkpoints_are_off() {
+    // Loaded, but handling SIGUSR1 instead of the SIGUSR2 the environment implies: as when
+    // the real shim's set-up failed and it installed no handler.
+    let usr1 = libc::SIGUSR1.to_string();
+    let mut host = Host::start(true, &[("FAKE_SIGNO", &usr1)]);
+    let out = checkpoint(host.pid, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "snapshim: process {} does not handle SIGUSR2: snapshim is loaded but its \
+             checkpoints are off (the program's stderr says why); not signalling it\n",
+            host.pid
+        )
+    );
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(host.alive());
+}
+
+#[test]
+fn checkpoint_of_a_missing_process() {
+    let out = checkpoint(i32::MAX, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        format!("snapshim: no process with PID {}\n", i32::MAX)
+    );
+}
+
+#[test]
+fn run_sets_up_the_environment_and_keeps_the_pid() {
+    let dir = TempDir::new("run");
+    let f = fixtures();
+    let out = Command::new(SNAPSHIM)
+        .current_dir(&dir.0)
+        .env("SNAPSHIM_LIB", &f.lib)
+        .env("LD_PRELOAD", "/nonexistent/other.so")
+        .env_remove("SNAPSHIM_NAME")
+        .env_remove("SNAPSHIM_DIR")
+        .args([
+            "run",
+            "--dir",
+            "imgs",
+            "--interval",
+            "10m",
+            "--keep",
+            "2",
+            "--signal",
+            "usr1",
+        ])
+        .args(["--", "env"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let env = text(&out.stdout);
+    let base = std::path::absolute(dir.0.join("imgs")).unwrap();
+    for want in [
+        format!("LD_PRELOAD={}:/nonexistent/other.so", f.lib.display()),
+        format!("SNAPSHIM_DIR={}", base.display()),
+        "SNAPSHIM_INTERVAL=10m".to_string(),
+        "SNAPSHIM_KEEP=2".to_string(),
+        "SNAPSHIM_SIGNAL=USR1".to_string(),
+    ] {
+        assert!(
+            env.lines().any(|l| l == want),
+            "{want} missing from:\n{env}"
+        );
+    }
+    assert!(!env.contains("SNAPSHIM_NAME="), "{env}");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!("images in {}/env/\n", base.display())),
+        "{stderr}"
+    );
+
+    // The program keeps snapshim's PID, and `checkpoint` reaches it.
+    let mut cmd = Command::new(SNAPSHIM);
+    cmd.env("SNAPSHIM_LIB", &f.lib)
+        .env("FAKE_REPLY", OK_LINE)
+        .args(["run", "--name", "named", "--dir"])
+        .arg(&dir.0)
+        .arg("--")
+        .arg(&f.host);
+    let host = Host::wait_ready(cmd);
+    assert_eq!(host.pid as u32, host.child.id());
+    let out = checkpoint(host.pid, &["-q"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
+fn run_reports_a_missing_shim_or_program() {
+    let out = Command::new(SNAPSHIM)
+        .env("SNAPSHIM_LIB", "/no/such/libsnapshim.so")
+        .args(["run", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "snapshim: cannot find libsnapshim.so: SNAPSHIM_LIB names /no/such/libsnapshim.so, \
+         which is not a file\n"
+    );
+    let out = Command::new(SNAPSHIM)
+        .env("SNAPSHIM_LIB", &fixtures().lib)
+        .args(["run", "--", "no-such-program-xyz"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "snapshim: cannot run no-such-program-xyz: not found in PATH\n"
+    );
+}
+
+#[test]
+fn restore_execs_the_restorer_with_the_same_arguments() {
+    let dir = TempDir::new("restore");
+    let script = dir.0.join("fake-restore");
+    std::fs::write(&script, "#!/bin/sh\necho \"restorer pid $$: $*\"\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let child = Command::new(SNAPSHIM)
+        .env("SNAPSHIM_RESTORE", &script)
+        .args(["restore", "--verbose", "/img/dir"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        text(&out.stdout),
+        format!("restorer pid {pid}: --verbose /img/dir\n")
+    );
+}
+
+// --- synthetic images -------------------------------------------------------------------------
+
+/// Writes an image whose page data is `pages` pages of a pattern, stored as one run at
+/// 0x11000 in an anonymous region, plus a File region mapping `mapped`.
+fn write_image(path: &Path, seq: u64, mapped: &Path) {
+    let pages = 2u64;
+    let data: Vec<u8> = (0..pages * PAGE_SIZE)
+        .map(|i| (i % 251) as u8 ^ seq as u8)
+        .collect();
+    let st = std::fs::metadata(mapped).unwrap();
+    let identity = FileIdentity {
+        size: st.len(),
+        mtime_ns: st.mtime() * 1_000_000_000 + st.mtime_nsec(),
+        inode: st.ino(),
+    };
+    let mapped = mapped.to_str().unwrap().to_string();
+    let meta = Metadata {
+        process: Process {
+            pid: 4242,
+            name: "app".into(),
+            exe: "/usr/bin/app".into(),
+            cmdline: vec!["app".into(), "--in".into(), "my file.dat".into()],
+            cwd: "/home/u".into(),
+            pause_ns: 1_500_000,
+            resident_bytes: 64 << 20,
+            sigactions: vec![
+                SigAction {
+                    signo: libc::SIGUSR2 as u32,
+                    handler: 0x7000_1234,
+                    flags: (libc::SA_SIGINFO | libc::SA_RESTART) as u64,
+                    restorer: 0,
+                    mask: 0,
+                },
+                SigAction {
+                    signo: libc::SIGPIPE as u32,
+                    handler: 1,
+                    flags: 0,
+                    restorer: 0,
+                    mask: 0,
+                },
+                SigAction {
+                    signo: libc::SIGINT as u32,
+                    handler: 0,
+                    flags: 0,
+                    restorer: 0,
+                    mask: 0,
+                },
+            ],
+            ..Default::default()
+        },
+        shim: ShimInfo {
+            path: "/opt/snapshim/libsnapshim.so".into(),
+            ..Default::default()
+        },
+        threads: vec![
+            ThreadState {
+                tid: 4242,
+                fs_base: 0,
+                ctx_rsp: 0,
+                robust_head: 0,
+                robust_len: 0,
+                altstack_sp: 0,
+                altstack_flags: 0,
+                altstack_size: 0,
+                sigmask: 0,
+                name: "app".into(),
+                helper: false,
+            },
+            ThreadState {
+                tid: 4243,
+                fs_base: 0,
+                ctx_rsp: 0,
+                robust_head: 0,
+                robust_len: 0,
+                altstack_sp: 0,
+                altstack_flags: 0,
+                altstack_size: 0,
+                sigmask: 0,
+                name: "snapshim".into(),
+                helper: true,
+            },
+        ],
+        regions: vec![
+            Region {
+                start: 0x10000,
+                end: 0x14000,
+                prot: 3,
+                shared: false,
+                kind: RegionKind::Anon,
+                name: "[heap]".into(),
+            },
+            Region {
+                start: 0x20000,
+                end: 0x21000,
+                prot: 5,
+                shared: false,
+                kind: RegionKind::File {
+                    path: mapped.clone(),
+                    offset: 0,
+                    identity,
+                },
+                name: mapped,
+            },
+            Region {
+                start: 0x7000_0000,
+                end: 0x7000_2000,
+                prot: 5,
+                shared: false,
+                kind: RegionKind::Anon,
+                name: "/opt/snapshim/libsnapshim.so".into(),
+            },
+        ],
+        runs: vec![PageRun {
+            addr: 0x11000,
+            pages,
+            file_off: PAGE_SIZE,
+            crc: crc32fast::hash(&data),
+        }],
+        fds: vec![
+            FdState {
+                fd: 0,
+                flags: libc::O_RDONLY as u32,
+                cloexec: false,
+                kind: FdKind::CharDevice {
+                    path: "/dev/null".into(),
+                },
+            },
+            FdState {
+                fd: 1,
+                flags: (libc::O_WRONLY | libc::O_APPEND) as u32,
+                cloexec: false,
+                kind: FdKind::Regular {
+                    path: "/home/u/out.txt".into(),
+                    offset: 120,
+                    size: 120,
+                    identity: FileIdentity::default(),
+                },
+            },
+            FdState {
+                fd: 5,
+                flags: libc::O_RDWR as u32,
+                cloexec: true,
+                kind: FdKind::Unsupported {
+                    desc: "socket:[1234]".into(),
+                },
+            },
+        ],
+    };
+    let (meta, meta_crc) = encode_metadata(&meta);
+    let mut h = Header::new(
+        0x1234_5678_9abc_def0 + seq,
+        1_700_000_000_000_000_000 + seq * 60_000_000_000,
+    );
+    h.data_len = data.len() as u64;
+    h.meta_off = PAGE_SIZE + h.data_len;
+    h.meta_len = meta.len() as u64;
+    h.meta_crc = meta_crc;
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(&h.encode()).unwrap();
+    f.write_all(&data).unwrap();
+    f.write_all(&meta).unwrap();
+}
+
+/// base/app/ckpt-00000001.snap, ckpt-00000002.snap, latest -> ckpt-00000002.snap, and a
+/// mapped file the images reference.
+fn image_tree(tag: &str) -> (TempDir, PathBuf, PathBuf) {
+    let dir = TempDir::new(tag);
+    let mapped = dir.0.join("libmapped.so");
+    std::fs::write(&mapped, vec![0x90u8; 5000]).unwrap();
+    let app = dir.0.join("base/app");
+    std::fs::create_dir_all(&app).unwrap();
+    write_image(&app.join("ckpt-00000001.snap"), 1, &mapped);
+    write_image(&app.join("ckpt-00000002.snap"), 2, &mapped);
+    std::os::unix::fs::symlink("ckpt-00000002.snap", app.join("latest")).unwrap();
+    (dir, app, mapped)
+}
+
+#[test]
+fn inspect_describes_the_latest_image() {
+    let (dir, app, _) = image_tree("inspect");
+    let out = snapshim(&["inspect", dir.0.join("base").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    let latest = std::fs::canonicalize(app.join("ckpt-00000002.snap")).unwrap();
+    for want in [
+        format!("image      {}", latest.display()),
+        "format     1.0,".to_string(),
+        "id         123456789abcdef2, parent none (full image)".to_string(),
+        "program    app, PID 4242".to_string(),
+        "cmdline    app --in 'my file.dat'".to_string(),
+        "memory     8.0 KiB stored, 64.0 MiB resident at the checkpoint".to_string(),
+        "pause      1.50 ms".to_string(),
+        "regions (3):".to_string(),
+        "  000000010000-000000014000    16.0 KiB rw-  private anon                8.0 KiB  [heap]"
+            .to_string(),
+        "file @0x0".to_string(),
+        "      4243  snapshim         snapshim helper".to_string(),
+        "     1  wronly,append            file /home/u/out.txt (offset 120, size 120)".to_string(),
+        "NOT RESTORED (reopened as /dev/null): socket:[1234]".to_string(),
+        "signal handlers (2 not default):".to_string(),
+        "  SIGUSR2      handler 0x70001234 in /opt/snapshim/libsnapshim.so [SIGINFO,RESTART]"
+            .to_string(),
+        "  SIGPIPE      ignored".to_string(),
+    ] {
+        assert!(s.contains(&want), "{want:?} missing from:\n{s}");
+    }
+    assert!(!s.contains("SIGINT"), "{s}");
+}
+
+#[test]
+fn verify_checks_pages_and_mapped_files() {
+    let (_dir, app, mapped) = image_tree("verify");
+    let out = snapshim(&["verify", app.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let latest = std::fs::canonicalize(app.join("ckpt-00000002.snap")).unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        format!("ok: {}: 3 regions, 8.0 KiB checked\n", latest.display())
+    );
+
+    // A changed mapped file is named.
+    std::fs::write(&mapped, b"rebuilt").unwrap();
+    let out = snapshim(&["verify", app.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with(&format!(
+            "snapshim: {}: mapped file {} has changed since the checkpoint: size 5000 is now 7",
+            latest.display(),
+            mapped.display()
+        )),
+        "{err}"
+    );
+    std::fs::remove_file(&mapped).unwrap();
+    let out = snapshim(&["verify", app.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("is not available: No such file or directory"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn verify_finds_corrupted_pages() {
+    let (_dir, app, _) = image_tree("corrupt");
+    let img = app.join("ckpt-00000001.snap");
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[PAGE_SIZE as usize + 100] ^= 0xff;
+    std::fs::write(&img, bytes).unwrap();
+    let out = snapshim(&["verify", img.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        format!("snapshim: {}: image page data is corrupted: run 0 (memory at 0x11000) fails its checksum\n", img.display())
+    );
+    let out = snapshim(&["verify", "/no/such/image.snap"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "snapshim: cannot find /no/such/image.snap: No such file or directory (os error 2)\n"
+    );
+}
+
+#[test]
+fn ls_lists_images_and_marks_latest() {
+    let (dir, app, _) = image_tree("ls");
+    std::fs::write(app.join("ckpt-00000003.snap"), b"garbage").unwrap();
+    let base = dir.0.join("base");
+    for arg in [&base, &app] {
+        let out = snapshim(&["ls", arg.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let s = text(&out.stdout);
+        let lines: Vec<&str> = s.lines().collect();
+        assert_eq!(lines[0], format!("{}/", app.display()), "{s}");
+        assert!(
+            lines[1].starts_with("  ckpt-00000001.snap") && lines[1].contains(" KiB  20"),
+            "{s}"
+        );
+        assert!(!lines[1].contains("latest"), "{s}");
+        assert!(
+            lines[2].starts_with("  ckpt-00000002.snap") && lines[2].ends_with("  <- latest"),
+            "{s}"
+        );
+        assert!(
+            lines[3].starts_with("  ckpt-00000003.snap") && lines[3].contains("unreadable: "),
+            "{s}"
+        );
+        assert_eq!(lines.len(), 4, "{s}");
+    }
+    // $SNAPSHIM_DIR is the default.
+    let out = Command::new(SNAPSHIM)
+        .env("SNAPSHIM_DIR", &base)
+        .arg("ls")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).contains("<- latest"));
+
+    let out = snapshim(&["ls", dir.0.join("nothing-here").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).starts_with("snapshim: cannot list "),
+        "{}",
+        text(&out.stderr)
+    );
+    let empty = TempDir::new("ls-empty");
+    let out = snapshim(&["ls", empty.0.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).starts_with("no snapshim images in "));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &["frobnicate"][..],
+        &["checkpoint", "nope"],
+        &["run", "--interval", "fast", "--", "true"],
+        &["inspect"],
+    ] {
+        let out = snapshim(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+}
