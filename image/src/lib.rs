@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 mod error;
+pub mod settings;
 pub use error::ImageError;
 
 /// Addresses shared by the shim and the restorer.

@@ -28,7 +28,6 @@
 
 mod plan;
 
-use std::ffi::CString;
 use std::os::fd::{AsRawFd, IntoRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -786,9 +785,4 @@ unsafe fn jump(entry: u64, plan: u64) -> ! {
         core::arch::asm!("mov rsp, {sp}", "xor ebp, ebp", "call {entry}", "ud2",
             sp = in(reg) STACK_END - 64, entry = in(reg) entry, in("rdi") plan, options(noreturn))
     }
-}
-
-#[allow(dead_code)]
-fn cstr(s: &str) -> CString {
-    CString::new(s).unwrap_or_default()
 }

@@ -21,9 +21,7 @@ use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
 use std::os::unix::fs::DirBuilderExt;
 
 use snapshim_image::layout::{RESERVED_END, RESERVED_START, STACK_END, STACK_START};
-use snapshim_image::{
-    self as image, FdKind, Metadata, PageRun, Region, RegionKind, ShimInfo, ThreadState,
-};
+use snapshim_image::{self as image, Metadata, PageRun, Region, RegionKind, ShimInfo, ThreadState};
 
 use crate::capture::{self, PM_FILE, PM_PRESENT, PM_SWAP};
 use crate::config::Config;
@@ -579,7 +577,7 @@ fn write_contents(job: &mut Job, fd: i32, tmp_path: &std::path::Path) -> Result<
         process,
         shim: ShimInfo {
             path: cfg.shim_path.clone(),
-            resume_addr: park::snapshim_resume as usize as u64,
+            resume_addr: park::snapshim_resume as *const () as u64,
             reserved_start: RESERVED_START,
             reserved_end: RESERVED_END,
         },
@@ -657,6 +655,3 @@ fn commit(
     }
     Ok(())
 }
-
-#[allow(dead_code)]
-fn unused(_: FdKind) {}

@@ -35,6 +35,7 @@ static GLOBAL: shim_alloc::ShimAlloc = shim_alloc::ShimAlloc;
 /// The reserved range is ours (mapped PROT_NONE at start-up).
 pub static RESERVED: AtomicBool = AtomicBool::new(false);
 
+#[cfg(not(test))]
 #[used]
 #[link_section = ".init_array"]
 static INIT: extern "C" fn() = init;

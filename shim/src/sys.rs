@@ -212,7 +212,6 @@ pub fn clock_ns(clock: i32) -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-pub const ARCH_SET_FS: i32 = 0x1002;
 pub const ARCH_GET_FS: i32 = 0x1003;
 
 pub fn get_fs_base() -> u64 {
