@@ -55,6 +55,7 @@ const SYS_ARCH_PRCTL: u64 = 158;
 const SYS_PRLIMIT64: u64 = 302;
 const SYS_SET_ROBUST_LIST: u64 = 273;
 const SYS_SET_TID_ADDRESS: u64 = 218;
+const SYS_CLOCK_GETTIME: u64 = 228;
 
 const MAP_FIXED: u64 = 0x10;
 const MREMAP_MAYMOVE: u64 = 1;
@@ -66,11 +67,15 @@ const PR_SET_MM_MAP: u64 = 14;
 const TASK_END: u64 = 0x7fff_ffff_f000;
 const CLONE_THREAD_FLAGS: u64 = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000 | 0x80000;
 
-fn write_err(parts: &[&[u8]]) {
+fn write_to(fd: u64, parts: &[&[u8]]) {
     for p in parts {
-        // SAFETY: writing a static or stack buffer to stderr.
-        unsafe { sc6(SYS_WRITE, 2, p.as_ptr() as u64, p.len() as u64, 0, 0, 0) };
+        // SAFETY: writing a static or stack buffer.
+        unsafe { sc6(SYS_WRITE, fd, p.as_ptr() as u64, p.len() as u64, 0, 0, 0) };
     }
+}
+
+fn write_err(parts: &[&[u8]]) {
+    write_to(2, parts)
 }
 
 fn hex(mut v: u64, buf: &mut [u8; 18]) -> &[u8] {
@@ -82,6 +87,18 @@ fn hex(mut v: u64, buf: &mut [u8; 18]) -> &[u8] {
         v >>= 4;
     }
     &buf[..]
+}
+
+fn dec(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            return &buf[i..];
+        }
+    }
 }
 
 fn fail(what: &[u8]) -> ! {
@@ -211,6 +228,16 @@ pub unsafe extern "C" fn blob_main(p: &Plan) -> ! {
             sc6(SYS_SETITIMER, which as u64, t.as_ptr() as u64, 0, 0, 0, 0);
         }
     }
+    if p.stats_fd >= 0 {
+        let mut ts = [0i64; 2];
+        sc6(SYS_CLOCK_GETTIME, 1, ts.as_mut_ptr() as u64, 0, 0, 0, 0);
+        let now = ts[0] as u64 * 1_000_000_000 + ts[1] as u64;
+        let (mut a, mut b, mut c) = ([0u8; 20], [0u8; 20], [0u8; 20]);
+        write_to(p.stats_fd as u64, &[b"snapshim-restore: resuming after ", dec((now - p.start_ns) / 1000, &mut a),
+            b" us; ", dec(p.bytes_read, &mut b), b" bytes of pages read; ", dec(p.n_threads, &mut c),
+            b" threads\n"]);
+    }
+
     for &fd in slice::<i32>(p.close_fds, p.n_close_fds) {
         sc6(SYS_CLOSE, fd as u64, 0, 0, 0, 0, 0);
     }

@@ -42,18 +42,21 @@ use plan::*;
 
 static BLOB: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/blob"));
 
-const USAGE: &str = "usage: snapshim-restore [--no-verify] [--pause] IMAGE_OR_DIR
+const USAGE: &str = "usage: snapshim-restore [--no-verify] [--stats] [--pause] IMAGE_OR_DIR
 
 Rebuilds the process saved in a snapshim image and runs it in the foreground, in this
 process (same PID); exits with the program's exit status.
 
   IMAGE_OR_DIR  an image file, or an image directory (its `latest` image)
   --no-verify   skip checking page-data checksums (faster for large images)
+  --stats       print the time from start to resuming the program
   --pause       stop just before the jump and print the PID, for a debugger
                 (continue with kill -CONT PID)";
 
 fn main() -> ExitCode {
+    let start_ns = monotonic_ns();
     let mut verify = true;
+    let mut stats = false;
     let mut pause = std::env::var_os("SNAPSHIM_RESTORE_PAUSE").is_some();
     let mut target = None;
     for a in std::env::args().skip(1) {
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
             }
             "--no-verify" => verify = false,
             "--pause" => pause = true,
+            "--stats" => stats = true,
             s if s.starts_with('-') => {
                 eprintln!("snapshim-restore: unknown option {s}\n{USAGE}");
                 return ExitCode::from(2);
@@ -83,7 +87,16 @@ fn main() -> ExitCode {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
-    match restore(&target, verify, pause) {
+    match restore(
+        &target,
+        Options {
+            stats_fd: -1,
+            verify,
+            pause,
+            stats,
+            start_ns,
+        },
+    ) {
         Ok(never) => match never {},
         Err(msg) => {
             eprintln!("snapshim-restore: {msg}");
@@ -94,11 +107,30 @@ fn main() -> ExitCode {
 
 enum Never {}
 
-fn restore(target: &Path, verify: bool, pause: bool) -> Result<Never, String> {
+struct Options {
+    /// Where --stats reports (a copy of our stderr), or -1.
+    stats_fd: i32,
+    verify: bool,
+    pause: bool,
+    stats: bool,
+    start_ns: u64,
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
     // 1. The image.
     let path = snapshim_image::resolve(target).map_err(|e| e.to_string())?;
     let image = Image::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if verify {
+    if opt.verify {
         image
             .verify_pages()
             .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -120,6 +152,13 @@ fn restore(target: &Path, verify: bool, pause: bool) -> Result<Never, String> {
         )
     })?;
     let image_fd = move_high(image.file.as_raw_fd(), fd_plan.high_base)?;
+    // --stats reports on the restorer's own stderr, which the program's descriptors replace.
+    // SAFETY: dup of our stderr.
+    opt.stats_fd = if opt.stats {
+        move_high(unsafe { libc::dup(2) }, fd_plan.high_base)?
+    } else {
+        -1
+    };
     let region_fds: Vec<i32> = region_fds
         .into_iter()
         .map(|fd| {
@@ -131,14 +170,9 @@ fn restore(target: &Path, verify: bool, pause: bool) -> Result<Never, String> {
         })
         .collect::<Result<_, _>>()?;
     // From here on stderr may be the program's: only fatal, unlikely errors remain.
-    install_fds(
-        &fd_plan,
-        &[image_fd]
-            .iter()
-            .chain(region_fds.iter())
-            .copied()
-            .collect::<Vec<_>>(),
-    );
+    let mut ours: Vec<i32> = vec![image_fd, opt.stats_fd];
+    ours.extend(region_fds.iter().copied());
+    install_fds(&fd_plan, &ours);
     // SAFETY: umask and personality only change process attributes.
     unsafe {
         libc::umask(meta.process.umask);
@@ -146,8 +180,7 @@ fn restore(target: &Path, verify: bool, pause: bool) -> Result<Never, String> {
     }
 
     // 4. The plan, the blob, the jump.
-    let mut close: Vec<i32> = vec![image_fd];
-    close.extend(region_fds.iter().copied().filter(|&fd| fd >= 0));
+    let close: Vec<i32> = ours.into_iter().filter(|&fd| fd >= 0).collect();
     let plan = write_plan(
         meta,
         &region_fds,
@@ -155,10 +188,11 @@ fn restore(target: &Path, verify: bool, pause: bool) -> Result<Never, String> {
         &close,
         &kern_pieces,
         kern_delta,
+        &opt,
     )?;
     let entry = load_blob()?;
     map_fixed(STACK_START, STACK_END - STACK_START)?;
-    if pause {
+    if opt.pause {
         eprintln!(
             "snapshim-restore: PID {} stopped before the jump; continue with: kill -CONT {}",
             std::process::id(),
@@ -543,6 +577,7 @@ fn write_plan(
     close: &[i32],
     kern: &[KernPiece],
     kern_delta: i64,
+    opt: &Options,
 ) -> Result<u64, String> {
     let p = &meta.process;
     let regions: Vec<PRegion> = meta
@@ -684,6 +719,9 @@ fn write_plan(
         auxv: a.put(&p.auxv)?,
         auxv_bytes: p.auxv.len() as u64 * 8,
         itimers,
+        start_ns: opt.start_ns,
+        stats_fd: opt.stats_fd as i64,
+        bytes_read: meta.runs.iter().map(|r| r.len()).sum(),
     };
     // SAFETY: the first arena page is reserved for the plan header.
     unsafe { std::ptr::write(ARENA_START as *mut Plan, plan) };

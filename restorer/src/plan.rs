@@ -37,6 +37,11 @@ pub struct Plan {
     pub auxv_bytes: u64,
     /// ITIMER_REAL, _VIRTUAL, _PROF as struct itimerval (interval sec, usec, value sec, usec).
     pub itimers: [[i64; 4]; 3],
+    /// CLOCK_MONOTONIC when the restorer started; if `stats_fd` >= 0, phase 2 reports the time
+    /// to resume there just before the threads start.
+    pub start_ns: u64,
+    pub stats_fd: i64,
+    pub bytes_read: u64,
 }
 
 #[repr(C)]
