@@ -62,6 +62,20 @@ pub extern "C" fn trigger_handler(_sig: i32, info: *mut libc::siginfo_t, _uc: *m
 
 /// The helper thread's life.
 pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
+    // The program's signals must never run on this thread (a process-directed signal goes to
+    // any thread that does not block it), nor may its handlers change memory while the writer
+    // copies it. Our trigger signal then lands on a program thread, which is fine.
+    let all = u64::MAX;
+    // SAFETY: rt_sigprocmask with an 8-byte set; the raw call bypasses our own filter.
+    unsafe {
+        sc!(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &all as *const u64,
+            0,
+            8
+        )
+    };
     // glibc's cached TID is at the offset where both the main thread and this one hold their TID.
     if let Some(&off) = tid_candidates.iter().find(|&&o| park::tid_at(o)) {
         park::TID_OFFSET.store(off, Relaxed);
@@ -364,6 +378,7 @@ extern "C" fn writer_entry(arg: *mut core::ffi::c_void) {
     // SAFETY: arg is the helper's Job, alive for the whole call.
     let job = unsafe { &mut *(arg as *mut Job) };
     park::record_thread(&HELPER_SLOT);
+    park::rseq(true);
     let r = match crate::shim_alloc::scratch_begin() {
         Ok(()) => write_image(job),
         Err(e) => Err(alloc::format!("cannot map scratch memory: errno {e}")),
@@ -378,6 +393,7 @@ extern "C" fn writer_entry(arg: *mut core::ffi::c_void) {
     job.result_len = n;
     job.ok = ok;
     crate::shim_alloc::scratch_end();
+    park::rseq(false);
 }
 
 fn thread_state(s: &Slot, helper: bool) -> ThreadState {

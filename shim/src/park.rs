@@ -190,6 +190,21 @@ pub fn record_thread(slot: &Slot) {
     slot.name[1].store(u64::from_le_bytes(name[8..].try_into().unwrap()), Relaxed);
 }
 
+/// Registers (or, with `unregister`, unregisters) glibc's rseq area of the calling thread.
+///
+/// The kernel rewrites a registered area (cpu_id, mm_cid) whenever the thread returns to user
+/// space after being preempted or migrated: the writer's own thread unregisters while it copies
+/// memory, or its TLS page would change under the copy.
+pub fn rseq(unregister: bool) {
+    let fs = sys::get_fs_base();
+    if fs == 0 || RSEQ_SIZE.load(Relaxed) == 0 {
+        return;
+    }
+    let area = (fs as i64 + RSEQ_OFFSET.load(Relaxed)) as u64;
+    // SAFETY: glibc's rseq area of this thread, with the length and signature it registered.
+    unsafe { sc!(libc::SYS_rseq, area, RSEQ_LEN, unregister as u32, RSEQ_SIG) };
+}
+
 /// Redoes, in a restored thread, the per-thread state the kernel does not keep in memory.
 pub fn restore_thread(slot: &Slot) {
     let fs = slot.fs_base.load(Relaxed);
@@ -215,12 +230,7 @@ pub fn restore_thread(slot: &Slot) {
             )
         };
     }
-    let rseq_size = RSEQ_SIZE.load(Relaxed);
-    if fs != 0 && rseq_size != 0 {
-        let area = (fs as i64 + RSEQ_OFFSET.load(Relaxed)) as u64;
-        // SAFETY: the rseq area is glibc's, inside this thread's restored TLS block.
-        unsafe { sc!(libc::SYS_rseq, area, RSEQ_LEN, 0, RSEQ_SIG) };
-    }
+    rseq(false);
     let ss = libc::stack_t {
         ss_sp: slot.altstack_sp.load(Relaxed) as *mut libc::c_void,
         ss_flags: slot.altstack_flags.load(Relaxed),
