@@ -663,6 +663,9 @@ fn write_plan(
         .collect();
     let mut itimers = [[0i64; 4]; 3];
     for (i, &(interval, value)) in p.itimers.iter().take(3).enumerate() {
+        // A periodic timer caught just as it expired reads 0 left; setitimer would take a zero
+        // value as "disarm", so it fires at once instead.
+        let value = if interval != 0 && value == 0 { 1 } else { value };
         itimers[i] = [
             (interval / 1_000_000) as i64,
             (interval % 1_000_000) as i64,
