@@ -26,3 +26,6 @@ fi
 
 cargo build --release --workspace
 cargo test --release --workspace
+# The end-to-end restore tests once more with the other copy-on-write engine (the default is
+# fork): every engine must give byte-identical restores.
+SNAPSHIM_COW=stop cargo test --release -p snapshim-testapps --test restore

@@ -18,15 +18,14 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
-use std::os::unix::fs::DirBuilderExt;
 
 use snapshim_image::layout::{RESERVED_END, RESERVED_START, STACK_END, STACK_START};
-use snapshim_image::{self as image, Metadata, PageRun, Region, RegionKind, ShimInfo, ThreadState};
 
-use crate::capture::{self, PM_FILE, PM_PRESENT, PM_SWAP};
+use crate::capture;
 use crate::config::Config;
-use crate::park::{self, Slot, HELPER_SLOT, SLOTS};
+use crate::park::{self, HELPER_SLOT, SLOTS};
 use crate::sys::{self, sc};
+use crate::writer::{self, Engine};
 
 /// The wake pipe: the trigger handler writes, the helper reads.
 pub static WAKE_R: AtomicI32 = AtomicI32::new(-1);
@@ -116,14 +115,14 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
         let outcome = take(cfg);
         let line = match &outcome {
             Outcome::Restored => continue,
-            Outcome::Done(s) => alloc::format!(
-                "ok path={} bytes={} pause_us={} total_us={} resident={}\n",
-                s.path,
-                s.bytes,
-                s.pause_ns / 1000,
-                s.total_ns / 1000,
-                s.resident
-            ),
+            Outcome::Done(s) => {
+                write_stats(s);
+                alloc::format!(
+                    "ok path={} bytes={} pause_us={} total_us={} resident={} flush_us={} engine={}\n",
+                    s.path, s.bytes, s.pause_ns / 1000, s.total_ns / 1000, s.resident, s.flush_ns / 1000,
+                    s.engine.name()
+                )
+            }
             Outcome::Failed(msg) => {
                 let text = alloc::format!("snapshim: checkpoint failed: {msg}\n");
                 let _ = sys::write_all(2, text.as_bytes());
@@ -134,6 +133,23 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
             reply(r, &line);
         }
     }
+}
+
+/// The image's statistics, machine-readable, beside it (`ckpt-N.json`).
+fn write_stats(s: &Stats) {
+    let json = alloc::format!(
+        "{{\"image\": \"{}\", \"engine\": \"{}\", \"bytes\": {}, \"resident_bytes\": {}, \
+         \"pause_us\": {}, \"flush_us\": {}, \"total_us\": {}}}\n",
+        s.path.replace('\\', "\\\\").replace('"', "\\\""),
+        s.engine.name(),
+        s.bytes,
+        s.resident,
+        s.pause_ns / 1000,
+        s.flush_ns / 1000,
+        s.total_ns / 1000
+    );
+    let path = std::path::Path::new(&s.path).with_extension("json");
+    let _ = std::fs::write(path, json);
 }
 
 fn reply(req: u64, line: &str) {
@@ -152,8 +168,10 @@ pub struct Stats {
     pub path: String,
     pub bytes: u64,
     pub pause_ns: u64,
+    pub flush_ns: u64,
     pub total_ns: u64,
     pub resident: u64,
+    pub engine: Engine,
 }
 
 pub enum Outcome {
@@ -162,19 +180,23 @@ pub enum Outcome {
     Restored,
 }
 
-/// What the helper hands the writer. Lives on the helper's (frozen) stack; the writer writes
-/// only `result`, which a restored process never reads.
+/// What the helper hands the writer. Lives on the helper's (frozen) stack; the writer writes its
+/// results here, which a restored process never reads.
 struct Job {
     cfg: &'static Config,
     t0: u64,
     seq: u64,
     nthreads: usize,
+    /// The image path, or the error.
     result: [u8; 1024],
     result_len: usize,
     ok: bool,
     bytes: u64,
     pause_ns: u64,
     resident: u64,
+    /// Fork engine: the writer child and the pipe it reports on.
+    child: i32,
+    child_report: i32,
 }
 
 /// Takes one checkpoint. Returns in the original process when it is over, or in a restored one.
@@ -209,6 +231,8 @@ fn take(cfg: &'static Config) -> Outcome {
         bytes: 0,
         pause_ns: 0,
         resident: 0,
+        child: 0,
+        child_report: -1,
     };
     // SAFETY: the ctx word is the helper slot's; the writer stack was just mapped; job outlives
     // the call.
@@ -230,19 +254,76 @@ fn take(cfg: &'static Config) -> Outcome {
         libc::PROT_NONE,
         libc::MAP_NORESERVE,
     );
+    let released_at = t0 + job.pause_ns;
+    if job.ok && job.child > 0 {
+        match wait_child(job.child, job.child_report) {
+            Ok(bytes) => job.bytes = bytes,
+            Err(msg) => {
+                job.ok = false;
+                let n = msg.len().min(job.result.len());
+                job.result[..n].copy_from_slice(&msg.as_bytes()[..n]);
+                job.result_len = n;
+            }
+        }
+    }
     let text = String::from_utf8_lossy(&job.result[..job.result_len]).into_owned();
+    let now = sys::monotonic_ns();
     if job.ok {
         Outcome::Done(Stats {
             path: text,
             bytes: job.bytes,
             pause_ns: job.pause_ns,
-            total_ns: sys::monotonic_ns() - t0,
+            flush_ns: now - released_at,
+            total_ns: now - t0,
             resident: job.resident,
+            engine: cfg.engine,
         })
     } else {
         SEQ.store(seq - 1, Relaxed);
         Outcome::Failed(text)
     }
+}
+
+/// Waits for the fork engine's writer: one line on its pipe ("ok BYTES" or "err MESSAGE"), then
+/// its exit.
+fn wait_child(pid: i32, report: i32) -> Result<u64, String> {
+    let mut line = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        match sys::read(report, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => line.extend_from_slice(&buf[..n]),
+            Err(libc::EINTR) => {}
+            Err(_) => break,
+        }
+    }
+    sys::close(report);
+    let mut status = 0i32;
+    // SAFETY: wait4 on our own child (exit signal 0, hence __WCLONE); status is a valid pointer.
+    unsafe {
+        sc!(
+            libc::SYS_wait4,
+            pid,
+            &mut status as *mut i32,
+            libc::__WCLONE,
+            0
+        )
+    };
+    let text = String::from_utf8_lossy(&line);
+    let text = text.trim_end();
+    if let Some(b) = text.strip_prefix("ok ") {
+        return Ok(b.trim().parse().unwrap_or(0));
+    }
+    if let Some(msg) = text.strip_prefix("err ") {
+        return Err(msg.into());
+    }
+    if libc::WIFSIGNALED(status) {
+        return Err(alloc::format!(
+            "the writer process died of signal {}",
+            libc::WTERMSIG(status)
+        ));
+    }
+    Err("the writer process ended without a report".into())
 }
 
 /// Parks every thread but this one. Returns how many parked.
@@ -383,7 +464,10 @@ extern "C" fn writer_entry(arg: *mut core::ffi::c_void) {
         Ok(()) => write_image(job),
         Err(e) => Err(alloc::format!("cannot map scratch memory: errno {e}")),
     };
-    release();
+    if park::ACTIVE.load(Relaxed) != 0 {
+        job.pause_ns = sys::monotonic_ns() - job.t0;
+        release();
+    }
     let (ok, text) = match r {
         Ok(path) => (true, path),
         Err(msg) => (false, msg),
@@ -396,278 +480,73 @@ extern "C" fn writer_entry(arg: *mut core::ffi::c_void) {
     park::rseq(false);
 }
 
-fn thread_state(s: &Slot, helper: bool) -> ThreadState {
-    let mut name = [0u8; 16];
-    name[..8].copy_from_slice(&s.name[0].load(Relaxed).to_le_bytes());
-    name[8..].copy_from_slice(&s.name[1].load(Relaxed).to_le_bytes());
-    let len = name.iter().position(|&c| c == 0).unwrap_or(16);
-    ThreadState {
-        tid: s.tid.load(Relaxed),
-        fs_base: s.fs_base.load(Relaxed),
-        ctx_rsp: s.ctx_rsp.load(Relaxed),
-        robust_head: s.robust_head.load(Relaxed),
-        robust_len: s.robust_len.load(Relaxed),
-        altstack_sp: s.altstack_sp.load(Relaxed),
-        altstack_flags: s.altstack_flags.load(Relaxed),
-        altstack_size: s.altstack_size.load(Relaxed),
-        sigmask: s.sigmask.load(Relaxed),
-        name: String::from_utf8_lossy(&name[..len]).into_owned(),
-        helper,
-    }
-}
-
-fn errmsg(what: &str, path: &std::path::Path, e: i32) -> String {
-    alloc::format!(
-        "cannot {what} {}: {}",
-        path.display(),
-        std::io::Error::from_raw_os_error(e)
-    )
-}
-
-/// Writes the image while every other thread is parked; releases them before the slow commit.
+/// Captures, writes and commits one image with the configured engine. Releases the program as
+/// early as the engine allows. Returns the image path.
 fn write_image(job: &mut Job) -> Result<String, String> {
     let cfg = job.cfg;
-    let dir = &cfg.image_dir;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| alloc::format!("cannot create image directory {}: {e}", dir.display()))?;
-    let final_name = image::image_file_name(job.seq);
-    let final_path = dir.join(&final_name);
-    let tmp_path = dir.join(alloc::format!(".{final_name}.tmp"));
-    let mut tmp_c = tmp_path.as_os_str().as_encoded_bytes().to_vec();
-    tmp_c.push(0);
-    let fd = sys::open(
-        &tmp_c,
-        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
-        0o600,
-    )
-    .map_err(|e| errmsg("create image file", &tmp_path, e))?;
-    let result = write_contents(job, fd, &tmp_path);
-    let result = result.and_then(|()| {
-        // The program runs again from here on: its memory is in the file (or the page cache).
-        job.pause_ns = sys::monotonic_ns() - job.t0;
-        release();
-        commit(fd, &tmp_path, &final_path, dir, job.seq, cfg.keep)
-    });
-    sys::close(fd);
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp_path);
-    }
-    result.map(|()| final_path.display().to_string())
-}
-
-fn write_contents(job: &mut Job, fd: i32, tmp_path: &std::path::Path) -> Result<(), String> {
-    let cfg = job.cfg;
-    let io = |what: &'static str| move |e: i32| errmsg(what, tmp_path, e);
-    let mut maps_text = Vec::new();
-    sys::read_file(b"/proc/self/maps\0", &mut maps_text)
-        .map_err(|e| alloc::format!("cannot read /proc/self/maps: errno {e}"))?;
-    let maps = capture::parse_maps(&String::from_utf8_lossy(&maps_text));
-    let pm_fd = sys::open(b"/proc/self/pagemap\0", libc::O_RDONLY | libc::O_CLOEXEC, 0)
-        .map_err(|e| alloc::format!("cannot open /proc/self/pagemap: errno {e}"))?;
-    let mem_fd = sys::open(b"/proc/self/mem\0", libc::O_RDONLY | libc::O_CLOEXEC, 0).unwrap_or(-1);
-    let fds = capture::fds(&[fd, pm_fd, mem_fd]);
-    let process = capture::process(cfg);
-    job.resident = process.resident_bytes;
-
-    // Page data starts after the header page.
-    let mut off = image::PAGE_SIZE;
-    let mut regions = Vec::new();
-    let mut runs: Vec<PageRun> = Vec::new();
-    let mut pm = Vec::new();
-    let mut page_buf = alloc::vec![0u8; 4096];
-    let r: Result<(), String> = (|| {
-        for e in maps.iter().filter(|e| !capture::is_excluded(e)) {
-            let deleted = e.name.ends_with(" (deleted)");
-            let kind = match e.name.as_str() {
-                "[vdso]" => RegionKind::Vdso,
-                "[vvar]" => RegionKind::Vvar,
-                "[vvar_vclock]" => RegionKind::VvarVclock,
-                n if e.inode != 0 && n.starts_with('/') && !deleted => {
-                    let identity = capture::stat_path(n)
-                        .map(|st| capture::identity_of(&st))
-                        .unwrap_or_default();
-                    RegionKind::File {
-                        path: n.into(),
-                        offset: e.offset,
-                        identity,
-                    }
+    let cap = writer::capture(cfg, job.nthreads)?;
+    job.resident = cap.process.resident_bytes;
+    let t = writer::create_target(cfg, job.seq)?;
+    let path = t.path.display().to_string();
+    match cfg.engine {
+        Engine::Stop => {
+            let r = writer::write_out(cfg, &cap, &t);
+            job.pause_ns = sys::monotonic_ns() - job.t0;
+            release();
+            let r = r.and_then(|bytes| writer::commit(&t, job.seq, cfg.keep).map(|()| bytes));
+            match r {
+                Ok(bytes) => {
+                    sys::close(t.fd);
+                    job.bytes = bytes;
+                    Ok(path)
                 }
-                _ => RegionKind::Anon,
-            };
-            let store = match &kind {
-                RegionKind::Anon => true,
-                RegionKind::File { .. } => !e.shared,
-                _ => false,
-            };
-            if store {
-                capture::pagemap(pm_fd, e.start, e.end, &mut pm)
-                    .map_err(|e| alloc::format!("cannot read pagemap: errno {e}"))?;
-                let file_backed = matches!(kind, RegionKind::File { .. });
-                let readable = e.prot & libc::PROT_READ as u32 != 0;
-                let mut i = 0;
-                let n = pm.len();
-                while i < n {
-                    let want = |f: u64| {
-                        if file_backed {
-                            f & PM_SWAP != 0 || (f & PM_PRESENT != 0 && f & PM_FILE == 0)
-                        } else {
-                            f & (PM_PRESENT | PM_SWAP) != 0
-                        }
-                    };
-                    if !want(pm[i])
-                        || (readable && !file_backed && is_zero_page(e.start + i as u64 * 4096))
-                    {
-                        i += 1;
-                        continue;
-                    }
-                    // A run of consecutive pages to store.
-                    let first = i;
-                    let mut crc = crc32fast::Hasher::new();
-                    let start_off = off;
-                    while i < n
-                        && want(pm[i])
-                        && !(readable && !file_backed && is_zero_page(e.start + i as u64 * 4096))
-                    {
-                        let addr = e.start + i as u64 * 4096;
-                        let page: &[u8] = if readable {
-                            // SAFETY: a present page of a readable mapping; every other thread is parked,
-                            // so nothing unmaps it meanwhile.
-                            unsafe { core::slice::from_raw_parts(addr as *const u8, 4096) }
-                        } else {
-                            // Unreadable mapping: read through /proc/self/mem, which ignores protection.
-                            page_buf.fill(0);
-                            let _ = sys::pread(mem_fd, &mut page_buf, addr);
-                            &page_buf
-                        };
-                        crc.update(page);
-                        i += 1;
-                        // Consecutive readable pages are written in one system call below.
-                        if !readable {
-                            sys::pwrite(fd, page, off).map_err(io("write"))?;
-                        }
-                        off += 4096;
-                    }
-                    let addr = e.start + first as u64 * 4096;
-                    let len = off - start_off;
-                    if readable {
-                        // SAFETY: the run's pages are present and readable (checked above).
-                        let data =
-                            unsafe { core::slice::from_raw_parts(addr as *const u8, len as usize) };
-                        pwrite_all(fd, data, start_off).map_err(io("write"))?;
-                    }
-                    runs.push(PageRun {
-                        addr,
-                        pages: len / 4096,
-                        file_off: start_off,
-                        crc: crc.finalize(),
-                    });
+                Err(msg) => {
+                    writer::abandon(&t);
+                    Err(msg)
                 }
             }
-            regions.push(Region {
-                start: e.start,
-                end: e.end,
-                prot: e.prot,
-                shared: e.shared,
-                kind,
-                name: e.name.clone(),
+        }
+        Engine::Fork => {
+            let mut report = [0i32; 2];
+            // SAFETY: pipe2 writes two descriptors.
+            if unsafe { libc::pipe2(report.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+                writer::abandon(&t);
+                return Err("cannot create a pipe for the writer process".into());
+            }
+            let (seq, keep) = (job.seq, cfg.keep);
+            let forked = writer::fork_child(|| {
+                sys::close(report[0]);
+                let line = match writer::write_out(cfg, &cap, &t)
+                    .and_then(|b| writer::commit(&t, seq, keep).map(|()| b))
+                {
+                    Ok(bytes) => alloc::format!("ok {bytes}\n"),
+                    Err(msg) => {
+                        writer::abandon(&t);
+                        alloc::format!("err {msg}\n")
+                    }
+                };
+                let _ = sys::write_all(report[1], line.as_bytes());
+                0
             });
-        }
-        Ok(())
-    })();
-    sys::close(pm_fd);
-    if mem_fd >= 0 {
-        sys::close(mem_fd);
-    }
-    r?;
-
-    let nthreads = job.nthreads.min(park::MAX_THREADS);
-    let mut threads: Vec<ThreadState> = SLOTS[..nthreads]
-        .iter()
-        .map(|s| thread_state(s, false))
-        .collect();
-    threads.push(thread_state(&HELPER_SLOT, true));
-    let meta = Metadata {
-        process,
-        shim: ShimInfo {
-            path: cfg.shim_path.clone(),
-            resume_addr: park::snapshim_resume as *const () as u64,
-            reserved_start: RESERVED_START,
-            reserved_end: RESERVED_END,
-        },
-        threads,
-        regions,
-        runs,
-        fds,
-    };
-    let data_len = off - image::PAGE_SIZE;
-    let (meta_bytes, meta_crc) = image::encode_metadata(&meta);
-    pwrite_all(fd, &meta_bytes, off).map_err(io("write"))?;
-    let mut h = image::Header::new(random_id(), sys::clock_ns(libc::CLOCK_REALTIME));
-    h.data_len = data_len;
-    h.meta_off = off;
-    h.meta_len = meta_bytes.len() as u64;
-    h.meta_crc = meta_crc;
-    pwrite_all(fd, &h.encode(), 0).map_err(io("write"))?;
-    job.bytes = off + meta_bytes.len() as u64;
-    Ok(())
-}
-
-fn is_zero_page(addr: u64) -> bool {
-    // SAFETY: callers pass present pages of readable mappings while the program is parked.
-    let words = unsafe { core::slice::from_raw_parts(addr as *const u64, 512) };
-    words.iter().all(|&w| w == 0)
-}
-
-fn pwrite_all(fd: i32, mut data: &[u8], mut off: u64) -> sys::Result<()> {
-    while !data.is_empty() {
-        let n = data.len().min(1 << 30);
-        match sys::pwrite(fd, &data[..n], off) {
-            Ok(0) => return Err(libc::EIO),
-            Ok(k) => {
-                data = &data[k..];
-                off += k as u64;
+            job.pause_ns = sys::monotonic_ns() - job.t0;
+            release();
+            sys::close(report[1]);
+            sys::close(t.fd);
+            match forked {
+                Ok(pid) => {
+                    job.child = pid;
+                    job.child_report = report[0];
+                    Ok(path)
+                }
+                Err(e) => {
+                    sys::close(report[0]);
+                    let _ = std::fs::remove_file(&t.tmp);
+                    Err(alloc::format!(
+                        "cannot fork the writer process: {}",
+                        std::io::Error::from_raw_os_error(e)
+                    ))
+                }
             }
-            Err(libc::EINTR) => {}
-            Err(e) => return Err(e),
         }
     }
-    Ok(())
-}
-
-fn random_id() -> u64 {
-    let mut v = 0u64;
-    // SAFETY: getrandom writes 8 bytes into v.
-    unsafe { sc!(libc::SYS_getrandom, &mut v as *mut u64, 8, 0) };
-    v
-}
-
-/// fsync, rename into place, fsync the directory, repoint `latest`, drop images beyond `keep`.
-fn commit(
-    fd: i32,
-    tmp: &std::path::Path,
-    fin: &std::path::Path,
-    dir: &std::path::Path,
-    seq: u64,
-    keep: u64,
-) -> Result<(), String> {
-    // SAFETY: fsync on our own descriptor.
-    sys::check(unsafe { sc!(libc::SYS_fsync, fd) }).map_err(|e| errmsg("fsync", tmp, e))?;
-    std::fs::rename(tmp, fin)
-        .map_err(|e| alloc::format!("cannot rename {} into place: {e}", tmp.display()))?;
-    let link_tmp = dir.join(".latest.tmp");
-    let _ = std::fs::remove_file(&link_tmp);
-    let name = fin.file_name().unwrap_or_default();
-    std::os::unix::fs::symlink(name, &link_tmp)
-        .and_then(|()| std::fs::rename(&link_tmp, dir.join(image::LATEST)))
-        .map_err(|e| alloc::format!("cannot update {}/latest: {e}", dir.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    if keep > 0 && seq > keep {
-        let _ = std::fs::remove_file(dir.join(image::image_file_name(seq - keep)));
-    }
-    Ok(())
 }

@@ -12,6 +12,7 @@ pub struct Config {
     pub quiesce_signal: i32,
     pub interval_ms: Option<u64>,
     pub keep: u64,
+    pub engine: crate::writer::Engine,
     pub exe: String,
     pub cmdline: Vec<String>,
     pub shim_path: String,

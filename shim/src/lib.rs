@@ -23,6 +23,7 @@ mod park;
 #[path = "alloc.rs"]
 mod shim_alloc;
 mod sys;
+mod writer;
 
 use core::sync::atomic::{AtomicBool, Ordering::*};
 use std::path::PathBuf;
@@ -99,6 +100,16 @@ extern "C" fn init() {
     let keep = env("SNAPSHIM_KEEP")
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
+    let engine = match env("SNAPSHIM_COW").as_deref() {
+        None | Some("auto") | Some("fork") => writer::Engine::Fork,
+        Some("stop") => writer::Engine::Stop,
+        Some(other) => {
+            warn(&format!(
+                "SNAPSHIM_COW={other} is not an engine here (auto, fork, stop); using fork"
+            ));
+            writer::Engine::Fork
+        }
+    };
     let quiesce = libc::SIGRTMAX() - 1;
     let cfg = config::init(config::Config {
         image_dir: base.join(&name),
@@ -111,6 +122,7 @@ extern "C" fn init() {
         },
         interval_ms,
         keep,
+        engine,
         exe,
         cmdline,
         shim_path: shim_path(),

@@ -54,8 +54,17 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
                 println!("{}", c.path);
             } else {
                 println!("checkpoint committed: {}", c.path);
+                let flush = c
+                    .flush_us
+                    .map(|f| format!(", flush {}", parse::format_ms(f)))
+                    .unwrap_or_default();
+                let engine = c
+                    .engine
+                    .as_deref()
+                    .map(|e| format!(", engine {e}"))
+                    .unwrap_or_default();
                 println!(
-                    "  image {} (process resident {}), pause {}, total {}",
+                    "  image {} (process resident {}), pause {}{flush}, total {}{engine}",
                     parse::human_bytes(c.bytes),
                     parse::human_bytes(c.resident),
                     parse::format_ms(c.pause_us),

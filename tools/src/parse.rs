@@ -42,6 +42,10 @@ pub struct Committed {
     pub total_us: u64,
     /// Resident memory of the process at the checkpoint.
     pub resident: u64,
+    /// Time from the program's release to the commit, and the copy-on-write engine (shims that
+    /// report them).
+    pub flush_us: Option<u64>,
+    pub engine: Option<String>,
 }
 
 /// Parses the shim's one-line reply (without or with its newline):
@@ -70,6 +74,7 @@ pub fn parse_reply(line: &str) -> Result<Reply, String> {
     let garbage = || format!("unexpected reply from the shim: {line:?}");
     let rest = line.strip_prefix("ok ").ok_or_else(garbage)?;
     let (mut bytes, mut pause_us, mut total_us, mut resident) = (None, None, None, None);
+    let (mut flush_us, mut engine) = (None, None);
     let mut head = rest;
     while let Some((before, field)) = head.rsplit_once(' ') {
         let Some((key, value)) = field.split_once('=') else {
@@ -78,18 +83,25 @@ pub fn parse_reply(line: &str) -> Result<Reply, String> {
         if key.starts_with("path") || !key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
             break;
         }
-        let Ok(value) = value.parse::<u64>() else {
-            break;
-        };
         let slot = match key {
             "bytes" => &mut bytes,
             "pause_us" => &mut pause_us,
             "total_us" => &mut total_us,
             "resident" => &mut resident,
-            _ => {
+            "flush_us" => &mut flush_us,
+            "engine" => {
+                engine = Some(value.to_string());
                 head = before;
                 continue;
             }
+            _ => {
+                // A field a newer shim added: skipped, whatever its value.
+                head = before;
+                continue;
+            }
+        };
+        let Ok(value) = value.parse::<u64>() else {
+            break;
         };
         if slot.replace(value).is_some() {
             return Err(garbage());
@@ -105,6 +117,8 @@ pub fn parse_reply(line: &str) -> Result<Reply, String> {
                 pause_us,
                 total_us,
                 resident,
+                flush_us,
+                engine,
             }))
         }
         _ => Err(garbage()),
@@ -267,7 +281,7 @@ mod tests {
     fn ok_reply_is_parsed() {
         let r = parse_reply(
             "ok path=/data/img/app/ckpt-00000002.snap bytes=1052672 pause_us=1830 \
-             total_us=48211 resident=4194304\n",
+             total_us=48211 resident=4194304 flush_us=46381 engine=fork\n",
         );
         assert_eq!(
             r,
@@ -277,6 +291,8 @@ mod tests {
                 pause_us: 1830,
                 total_us: 48211,
                 resident: 4194304,
+                flush_us: Some(46381),
+                engine: Some("fork".into()),
             }))
         );
     }
@@ -285,7 +301,7 @@ mod tests {
     fn ok_reply_with_spaces_in_path_and_extra_fields() {
         let r = parse_reply(
             "ok path=/tmp/my images/a=1/ckpt-00000001.snap bytes=1 resident=4 pause_us=2 \
-             total_us=3 pages=7",
+             total_us=3 pages=7 mode=new-words",
         )
         .unwrap();
         let Reply::Committed(c) = r else {

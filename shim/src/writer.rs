@@ -1,0 +1,373 @@
+//! Writing an image: capture what the kernel holds (during the pause), then page data, metadata
+//! and header into a temporary file, then the atomic commit.
+//!
+//! Engines (`SNAPSHIM_COW`):
+//! - `stop`: the program stays parked until every page is written; the pause grows with memory.
+//! - `fork`: during the pause the writer captures descriptors and process state, then forks a
+//!   child with a raw `clone` whose exit signal is 0 (the program never sees a SIGCHLD, and its
+//!   `wait(-1)` cannot reap it). The kernel makes the child's memory a copy-on-write view frozen
+//!   at that instant; the program is released at once and the child writes the image from its
+//!   view. The pause is the page-table copy (about 18 ms per GiB of 4 KiB pages, almost nothing
+//!   for huge pages); the program pays a page copy on its first write to each page while the
+//!   child lives. Works for every user.
+//!
+//! Both run on the writer stack with the scratch allocator; the forked child never returns into
+//! program code: it ends with `exit_group`.
+#![allow(unsafe_code)]
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::Ordering::Relaxed;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+
+use snapshim_image::layout::{RESERVED_END, RESERVED_START};
+use snapshim_image::{
+    self as image, FdState, Metadata, PageRun, Process, Region, RegionKind, ShimInfo, ThreadState,
+};
+
+use crate::capture::{self, MapsEntry, PM_FILE, PM_PRESENT, PM_SWAP};
+use crate::config::Config;
+use crate::park::{self, Slot, HELPER_SLOT, SLOTS};
+use crate::sys::{self, sc};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Stop,
+    Fork,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Stop => "stop",
+            Engine::Fork => "fork",
+        }
+    }
+}
+
+/// What only the running process can tell: read during the pause.
+pub struct Captured {
+    maps: Vec<MapsEntry>,
+    fds: Vec<FdState>,
+    pub process: Process,
+    threads: Vec<ThreadState>,
+}
+
+pub fn capture(cfg: &Config, nthreads: usize) -> Result<Captured, String> {
+    let mut maps_text = Vec::new();
+    sys::read_file(b"/proc/self/maps\0", &mut maps_text)
+        .map_err(|e| alloc::format!("cannot read /proc/self/maps: errno {e}"))?;
+    let maps = capture::parse_maps(&String::from_utf8_lossy(&maps_text));
+    let fds = capture::fds(&[]);
+    let process = capture::process(cfg);
+    let n = nthreads.min(park::MAX_THREADS);
+    let mut threads: Vec<ThreadState> = SLOTS[..n].iter().map(|s| thread_state(s, false)).collect();
+    threads.push(thread_state(&HELPER_SLOT, true));
+    Ok(Captured {
+        maps,
+        fds,
+        process,
+        threads,
+    })
+}
+
+fn thread_state(s: &Slot, helper: bool) -> ThreadState {
+    let mut name = [0u8; 16];
+    name[..8].copy_from_slice(&s.name[0].load(Relaxed).to_le_bytes());
+    name[8..].copy_from_slice(&s.name[1].load(Relaxed).to_le_bytes());
+    let len = name.iter().position(|&c| c == 0).unwrap_or(16);
+    ThreadState {
+        tid: s.tid.load(Relaxed),
+        fs_base: s.fs_base.load(Relaxed),
+        ctx_rsp: s.ctx_rsp.load(Relaxed),
+        robust_head: s.robust_head.load(Relaxed),
+        robust_len: s.robust_len.load(Relaxed),
+        altstack_sp: s.altstack_sp.load(Relaxed),
+        altstack_flags: s.altstack_flags.load(Relaxed),
+        altstack_size: s.altstack_size.load(Relaxed),
+        sigmask: s.sigmask.load(Relaxed),
+        name: String::from_utf8_lossy(&name[..len]).into_owned(),
+        helper,
+    }
+}
+
+fn errmsg(what: &str, path: &std::path::Path, e: i32) -> String {
+    alloc::format!(
+        "cannot {what} {}: {}",
+        path.display(),
+        std::io::Error::from_raw_os_error(e)
+    )
+}
+
+/// The temporary file an image is written to, and where it goes when committed.
+pub struct Target {
+    pub dir: PathBuf,
+    pub tmp: PathBuf,
+    pub path: PathBuf,
+    pub fd: i32,
+}
+
+pub fn create_target(cfg: &Config, seq: u64) -> Result<Target, String> {
+    let dir = cfg.image_dir.clone();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| alloc::format!("cannot create image directory {}: {e}", dir.display()))?;
+    let name = image::image_file_name(seq);
+    let path = dir.join(&name);
+    let tmp = dir.join(alloc::format!(".{name}.tmp"));
+    let fd = sys::open(
+        &cpath(&tmp),
+        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
+        0o600,
+    )
+    .map_err(|e| errmsg("create image file", &tmp, e))?;
+    Ok(Target { dir, tmp, path, fd })
+}
+
+fn cpath(p: &std::path::Path) -> Vec<u8> {
+    let mut c = p.as_os_str().as_encoded_bytes().to_vec();
+    c.push(0);
+    c
+}
+
+/// Gives up a target: the temporary file goes, the previous image stays as it was.
+pub fn abandon(t: &Target) {
+    sys::close(t.fd);
+    let _ = std::fs::remove_file(&t.tmp);
+}
+
+/// Writes page data, metadata and header from this process's memory, which nothing may change
+/// meanwhile (every thread parked, or this is the forked child). Returns the image's size.
+pub fn write_out(cfg: &Config, cap: &Captured, t: &Target) -> Result<u64, String> {
+    let io = |what: &'static str| move |e: i32| errmsg(what, &t.tmp, e);
+    let pm_fd = sys::open(b"/proc/self/pagemap\0", libc::O_RDONLY | libc::O_CLOEXEC, 0)
+        .map_err(|e| alloc::format!("cannot open /proc/self/pagemap: errno {e}"))?;
+    let mem_fd = sys::open(b"/proc/self/mem\0", libc::O_RDONLY | libc::O_CLOEXEC, 0).unwrap_or(-1);
+    // Page data goes through O_DIRECT where the file system allows it (several times faster
+    // here than through the page cache, and it does not evict the program's cached files).
+    let direct = sys::open(
+        &cpath(&t.tmp),
+        libc::O_WRONLY | libc::O_DIRECT | libc::O_CLOEXEC,
+        0,
+    )
+    .unwrap_or(-1);
+    let r = write_pages_and_meta(cfg, cap, t.fd, direct, pm_fd, mem_fd)
+        .map_err(|(what, e)| io(what)(e));
+    for fd in [pm_fd, mem_fd, direct] {
+        if fd >= 0 {
+            sys::close(fd);
+        }
+    }
+    r
+}
+
+type IoResult<T> = Result<T, (&'static str, i32)>;
+
+fn write_pages_and_meta(
+    cfg: &Config,
+    cap: &Captured,
+    fd: i32,
+    direct: i32,
+    pm_fd: i32,
+    mem_fd: i32,
+) -> IoResult<u64> {
+    let mut off = image::PAGE_SIZE; // page data starts after the header page
+    let mut regions = Vec::new();
+    let mut runs: Vec<PageRun> = Vec::new();
+    let mut pm = Vec::new();
+    let mut page_buf = alloc::vec![0u8; 4096];
+    let mut direct = direct;
+    for e in cap.maps.iter().filter(|e| !capture::is_excluded(e)) {
+        let deleted = e.name.ends_with(" (deleted)");
+        let kind = match e.name.as_str() {
+            "[vdso]" => RegionKind::Vdso,
+            "[vvar]" => RegionKind::Vvar,
+            "[vvar_vclock]" => RegionKind::VvarVclock,
+            n if e.inode != 0 && n.starts_with('/') && !deleted => {
+                let identity = capture::stat_path(n)
+                    .map(|st| capture::identity_of(&st))
+                    .unwrap_or_default();
+                RegionKind::File {
+                    path: n.into(),
+                    offset: e.offset,
+                    identity,
+                }
+            }
+            _ => RegionKind::Anon,
+        };
+        let store = match &kind {
+            RegionKind::Anon => true,
+            RegionKind::File { .. } => !e.shared,
+            _ => false,
+        };
+        if store {
+            capture::pagemap(pm_fd, e.start, e.end, &mut pm)
+                .map_err(|e| ("read the pagemap for", e))?;
+            let file_backed = matches!(kind, RegionKind::File { .. });
+            let readable = e.prot & libc::PROT_READ as u32 != 0;
+            // A page is stored if it holds data that is neither zero nor the file's own.
+            let wanted = |i: usize| {
+                let f = pm[i];
+                let addr = e.start + i as u64 * 4096;
+                if file_backed {
+                    f & PM_SWAP != 0 || (f & PM_PRESENT != 0 && f & PM_FILE == 0)
+                } else {
+                    f & (PM_PRESENT | PM_SWAP) != 0 && !(readable && is_zero_page(addr))
+                }
+            };
+            let n = pm.len();
+            let mut i = 0;
+            while i < n {
+                if !wanted(i) {
+                    i += 1;
+                    continue;
+                }
+                let first = i;
+                let start_off = off;
+                let mut crc = crc32fast::Hasher::new();
+                while i < n && wanted(i) {
+                    let addr = e.start + i as u64 * 4096;
+                    if readable {
+                        // SAFETY: a present page of a readable mapping that nothing changes
+                        // while it is written (see write_out).
+                        crc.update(unsafe { core::slice::from_raw_parts(addr as *const u8, 4096) });
+                    } else {
+                        // Unreadable mapping: /proc/self/mem ignores protection.
+                        page_buf.fill(0);
+                        let _ = sys::pread(mem_fd, &mut page_buf, addr);
+                        crc.update(&page_buf);
+                        pwrite_all(fd, &page_buf, off).map_err(|e| ("write", e))?;
+                    }
+                    off += 4096;
+                    i += 1;
+                }
+                let addr = e.start + first as u64 * 4096;
+                if readable {
+                    // SAFETY: as above, for the whole run.
+                    let data = unsafe {
+                        core::slice::from_raw_parts(addr as *const u8, (off - start_off) as usize)
+                    };
+                    let mut r = Err(libc::EINVAL);
+                    if direct >= 0 {
+                        r = pwrite_all(direct, data, start_off);
+                        if r == Err(libc::EINVAL) {
+                            direct = -1; // this file system does not do O_DIRECT
+                        }
+                    }
+                    if direct < 0 {
+                        r = pwrite_all(fd, data, start_off);
+                    }
+                    r.map_err(|e| ("write", e))?;
+                }
+                runs.push(PageRun {
+                    addr,
+                    pages: (off - start_off) / 4096,
+                    file_off: start_off,
+                    crc: crc.finalize(),
+                });
+            }
+        }
+        regions.push(Region {
+            start: e.start,
+            end: e.end,
+            prot: e.prot,
+            shared: e.shared,
+            kind,
+            name: e.name.clone(),
+        });
+    }
+
+    let meta = Metadata {
+        process: cap.process.clone(),
+        shim: ShimInfo {
+            path: cfg.shim_path.clone(),
+            resume_addr: park::snapshim_resume as *const () as u64,
+            reserved_start: RESERVED_START,
+            reserved_end: RESERVED_END,
+        },
+        threads: cap.threads.clone(),
+        regions,
+        runs,
+        fds: cap.fds.clone(),
+    };
+    let data_len = off - image::PAGE_SIZE;
+    let (meta_bytes, meta_crc) = image::encode_metadata(&meta);
+    pwrite_all(fd, &meta_bytes, off).map_err(|e| ("write", e))?;
+    let mut h = image::Header::new(random_id(), sys::clock_ns(libc::CLOCK_REALTIME));
+    h.data_len = data_len;
+    h.meta_off = off;
+    h.meta_len = meta_bytes.len() as u64;
+    h.meta_crc = meta_crc;
+    pwrite_all(fd, &h.encode(), 0).map_err(|e| ("write", e))?;
+    Ok(off + meta_bytes.len() as u64)
+}
+
+fn is_zero_page(addr: u64) -> bool {
+    // SAFETY: callers pass present pages of readable mappings that nothing changes meanwhile.
+    let words = unsafe { core::slice::from_raw_parts(addr as *const u64, 512) };
+    words.iter().all(|&w| w == 0)
+}
+
+fn pwrite_all(fd: i32, mut data: &[u8], mut off: u64) -> sys::Result<()> {
+    while !data.is_empty() {
+        let n = data.len().min(1 << 30);
+        match sys::pwrite(fd, &data[..n], off) {
+            Ok(0) => return Err(libc::EIO),
+            Ok(k) => {
+                data = &data[k..];
+                off += k as u64;
+            }
+            Err(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn random_id() -> u64 {
+    let mut v = 0u64;
+    // SAFETY: getrandom writes 8 bytes into v.
+    unsafe { sc!(libc::SYS_getrandom, &mut v as *mut u64, 8, 0) };
+    v
+}
+
+/// fsync, rename into place, fsync the directory, repoint `latest`, drop images beyond `keep`.
+pub fn commit(t: &Target, seq: u64, keep: u64) -> Result<(), String> {
+    // SAFETY: fsync on our own descriptor.
+    sys::check(unsafe { sc!(libc::SYS_fsync, t.fd) }).map_err(|e| errmsg("fsync", &t.tmp, e))?;
+    std::fs::rename(&t.tmp, &t.path)
+        .map_err(|e| alloc::format!("cannot rename {} into place: {e}", t.tmp.display()))?;
+    let link_tmp = t.dir.join(".latest.tmp");
+    let _ = std::fs::remove_file(&link_tmp);
+    let name = t.path.file_name().unwrap_or_default();
+    std::os::unix::fs::symlink(name, &link_tmp)
+        .and_then(|()| std::fs::rename(&link_tmp, t.dir.join(image::LATEST)))
+        .map_err(|e| alloc::format!("cannot update {}/latest: {e}", t.dir.display()))?;
+    if let Ok(d) = std::fs::File::open(&t.dir) {
+        let _ = d.sync_all();
+    }
+    if keep > 0 && seq > keep {
+        let old = t.dir.join(image::image_file_name(seq - keep));
+        let _ = std::fs::remove_file(&old);
+        let _ = std::fs::remove_file(old.with_extension("json"));
+    }
+    Ok(())
+}
+
+/// Forks the writer child. Returns its PID in the parent; in the child runs `child` and exits.
+pub fn fork_child(child: impl FnOnce() -> i32) -> sys::Result<i32> {
+    // clone with no flags and exit signal 0: a copy-on-write copy of this process, whose exit
+    // nobody is told about but our wait4(__WCLONE).
+    // SAFETY: without CLONE_VM the child has its own copy of memory, this stack included.
+    let pid = sys::check(unsafe { sc!(libc::SYS_clone, 0, 0, 0, 0, 0) })? as i32;
+    if pid == 0 {
+        let status = child();
+        // SAFETY: ends the child without running any of the program's exit handlers.
+        unsafe { sc!(libc::SYS_exit_group, status) };
+        unreachable!();
+    }
+    Ok(pid)
+}
