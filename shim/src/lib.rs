@@ -110,6 +110,7 @@ extern "C" fn init() {
             writer::Engine::Fork
         }
     };
+    interpose::HUGEPAGES.store(env("SNAPSHIM_HUGEPAGES").is_some_and(|v| v != "0"), Relaxed);
     let quiesce = libc::SIGRTMAX() - 1;
     let cfg = config::init(config::Config {
         image_dir: base.join(&name),
