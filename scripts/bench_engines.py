@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Copy-on-write engines against a stop-the-world baseline, measured in one run.
+
+For each size and kind of program (scripts/bench_loop.c) and each engine, the program runs under
+the shim, a checkpoint is taken with `snapshim checkpoint`, and the program reports its own
+timeline. Printed per configuration (medians over --runs):
+  pause     the program's own gap between two loop iterations at the snapshot (the gap that
+            contains the moment snapshim stopped it)
+  max_gap   its largest gap anywhere during the checkpoint: on this shared 2-vCPU VM, gaps
+            during the flush track the hypervisor's steal time (also printed), not the engine
+  speed     the program's iterations per second while the image is written, as a fraction of
+            its speed in the second before the checkpoint (stop: the program is not running)
+  ckpt      signal to image committed (as `snapshim checkpoint` measures it)
+  image     image file size
+and the ratio of the stop engine's pause to each engine's.
+
+Usage: scripts/bench_engines.py [--sizes 256,1024,4096] [--kinds dense,sparse,write] [--runs 3]
+"""
+import argparse, os, re, shutil, signal, statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REL = os.path.join(ROOT, "target", "release")
+ENGINES = [("stop", {"SNAPSHIM_COW": "stop"}), ("fork", {"SNAPSHIM_COW": "fork"}),
+           ("fork+thp", {"SNAPSHIM_COW": "fork", "SNAPSHIM_HUGEPAGES": "1"})]
+
+
+def build():
+    subprocess.run(["cargo", "build", "--release", "--workspace", "-q"], cwd=ROOT, check=True)
+    os.makedirs(os.path.join(ROOT, "target", "bench"), exist_ok=True)
+    exe = os.path.join(ROOT, "target", "bench", "bench_loop")
+    subprocess.run(["cc", "-O2", "-o", exe, os.path.join(ROOT, "scripts", "bench_loop.c")], check=True)
+    return exe
+
+
+def one_run(exe, mib, kind, env_extra, work):
+    img = os.path.join(work, "img")
+    shutil.rmtree(img, ignore_errors=True)
+    timeline = os.path.join(work, "timeline")
+    env = dict(os.environ, LD_PRELOAD=os.path.join(REL, "libsnapshim.so"), SNAPSHIM_DIR=img,
+               SNAPSHIM_NAME="b", **env_extra)
+    app = subprocess.Popen([exe, str(mib), kind, timeline], env=env, stderr=subprocess.PIPE,
+                           stdout=subprocess.DEVNULL)
+    try:
+        if app.stderr.readline().strip() != b"READY":
+            raise RuntimeError("bench_loop did not start")
+        time.sleep(1.0)
+        steal0 = steal_jiffies()
+        t_trigger = time.monotonic_ns()
+        out = subprocess.run([os.path.join(REL, "snapshim"), "checkpoint", str(app.pid)],
+                             capture_output=True, text=True, timeout=600)
+        t_done = time.monotonic_ns()
+        steal = steal_jiffies() - steal0
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr.strip())
+        path = out.stdout.splitlines()[0].split(": ", 1)[1]
+        shim_pause = float(re.search(r"pause ([0-9.]+) ms", out.stdout).group(1)) * 1e6
+        size = os.path.getsize(path)
+        time.sleep(0.3)
+        app.send_signal(signal.SIGUSR1)
+        app.wait(timeout=60)
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait()
+    start, bucket_ns, buckets, gaps = 0, 1, [], []
+    with open(timeline) as f:
+        for line in f:
+            w = line.split()
+            if w[0] == "start":
+                start, bucket_ns = int(w[1]), int(w[3])
+            elif w[0] == "b":
+                buckets.append(int(w[1]))
+            else:
+                gaps.append((int(w[1]), int(w[2])))
+    inside = [(at, g) for at, g in gaps if t_trigger <= at + g and at <= t_done]
+    max_gap = max((g for _, g in inside), default=0)
+    # The snapshot's own gap: the one that ends after the program was released, and began
+    # before it was stopped.
+    at_snapshot = [(at, g) for at, g in inside if at <= t_trigger + shim_pause + 2e6]
+    pause = max((g for _, g in at_snapshot), default=0)
+
+    def rate(t0, t1):
+        b0, b1 = max(0, (t0 - start) // bucket_ns), min(len(buckets), (t1 - start) // bucket_ns)
+        return sum(buckets[b0:b1]) / max(1e-9, (b1 - b0) * bucket_ns / 1e9) if b1 > b0 else None
+
+    before = rate(t_trigger - 1_000_000_000, t_trigger)
+    # The flush: from the end of the pause to the commit.
+    release = max((at + g for at, g in at_snapshot if g == pause), default=t_trigger)
+    during = rate(release + bucket_ns, t_done) if t_done - release > 3 * bucket_ns else None
+    speed = during / before if during is not None and before else None
+    return dict(pause_ms=pause / 1e6, max_gap_ms=max_gap / 1e6, speed=speed,
+                ckpt_ms=(t_done - t_trigger) / 1e6, image=size, steal_ms=steal * 1000 / HZ)
+
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+def steal_jiffies():
+    with open("/proc/stat") as f:
+        return int(f.readline().split()[8])
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="256,1024,4096")
+    ap.add_argument("--kinds", default="dense,sparse,write")
+    ap.add_argument("--engines", default=",".join(e for e, _ in ENGINES))
+    ap.add_argument("--runs", type=int, default=3)
+    a = ap.parse_args()
+    exe = build()
+    work = tempfile.mkdtemp(prefix="bench.", dir=os.path.join(ROOT, "target", "bench"))
+    engines = [e for e in ENGINES if e[0] in a.engines.split(",")]
+    print(f"{'size':>6} {'kind':>6} {'engine':>9} {'pause_ms':>9} {'stop/this':>9} {'max_gap':>8} "
+          f"{'steal_ms':>8} {'speed':>6} {'ckpt_ms':>8} {'image_MiB':>9}", flush=True)
+    try:
+        for mib in map(int, a.sizes.split(",")):
+            for kind in a.kinds.split(","):
+                res = {}
+                for name, env in engines:
+                    runs = [one_run(exe, mib, kind, env, work) for _ in range(a.runs)]
+                    res[name] = {k: med([r[k] for r in runs]) for k in runs[0]}
+                base = res.get("stop", {}).get("pause_ms")
+                for name, r in res.items():
+                    ratio = f"{base / r['pause_ms']:.0f}x" if base and r["pause_ms"] else "-"
+                    speed = f"{100 * r['speed']:.0f}%" if r["speed"] is not None else "-"
+                    print(f"{mib:>6} {kind:>6} {name:>9} {r['pause_ms']:>9.2f} {ratio:>9} "
+                          f"{r['max_gap_ms']:>8.1f} {r['steal_ms']:>8.0f} {speed:>6} {r['ckpt_ms']:>8.0f} "
+                          f"{r['image'] / 2**20:>9.0f}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"(medians of {a.runs} runs; pause = the program's gap at the snapshot; stop/this = "
+          "stop-the-world pause / this engine's; max_gap = largest gap during the checkpoint; steal_ms = "
+          "hypervisor steal time meanwhile; speed = iterations/s while the image is written vs the "
+          "second before)")
+
+
+if __name__ == "__main__":
+    main()
