@@ -42,7 +42,17 @@ fn advise_huge(ptr: *mut c_void, len: usize) {
     let end = (ptr as usize + len) & !(HUGE - 1);
     if end > start {
         // SAFETY: advice only, on memory the program just got.
-        unsafe { sys::syscall6(libc::SYS_madvise, start as u64, (end - start) as u64, libc::MADV_HUGEPAGE as u64, 0, 0, 0) };
+        unsafe {
+            sys::syscall6(
+                libc::SYS_madvise,
+                start as u64,
+                (end - start) as u64,
+                libc::MADV_HUGEPAGE as u64,
+                0,
+                0,
+                0,
+            )
+        };
     }
 }
 pub static MMAP_BYTES: AtomicU64 = AtomicU64::new(0);

@@ -63,8 +63,12 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
                     .as_deref()
                     .map(|e| format!(", engine {e}"))
                     .unwrap_or_default();
+                let copied = c
+                    .copied
+                    .map(|n| format!(", {n} pages copied before written"))
+                    .unwrap_or_default();
                 println!(
-                    "  image {} (process resident {}), pause {}{flush}, total {}{engine}",
+                    "  image {} (process resident {}), pause {}{flush}, total {}{engine}{copied}",
                     parse::human_bytes(c.bytes),
                     parse::human_bytes(c.resident),
                     parse::format_ms(c.pause_us),

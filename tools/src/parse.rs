@@ -46,6 +46,8 @@ pub struct Committed {
     /// report them).
     pub flush_us: Option<u64>,
     pub engine: Option<String>,
+    /// Pages the program copied before the writer stored them.
+    pub copied: Option<u64>,
 }
 
 /// Parses the shim's one-line reply (without or with its newline):
@@ -74,7 +76,7 @@ pub fn parse_reply(line: &str) -> Result<Reply, String> {
     let garbage = || format!("unexpected reply from the shim: {line:?}");
     let rest = line.strip_prefix("ok ").ok_or_else(garbage)?;
     let (mut bytes, mut pause_us, mut total_us, mut resident) = (None, None, None, None);
-    let (mut flush_us, mut engine) = (None, None);
+    let (mut flush_us, mut engine, mut copied) = (None, None, None);
     let mut head = rest;
     while let Some((before, field)) = head.rsplit_once(' ') {
         let Some((key, value)) = field.split_once('=') else {
@@ -89,6 +91,7 @@ pub fn parse_reply(line: &str) -> Result<Reply, String> {
             "total_us" => &mut total_us,
             "resident" => &mut resident,
             "flush_us" => &mut flush_us,
+            "copied" => &mut copied,
             "engine" => {
                 engine = Some(value.to_string());
                 head = before;
@@ -119,6 +122,7 @@ pub fn parse_reply(line: &str) -> Result<Reply, String> {
                 resident,
                 flush_us,
                 engine,
+                copied,
             }))
         }
         _ => Err(garbage()),
@@ -281,7 +285,7 @@ mod tests {
     fn ok_reply_is_parsed() {
         let r = parse_reply(
             "ok path=/data/img/app/ckpt-00000002.snap bytes=1052672 pause_us=1830 \
-             total_us=48211 resident=4194304 flush_us=46381 engine=fork\n",
+             total_us=48211 resident=4194304 flush_us=46381 copied=12 engine=fork\n",
         );
         assert_eq!(
             r,
@@ -293,6 +297,7 @@ mod tests {
                 resident: 4194304,
                 flush_us: Some(46381),
                 engine: Some("fork".into()),
+                copied: Some(12),
             }))
         );
     }
