@@ -142,9 +142,8 @@ fn every_single_byte_flip_is_refused_or_harmless() {
         let mut c = b.clone();
         c[i] ^= 0x10;
         let inside_header_padding = (H_END..PAGE_SIZE as usize).contains(&i);
-        match open_bytes(&c) {
-            Ok(_) => assert!(inside_header_padding, "flip at {i} went unnoticed"),
-            Err(_) => {}
+        if open_bytes(&c).is_ok() {
+            assert!(inside_header_padding, "flip at {i} went unnoticed");
         }
     }
 }

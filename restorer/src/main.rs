@@ -153,9 +153,10 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
     })?;
     let image_fd = move_high(image.file.as_raw_fd(), fd_plan.high_base)?;
     // --stats reports on the restorer's own stderr, which the program's descriptors replace.
-    // SAFETY: dup of our stderr.
     opt.stats_fd = if opt.stats {
-        move_high(unsafe { libc::dup(2) }, fd_plan.high_base)?
+        // SAFETY: dup of our own stderr.
+        let copy = unsafe { libc::dup(2) };
+        move_high(copy, fd_plan.high_base)?
     } else {
         -1
     };
@@ -665,7 +666,11 @@ fn write_plan(
     for (i, &(interval, value)) in p.itimers.iter().take(3).enumerate() {
         // A periodic timer caught just as it expired reads 0 left; setitimer would take a zero
         // value as "disarm", so it fires at once instead.
-        let value = if interval != 0 && value == 0 { 1 } else { value };
+        let value = if interval != 0 && value == 0 {
+            1
+        } else {
+            value
+        };
         itimers[i] = [
             (interval / 1_000_000) as i64,
             (interval % 1_000_000) as i64,
