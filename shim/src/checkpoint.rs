@@ -150,7 +150,17 @@ fn write_stats(s: &Stats) {
         s.copied
     );
     let path = std::path::Path::new(&s.path).with_extension("json");
-    let _ = std::fs::write(path, json);
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path);
+    if let Ok(mut f) = file {
+        let _ = f.write_all(json.as_bytes());
+    }
 }
 
 fn reply(req: u64, line: &str) {
