@@ -186,10 +186,37 @@ extern "C" fn init() {
     unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
 
     let candidates = park::tid_candidates();
+    // The helper must never run a handler of the program's: it inherits a fully blocked mask
+    // from its first instruction (a signal could otherwise reach it before it blocks them).
+    let (all, mut old) = (u64::MAX, 0u64);
+    // SAFETY: rt_sigprocmask with 8-byte sets; the raw call bypasses our own filter.
+    unsafe {
+        sys::syscall6(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK as u64,
+            &all as *const u64 as u64,
+            &mut old as *mut u64 as u64,
+            8,
+            0,
+            0,
+        )
+    };
     let spawned = std::thread::Builder::new()
         .name("snapshim".into())
         .stack_size(512 << 10)
         .spawn(move || checkpoint::helper_main(cfg, candidates));
+    // SAFETY: puts back this thread's own mask.
+    unsafe {
+        sys::syscall6(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK as u64,
+            &old as *const u64 as u64,
+            0,
+            8,
+            0,
+            0,
+        )
+    };
     if let Err(e) = spawned {
         warn(&format!(
             "cannot start the helper thread: {e}; checkpoints are off"
