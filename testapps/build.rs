@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-const APPS: &[&str] = &["single", "threads", "fpu", "signals", "files"];
+const APPS: &[&str] = &["single", "threads", "fpu", "signals", "files", "pattern"];
 
 fn main() {
     let out_dir = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR");

@@ -21,6 +21,7 @@ pub const APP_NAMES: &[&str] = &[
     "signals",
     "files",
     "threads-py",
+    "pattern",
 ];
 
 /// Prepares an app's working directory (input files) before it starts.
@@ -43,6 +44,9 @@ pub struct AppSpec {
     /// When the tests run as root, run the app and the tools as `nobody` (root ignores file
     /// permissions, so permission failures cannot be provoked as root).
     pub unprivileged: bool,
+    /// Extra environment variables for the app (not for the tools), set after the ones the
+    /// test process passes through, so they override them (`SNAPSHIM_COW`, say).
+    pub env: Vec<(String, String)>,
 }
 
 impl AppSpec {
@@ -55,13 +59,16 @@ impl AppSpec {
             setup: None,
             run_from_copy: false,
             unprivileged: false,
+            env: Vec::new(),
         }
     }
 
     /// One of [`APP_NAMES`], with its default arguments.
     pub fn named(name: &str) -> Result<AppSpec> {
         Ok(match name {
-            "single" | "threads" | "fpu" | "signals" => AppSpec::new(name, c_app(name), &[]),
+            "single" | "threads" | "fpu" | "signals" | "pattern" => {
+                AppSpec::new(name, c_app(name), &[])
+            }
             "files" => AppSpec {
                 output_files: vec![FILES_OUTPUT.to_string()],
                 setup: Some(write_files_input),
@@ -92,6 +99,12 @@ impl AppSpec {
         self
     }
 
+    /// Sets an environment variable for the app (see [`AppSpec::env`]).
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> AppSpec {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
     /// See [`AppSpec::run_from_copy`].
     pub fn from_copy(mut self) -> AppSpec {
         self.run_from_copy = true;
@@ -106,7 +119,11 @@ impl AppSpec {
 
     /// What determines the output: runs with equal keys must print the same.
     pub fn key(&self) -> String {
-        format!("{} {}", self.name, self.args.join(" "))
+        let mut key = format!("{} {}", self.name, self.args.join(" "));
+        for (k, v) in &self.env {
+            key += &format!(" [{k}={v}]");
+        }
+        key
     }
 }
 

@@ -134,6 +134,8 @@ fn newest_source(root: &Path, crates: &[&str]) -> Option<(SystemTime, PathBuf)> 
                 let p = e.path();
                 match e.file_type() {
                     Ok(t) if t.is_dir() => stack.push(p),
+                    // Unit-test modules do not go into the built artifacts.
+                    Ok(_) if p.file_name() == Some("tests.rs".as_ref()) => {}
                     Ok(_) => consider(p),
                     Err(_) => {}
                 }

@@ -260,7 +260,8 @@ impl Session {
             .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(Stdio::piped());
+            .stderr(Stdio::piped())
+            .envs(self.spec.env.iter().map(|(k, v)| (k, v)));
         if with_shim {
             let tools = self.tools()?;
             cmd.env("LD_PRELOAD", &tools.shim)
