@@ -253,6 +253,26 @@ fn hits_reserved(addr: usize, len: size_t) -> bool {
     a < RESERVED_END && e > RESERVED_START
 }
 
+/// A fixed mapping into the restorer's range is refused with ENOMEM (the range is in use).
+fn refuse_reserved(fixed: bool, addr: usize, len: size_t) -> bool {
+    let refuse = fixed && hits_reserved(addr, len) && crate::RESERVED.load(Relaxed);
+    if refuse {
+        set_errno(libc::ENOMEM);
+    }
+    refuse
+}
+
+/// A raw mmap/mremap result as the C API returns it (MAP_FAILED and errno on failure).
+fn map_result(r: i64) -> *mut c_void {
+    match sys::check(r) {
+        Ok(a) => a as *mut c_void,
+        Err(e) => {
+            set_errno(e);
+            libc::MAP_FAILED
+        }
+    }
+}
+
 fn set_errno(e: c_int) {
     // SAFETY: this thread's errno slot.
     unsafe { *libc::__errno_location() = e };
@@ -269,11 +289,11 @@ pub unsafe extern "C" fn mmap(
     fd: c_int,
     off: libc::off_t,
 ) -> *mut c_void {
-    if flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0
-        && hits_reserved(addr as usize, len)
-        && crate::RESERVED.load(Relaxed)
-    {
-        set_errno(libc::ENOMEM);
+    if refuse_reserved(
+        flags & (libc::MAP_FIXED | libc::MAP_FIXED_NOREPLACE) != 0,
+        addr as usize,
+        len,
+    ) {
         return libc::MAP_FAILED;
     }
     // SAFETY: forwarded unchanged; the kernel validates everything.
@@ -288,21 +308,16 @@ pub unsafe extern "C" fn mmap(
             off as u64,
         )
     };
-    match sys::check(r) {
-        Ok(a) => {
-            if len >= LARGE {
-                MMAP_BYTES.fetch_add(len as u64, Relaxed);
-            }
-            if flags & libc::MAP_ANONYMOUS != 0 && flags & libc::MAP_SHARED == 0 {
-                advise_huge(a as *mut c_void, len);
-            }
-            a as *mut c_void
+    let a = map_result(r);
+    if a != libc::MAP_FAILED {
+        if len >= LARGE {
+            MMAP_BYTES.fetch_add(len as u64, Relaxed);
         }
-        Err(e) => {
-            set_errno(e);
-            libc::MAP_FAILED
+        if flags & libc::MAP_ANONYMOUS != 0 && flags & libc::MAP_SHARED == 0 {
+            advise_huge(a, len);
         }
     }
+    a
 }
 
 /// # Safety
@@ -337,11 +352,7 @@ pub unsafe extern "C" fn mremap(
     } else {
         0
     };
-    if flags & libc::MREMAP_FIXED != 0
-        && hits_reserved(new_addr, new_len)
-        && crate::RESERVED.load(Relaxed)
-    {
-        set_errno(libc::ENOMEM);
+    if refuse_reserved(flags & libc::MREMAP_FIXED != 0, new_addr, new_len) {
         return libc::MAP_FAILED;
     }
     // SAFETY: forwarded unchanged.
@@ -356,13 +367,7 @@ pub unsafe extern "C" fn mremap(
             0,
         )
     };
-    match sys::check(r) {
-        Ok(a) => a as *mut c_void,
-        Err(e) => {
-            set_errno(e);
-            libc::MAP_FAILED
-        }
-    }
+    map_result(r)
 }
 
 // ---------------------------------------------------------------------------------------------
