@@ -213,6 +213,26 @@ fn filtered(how: c_int, set: *const sigset_t, copy: &mut sigset_t) -> *const sig
     copy
 }
 
+/// Calls glibc's `name` (sigprocmask or pthread_sigmask) with our signals taken out of a set
+/// the program wants blocked.
+///
+/// # Safety
+/// As `sigprocmask(2)`: `set` and `old` are null or valid.
+unsafe fn masked(
+    cache: &AtomicUsize,
+    name: &core::ffi::CStr,
+    how: c_int,
+    set: *const sigset_t,
+    old: *mut sigset_t,
+) -> c_int {
+    // SAFETY: an all-zero sigset is valid.
+    let mut copy: sigset_t = unsafe { core::mem::zeroed() };
+    let set = filtered(how, set, &mut copy);
+    let f = next(cache, name);
+    // SAFETY: f is glibc's function of that signature; sets are valid or null.
+    unsafe { core::mem::transmute::<usize, SigmaskFn>(f)(how, set, old) }
+}
+
 /// # Safety
 /// As `sigprocmask(2)`.
 #[cfg_attr(not(test), no_mangle)]
@@ -221,12 +241,8 @@ pub unsafe extern "C" fn sigprocmask(
     set: *const sigset_t,
     old: *mut sigset_t,
 ) -> c_int {
-    // SAFETY: an all-zero sigset is valid.
-    let mut copy: sigset_t = unsafe { core::mem::zeroed() };
-    let set = filtered(how, set, &mut copy);
-    let f = next(&REAL_SIGPROCMASK, c"sigprocmask");
-    // SAFETY: glibc's sigprocmask with valid or null sets.
-    unsafe { core::mem::transmute::<usize, SigmaskFn>(f)(how, set, old) }
+    // SAFETY: forwarded with the caller's contract.
+    unsafe { masked(&REAL_SIGPROCMASK, c"sigprocmask", how, set, old) }
 }
 
 /// # Safety
@@ -237,12 +253,8 @@ pub unsafe extern "C" fn pthread_sigmask(
     set: *const sigset_t,
     old: *mut sigset_t,
 ) -> c_int {
-    // SAFETY: an all-zero sigset is valid.
-    let mut copy: sigset_t = unsafe { core::mem::zeroed() };
-    let set = filtered(how, set, &mut copy);
-    let f = next(&REAL_PTHREAD_SIGMASK, c"pthread_sigmask");
-    // SAFETY: glibc's pthread_sigmask with valid or null sets.
-    unsafe { core::mem::transmute::<usize, SigmaskFn>(f)(how, set, old) }
+    // SAFETY: forwarded with the caller's contract.
+    unsafe { masked(&REAL_PTHREAD_SIGMASK, c"pthread_sigmask", how, set, old) }
 }
 
 // ---------------------------------------------------------------------------------------------
