@@ -593,6 +593,21 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>, ImageError> {
     Ok(v)
 }
 
+/// The XSAVE features this CPU has enabled (XCR0): what every signal frame taken here contains,
+/// and the value recorded in [`Process::xsave_features`]. 0 when the OS has not enabled XSAVE.
+pub fn xsave_features() -> u64 {
+    let c = core::arch::x86_64::__cpuid(1);
+    if c.ecx & (1 << 27) == 0 {
+        return 0; // no OSXSAVE
+    }
+    let (lo, hi): (u32, u32);
+    // SAFETY: xgetbv(0) is allowed when OSXSAVE is set (checked above).
+    unsafe {
+        core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack))
+    };
+    (hi as u64) << 32 | lo as u64
+}
+
 /// File name of the image with sequence number `seq`; sorts by sequence.
 pub fn image_file_name(seq: u64) -> String {
     format!("ckpt-{seq:08}{IMAGE_SUFFIX}")

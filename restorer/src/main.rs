@@ -214,7 +214,7 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
 }
 
 fn check_machine(meta: &Metadata) -> Result<(), String> {
-    let have = xcr0();
+    let have = snapshim_image::xsave_features();
     let need = meta.process.xsave_features;
     if need & !have != 0 {
         return Err(format!(
@@ -243,19 +243,6 @@ fn check_machine(meta: &Metadata) -> Result<(), String> {
         return Err("the image has no threads to resume".into());
     }
     Ok(())
-}
-
-fn xcr0() -> u64 {
-    let c = core::arch::x86_64::__cpuid(1);
-    if c.ecx & (1 << 27) == 0 {
-        return 0;
-    }
-    let (lo, hi): (u32, u32);
-    // SAFETY: xgetbv(0) is allowed when OSXSAVE is set (checked above).
-    unsafe {
-        core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack))
-    };
-    (hi as u64) << 32 | lo as u64
 }
 
 /// This process's [vvar], [vvar_vclock], [vdso] as (name, start, end).

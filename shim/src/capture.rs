@@ -165,8 +165,8 @@ fn cpath(parts: &[&str]) -> Vec<u8> {
     v
 }
 
-/// The file descriptor table. `skip` are the writer's own descriptors.
-pub fn fds(skip: &[i32]) -> Vec<FdState> {
+/// The file descriptor table.
+pub fn fds() -> Vec<FdState> {
     let mut out = Vec::new();
     let Ok(list) = list_numeric_dir(b"/proc/self/fd\0") else {
         return out;
@@ -174,9 +174,6 @@ pub fn fds(skip: &[i32]) -> Vec<FdState> {
     let mut info = Vec::new();
     let mut pipes: Vec<(u64, i32, bool)> = Vec::new(); // (inode, fd, read end)
     for fd in list {
-        if skip.contains(&fd) {
-            continue;
-        }
         let mut nb = [0u8; 20];
         let num = crate::interpose::itoa(fd as u64, &mut nb);
         let target = sys::readlink(&cpath(&["/proc/self/fd/", num])).unwrap_or_default();
@@ -369,7 +366,7 @@ pub fn process(cfg: &crate::config::Config) -> Process {
             (v[2] * 1_000_000 + v[3]) as u64,
         ));
     }
-    p.xsave_features = xcr0();
+    p.xsave_features = snapshim_image::xsave_features();
     p.clock_monotonic_ns = sys::monotonic_ns();
     p.clock_realtime_ns = sys::clock_ns(libc::CLOCK_REALTIME);
     if sys::read_file(b"/proc/self/statm\0", &mut buf).is_ok() {
@@ -382,18 +379,4 @@ pub fn process(cfg: &crate::config::Config) -> Process {
             * 4096;
     }
     p
-}
-
-/// XCR0: the XSAVE features enabled on this CPU (what signal frames contain).
-pub fn xcr0() -> u64 {
-    let c = core::arch::x86_64::__cpuid(1);
-    if c.ecx & (1 << 27) == 0 {
-        return 0; // no OSXSAVE
-    }
-    let (lo, hi): (u32, u32);
-    // SAFETY: xgetbv(0) is allowed when OSXSAVE is set (checked above).
-    unsafe {
-        core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi, options(nomem, nostack))
-    };
-    (hi as u64) << 32 | lo as u64
 }

@@ -415,7 +415,7 @@ fn quiesce() -> Result<usize, String> {
                 ));
             }
             for &t in &signaled {
-                if !gone.contains(&t) && !parked_tid(t) && (is_zombie(t) || !task_exists(t)) {
+                if !gone.contains(&t) && !parked_tid(t) && is_zombie(t) {
                     gone.push(t);
                 }
             }
@@ -441,15 +441,7 @@ fn task_path(t: i32, leaf: &str) -> Vec<u8> {
     alloc::format!("/proc/self/task/{t}{leaf}\0").into_bytes()
 }
 
-fn task_exists(t: i32) -> bool {
-    capture::stat_path(
-        core::str::from_utf8(&task_path(t, "")[..])
-            .unwrap_or("")
-            .trim_end_matches('\0'),
-    )
-    .is_some()
-}
-
+/// The task has exited: a zombie, dead, or already gone from /proc.
 fn is_zombie(t: i32) -> bool {
     let mut buf = Vec::new();
     if sys::read_file(&task_path(t, "/stat"), &mut buf).is_err() {

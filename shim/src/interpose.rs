@@ -13,7 +13,7 @@
 #![allow(unsafe_code)]
 
 use core::ffi::c_void;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
 
 use libc::{c_int, sigset_t, size_t};
 use snapshim_image::layout::{RESERVED_END, RESERVED_START};
@@ -24,7 +24,6 @@ use crate::sys;
 pub static TRIGGER_SIG: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(0);
 pub static QUIESCE_SIG: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(0);
 
-pub static LARGE_ALLOCS: AtomicU64 = AtomicU64::new(0);
 /// SNAPSHIM_HUGEPAGES=1: advise large anonymous memory MADV_HUGEPAGE.
 pub static HUGEPAGES: AtomicBool = AtomicBool::new(false);
 /// Allocations at least this large are advised.
@@ -55,8 +54,6 @@ fn advise_huge(ptr: *mut c_void, len: usize) {
         };
     }
 }
-pub static MMAP_BYTES: AtomicU64 = AtomicU64::new(0);
-const LARGE: usize = 1 << 20;
 
 fn is_ours(sig: c_int) -> bool {
     sig != 0 && (sig == TRIGGER_SIG.load(Relaxed) || sig == QUIESCE_SIG.load(Relaxed))
@@ -321,13 +318,8 @@ pub unsafe extern "C" fn mmap(
         )
     };
     let a = map_result(r);
-    if a != libc::MAP_FAILED {
-        if len >= LARGE {
-            MMAP_BYTES.fetch_add(len as u64, Relaxed);
-        }
-        if flags & libc::MAP_ANONYMOUS != 0 && flags & libc::MAP_SHARED == 0 {
-            advise_huge(a, len);
-        }
+    if a != libc::MAP_FAILED && flags & libc::MAP_ANONYMOUS != 0 && flags & libc::MAP_SHARED == 0 {
+        advise_huge(a, len);
     }
     a
 }
@@ -393,17 +385,10 @@ extern "C" {
     fn __libc_memalign(align: size_t, size: size_t) -> *mut c_void;
 }
 
-fn note(size: size_t) {
-    if size >= LARGE {
-        LARGE_ALLOCS.fetch_add(1, Relaxed);
-    }
-}
-
 /// # Safety
 /// As `malloc(3)`.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn malloc(size: size_t) -> *mut c_void {
-    note(size);
     // SAFETY: glibc's malloc.
     let r = unsafe { __libc_malloc(size) };
     advise_huge(r, size);
@@ -414,7 +399,6 @@ pub unsafe extern "C" fn malloc(size: size_t) -> *mut c_void {
 /// As `calloc(3)`.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn calloc(n: size_t, size: size_t) -> *mut c_void {
-    note(n.saturating_mul(size));
     // SAFETY: glibc's calloc.
     let r = unsafe { __libc_calloc(n, size) };
     advise_huge(r, n.saturating_mul(size));
@@ -425,7 +409,6 @@ pub unsafe extern "C" fn calloc(n: size_t, size: size_t) -> *mut c_void {
 /// As `realloc(3)`.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn realloc(p: *mut c_void, size: size_t) -> *mut c_void {
-    note(size);
     // SAFETY: glibc's realloc on a pointer from glibc's allocator.
     let r = unsafe { __libc_realloc(p, size) };
     advise_huge(r, size);
@@ -444,7 +427,6 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
 /// As `memalign(3)`.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn memalign(align: size_t, size: size_t) -> *mut c_void {
-    note(size);
     // SAFETY: glibc's memalign.
     let r = unsafe { __libc_memalign(align, size) };
     advise_huge(r, size);

@@ -135,10 +135,8 @@ pub static RESUMED: AtomicU32 = AtomicU32::new(0);
 /// Offset of glibc's cached TID (`struct pthread.tid`) from the thread pointer, or -1.
 pub static TID_OFFSET: AtomicI32 = AtomicI32::new(-1);
 /// glibc's rseq area offset from the thread pointer and its registered size (0: none).
-pub static RSEQ_OFFSET: AtomicI64Cell = AtomicI64Cell::new(0);
+pub static RSEQ_OFFSET: core::sync::atomic::AtomicI64 = core::sync::atomic::AtomicI64::new(0);
 pub static RSEQ_SIZE: AtomicU32 = AtomicU32::new(0);
-
-pub type AtomicI64Cell = core::sync::atomic::AtomicI64;
 
 const RSEQ_SIG: u32 = 0x5305_3053;
 /// The kernel's rseq ABI area is 32 bytes; glibc's `__rseq_size` (20 on 2.35+) is the used part.

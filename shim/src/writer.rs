@@ -59,7 +59,7 @@ pub fn capture(cfg: &Config, nthreads: usize) -> Result<Captured, String> {
     sys::read_file(b"/proc/self/maps\0", &mut maps_text)
         .map_err(|e| alloc::format!("cannot read /proc/self/maps: errno {e}"))?;
     let maps = capture::parse_maps(&String::from_utf8_lossy(&maps_text));
-    let fds = capture::fds(&[]);
+    let fds = capture::fds();
     let process = capture::process(cfg);
     let n = nthreads.min(park::MAX_THREADS);
     let mut threads: Vec<ThreadState> = SLOTS[..n].iter().map(|s| thread_state(s, false)).collect();
