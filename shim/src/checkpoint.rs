@@ -36,6 +36,17 @@ pub static DISABLED: AtomicU32 = AtomicU32::new(0);
 /// Who asked for a checkpoint and wants an answer: (pid << 32 | fd), 0 = free.
 const MAX_REQ: usize = 16;
 static REQUESTS: [AtomicU64; MAX_REQ] = [const { AtomicU64::new(0) }; MAX_REQ];
+/// Moments of the last pause (monotonic ns), for the statistics: see [`PHASES`].
+pub static MARKS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+/// What ends at each mark: the pause is the sum of these phases.
+pub const PHASES: [&str; 8] = [
+    "start", "quiesce", "capture", "register", "scan", "copy", "protect", "release",
+];
+
+pub fn mark(i: usize) {
+    MARKS[i].store(sys::monotonic_ns(), Relaxed);
+}
+
 /// Sequence number of the last image this process (or the one it was restored from) wrote.
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -112,9 +123,28 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
             .map(|r| r.swap(0, AcqRel))
             .filter(|&v| v != 0)
             .collect();
-        let outcome = take(cfg);
+        let engine = match cfg.engine.resolve() {
+            Engine::Uffd if !crate::uffd::available() => {
+                let _ = sys::write_all(
+                    2,
+                    b"snapshim: SNAPSHIM_COW=uffd: this process may not use userfaultfd \
+                      (vm.unprivileged_userfaultfd=0?); using fork\n",
+                );
+                Engine::Fork
+            }
+            e => e,
+        };
+        let mut outcome = take(cfg, engine);
+        if let Outcome::Retry(msg) = &outcome {
+            let text = alloc::format!(
+                "snapshim: the uffd snapshot was not exact ({msg}); taking it again with fork\n"
+            );
+            let _ = sys::write_all(2, text.as_bytes());
+            outcome = take(cfg, Engine::Fork);
+        }
         let line = match &outcome {
             Outcome::Restored => continue,
+            Outcome::Retry(msg) => alloc::format!("err {msg}\n"),
             Outcome::Done(s) => {
                 write_stats(s);
                 alloc::format!(
@@ -137,9 +167,23 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
 
 /// The image's statistics, machine-readable, beside it (`ckpt-N.json`).
 fn write_stats(s: &Stats) {
+    // The pause's phases that were timed, in microseconds.
+    let mut phases = String::new();
+    let mut prev = MARKS[0].load(Relaxed);
+    for (i, m) in MARKS.iter().enumerate().skip(1) {
+        let t = m.load(Relaxed);
+        if t != 0 && prev != 0 && t >= prev {
+            if !phases.is_empty() {
+                phases.push_str(", ");
+            }
+            phases.push_str(&alloc::format!("\"{}\": {}", PHASES[i], (t - prev) / 1000));
+            prev = t;
+        }
+    }
     let json = alloc::format!(
         "{{\"image\": \"{}\", \"engine\": \"{}\", \"bytes\": {}, \"resident_bytes\": {}, \
-         \"pause_us\": {}, \"flush_us\": {}, \"total_us\": {}, \"pages_copied_before_write\": {}}}\n",
+         \"pause_us\": {}, \"flush_us\": {}, \"total_us\": {}, \"pages_copied_before_write\": {}, \
+         \"pause_phases_us\": {{{phases}}}}}\n",
         s.path.replace('\\', "\\\\").replace('"', "\\\""),
         s.engine.name(),
         s.bytes,
@@ -191,6 +235,9 @@ pub struct Stats {
 pub enum Outcome {
     Done(Stats),
     Failed(String),
+    /// The uffd engine lost part of the snapshot (memory released behind the shim's back): the
+    /// image was discarded; take another one with the fork engine.
+    Retry(String),
     Restored,
 }
 
@@ -198,6 +245,11 @@ pub enum Outcome {
 /// results here, which a restored process never reads.
 struct Job {
     cfg: &'static Config,
+    engine: Engine,
+    /// Pages copied before the writer stored them (uffd engine).
+    copied: u64,
+    /// The uffd engine's snapshot was not exact (see Outcome::Retry).
+    retry: bool,
     t0: u64,
     seq: u64,
     nthreads: usize,
@@ -217,8 +269,12 @@ struct Job {
 }
 
 /// Takes one checkpoint. Returns in the original process when it is over, or in a restored one.
-fn take(cfg: &'static Config) -> Outcome {
+fn take(cfg: &'static Config, engine: Engine) -> Outcome {
     let t0 = sys::monotonic_ns();
+    for m in MARKS.iter() {
+        m.store(0, Relaxed);
+    }
+    MARKS[0].store(t0, Relaxed);
     let nthreads = match quiesce() {
         Ok(n) => n,
         Err(msg) => {
@@ -239,6 +295,9 @@ fn take(cfg: &'static Config) -> Outcome {
     SEQ.store(seq, Relaxed);
     let mut job = Job {
         cfg,
+        engine,
+        copied: 0,
+        retry: false,
         t0,
         seq,
         nthreads,
@@ -287,7 +346,7 @@ fn take(cfg: &'static Config) -> Outcome {
     let copied = if job.child > 0 {
         minor_faults().saturating_sub(job.faults_at_release)
     } else {
-        0
+        job.copied
     };
     let text = String::from_utf8_lossy(&job.result[..job.result_len]).into_owned();
     let now = sys::monotonic_ns();
@@ -300,11 +359,15 @@ fn take(cfg: &'static Config) -> Outcome {
             copied,
             total_ns: now - t0,
             resident: job.resident,
-            engine: cfg.engine,
+            engine: job.engine,
         })
     } else {
         SEQ.store(seq - 1, Relaxed);
-        Outcome::Failed(text)
+        if job.retry {
+            Outcome::Retry(text)
+        } else {
+            Outcome::Failed(text)
+        }
     }
 }
 
@@ -515,11 +578,59 @@ extern "C" fn writer_entry(arg: *mut core::ffi::c_void) {
 /// early as the engine allows. Returns the image path.
 fn write_image(job: &mut Job) -> Result<String, String> {
     let cfg = job.cfg;
+    mark(1);
     let cap = writer::capture(cfg, job.nthreads)?;
+    mark(2);
     job.resident = cap.process.resident_bytes;
     let t = writer::create_target(cfg, job.seq)?;
     let path = t.path.display().to_string();
-    match cfg.engine {
+    let mut engine = job.engine;
+    let mut live = None;
+    if engine == Engine::Uffd {
+        let layout = writer::layout(&cap);
+        match crate::uffd::begin(&cap.maps, &layout.wanted) {
+            Ok(table) => live = Some((table, layout)),
+            Err(msg) => {
+                let text =
+                    alloc::format!("snapshim: uffd engine unavailable ({msg}); using fork\n");
+                let _ = sys::write_all(2, text.as_bytes());
+                engine = Engine::Fork;
+                job.engine = engine;
+            }
+        }
+    }
+    match engine {
+        Engine::Uffd | Engine::Auto => {
+            let Some((table, layout)) = live else {
+                writer::abandon(&t);
+                return Err("internal error: no uffd table".into());
+            };
+            mark(7);
+            job.pause_ns = sys::monotonic_ns() - job.t0;
+            release();
+            let r = writer::write_live(cfg, &cap, &t, table, layout);
+            crate::uffd::end(table);
+            job.copied = table.copied.load(Relaxed);
+            let r = match (r, table.lost()) {
+                (Ok(bytes), None) => writer::commit(&t, job.seq, cfg.keep).map(|()| bytes),
+                (Ok(_), Some(lost)) => {
+                    job.retry = true;
+                    Err(lost)
+                }
+                (Err(msg), _) => Err(msg),
+            };
+            match r {
+                Ok(bytes) => {
+                    sys::close(t.fd);
+                    job.bytes = bytes;
+                    Ok(path)
+                }
+                Err(msg) => {
+                    writer::abandon(&t);
+                    Err(msg)
+                }
+            }
+        }
         Engine::Stop => {
             let r = writer::write_out(cfg, &cap, &t);
             job.pause_ns = sys::monotonic_ns() - job.t0;

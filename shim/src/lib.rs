@@ -25,6 +25,7 @@ mod park;
 #[path = "alloc.rs"]
 mod shim_alloc;
 mod sys;
+mod uffd;
 mod writer;
 
 use core::sync::atomic::{AtomicBool, Ordering::*};
@@ -103,13 +104,15 @@ extern "C" fn init() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     let engine = match env("SNAPSHIM_COW").as_deref() {
-        None | Some("auto") | Some("fork") => writer::Engine::Fork,
+        None | Some("auto") => writer::Engine::Auto,
+        Some("fork") => writer::Engine::Fork,
         Some("stop") => writer::Engine::Stop,
+        Some("uffd") => writer::Engine::Uffd,
         Some(other) => {
             warn(&format!(
-                "SNAPSHIM_COW={other} is not an engine here (auto, fork, stop); using fork"
+                "SNAPSHIM_COW={other} is not an engine (auto, uffd, fork, stop); using auto"
             ));
-            writer::Engine::Fork
+            writer::Engine::Auto
         }
     };
     interpose::HUGEPAGES.store(env("SNAPSHIM_HUGEPAGES").is_some_and(|v| v != "0"), Relaxed);

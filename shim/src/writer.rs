@@ -2,6 +2,9 @@
 //! and header into a temporary file, then the atomic commit.
 //!
 //! Engines (`SNAPSHIM_COW`):
+//! - `uffd` (see uffd.rs): memory is write-protected with a userfaultfd during the pause and
+//!   written by this thread while the program runs; pages the program is about to change are
+//!   copied first. The default (`auto`) where the process may use userfaultfd.
 //! - `stop`: the program stays parked until every page is written; the pause grows with memory.
 //! - `fork`: during the pause the writer captures descriptors and process state, then forks a
 //!   child with a raw `clone` whose exit signal is 0 (the program never sees a SIGCHLD, and its
@@ -17,7 +20,7 @@
 
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::Ordering::Relaxed;
+use core::sync::atomic::Ordering::{AcqRel, Relaxed};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 
@@ -33,22 +36,36 @@ use crate::sys::{self, sc};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
+    /// The best one available: `Uffd` where this process may use userfaultfd, else `Fork`.
+    Auto,
     Stop,
     Fork,
+    Uffd,
 }
 
 impl Engine {
     pub fn name(self) -> &'static str {
         match self {
+            Engine::Auto => "auto",
             Engine::Stop => "stop",
             Engine::Fork => "fork",
+            Engine::Uffd => "uffd",
+        }
+    }
+
+    /// The engine `self` means in this process now.
+    pub fn resolve(self) -> Engine {
+        match self {
+            Engine::Auto if crate::uffd::available() => Engine::Uffd,
+            Engine::Auto => Engine::Fork,
+            e => e,
         }
     }
 }
 
 /// What only the running process can tell: read during the pause.
 pub struct Captured {
-    maps: Vec<MapsEntry>,
+    pub maps: Vec<MapsEntry>,
     fds: Vec<FdState>,
     pub process: Process,
     threads: Vec<ThreadState>,
@@ -184,28 +201,7 @@ fn write_pages_and_meta(
     let mut page_buf = alloc::vec![0u8; 4096];
     let mut direct = direct;
     for e in cap.maps.iter().filter(|e| !capture::is_excluded(e)) {
-        let deleted = e.name.ends_with(" (deleted)");
-        let kind = match e.name.as_str() {
-            "[vdso]" => RegionKind::Vdso,
-            "[vvar]" => RegionKind::Vvar,
-            "[vvar_vclock]" => RegionKind::VvarVclock,
-            n if e.inode != 0 && n.starts_with('/') && !deleted => {
-                let identity = capture::stat_path(n)
-                    .map(|st| capture::identity_of(&st))
-                    .unwrap_or_default();
-                RegionKind::File {
-                    path: n.into(),
-                    offset: e.offset,
-                    identity,
-                }
-            }
-            _ => RegionKind::Anon,
-        };
-        let store = match &kind {
-            RegionKind::Anon => true,
-            RegionKind::File { .. } => !e.shared,
-            _ => false,
-        };
+        let (kind, store) = classify(e);
         if store {
             capture::pagemap(pm_fd, e.start, e.end, &mut pm)
                 .map_err(|e| ("read the pagemap for", e))?;
@@ -275,16 +271,59 @@ fn write_pages_and_meta(
                 });
             }
         }
-        regions.push(Region {
-            start: e.start,
-            end: e.end,
-            prot: e.prot,
-            shared: e.shared,
-            kind,
-            name: e.name.clone(),
-        });
+        regions.push(region(e, kind));
     }
 
+    finish(cfg, cap, fd, regions, runs, off)
+}
+
+/// What a region of the map is, and whether its pages go into the image.
+pub fn classify(e: &MapsEntry) -> (RegionKind, bool) {
+    let deleted = e.name.ends_with(" (deleted)");
+    let kind = match e.name.as_str() {
+        "[vdso]" => RegionKind::Vdso,
+        "[vvar]" => RegionKind::Vvar,
+        "[vvar_vclock]" => RegionKind::VvarVclock,
+        n if e.inode != 0 && n.starts_with('/') && !deleted => {
+            let identity = capture::stat_path(n)
+                .map(|st| capture::identity_of(&st))
+                .unwrap_or_default();
+            RegionKind::File {
+                path: n.into(),
+                offset: e.offset,
+                identity,
+            }
+        }
+        _ => RegionKind::Anon,
+    };
+    let store = match &kind {
+        RegionKind::Anon => true,
+        RegionKind::File { .. } => !e.shared,
+        _ => false,
+    };
+    (kind, store)
+}
+
+pub fn region(e: &MapsEntry, kind: RegionKind) -> Region {
+    Region {
+        start: e.start,
+        end: e.end,
+        prot: e.prot,
+        shared: e.shared,
+        kind,
+        name: e.name.clone(),
+    }
+}
+
+/// Writes metadata and header after the page data (which ends at `off`). Returns the file size.
+pub fn finish(
+    cfg: &Config,
+    cap: &Captured,
+    fd: i32,
+    regions: Vec<Region>,
+    runs: Vec<PageRun>,
+    off: u64,
+) -> IoResult<u64> {
     let meta = Metadata {
         process: cap.process.clone(),
         shim: ShimInfo {
@@ -375,4 +414,189 @@ pub fn fork_child(child: impl FnOnce() -> i32) -> sys::Result<i32> {
         unreachable!();
     }
     Ok(pid)
+}
+
+/// The image's regions and, for each stored one, its index in the map and whether it is backed
+/// by a file (where pages equal to the file's are not stored).
+pub struct Layout {
+    pub regions: Vec<Region>,
+    pub wanted: Vec<crate::uffd::Wanted>,
+}
+
+pub fn layout(cap: &Captured) -> Layout {
+    let mut regions = Vec::new();
+    let mut wanted = Vec::new();
+    for (i, e) in cap.maps.iter().enumerate() {
+        if capture::is_excluded(e) {
+            continue;
+        }
+        let (kind, store) = classify(e);
+        if store {
+            wanted.push(crate::uffd::Wanted {
+                entry: i,
+                file_backed: matches!(kind, RegionKind::File { .. }),
+            });
+        }
+        regions.push(region(e, kind));
+    }
+    Layout { regions, wanted }
+}
+
+/// Address space the live writer handles at once: read, written, then released to the program.
+const WINDOW: usize = 4 << 20;
+
+/// A run being built: its first page, page count, file offset and checksum so far.
+struct OpenRun {
+    addr: u64,
+    pages: u64,
+    file_off: u64,
+    crc: crc32fast::Hasher,
+}
+
+/// The userfaultfd engine's flush, while the program runs (see uffd.rs): page data window by
+/// window from memory or from the copies made before the program could change it, then
+/// metadata and header. Returns the image's size.
+pub fn write_live(
+    cfg: &Config,
+    cap: &Captured,
+    t: &Target,
+    table: &crate::uffd::Table,
+    layout: Layout,
+) -> Result<u64, String> {
+    use crate::uffd;
+    let io = |what: &'static str| move |e: i32| errmsg(what, &t.tmp, e);
+    let mut direct = sys::open(
+        &cpath(&t.tmp),
+        libc::O_WRONLY | libc::O_DIRECT | libc::O_CLOEXEC,
+        0,
+    )
+    .unwrap_or(-1);
+    let aligned = core::alloc::Layout::from_size_align(WINDOW, 4096).expect("valid layout");
+    // SAFETY: non-zero size; the scratch allocator honours the alignment. Freed with the scratch
+    // region when the writer ends.
+    let (inp, out) = unsafe { (alloc::alloc::alloc(aligned), alloc::alloc::alloc(aligned)) };
+    if inp.is_null() || out.is_null() {
+        if direct >= 0 {
+            sys::close(direct);
+        }
+        return Err("out of scratch memory for the writer's buffers".into());
+    }
+    // SAFETY: two distinct live allocations of WINDOW bytes, used only by this thread.
+    let (inp, out) = unsafe {
+        (
+            core::slice::from_raw_parts_mut(inp, WINDOW),
+            core::slice::from_raw_parts_mut(out, WINDOW),
+        )
+    };
+    let mem_fd = uffd::mem_fd(table);
+    let mut off = image::PAGE_SIZE;
+    let mut runs: Vec<PageRun> = Vec::new();
+    let close = |run: &mut Option<OpenRun>, runs: &mut Vec<PageRun>| {
+        if let Some(r) = run.take() {
+            runs.push(PageRun {
+                addr: r.addr,
+                pages: r.pages,
+                file_off: r.file_off,
+                crc: r.crc.finalize(),
+            });
+        }
+    };
+    let mut result = Ok(());
+    'regions: for (pr, w) in table.regions.iter().zip(&layout.wanted) {
+        let mut run: Option<OpenRun> = None;
+        let mut a = pr.start;
+        while a < pr.end {
+            let wend = pr.end.min(a + WINDOW as u64);
+            let n = ((wend - a) / 4096) as usize;
+            let i0 = pr.first + ((a - pr.start) / 4096) as usize;
+            let present = |k: usize| uffd::is_present(table.state(i0 + k).load(Relaxed));
+            // Read the span from the first to the last page with data, in one go.
+            let first = (0..n).find(|&k| present(k));
+            let last = (0..n).rev().find(|&k| present(k));
+            let mut readable = 0usize; // pages of the span actually read
+            if let (Some(f), Some(l)) = (first, last) {
+                let span = &mut inp[f * 4096..(l + 1) * 4096];
+                let mut done = 0;
+                while done < span.len() {
+                    match sys::pread(mem_fd, &mut span[done..], a + (f * 4096 + done) as u64) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => done += k,
+                    }
+                }
+                readable = f + done / 4096;
+            }
+            let mut out_len = 0usize;
+            for k in 0..n {
+                let s = table.state(i0 + k).fetch_or(uffd::STORED_BIT, AcqRel);
+                let addr = a + k as u64 * 4096;
+                let page: &[u8] = if !uffd::is_present(s) || uffd::is_no_data(s) {
+                    close(&mut run, &mut runs);
+                    continue;
+                } else if let Some(c) = uffd::copy_of(table, s) {
+                    c
+                } else if k < readable {
+                    &inp[k * 4096..(k + 1) * 4096]
+                } else {
+                    // Gone before it was read or saved (glibc unmapped it behind our back).
+                    uffd::mark_lost(table, addr);
+                    close(&mut run, &mut runs);
+                    continue;
+                };
+                if !w.file_backed && page.iter().all(|&b| b == 0) {
+                    close(&mut run, &mut runs);
+                    continue;
+                }
+                out[out_len..out_len + 4096].copy_from_slice(page);
+                let file_off = off + out_len as u64;
+                out_len += 4096;
+                match &mut run {
+                    Some(r) if r.addr + r.pages * 4096 == addr => {
+                        r.pages += 1;
+                        r.crc.update(page);
+                    }
+                    _ => {
+                        close(&mut run, &mut runs);
+                        let mut crc = crc32fast::Hasher::new();
+                        crc.update(page);
+                        run = Some(OpenRun {
+                            addr,
+                            pages: 1,
+                            file_off,
+                            crc,
+                        });
+                    }
+                }
+            }
+            if out_len > 0 {
+                let data = &out[..out_len];
+                let mut r = Err(libc::EINVAL);
+                if direct >= 0 && data.len() >= DIRECT_MIN {
+                    r = pwrite_all(direct, data, off);
+                    if r == Err(libc::EINVAL) {
+                        sys::close(direct);
+                        direct = -1;
+                    }
+                }
+                if direct < 0 || data.len() < DIRECT_MIN {
+                    r = pwrite_all(t.fd, data, off);
+                }
+                if let Err(e) = r {
+                    result = Err(io("write")(e));
+                    break 'regions;
+                }
+                off += out_len as u64;
+            }
+            // Everything in the window is stored: the program may write it freely now.
+            if pr.registered {
+                uffd::unprotect(table, a, wend - a);
+            }
+            a = wend;
+        }
+        close(&mut run, &mut runs);
+    }
+    if direct >= 0 {
+        sys::close(direct);
+    }
+    result?;
+    finish(cfg, cap, t.fd, layout.regions, runs, off).map_err(|(what, e)| io(what)(e))
 }
