@@ -18,7 +18,7 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
 use libc::{c_int, sigset_t, size_t};
 use snapshim_image::layout::{RESERVED_END, RESERVED_START};
 
-use crate::sys;
+use crate::sys::{self, sc};
 
 /// Our two signals, once the shim is initialised (0 before).
 pub static TRIGGER_SIG: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(0);
@@ -305,6 +305,9 @@ pub unsafe extern "C" fn mmap(
     ) {
         return libc::MAP_FAILED;
     }
+    if flags & libc::MAP_FIXED != 0 {
+        crate::uffd::save_range(addr as u64, len as u64); // the old pages go
+    }
     // SAFETY: forwarded unchanged; the kernel validates everything.
     let r = unsafe {
         sys::syscall6(
@@ -340,6 +343,47 @@ pub unsafe extern "C" fn mmap64(
 }
 
 /// # Safety
+/// As `munmap(2)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn munmap(addr: *mut c_void, len: size_t) -> c_int {
+    crate::uffd::save_range(addr as u64, len as u64);
+    // SAFETY: forwarded unchanged.
+    let r = unsafe { sc!(libc::SYS_munmap, addr, len) };
+    int_result(r)
+}
+
+/// Advice that throws page contents away.
+const DISCARDING_ADVICE: [c_int; 4] = [
+    libc::MADV_DONTNEED,
+    libc::MADV_FREE,
+    libc::MADV_REMOVE,
+    24, // MADV_DONTNEED_LOCKED
+];
+
+/// # Safety
+/// As `madvise(2)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) -> c_int {
+    if DISCARDING_ADVICE.contains(&advice) {
+        crate::uffd::save_range(addr as u64, len as u64);
+    }
+    // SAFETY: forwarded unchanged.
+    let r = unsafe { sc!(libc::SYS_madvise, addr, len, advice) };
+    int_result(r)
+}
+
+/// A raw result as a C function returning int gives it (-1 and errno on failure).
+fn int_result(r: i64) -> c_int {
+    match sys::check(r) {
+        Ok(v) => v as c_int,
+        Err(e) => {
+            set_errno(e);
+            -1
+        }
+    }
+}
+
+/// # Safety
 /// As `mremap(2)`.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn mremap(
@@ -358,6 +402,11 @@ pub unsafe extern "C" fn mremap(
     };
     if refuse_reserved(flags & libc::MREMAP_FIXED != 0, new_addr, new_len) {
         return libc::MAP_FAILED;
+    }
+    // The pages move (or shrink away), and a fixed target's old pages go.
+    crate::uffd::save_range(old as u64, old_len as u64);
+    if new_addr != 0 {
+        crate::uffd::save_range(new_addr as u64, new_len as u64);
     }
     // SAFETY: forwarded unchanged.
     let r = unsafe {
@@ -405,10 +454,34 @@ pub unsafe extern "C" fn calloc(n: size_t, size: size_t) -> *mut c_void {
     r
 }
 
+/// During a flush, the pages of a chunk glibc mapped by itself are saved before glibc unmaps or
+/// moves them (it calls its internal munmap/mremap, which nobody can interpose).
+///
+/// # Safety
+/// `p` is null or a live pointer from glibc's allocator.
+unsafe fn save_mmapped_chunk(p: *mut c_void) {
+    if p.is_null() || !crate::uffd::flushing() {
+        return;
+    }
+    // glibc's chunk header: prev_size, then size with flag bit 1 = IS_MMAPPED; a mapped chunk's
+    // prev_size is its offset from the start of its mapping.
+    // SAFETY: the two words before a glibc allocation are its chunk header.
+    let (prev, size) = unsafe {
+        let h = (p as *const usize).sub(2);
+        (*h, *h.add(1))
+    };
+    if size & 2 != 0 {
+        let start = (p as usize - 2 * core::mem::size_of::<usize>()) - prev;
+        crate::uffd::save_range(start as u64, (prev + (size & !7)) as u64);
+    }
+}
+
 /// # Safety
 /// As `realloc(3)`.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn realloc(p: *mut c_void, size: size_t) -> *mut c_void {
+    // SAFETY: p comes from the program, as realloc requires.
+    unsafe { save_mmapped_chunk(p) };
     // SAFETY: glibc's realloc on a pointer from glibc's allocator.
     let r = unsafe { __libc_realloc(p, size) };
     advise_huge(r, size);
@@ -419,6 +492,8 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: size_t) -> *mut c_void {
 /// As `free(3)`.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn free(p: *mut c_void) {
+    // SAFETY: p comes from the program, as free requires.
+    unsafe { save_mmapped_chunk(p) };
     // SAFETY: glibc's free on a pointer from glibc's allocator.
     unsafe { __libc_free(p) }
 }
@@ -460,4 +535,97 @@ pub unsafe extern "C" fn posix_memalign(
     // SAFETY: out is valid per the contract.
     unsafe { *out = p };
     0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Threads: every thread the program creates runs a hook of ours as it ends (see
+// uffd::thread_exiting): glibc gives most of a dead thread's stack back with its internal
+// madvise, and the kernel's last write to the thread's descriptor cannot wait for the fault
+// server once the thread is exiting.
+
+type StartRoutine = extern "C" fn(*mut c_void) -> *mut c_void;
+type PthreadCreate = unsafe extern "C" fn(
+    *mut libc::pthread_t,
+    *const libc::pthread_attr_t,
+    StartRoutine,
+    *mut c_void,
+) -> c_int;
+
+/// glibc's pthread_create, looked up once.
+static REAL_PTHREAD_CREATE: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" {
+    fn __cxa_thread_atexit_impl(
+        dtor: extern "C" fn(*mut c_void),
+        obj: *mut c_void,
+        dso: *mut c_void,
+    ) -> c_int;
+    static __dso_handle: u8;
+}
+
+fn real_pthread_create() -> Option<PthreadCreate> {
+    let mut f = REAL_PTHREAD_CREATE.load(Relaxed);
+    if f == 0 {
+        // SAFETY: dlsym with a NUL-terminated name; RTLD_NEXT finds glibc's definition.
+        f = unsafe { libc::dlsym(libc::RTLD_NEXT, c"pthread_create".as_ptr()) } as usize;
+        REAL_PTHREAD_CREATE.store(f, Relaxed);
+    }
+    // SAFETY: a non-null result of dlsym for pthread_create is that function.
+    (f != 0).then(|| unsafe { core::mem::transmute::<usize, PthreadCreate>(f) })
+}
+
+extern "C" fn on_thread_exit(_: *mut c_void) {
+    crate::uffd::thread_exiting();
+}
+
+/// The new thread's first frame: registers the exit hook, then runs the program's routine.
+extern "C" fn thread_start(boxed: *mut c_void) -> *mut c_void {
+    // SAFETY: boxed is the two-word block pthread_create allocated for this thread, ours now.
+    let (start, arg) = unsafe {
+        let b = boxed as *mut [usize; 2];
+        let v = *b;
+        __libc_free(boxed);
+        (
+            core::mem::transmute::<usize, StartRoutine>(v[0]),
+            v[1] as *mut c_void,
+        )
+    };
+    // SAFETY: registers a plain function for this thread's exit, tied to this library.
+    unsafe {
+        __cxa_thread_atexit_impl(
+            on_thread_exit,
+            core::ptr::null_mut(),
+            &__dso_handle as *const u8 as *mut c_void,
+        )
+    };
+    start(arg)
+}
+
+/// # Safety
+/// As `pthread_create(3)`.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn pthread_create(
+    thread: *mut libc::pthread_t,
+    attr: *const libc::pthread_attr_t,
+    start: StartRoutine,
+    arg: *mut c_void,
+) -> c_int {
+    let Some(real) = real_pthread_create() else {
+        return libc::EAGAIN;
+    };
+    // SAFETY: glibc's malloc; the block is handed to the new thread, or freed below.
+    let b = unsafe { __libc_malloc(2 * core::mem::size_of::<usize>()) } as *mut [usize; 2];
+    if b.is_null() {
+        // SAFETY: the caller's arguments, unchanged.
+        return unsafe { real(thread, attr, start, arg) };
+    }
+    // SAFETY: b is a fresh allocation of two words.
+    unsafe { *b = [start as usize, arg as usize] };
+    // SAFETY: the caller's arguments, with our first frame in front of the routine.
+    let r = unsafe { real(thread, attr, thread_start, b as *mut c_void) };
+    if r != 0 {
+        // SAFETY: the thread was not created, the block is still ours.
+        unsafe { __libc_free(b as *mut c_void) };
+    }
+    r
 }
