@@ -21,7 +21,9 @@ import argparse, os, re, shutil, signal, statistics, subprocess, sys, tempfile, 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 ENGINES = [("stop", {"SNAPSHIM_COW": "stop"}), ("fork", {"SNAPSHIM_COW": "fork"}),
-           ("fork+thp", {"SNAPSHIM_COW": "fork", "SNAPSHIM_HUGEPAGES": "1"})]
+           ("fork+thp", {"SNAPSHIM_COW": "fork", "SNAPSHIM_HUGEPAGES": "1"}),
+           ("uffd", {"SNAPSHIM_COW": "uffd"}),
+           ("uffd+thp", {"SNAPSHIM_COW": "uffd", "SNAPSHIM_HUGEPAGES": "1"})]
 
 
 def build():
@@ -54,6 +56,11 @@ def one_run(exe, mib, kind, env_extra, work):
             raise RuntimeError(out.stderr.strip())
         path = out.stdout.splitlines()[0].split(": ", 1)[1]
         shim_pause = float(re.search(r"pause ([0-9.]+) ms", out.stdout).group(1)) * 1e6
+        want = env_extra["SNAPSHIM_COW"]
+        if f"engine {want}" not in out.stdout:
+            raise RuntimeError(f"SNAPSHIM_COW={want} but: {out.stdout.strip()}")
+        flush = re.search(r"flush ([0-9.]+) (ms|s)", out.stdout)
+        flush_s = float(flush.group(1)) / (1000 if flush.group(2) == "ms" else 1) if flush else None
         size = os.path.getsize(path)
         time.sleep(0.3)
         app.send_signal(signal.SIGUSR1)
@@ -89,7 +96,8 @@ def one_run(exe, mib, kind, env_extra, work):
     during = rate(release + bucket_ns, t_done) if t_done - release > 3 * bucket_ns else None
     speed = during / before if during is not None and before else None
     return dict(pause_ms=pause / 1e6, max_gap_ms=max_gap / 1e6, speed=speed,
-                ckpt_ms=(t_done - t_trigger) / 1e6, image=size, steal_ms=steal * 1000 / HZ)
+                ckpt_ms=(t_done - t_trigger) / 1e6, image=size, steal_ms=steal * 1000 / HZ,
+                write_gibs=size / 2**30 / flush_s if flush_s else None)
 
 
 HZ = os.sysconf("SC_CLK_TCK")
@@ -116,7 +124,7 @@ def main():
     work = tempfile.mkdtemp(prefix="bench.", dir=os.path.join(ROOT, "target", "bench"))
     engines = [e for e in ENGINES if e[0] in a.engines.split(",")]
     print(f"{'size':>6} {'kind':>6} {'engine':>9} {'pause_ms':>9} {'stop/this':>9} {'max_gap':>8} "
-          f"{'steal_ms':>8} {'speed':>6} {'ckpt_ms':>8} {'image_MiB':>9}", flush=True)
+          f"{'steal_ms':>8} {'speed':>6} {'ckpt_ms':>8} {'image_MiB':>9} {'GiB/s':>6}", flush=True)
     try:
         for mib in map(int, a.sizes.split(",")):
             for kind in a.kinds.split(","):
@@ -128,15 +136,16 @@ def main():
                 for name, r in res.items():
                     ratio = f"{base / r['pause_ms']:.0f}x" if base and r["pause_ms"] else "-"
                     speed = f"{100 * r['speed']:.0f}%" if r["speed"] is not None else "-"
+                    gibs = f"{r['write_gibs']:.2f}" if r["write_gibs"] and name != "stop" else "-"
                     print(f"{mib:>6} {kind:>6} {name:>9} {r['pause_ms']:>9.2f} {ratio:>9} "
                           f"{r['max_gap_ms']:>8.1f} {r['steal_ms']:>8.0f} {speed:>6} {r['ckpt_ms']:>8.0f} "
-                          f"{r['image'] / 2**20:>9.0f}", flush=True)
+                          f"{r['image'] / 2**20:>9.0f} {gibs:>6}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"(medians of {a.runs} runs; pause = the program's gap at the snapshot; stop/this = "
           "stop-the-world pause / this engine's; max_gap = largest gap during the checkpoint; steal_ms = "
           "hypervisor steal time meanwhile; speed = iterations/s while the image is written vs the "
-          "second before)")
+          "second before; GiB/s = image bytes / flush time)")
 
 
 if __name__ == "__main__":

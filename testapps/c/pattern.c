@@ -13,8 +13,8 @@
  *            (checking first that each still holds what gen[] says, then content, then gen[i]),
  *            folding (i, g) into a running checksum; reads 16 KiB per generation from a pipe into
  *            a 1 MiB ring (the kernel writes that memory) and checks it; every REMAP_EVERY
- *            generations verifies, munmaps and re-mmaps an 8 MiB region and fills it with a
- *            pattern of its own; every THREAD_EVERY generations starts a short-lived thread that
+ *            generations verifies an 8 MiB region, munmaps and re-mmaps it (or, every other
+ *            time, discards its pages with MADV_DONTNEED) and fills it with a pattern of its own; every THREAD_EVERY generations starts a short-lived thread that
  *            rewrites 300 more pages (same protocol) while main waits in pthread_join.
  *   feeder   writes a deterministic byte stream into the pipe in writes of 1..4096 bytes.
  *   checks   every CHECK_EVERY generations and at the end: all 65536 pages against content
@@ -230,6 +230,14 @@ static void r8_replace(uint32_t id)
 		r8_verify("before munmap");
 		r8_id = 0;
 		barrier();
+		if (id % 2 == 0) {
+			/* Every other time the pages are thrown away in place (they read as zero). */
+			if (madvise(r8, (size_t)R8_PAGES * PAGE, MADV_DONTNEED))
+				fail("madvise(MADV_DONTNEED): %s", strerror(errno));
+			if (r8[0] != 0 || r8[(size_t)R8_PAGES * WORDS - 1] != 0)
+				fail("the 8 MiB region is not zero after MADV_DONTNEED");
+			goto fill;
+		}
 		if (munmap(r8, (size_t)R8_PAGES * PAGE))
 			fail("munmap: %s", strerror(errno));
 	}
@@ -237,6 +245,7 @@ static void r8_replace(uint32_t id)
 		  -1, 0);
 	if (r8 == MAP_FAILED)
 		fail("mmap 8 MiB: %s", strerror(errno));
+fill:
 	for (uint64_t w = 0; w < (uint64_t)R8_PAGES * WORDS; w++)
 		r8[w] = r8_word(id, w);
 	barrier();
