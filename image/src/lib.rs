@@ -19,7 +19,7 @@
 //! newer than its own; new metadata fields are only ever appended (postcard is positional).
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -54,6 +54,8 @@ pub mod layout {
     pub const STACK_START: u64 = 0x7c00_0000;
     pub const STACK_END: u64 = 0x7d00_0000;
     pub const VDSO_PARK: u64 = 0x7d00_0000;
+    /// End of the user address space (4-level page tables; the top page is never mappable).
+    pub const USER_END: u64 = 0x7fff_ffff_f000;
 }
 
 /// Size of a page, of the header, and the alignment of page data in the file.
@@ -149,27 +151,38 @@ impl Header {
     }
 
     /// Decodes and checks a header page: magic, architecture, version, then checksum, in that
-    /// order, so that each kind of foreign file gets its own precise error.
+    /// order, so that each kind of foreign file gets its own precise error. `b` is the start of
+    /// the file, at most one page; fewer than [`PAGE_SIZE`] bytes are enough to read the fields
+    /// (a reader of the whole image also requires the whole page: see [`Image::open`]).
     pub fn decode(b: &[u8]) -> Result<Header, ImageError> {
-        if b.len() < H_END {
-            return Err(ImageError::Truncated {
-                what: "header",
-                need: PAGE_SIZE,
-                have: b.len() as u64,
-            });
-        }
-        if b[H_MAGIC..H_MAGIC + 8] != MAGIC {
+        // A file too short for the magic is still "not an image" unless it is a prefix of one.
+        let m = b.len().min(MAGIC.len());
+        if b[..m] != MAGIC[..m] {
             return Err(ImageError::BadMagic);
         }
+        let Some(b) = b.get(..H_END) else {
+            return Err(ImageError::Truncated {
+                what: "header",
+                offset: 0,
+                len: PAGE_SIZE,
+                have: b.len() as u64,
+            });
+        };
         if b[H_ARCH..H_ARCH + 8] != ARCH {
-            let arch = String::from_utf8_lossy(&b[H_ARCH..H_ARCH + 8])
-                .trim_end_matches('\0')
-                .to_string();
-            return Err(ImageError::ForeignArch { arch });
+            return Err(ImageError::ForeignArch {
+                arch: printable(&b[H_ARCH..H_ARCH + 8]),
+            });
         }
-        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
-        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
-        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        let field = |o: usize, n: usize| {
+            let mut v = [0u8; 8];
+            v[..n].copy_from_slice(&b[o..o + n]);
+            u64::from_le_bytes(v)
+        };
+        let (u16_at, u32_at, u64_at) = (
+            |o| field(o, 2) as u16,
+            |o| field(o, 4) as u32,
+            |o| field(o, 8),
+        );
         let (major, minor) = (u16_at(H_MAJOR), u16_at(H_MINOR));
         if major != VERSION_MAJOR || minor > VERSION_MINOR {
             return Err(ImageError::UnsupportedVersion { major, minor });
@@ -191,6 +204,56 @@ impl Header {
             meta_crc: u32_at(H_META_CRC),
         })
     }
+
+    /// Checks that the sections the header describes can be a file: page data page-aligned
+    /// after the header page, metadata after the page data, no sum overflowing, metadata of a
+    /// size a reader may hold in memory. Says nothing about the file's actual length.
+    pub fn check_layout(&self) -> Result<(), ImageError> {
+        let bad = |why: String| Err(ImageError::BadLayout(why));
+        let (d, dl, m, ml) = (self.data_off, self.data_len, self.meta_off, self.meta_len);
+        if d < PAGE_SIZE || d % PAGE_SIZE != 0 {
+            return bad(format!(
+                "page data starts at offset {d}, not on a page boundary after the header"
+            ));
+        }
+        if dl % PAGE_SIZE != 0 {
+            return bad(format!(
+                "page data is {dl} bytes, not a whole number of pages"
+            ));
+        }
+        match d.checked_add(dl) {
+            Some(data_end) if data_end <= m => {}
+            _ => {
+                return bad(format!(
+                    "page data ({dl} bytes at offset {d}) runs into the metadata at offset {m}"
+                ))
+            }
+        }
+        if m.checked_add(ml).is_none() {
+            return bad(format!(
+                "metadata ({ml} bytes at offset {m}) ends past the largest possible file"
+            ));
+        }
+        if ml == 0 {
+            return bad("metadata is empty".into());
+        }
+        if ml > MAX_METADATA {
+            return bad(format!(
+                "metadata is {ml} bytes, more than the {MAX_METADATA} a reader accepts"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The largest metadata a reader loads into memory (a process with every possible mapping and
+/// full pipes needs a few MiB).
+pub const MAX_METADATA: u64 = 1 << 30;
+
+/// `b` as text for a message: printable ASCII as is, trailing NULs dropped, other bytes escaped.
+fn printable(b: &[u8]) -> String {
+    let end = b.iter().rposition(|&c| c != 0).map_or(0, |i| i + 1);
+    b[..end].escape_ascii().to_string()
 }
 
 /// Everything about the process except page contents.
@@ -202,6 +265,111 @@ pub struct Metadata {
     pub regions: Vec<Region>,
     pub runs: Vec<PageRun>,
     pub fds: Vec<FdState>,
+}
+
+impl Metadata {
+    /// Checks that the image describes a process the restorer can rebuild, beyond the
+    /// structure [`Image::open`] checks: every region lies in the user address space and
+    /// outside the range snapshim keeps for the restorer ([`layout::RESERVED_START`]), has only
+    /// `PROT_READ|WRITE|EXEC` and, for a file, a page-aligned offset; page data is stored only
+    /// for regions whose content the image holds; there is a thread to resume, the shim's
+    /// resume address is in executable memory and every thread's saved stack pointer in
+    /// writable memory; descriptor numbers are valid and distinct.
+    ///
+    /// The restorer calls this before it changes anything: past that point a mistake costs the
+    /// process (phase 2 cannot report more than an address and an errno).
+    pub fn validate(&self) -> Result<(), ImageError> {
+        let bad = |why: String| Err(ImageError::Inconsistent(why));
+        let prot_rwx = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u32;
+        for (i, r) in self.regions.iter().enumerate() {
+            if r.start < PAGE_SIZE || r.end > layout::USER_END {
+                return bad(format!(
+                    "region {i} ({:#x}-{:#x}) is outside the user address space",
+                    r.start, r.end
+                ));
+            }
+            if r.start < layout::RESERVED_END && r.end > layout::RESERVED_START {
+                return bad(format!(
+                    "region {i} ({:#x}-{:#x}) is inside the range {:#x}-{:#x} snapshim keeps \
+                     for the restorer",
+                    r.start,
+                    r.end,
+                    layout::RESERVED_START,
+                    layout::RESERVED_END
+                ));
+            }
+            if r.prot & !prot_rwx != 0 {
+                return bad(format!(
+                    "region {i} ({:#x}-{:#x}) has unknown protection bits {:#x}",
+                    r.start, r.end, r.prot
+                ));
+            }
+            if let RegionKind::File { path, offset, .. } = &r.kind {
+                if offset % PAGE_SIZE != 0 || !path.starts_with('/') {
+                    return bad(format!(
+                        "region {i} ({:#x}-{:#x}) maps {path:?} at offset {offset}: not an \
+                         absolute path at a page boundary",
+                        r.start, r.end
+                    ));
+                }
+            }
+        }
+        for (i, run) in self.runs.iter().enumerate() {
+            // Image::open put every run inside one region.
+            let Some(r) = self.region_at(run.addr) else {
+                return bad(format!("page run {i} at {:#x} is in no region", run.addr));
+            };
+            let stored = match r.kind {
+                RegionKind::Anon => true,
+                RegionKind::File { .. } => !r.shared,
+                RegionKind::Vdso | RegionKind::Vvar | RegionKind::VvarVclock => false,
+            };
+            if !stored {
+                return bad(format!(
+                    "page run {i} at {:#x} holds pages of region {:#x}-{:#x} ({}), whose \
+                     content is never stored",
+                    run.addr, r.start, r.end, r.name
+                ));
+            }
+        }
+        if self.threads.is_empty() {
+            return bad("the image has no threads to resume".into());
+        }
+        let memory = |addr: u64, prot: i32| {
+            self.region_at(addr)
+                .is_some_and(|r| r.prot & prot as u32 != 0)
+        };
+        if !memory(self.shim.resume_addr, libc::PROT_EXEC) {
+            return bad(format!(
+                "the shim's resume address {:#x} is not in executable memory of the image",
+                self.shim.resume_addr
+            ));
+        }
+        for t in &self.threads {
+            if !memory(t.ctx_rsp, libc::PROT_WRITE) {
+                return bad(format!(
+                    "thread {}: its saved stack pointer {:#x} is not in writable memory of the \
+                     image",
+                    t.tid, t.ctx_rsp
+                ));
+            }
+        }
+        let mut fds: Vec<i32> = self.fds.iter().map(|f| f.fd).collect();
+        fds.sort_unstable();
+        if let Some(&fd) = fds.iter().find(|&&fd| !(0..i32::MAX).contains(&fd)) {
+            return bad(format!("descriptor number {fd} is out of range"));
+        }
+        if let Some(w) = fds.windows(2).find(|w| w[0] == w[1]) {
+            return bad(format!("descriptor {} appears twice", w[0]));
+        }
+        Ok(())
+    }
+
+    /// The region containing `addr`, if any (regions are sorted and disjoint: [`Image::open`]).
+    pub fn region_at(&self, addr: u64) -> Option<&Region> {
+        let i = self.regions.partition_point(|r| r.end <= addr);
+        self.regions.get(i).filter(|r| r.start <= addr)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -334,8 +502,13 @@ pub struct PageRun {
 }
 
 impl PageRun {
+    /// Bytes of page data (saturating: only [`Image::open`]-checked runs are meaningful).
     pub fn len(&self) -> u64 {
-        self.pages * PAGE_SIZE
+        self.pages.saturating_mul(PAGE_SIZE)
+    }
+    /// The address after the run's last byte (saturating, as [`PageRun::len`]).
+    pub fn end(&self) -> u64 {
+        self.addr.saturating_add(self.len())
     }
     pub fn is_empty(&self) -> bool {
         self.pages == 0
@@ -395,8 +568,13 @@ pub struct Image {
 }
 
 impl Image {
-    /// Opens `path`, checks the header, the layout against the file's length and the metadata
-    /// checksum, and decodes the metadata. Page data is not read: see [`Image::verify_pages`].
+    /// Opens `path` and checks what every reader relies on: the header, the section layout
+    /// against the file's length, the metadata checksum, the metadata's decoding, and the
+    /// structure of regions and page runs (see [`check_structure`]). Page data is not read:
+    /// see [`Image::verify_pages`]; whether the image can be restored: [`Metadata::validate`].
+    ///
+    /// Memory use is bounded by the file, not by what its header claims: the metadata is
+    /// checksummed in chunks before it is read into memory.
     pub fn open(path: &Path) -> Result<Image, ImageError> {
         let io = |op: &'static str| {
             let p = path.to_path_buf();
@@ -411,38 +589,54 @@ impl Image {
         let mut page = vec![0u8; PAGE_SIZE as usize];
         let n = read_up_to(&mut file, &mut page).map_err(io("read header of"))?;
         let header = Header::decode(&page[..n])?;
-        let end = header.meta_off.checked_add(header.meta_len);
-        let data_end = header.data_off.checked_add(header.data_len);
-        match (end, data_end) {
-            (Some(end), Some(data_end)) if data_end <= header.meta_off => {
-                if file_len < end {
-                    return Err(ImageError::Truncated {
-                        what: "image",
-                        need: end,
-                        have: file_len,
-                    });
-                }
-            }
-            _ => {
-                return Err(ImageError::Corrupt(
-                    "section offsets overlap or overflow".into(),
-                ))
+        if (n as u64) < PAGE_SIZE {
+            return Err(ImageError::Truncated {
+                what: "header",
+                offset: 0,
+                len: PAGE_SIZE,
+                have: file_len,
+            });
+        }
+        header.check_layout()?;
+        for (what, offset, len) in [
+            ("page data", header.data_off, header.data_len),
+            ("metadata", header.meta_off, header.meta_len),
+        ] {
+            // No overflow: check_layout.
+            if file_len < offset + len {
+                return Err(ImageError::Truncated {
+                    what,
+                    offset,
+                    len,
+                    have: file_len,
+                });
             }
         }
-        if header.meta_len > 1 << 32 {
-            return Err(ImageError::Corrupt("metadata larger than 4 GiB".into()));
+        // Large metadata is checksummed before it is held: a file (sparse, say) with a
+        // plausible header must not make a reader allocate what the header claims.
+        if header.meta_len > CHUNK as u64
+            && crc_of(&file, header.meta_off, header.meta_len).map_err(io("read metadata of"))?
+                != header.meta_crc
+        {
+            return Err(ImageError::MetadataChecksum);
         }
         let mut meta_bytes = vec![0u8; header.meta_len as usize];
-        file.seek(SeekFrom::Start(header.meta_off))
-            .map_err(io("seek in"))?;
-        file.read_exact(&mut meta_bytes)
+        file.read_exact_at(&mut meta_bytes, header.meta_off)
             .map_err(io("read metadata of"))?;
         if crc32fast::hash(&meta_bytes) != header.meta_crc {
             return Err(ImageError::MetadataChecksum);
         }
-        let meta: Metadata = postcard::from_bytes(&meta_bytes)
-            .map_err(|e| ImageError::Corrupt(format!("metadata does not decode: {e}")))?;
-        check_layout(&header, &meta)?;
+        let meta = match postcard::take_from_bytes::<Metadata>(&meta_bytes) {
+            Ok((meta, [])) => meta,
+            Ok((_, rest)) => {
+                return Err(ImageError::MetadataDecode(format!(
+                    "{} bytes left over after the metadata",
+                    rest.len()
+                )))
+            }
+            Err(e) => return Err(ImageError::MetadataDecode(e.to_string())),
+        };
+        check_structure(&header, &meta)?;
         Ok(Image {
             path: path.to_path_buf(),
             file,
@@ -454,27 +648,23 @@ impl Image {
 
     /// Reads every page run and checks its checksum. Returns the number of bytes checked.
     pub fn verify_pages(&self) -> Result<u64, ImageError> {
-        let mut buf = vec![0u8; 4 << 20];
+        let mut buf = Vec::new();
         let mut total = 0u64;
         for (index, run) in self.meta.runs.iter().enumerate() {
-            let mut h = crc32fast::Hasher::new();
-            let mut off = 0u64;
-            while off < run.len() {
-                let n = (run.len() - off).min(buf.len() as u64) as usize;
-                self.file
-                    .read_exact_at(&mut buf[..n], run.file_off + off)
-                    .map_err(|source| ImageError::Io {
+            let crc =
+                crc_with(&self.file, run.file_off, run.len(), &mut buf).map_err(|source| {
+                    ImageError::Io {
                         op: "read page data of",
                         path: self.path.clone(),
                         source,
-                    })?;
-                h.update(&buf[..n]);
-                off += n as u64;
-            }
-            if h.finalize() != run.crc {
+                    }
+                })?;
+            if crc != run.crc {
                 return Err(ImageError::RunChecksum {
                     index,
                     addr: run.addr,
+                    end: run.end(),
+                    file_off: run.file_off,
                 });
             }
             total += run.len();
@@ -488,34 +678,109 @@ impl Image {
     }
 }
 
-/// Checks that every run lies inside the data section and inside one region, in order.
-fn check_layout(h: &Header, m: &Metadata) -> Result<(), ImageError> {
-    let data_end = h.data_off + h.data_len;
+/// Size of the chunks in which page data and large metadata are read.
+const CHUNK: usize = 4 << 20;
+
+/// CRC32 of `len` bytes of `file` at `off`, read in chunks.
+fn crc_of(file: &File, off: u64, len: u64) -> std::io::Result<u32> {
+    crc_with(file, off, len, &mut Vec::new())
+}
+
+/// [`crc_of`] with a reusable buffer (grown to at most [`CHUNK`] bytes).
+fn crc_with(file: &File, off: u64, len: u64, buf: &mut Vec<u8>) -> std::io::Result<u32> {
+    let want = len.min(CHUNK as u64) as usize;
+    if buf.len() < want {
+        buf.resize(want, 0);
+    }
+    let mut h = crc32fast::Hasher::new();
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], off + done)?;
+        h.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(h.finalize())
+}
+
+/// What every reader of an image relies on, checked by [`Image::open`]: regions are non-empty,
+/// page-aligned, sorted and disjoint; each page run is non-empty, page-aligned, inside the page
+/// data section and inside one region; no two runs hold the same memory or the same file
+/// bytes (so reading every run reads at most the page data once).
+fn check_structure(h: &Header, m: &Metadata) -> Result<(), ImageError> {
+    let bad = |why: String| Err(ImageError::Inconsistent(why));
     for (i, r) in m.regions.iter().enumerate() {
         if r.start >= r.end || r.start % PAGE_SIZE != 0 || r.end % PAGE_SIZE != 0 {
-            return Err(ImageError::Corrupt(format!("region {i} has a bad range")));
+            return bad(format!(
+                "region {i} ({:#x}-{:#x}) is empty or not page-aligned",
+                r.start, r.end
+            ));
         }
-        if i > 0 && m.regions[i - 1].end > r.start {
-            return Err(ImageError::Corrupt(format!(
-                "region {i} overlaps the one before"
-            )));
+        if let Some(prev) = i.checked_sub(1).and_then(|p| m.regions.get(p)) {
+            if prev.end > r.start {
+                return bad(format!(
+                    "region {i} ({:#x}-{:#x}) overlaps or precedes region {} ({:#x}-{:#x})",
+                    r.start,
+                    r.end,
+                    i - 1,
+                    prev.start,
+                    prev.end
+                ));
+            }
         }
     }
+    // No overflow: Header::check_layout.
+    let data_end = h.data_off + h.data_len;
     for (i, run) in m.runs.iter().enumerate() {
-        let len = run.pages.checked_mul(PAGE_SIZE);
-        let ok = len.is_some_and(|len| {
-            run.file_off % PAGE_SIZE == 0
-                && run.addr % PAGE_SIZE == 0
-                && run.file_off >= h.data_off
-                && run.file_off.checked_add(len).is_some_and(|e| e <= data_end)
-                && m.regions
-                    .iter()
-                    .any(|r| run.addr >= r.start && run.addr + len <= r.end)
-        });
-        if !ok {
-            return Err(ImageError::Corrupt(format!(
-                "page run {i} lies outside its section"
-            )));
+        let Some(len) = run.pages.checked_mul(PAGE_SIZE).filter(|&l| l > 0) else {
+            return bad(format!(
+                "page run {i} has an impossible size of {} pages",
+                run.pages
+            ));
+        };
+        if run.addr % PAGE_SIZE != 0 || run.file_off % PAGE_SIZE != 0 {
+            return bad(format!(
+                "page run {i} (memory {:#x}, file offset {}) is not page-aligned",
+                run.addr, run.file_off
+            ));
+        }
+        let file_end = run.file_off.checked_add(len).filter(|&e| e <= data_end);
+        if run.file_off < h.data_off || file_end.is_none() {
+            return bad(format!(
+                "page run {i} ({len} bytes at file offset {}) lies outside the page data                  (offsets {}..{data_end})",
+                run.file_off, h.data_off
+            ));
+        }
+        let end = run.addr.checked_add(len);
+        let region = m.regions.partition_point(|r| r.end <= run.addr);
+        let inside = m
+            .regions
+            .get(region)
+            .is_some_and(|r| r.start <= run.addr && end.is_some_and(|e| e <= r.end));
+        if !inside {
+            return bad(format!(
+                "page run {i} ({} pages at {:#x}) is not inside one region",
+                run.pages, run.addr
+            ));
+        }
+    }
+    // Neighbours in memory order, then in file order, must not overlap.
+    let mut order: Vec<usize> = (0..m.runs.len()).collect();
+    for (key, what) in [
+        ((|r: &PageRun| r.addr) as fn(&PageRun) -> u64, "memory"),
+        (|r: &PageRun| r.file_off, "file bytes"),
+    ] {
+        order.sort_by_key(|&i| key(&m.runs[i]));
+        for w in order.windows(2) {
+            let (a, b) = (&m.runs[w[0]], &m.runs[w[1]]);
+            // Sizes were checked above: no overflow.
+            if key(a) + a.len() > key(b) {
+                let (i, j) = (w[0].min(w[1]), w[0].max(w[1]));
+                return bad(format!(
+                    "page runs {i} and {j} both hold the {what} at {:#x}",
+                    key(b)
+                ));
+            }
         }
     }
     Ok(())

@@ -129,7 +129,8 @@ fn page_bit_flip_is_caught() {
         open_bytes(&b),
         Err(ImageError::RunChecksum {
             index: 0,
-            addr: 0x11000
+            addr: 0x11000,
+            ..
         })
     ));
 }

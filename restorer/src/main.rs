@@ -4,7 +4,8 @@
 //!
 //! Algorithm.
 //! Phase 1 (here, with std; every failure is a clear message and nothing is lost yet):
-//! 1. resolve and open the image; check header, metadata and every page checksum;
+//! 1. resolve and open the image; check header, metadata (checksum and consistency:
+//!    `Metadata::validate`) and every page checksum;
 //! 2. check the machine: CPU XSAVE features, the kernel's vDSO layout, every mapped file present
 //!    and unchanged, every regular file the program had open present;
 //! 3. prepare the descriptors the program had (reopen files at their offsets, cut files open for
@@ -130,6 +131,10 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
     // 1. The image.
     let path = snapshim_image::resolve(target).map_err(|e| e.to_string())?;
     let image = Image::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    image
+        .meta
+        .validate()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     if opt.verify {
         image
             .verify_pages()
@@ -221,12 +226,6 @@ fn check_machine(meta: &Metadata) -> Result<(), String> {
             "the image uses CPU register state this CPU lacks (XSAVE features {need:#x}, this CPU has {have:#x})"));
     }
     for r in &meta.regions {
-        if r.start < RESERVED_END && r.end > RESERVED_START {
-            return Err(format!(
-                "the image has memory at {:#x}, inside the restorer's range",
-                r.start
-            ));
-        }
         if let RegionKind::File { path, identity, .. } = &r.kind {
             let st = std::fs::metadata(path).map_err(|e| {
                 format!("file {path}, mapped by the program, is not available: {e}")
@@ -238,9 +237,6 @@ fn check_machine(meta: &Metadata) -> Result<(), String> {
                     "file {path}, mapped by the program, changed since the checkpoint (size or modification time differ)"));
             }
         }
-    }
-    if meta.threads.is_empty() || meta.shim.resume_addr == 0 {
-        return Err("the image has no threads to resume".into());
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use snapshim_image::{encode_metadata, Header, Image, Metadata, PAGE_SIZE};
 use snapshim_testapps::{
     bail, expect_clean_refusal, App, AppSpec, Context, Failure, Result, Session, Snapshot,
 };
@@ -88,6 +89,135 @@ fn unknown_format_version_is_refused_and_named() -> Result<()> {
         bail!("the message should name the image's version 99: {msg:?}");
     }
     s.expect_verify_fails(&bad)?;
+    still_restores(&img)
+}
+
+/// Damage a writer could do: the header changed by `change` and, with `meta`, the metadata
+/// replaced; both checksums recomputed, so they pass.
+fn resealed(
+    mut h: Header,
+    meta: Option<Vec<u8>>,
+    change: fn(&mut Header),
+) -> impl FnOnce(&mut Vec<u8>) {
+    move |b| {
+        if let Some(meta) = meta {
+            b.truncate(h.meta_off as usize);
+            b.extend_from_slice(&meta);
+            h.meta_len = meta.len() as u64;
+            h.meta_crc = crc32fast::hash(&meta);
+        }
+        change(&mut h);
+        b[..PAGE_SIZE as usize].copy_from_slice(&h.encode());
+    }
+}
+
+/// Every kind of damage, on one real image: `snapshim-restore` refuses it with one line and a
+/// non-zero exit status, without crashing, and `snapshim verify` says the same words.
+#[test]
+fn each_kind_of_damage_is_refused_in_the_same_words() -> Result<()> {
+    let img = checkpointed_and_killed("single")?;
+    let s = img.session();
+    let image = Image::open(img.path()).context("open the image")?;
+    let (h, meta) = (image.header.clone(), image.meta.clone());
+    let without_threads = Metadata {
+        threads: vec![],
+        ..meta.clone()
+    };
+    let mut run_nowhere = meta.clone();
+    run_nowhere.runs[0].addr = u64::MAX - PAGE_SIZE + 1;
+    let in_data = middle_of_page_data(img.path())?;
+    let meta_off = h.meta_off as usize;
+    type Damage = Box<dyn FnOnce(&mut Vec<u8>)>;
+    let cases: Vec<(&str, &str, Damage)> = vec![
+        ("empty", "the header needs", Box::new(|b| b.clear())),
+        (
+            "cut-header",
+            "the header needs",
+            Box::new(|b| b.truncate(100)),
+        ),
+        (
+            "cut-data",
+            "the page data needs",
+            Box::new(move |b| b.truncate(in_data)),
+        ),
+        (
+            "cut-meta",
+            "the metadata needs",
+            Box::new(|b| b.truncate(b.len() - 1)),
+        ),
+        (
+            "magic",
+            "not a snapshim image",
+            Box::new(|b| b[..4].copy_from_slice(b"\x7fELF")),
+        ),
+        (
+            "arch",
+            "taken on aarch64",
+            Box::new(|b| b[8..16].copy_from_slice(b"aarch64\0")),
+        ),
+        (
+            "version",
+            "version 9.0 is newer",
+            Box::new(|b| b[HEADER_MAJOR] = 9),
+        ),
+        (
+            "header-crc",
+            "header is corrupted",
+            Box::new(|b| b[HEADER_IMAGE_ID] ^= 1),
+        ),
+        (
+            "layout",
+            "header is inconsistent",
+            Box::new(resealed(h.clone(), None, |h| h.data_off = 100)),
+        ),
+        (
+            "meta-crc",
+            "metadata is corrupted",
+            Box::new(move |b| b[meta_off + 1] ^= 1),
+        ),
+        (
+            "undecodable",
+            "does not decode",
+            Box::new(resealed(h.clone(), Some(vec![0xff; 64]), |_| ())),
+        ),
+        (
+            "no-threads",
+            "no threads to resume",
+            Box::new(resealed(
+                h.clone(),
+                Some(encode_metadata(&without_threads).0),
+                |_| (),
+            )),
+        ),
+        (
+            "run-nowhere",
+            "not inside one region",
+            Box::new(resealed(
+                h.clone(),
+                Some(encode_metadata(&run_nowhere).0),
+                |_| (),
+            )),
+        ),
+        (
+            "run-crc",
+            "fails its checksum",
+            Box::new(move |b| b[in_data] ^= 0xff),
+        ),
+    ];
+    for (label, mention, damage) in cases {
+        let bad = s.damaged_copy(img.path(), label, damage)?;
+        let refused = s.expect_restore_refused(&bad, &[mention])?;
+        let verified = s.verify(&bad)?;
+        let said = expect_clean_refusal(&verified, &[mention])
+            .map_err(|e| Failure::new(format!("snapshim verify {}: {e}", bad.display())))?;
+        let (r, v) = (
+            refused.strip_prefix("snapshim-restore: "),
+            said.strip_prefix("snapshim: "),
+        );
+        if r.is_none() || r != v {
+            bail!("{label}: the restorer and verify disagree:\n  {refused}\n  {said}");
+        }
+    }
     still_restores(&img)
 }
 

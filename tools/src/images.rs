@@ -271,11 +271,16 @@ fn utc_offset(ns: u64) -> i64 {
     tm.tm_gmtoff
 }
 
+/// Checks everything the restorer checks about the image itself before it changes anything:
+/// header (magic, architecture, version, checksum, layout), metadata (checksum, decoding,
+/// consistency), every page run's checksum; then that the mapped files are unchanged. Prints
+/// what was checked; the first damage found is the error, in the restorer's words.
 pub fn verify(arg: &Path) -> Result<()> {
     let img = open(arg)?;
-    let checked = img
-        .verify_pages()
-        .map_err(|e| Failure::op(format!("{}: {e}", img.path.display())))?;
+    let damaged =
+        |e: snapshim_image::ImageError| Failure::op(format!("{}: {e}", img.path.display()));
+    img.meta.validate().map_err(damaged)?;
+    let checked = img.verify_pages().map_err(damaged)?;
     let problems = check_mapped_files(&img.meta.regions);
     if !problems.is_empty() {
         let lines: Vec<String> = problems
@@ -284,13 +289,40 @@ pub fn verify(arg: &Path) -> Result<()> {
             .collect();
         return Err(Failure::op(lines.join("\n")));
     }
+    let (h, m) = (&img.header, &img.meta);
+    let mapped: BTreeSet<&str> = m
+        .regions
+        .iter()
+        .filter_map(|r| match &r.kind {
+            RegionKind::File { path, .. } => Some(path.as_str()),
+            _ => None,
+        })
+        .collect();
+    println!("ok: {}", img.path.display());
+    println!("  header     format {}.{}, checksum ok", h.major, h.minor);
     println!(
-        "ok: {}: {} regions, {} checked",
-        img.path.display(),
-        img.meta.regions.len(),
-        human_bytes(checked)
+        "  metadata   {}, checksum ok, consistent: {}, {}, {}, {}",
+        human_bytes(h.meta_len),
+        count(m.regions.len(), "region"),
+        count(m.runs.len(), "page run"),
+        count(m.threads.len(), "thread"),
+        count(m.fds.len(), "descriptor")
+    );
+    println!(
+        "  page data  {} in {}, every checksum ok",
+        human_bytes(checked),
+        count(m.runs.len(), "run")
+    );
+    println!(
+        "  files      {} present and unchanged",
+        count(mapped.len(), "mapped file")
     );
     Ok(())
+}
+
+/// "1 run", "2 runs".
+fn count(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
 /// Each file mapped by a File region must exist with the size and modification time recorded

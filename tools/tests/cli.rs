@@ -483,7 +483,7 @@ fn write_image(path: &Path, seq: u64, mapped: &Path) {
             sigactions: vec![
                 SigAction {
                     signo: libc::SIGUSR2 as u32,
-                    handler: 0x7000_1234,
+                    handler: 0x7f00_0000_1234,
                     flags: (libc::SA_SIGINFO | libc::SA_RESTART) as u64,
                     restorer: 0,
                     mask: 0,
@@ -507,13 +507,14 @@ fn write_image(path: &Path, seq: u64, mapped: &Path) {
         },
         shim: ShimInfo {
             path: "/opt/snapshim/libsnapshim.so".into(),
+            resume_addr: 0x7f00_0000_0100,
             ..Default::default()
         },
         threads: vec![
             ThreadState {
                 tid: 4242,
                 fs_base: 0,
-                ctx_rsp: 0,
+                ctx_rsp: 0x13f00,
                 robust_head: 0,
                 robust_len: 0,
                 altstack_sp: 0,
@@ -526,7 +527,7 @@ fn write_image(path: &Path, seq: u64, mapped: &Path) {
             ThreadState {
                 tid: 4243,
                 fs_base: 0,
-                ctx_rsp: 0,
+                ctx_rsp: 0x13f00,
                 robust_head: 0,
                 robust_len: 0,
                 altstack_sp: 0,
@@ -559,8 +560,8 @@ fn write_image(path: &Path, seq: u64, mapped: &Path) {
                 name: mapped,
             },
             Region {
-                start: 0x7000_0000,
-                end: 0x7000_2000,
+                start: 0x7f00_0000_0000,
+                end: 0x7f00_0000_2000,
                 prot: 5,
                 shared: false,
                 kind: RegionKind::Anon,
@@ -655,7 +656,7 @@ fn inspect_describes_the_latest_image() {
         "     1  wronly,append            file /home/u/out.txt (offset 120, size 120)".to_string(),
         "NOT RESTORED (reopened as /dev/null): socket:[1234]".to_string(),
         "signal handlers (2 not default):".to_string(),
-        "  SIGUSR2      handler 0x70001234 in /opt/snapshim/libsnapshim.so [SIGINFO,RESTART]"
+        "  SIGUSR2      handler 0x7f0000001234 in /opt/snapshim/libsnapshim.so [SIGINFO,RESTART]"
             .to_string(),
         "  SIGPIPE      ignored".to_string(),
     ] {
@@ -670,9 +671,18 @@ fn verify_checks_pages_and_mapped_files() {
     let out = snapshim(&["verify", app.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let latest = std::fs::canonicalize(app.join("ckpt-00000002.snap")).unwrap();
+    let meta_len = snapshim_image::Image::open(&latest)
+        .unwrap()
+        .header
+        .meta_len;
     assert_eq!(
         text(&out.stdout),
-        format!("ok: {}: 3 regions, 8.0 KiB checked\n", latest.display())
+        format!(
+            "ok: {}\n  header     format 1.0, checksum ok\n  metadata   {meta_len} B, checksum \
+             ok, consistent: 3 regions, 1 page run, 2 threads, 3 descriptors\n  page data  8.0 \
+             KiB in 1 run, every checksum ok\n  files      1 mapped file present and unchanged\n",
+            latest.display()
+        )
     );
 
     // A changed mapped file is named.
@@ -709,7 +719,11 @@ fn verify_finds_corrupted_pages() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         text(&out.stderr),
-        format!("snapshim: {}: image page data is corrupted: run 0 (memory at 0x11000) fails its checksum\n", img.display())
+        format!(
+            "snapshim: {}: image page data is corrupted: run 0 (memory 0x11000-0x13000, file \
+             offset 4096) fails its checksum\n",
+            img.display()
+        )
     );
     let out = snapshim(&["verify", "/no/such/image.snap"]);
     assert_eq!(out.status.code(), Some(1));
@@ -717,6 +731,144 @@ fn verify_finds_corrupted_pages() {
         text(&out.stderr),
         "snapshim: cannot find /no/such/image.snap: No such file or directory (os error 2)\n"
     );
+}
+
+/// Each kind of damage gets its own one-line message and exit status 1 (the same messages the
+/// restorer gives: testapps/tests/bad_input.rs checks both against real images).
+#[test]
+fn verify_names_each_kind_of_damage() {
+    let (_dir, app, _) = image_tree("damage");
+    let good_path = app.join("ckpt-00000001.snap");
+    let good = std::fs::read(&good_path).unwrap();
+    let img = snapshim_image::Image::open(&good_path).unwrap();
+    let (h, meta) = (img.header.clone(), img.meta.clone());
+    let n = good.len();
+    let reheader = |change: &dyn Fn(&mut Header)| {
+        let mut hh = h.clone();
+        change(&mut hh);
+        let mut b = good.clone();
+        b[..PAGE_SIZE as usize].copy_from_slice(&hh.encode());
+        b
+    };
+    let remeta = |bytes: &[u8]| {
+        let mut b = good[..h.meta_off as usize].to_vec();
+        b.extend_from_slice(bytes);
+        let mut hh = h.clone();
+        hh.meta_len = bytes.len() as u64;
+        hh.meta_crc = crc32fast::hash(bytes);
+        b[..PAGE_SIZE as usize].copy_from_slice(&hh.encode());
+        b
+    };
+    let flip = |at: usize| {
+        let mut b = good.clone();
+        b[at] ^= 0x04;
+        b
+    };
+    let mut reserved = meta.clone();
+    reserved.regions[2].start = snapshim_image::layout::RESERVED_START;
+    reserved.regions[2].end = snapshim_image::layout::RESERVED_START + PAGE_SIZE;
+    let cases: Vec<(&str, Vec<u8>, String)> = vec![
+        (
+            "empty",
+            vec![],
+            "image is truncated: the header needs 4096 bytes at offset 0, the file has 0".into(),
+        ),
+        (
+            "cut-data",
+            good[..5000].to_vec(),
+            "image is truncated: the page data needs 8192 bytes at offset 4096, the file has 5000"
+                .into(),
+        ),
+        (
+            "cut-meta",
+            good[..n - 10].to_vec(),
+            format!(
+                "image is truncated: the metadata needs {} bytes at offset {}, the file has {}",
+                h.meta_len,
+                h.meta_off,
+                n - 10
+            ),
+        ),
+        (
+            "magic",
+            flip(0),
+            "not a snapshim image (bad magic number)".into(),
+        ),
+        (
+            "arch",
+            {
+                let mut b = good.clone();
+                b[8..16].copy_from_slice(b"aarch64\0");
+                b
+            },
+            "image was taken on aarch64; this machine is x86_64".into(),
+        ),
+        (
+            "version",
+            {
+                let mut b = good.clone();
+                b[16..18].copy_from_slice(&9u16.to_le_bytes());
+                b
+            },
+            "image format version 9.0 is newer than this build reads (1.0 to 1.0)".into(),
+        ),
+        (
+            "header-crc",
+            flip(25),
+            "image header is corrupted (checksum mismatch)".into(),
+        ),
+        (
+            "layout",
+            reheader(&|h| h.data_off = 100),
+            "image header is inconsistent: page data starts at offset 100, not on a page \
+             boundary after the header"
+                .into(),
+        ),
+        (
+            "meta-crc",
+            flip(h.meta_off as usize + 3),
+            "image metadata is corrupted (checksum mismatch)".into(),
+        ),
+        (
+            "decode",
+            remeta(&[0xff; 16]),
+            "image metadata does not decode: ".into(),
+        ),
+        (
+            "inconsistent",
+            remeta(&encode_metadata(&reserved).0),
+            "image metadata is inconsistent: region 2 (0x6e000000-0x6e001000) is inside the \
+             range 0x6e000000-0x7e000000 snapshim keeps for the restorer"
+                .into(),
+        ),
+        (
+            "run-crc",
+            flip(PAGE_SIZE as usize + 3),
+            "image page data is corrupted: run 0 (memory 0x11000-0x13000, file offset 4096) \
+             fails its checksum"
+                .into(),
+        ),
+    ];
+    let mut seen = Vec::new();
+    for (label, bytes, want) in cases {
+        let path = app.join(format!("{label}.snap"));
+        std::fs::write(&path, bytes).unwrap();
+        let out = snapshim(&["verify", path.to_str().unwrap()]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{label}: {err}");
+        assert!(out.stdout.is_empty(), "{label}: {}", text(&out.stdout));
+        let prefix = format!("snapshim: {}: {want}", path.display());
+        assert!(
+            err.starts_with(&prefix),
+            "{label}:\n{err}\nwanted\n{prefix}"
+        );
+        assert_eq!(err.lines().count(), 1, "{label}: {err}");
+        assert!(
+            !seen.contains(&want),
+            "{label}: same message as another kind"
+        );
+        seen.push(want);
+    }
 }
 
 #[test]
