@@ -27,7 +27,7 @@ fn sample_meta(runs: Vec<PageRun>) -> Metadata {
 
 /// Writes a valid image with two pages of data and returns its bytes.
 fn sample_image() -> Vec<u8> {
-    sample_image_with(|m| encode_metadata(m), VERSION_MINOR)
+    sample_image_with(encode_metadata, VERSION_MINOR)
 }
 
 /// The same image, its metadata encoded by `encode` and its header saying `1.minor`.

@@ -119,6 +119,7 @@ fn main() -> ExitCode {
             stats,
             start_ns,
             namespace,
+            exact_tids: false,
         },
     ) {
         Ok(never) => match never {},
@@ -150,6 +151,8 @@ struct Options {
     stats: bool,
     start_ns: u64,
     namespace: Namespace,
+    /// Set once in the new namespaces: threads are created with their saved TIDs.
+    exact_tids: bool,
 }
 
 fn monotonic_ns() -> u64 {
@@ -180,6 +183,7 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
     let entered = enter_namespaces(meta, opt.namespace)?;
     if let Some(e) = &entered {
         opt.start_ns = (opt.start_ns as i64).saturating_add(e.clock_shift_ns) as u64;
+        opt.exact_tids = true;
     }
     let region_fds = open_region_files(meta)?;
 
@@ -230,7 +234,6 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
         &kern_pieces,
         kern_delta,
         &opt,
-        entered.is_some(),
     )?;
     let entry = load_blob()?;
     map_fixed(STACK_START, STACK_END - STACK_START)?;
@@ -639,7 +642,6 @@ fn write_plan(
     kern: &[KernPiece],
     kern_delta: i64,
     opt: &Options,
-    exact_tids: bool,
 ) -> Result<u64, String> {
     let p = &meta.process;
     let regions: Vec<PRegion> = meta
@@ -695,7 +697,7 @@ fn write_plan(
         .map(|t| PThread {
             ctx_rsp: t.ctx_rsp,
             fs_base: t.fs_base,
-            tid: if exact_tids { t.tid } else { 0 },
+            tid: if opt.exact_tids { t.tid } else { 0 },
         })
         .collect();
     let main_thread = meta
