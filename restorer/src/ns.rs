@@ -16,7 +16,8 @@
 //!    checkpoint; the outer /proc would show other numbers), then creates the program's process
 //!    with `clone3(set_tid = [saved PID])`, which goes on with the restore; the blob creates the
 //!    other threads the same way with their TIDs.
-//! 5. The supervisor and the reaper forward every signal that can be forwarded to their child,
+//! 5. The supervisor and the reaper forward every signal that can be forwarded and that a
+//!    process sent (a terminal's signals reach the whole process group anyway) to their child,
 //!    wait for it, and exit the way it did (the reaper hands the program's wait status up
 //!    through a pipe; PID 1 cannot re-raise a signal on itself).
 //!
@@ -539,9 +540,21 @@ fn default_forwarded() {
 
 static CHILD: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn forward(sig: libc::c_int) {
+/// Passes on a signal sent by a process (kill, sigqueue, tgkill: `si_code` <= 0). Signals from
+/// the kernel are not passed on: a terminal's (Ctrl-C, hangup, resize) go to the whole
+/// foreground process group, program included, and would arrive twice.
+extern "C" fn forward(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let from_kernel = info.is_null() || unsafe { (*info).si_code } > 0;
+    if from_kernel && matches!(sig, libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU) {
+        // Ctrl-Z stopped the program: stop with it, so that the shell sees the job stopped
+        // (PID 1 of a namespace cannot stop itself; it need not).
+        // SAFETY: kill and getpid are async-signal-safe.
+        unsafe { libc::kill(libc::getpid(), libc::SIGSTOP) };
+        return;
+    }
     let child = CHILD.load(Ordering::Relaxed);
-    if child > 0 {
+    if child > 0 && !from_kernel {
         // SAFETY: kill is async-signal-safe.
         unsafe { libc::kill(child, sig) };
     }
@@ -555,8 +568,10 @@ fn supervise(child: i32, init: bool) -> i32 {
         // SAFETY: installing a handler that only calls kill; every signal blocked inside it.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = forward as extern "C" fn(libc::c_int) as usize;
-            sa.sa_flags = libc::SA_RESTART;
+            sa.sa_sigaction = forward
+                as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
+                as usize;
+            sa.sa_flags = libc::SA_RESTART | libc::SA_SIGINFO;
             libc::sigfillset(&mut sa.sa_mask);
             libc::sigaction(s, &sa, std::ptr::null_mut());
         }
