@@ -6,7 +6,9 @@
 use std::path::Path;
 use std::process::Command;
 
-const APPS: &[&str] = &["single", "threads", "fpu", "signals", "files", "pattern"];
+const APPS: &[&str] = &[
+    "single", "threads", "fpu", "signals", "files", "pattern", "ids",
+];
 
 fn main() {
     let out_dir = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR");

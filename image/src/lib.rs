@@ -65,7 +65,8 @@ pub const MAGIC: [u8; 8] = *b"SNAPSHIM";
 /// The architecture this build reads and writes, as stored in the header (NUL-padded).
 pub const ARCH: [u8; 8] = *b"x86_64\0\0";
 pub const VERSION_MAJOR: u16 = 1;
-pub const VERSION_MINOR: u16 = 0;
+/// 1.1 added [`Metadata::clock_boottime_ns`]; 1.0 images still load (it reads as 0).
+pub const VERSION_MINOR: u16 = 1;
 /// File name suffix of committed images.
 pub const IMAGE_SUFFIX: &str = ".snap";
 /// Name of the symlink that points at the newest committed image in an image directory.
@@ -265,6 +266,49 @@ pub struct Metadata {
     pub regions: Vec<Region>,
     pub runs: Vec<PageRun>,
     pub fds: Vec<FdState>,
+    /// CLOCK_BOOTTIME at the checkpoint, read with [`Process::clock_monotonic_ns`] (format 1.1;
+    /// 0 in older images). The restorer's time namespace continues both clocks from there.
+    pub clock_boottime_ns: u64,
+}
+
+/// [`Metadata`] as format 1.0 wrote it: postcard is positional, so an image of an older minor
+/// version decodes with the field list of its time and the appended fields take their defaults.
+#[derive(Deserialize)]
+struct MetadataV1_0 {
+    process: Process,
+    shim: ShimInfo,
+    threads: Vec<ThreadState>,
+    regions: Vec<Region>,
+    runs: Vec<PageRun>,
+    fds: Vec<FdState>,
+}
+
+/// Decodes metadata written under format `1.minor`.
+/// Decodes metadata written by format version 1.`minor`: every byte must belong to it.
+fn decode_metadata(bytes: &[u8], minor: u16) -> Result<Metadata, ImageError> {
+    fn whole<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ImageError> {
+        match postcard::take_from_bytes::<T>(bytes) {
+            Ok((v, [])) => Ok(v),
+            Ok((_, rest)) => Err(ImageError::MetadataDecode(format!(
+                "{} bytes left over after the metadata",
+                rest.len()
+            ))),
+            Err(e) => Err(ImageError::MetadataDecode(e.to_string())),
+        }
+    }
+    if minor >= 1 {
+        return whole(bytes);
+    }
+    let m: MetadataV1_0 = whole(bytes)?;
+    Ok(Metadata {
+        process: m.process,
+        shim: m.shim,
+        threads: m.threads,
+        regions: m.regions,
+        runs: m.runs,
+        fds: m.fds,
+        clock_boottime_ns: 0,
+    })
 }
 
 impl Metadata {
@@ -626,16 +670,7 @@ impl Image {
         if crc32fast::hash(&meta_bytes) != header.meta_crc {
             return Err(ImageError::MetadataChecksum);
         }
-        let meta = match postcard::take_from_bytes::<Metadata>(&meta_bytes) {
-            Ok((meta, [])) => meta,
-            Ok((_, rest)) => {
-                return Err(ImageError::MetadataDecode(format!(
-                    "{} bytes left over after the metadata",
-                    rest.len()
-                )))
-            }
-            Err(e) => return Err(ImageError::MetadataDecode(e.to_string())),
-        };
+        let meta = decode_metadata(&meta_bytes, header.minor)?;
         check_structure(&header, &meta)?;
         Ok(Image {
             path: path.to_path_buf(),

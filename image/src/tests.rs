@@ -21,11 +21,17 @@ fn sample_meta(runs: Vec<PageRun>) -> Metadata {
         }],
         runs,
         fds: vec![],
+        clock_boottime_ns: 0x1234_5678_9abc,
     }
 }
 
 /// Writes a valid image with two pages of data and returns its bytes.
 fn sample_image() -> Vec<u8> {
+    sample_image_with(encode_metadata, VERSION_MINOR)
+}
+
+/// The same image, its metadata encoded by `encode` and its header saying `1.minor`.
+fn sample_image_with(encode: impl Fn(&Metadata) -> (Vec<u8>, u32), minor: u16) -> Vec<u8> {
     let data: Vec<u8> = (0..2 * PAGE_SIZE as usize)
         .map(|i| (i % 251) as u8)
         .collect();
@@ -35,8 +41,9 @@ fn sample_image() -> Vec<u8> {
         file_off: PAGE_SIZE,
         crc: crc32fast::hash(&data),
     };
-    let (meta, meta_crc) = encode_metadata(&sample_meta(vec![run]));
+    let (meta, meta_crc) = encode(&sample_meta(vec![run]));
     let mut h = Header::new(7, 1);
+    h.minor = minor;
     h.data_len = data.len() as u64;
     h.meta_off = PAGE_SIZE + h.data_len;
     h.meta_len = meta.len() as u64;
@@ -147,4 +154,38 @@ fn every_single_byte_flip_is_refused_or_harmless() {
             assert!(inside_header_padding, "flip at {i} went unnoticed");
         }
     }
+}
+
+/// Format 1.0 had no `clock_boottime_ns`: such an image still opens, the field reading 0.
+#[test]
+fn older_minor_version_still_loads() {
+    #[derive(Serialize)]
+    struct V1_0<'a> {
+        process: &'a Process,
+        shim: &'a ShimInfo,
+        threads: &'a Vec<ThreadState>,
+        regions: &'a Vec<Region>,
+        runs: &'a Vec<PageRun>,
+        fds: &'a Vec<FdState>,
+    }
+    let old = |m: &Metadata| {
+        let bytes = postcard::to_allocvec(&V1_0 {
+            process: &m.process,
+            shim: &m.shim,
+            threads: &m.threads,
+            regions: &m.regions,
+            runs: &m.runs,
+            fds: &m.fds,
+        })
+        .unwrap();
+        let crc = crc32fast::hash(&bytes);
+        (bytes, crc)
+    };
+    let img = open_bytes(&sample_image_with(old, 0)).unwrap();
+    assert_eq!(img.header.minor, 0);
+    assert_eq!(img.meta.process.pid, 42);
+    assert_eq!(img.meta.clock_boottime_ns, 0);
+    assert_eq!(img.stored_bytes(), 2 * PAGE_SIZE);
+    let new = open_bytes(&sample_image()).unwrap();
+    assert_eq!(new.meta.clock_boottime_ns, 0x1234_5678_9abc);
 }

@@ -15,7 +15,9 @@
 //! 4. set the mm fields (brk, stack, arg/env, auxv) with prctl(PR_SET_MM_MAP);
 //! 5. signal dispositions, resource limits, interval timers; close the plan's descriptors;
 //! 6. start every other thread with clone() on its saved stack pointer and thread pointer,
-//!    jumping into the shim's `snapshim_resume`; this thread becomes the main thread last.
+//!    jumping into the shim's `snapshim_resume` (with clone3 and `set_tid` when the plan gives
+//!    its saved TID: in a fresh PID namespace the number is free); this thread becomes the main
+//!    thread last.
 #![no_std]
 #![no_main]
 #![allow(clippy::missing_safety_doc, unsafe_op_in_unsafe_fn)]
@@ -49,6 +51,7 @@ const SYS_PREAD64: u64 = 17;
 const SYS_MREMAP: u64 = 25;
 const SYS_SETITIMER: u64 = 38;
 const SYS_CLONE: u64 = 56;
+const SYS_CLONE3: u64 = 435;
 const SYS_EXIT_GROUP: u64 = 231;
 const SYS_PRCTL: u64 = 157;
 const SYS_ARCH_PRCTL: u64 = 158;
@@ -251,12 +254,25 @@ pub unsafe extern "C" fn blob_main(p: &Plan) -> ! {
         let r: i64;
         // The child starts on the thread's saved stack with its thread pointer and jumps to the
         // shim; r9 survives the system call. The parent goes on.
-        asm!("syscall", "test rax, rax", "jnz 2f", "jmp r9", "2:",
-             inlateout("rax") SYS_CLONE as i64 => r, in("rdi") CLONE_THREAD_FLAGS, in("rsi") t.ctx_rsp,
-             in("rdx") 0u64, in("r10") 0u64, in("r8") t.fs_base, in("r9") p.resume_addr,
-             lateout("rcx") _, lateout("r11") _);
+        if t.tid != 0 {
+            // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal, stack,
+            // stack_size (the child's rsp is stack + stack_size), tls, set_tid, set_tid_size.
+            let set_tid = [t.tid];
+            let args: [u64; 10] = [CLONE_THREAD_FLAGS, 0, 0, 0, 0, t.ctx_rsp - 16, 16, t.fs_base,
+                set_tid.as_ptr() as u64, 1];
+            asm!("syscall", "test rax, rax", "jnz 2f", "jmp r9", "2:",
+                 inlateout("rax") SYS_CLONE3 as i64 => r, in("rdi") args.as_ptr(),
+                 in("rsi") core::mem::size_of_val(&args), in("r9") p.resume_addr,
+                 lateout("rcx") _, lateout("r11") _);
+        } else {
+            asm!("syscall", "test rax, rax", "jnz 2f", "jmp r9", "2:",
+                 inlateout("rax") SYS_CLONE as i64 => r, in("rdi") CLONE_THREAD_FLAGS, in("rsi") t.ctx_rsp,
+                 in("rdx") 0u64, in("r10") 0u64, in("r8") t.fs_base, in("r9") p.resume_addr,
+                 lateout("rcx") _, lateout("r11") _);
+        }
         if r < 0 {
-            fail_at(b"creating a thread", t.ctx_rsp, r);
+            fail_at(if t.tid != 0 { b"creating a thread with its saved TID" } else { b"creating a thread" },
+                t.ctx_rsp, r);
         }
     }
     let main = &threads[p.main_thread as usize];

@@ -8,6 +8,10 @@
 //!    `Metadata::validate`) and every page checksum;
 //! 2. check the machine: CPU XSAVE features, the kernel's vDSO layout, every mapped file present
 //!    and unchanged, every regular file the program had open present;
+//!    then (`ns.rs`) move into new PID, time and mount namespaces, as their first program, with
+//!    the saved PID and clocks that go on from the checkpoint; this process stays outside and
+//!    passes signals and the exit status through. Where the system refuses that, restore here,
+//!    with new IDs, after one warning;
 //! 3. prepare the descriptors the program had (reopen files at their offsets, cut files open for
 //!    writing back to their checkpoint-time length, recreate pipes with their data), each on a
 //!    spare high number, then put them in place; set cwd, umask, personality;
@@ -27,6 +31,7 @@
 //! ```
 #![allow(unsafe_code)]
 
+mod ns;
 mod plan;
 
 use std::os::fd::{AsRawFd, IntoRawFd};
@@ -43,21 +48,27 @@ use plan::*;
 
 static BLOB: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/blob"));
 
-const USAGE: &str = "usage: snapshim-restore [--no-verify] [--stats] [--pause] IMAGE_OR_DIR
+const USAGE: &str = "usage: snapshim-restore [OPTIONS] IMAGE_OR_DIR
 
-Rebuilds the process saved in a snapshim image and runs it in the foreground, in this
-process (same PID); exits with the program's exit status.
+Rebuilds the process saved in a snapshim image and runs it in the foreground; exits with the
+program's exit status. The program gets back its PID and thread IDs, and CLOCK_MONOTONIC and
+CLOCK_BOOTTIME go on from the checkpoint, in new PID and time namespaces (this process stays
+outside, passing signals on). Where the system does not allow that, the program runs in this
+process, with new IDs, after a warning.
 
-  IMAGE_OR_DIR  an image file, or an image directory (its `latest` image)
-  --no-verify   skip checking page-data checksums (faster for large images)
-  --stats       print the time from start to resuming the program
-  --pause       stop just before the jump and print the PID, for a debugger
-                (continue with kill -CONT PID)";
+  IMAGE_OR_DIR          an image file, or an image directory (its `latest` image)
+  --no-namespace        restore in this process, without namespaces (IDs change)
+  --require-exact-pids  fail instead of restoring with new IDs
+  --no-verify           skip checking page-data checksums (faster for large images)
+  --stats               print the time from start to resuming the program
+  --pause               stop just before the jump and print the PID, for a debugger
+                        (continue with kill -CONT PID)";
 
 fn main() -> ExitCode {
     let start_ns = monotonic_ns();
     let mut verify = true;
     let mut stats = false;
+    let mut namespace = Namespace::Preferred;
     let mut pause = std::env::var_os("SNAPSHIM_RESTORE_PAUSE").is_some();
     let mut target = None;
     for a in std::env::args().skip(1) {
@@ -73,6 +84,18 @@ fn main() -> ExitCode {
             "--no-verify" => verify = false,
             "--pause" => pause = true,
             "--stats" => stats = true,
+            "--no-namespace" | "--require-exact-pids" => {
+                let want = if a == "--no-namespace" {
+                    Namespace::Off
+                } else {
+                    Namespace::Required
+                };
+                if namespace != Namespace::Preferred && namespace != want {
+                    eprintln!("snapshim-restore: --no-namespace and --require-exact-pids exclude each other\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+                namespace = want;
+            }
             s if s.starts_with('-') => {
                 eprintln!("snapshim-restore: unknown option {s}\n{USAGE}");
                 return ExitCode::from(2);
@@ -96,6 +119,8 @@ fn main() -> ExitCode {
             pause,
             stats,
             start_ns,
+            namespace,
+            exact_tids: false,
         },
     ) {
         Ok(never) => match never {},
@@ -108,6 +133,17 @@ fn main() -> ExitCode {
 
 enum Never {}
 
+/// Whether to restore in new namespaces (exact PID and TIDs, continuous clocks).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Namespace {
+    /// When the system allows it; otherwise warn and restore without.
+    Preferred,
+    /// Or fail.
+    Required,
+    /// Never (`--no-namespace`).
+    Off,
+}
+
 struct Options {
     /// Where --stats reports (a copy of our stderr), or -1.
     stats_fd: i32,
@@ -115,6 +151,9 @@ struct Options {
     pause: bool,
     stats: bool,
     start_ns: u64,
+    namespace: Namespace,
+    /// Set once in the new namespaces: threads are created with their saved TIDs.
+    exact_tids: bool,
 }
 
 fn monotonic_ns() -> u64 {
@@ -146,6 +185,11 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
     check_machine(meta)?;
     let kern = current_kernel_mappings()?;
     let (kern_pieces, kern_delta) = plan_vdso_move(meta, &kern)?;
+    let entered = enter_namespaces(meta, opt.namespace)?;
+    if let Some(e) = &entered {
+        opt.start_ns = (opt.start_ns as i64).saturating_add(e.clock_shift_ns) as u64;
+        opt.exact_tids = true;
+    }
     let region_fds = open_region_files(meta)?;
 
     // 3. Descriptors, cwd, umask, personality.
@@ -199,13 +243,20 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
     let entry = load_blob()?;
     map_fixed(STACK_START, STACK_END - STACK_START)?;
     if opt.pause {
-        eprintln!(
-            "snapshim-restore: PID {} stopped before the jump; continue with: kill -CONT {}",
-            std::process::id(),
-            std::process::id()
-        );
-        // SAFETY: stops this process until SIGCONT.
-        unsafe { libc::raise(libc::SIGSTOP) };
+        let me = std::process::id();
+        match &entered {
+            None => eprintln!(
+                "snapshim-restore: PID {me} stopped before the jump; continue with: kill -CONT {me}"
+            ),
+            Some(e) => eprintln!(
+                "snapshim-restore: the program (PID {me} in its namespace) stopped before the \
+                 jump; continue with: kill -CONT {}",
+                e.supervisor
+            ),
+        }
+        // SAFETY: stops this process until SIGCONT. Not raise(): after clone3, glibc's cached
+        // thread ID is the parent's.
+        unsafe { libc::kill(me as i32, libc::SIGSTOP) };
     }
     // SAFETY: a full signal set; blocking everything keeps signals pending until each thread
     // returns through its own signal frame, which restores its mask.
@@ -216,6 +267,31 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
         unregister_rseq();
         jump(entry, plan)
     }
+}
+
+/// Moves into new namespaces (see `ns.rs`) when wanted and possible. Returns `None` when the
+/// restore goes on here without them; in the namespace case returns in the program's process.
+fn enter_namespaces(meta: &Metadata, want: Namespace) -> Result<Option<ns::Entered>, String> {
+    if want == Namespace::Off {
+        return Ok(None);
+    }
+    let why = match ns::unreproducible_ids(meta, ns::pid_max()) {
+        Some(why) => why,
+        None => match ns::enter(meta) {
+            Ok(entered) => return Ok(Some(entered)),
+            Err(why) => format!("the system refuses the namespaces: {why}"),
+        },
+    };
+    if want == Namespace::Required {
+        return Err(format!(
+            "cannot give the program its saved PID and thread IDs: {why}"
+        ));
+    }
+    eprintln!(
+        "snapshim-restore: warning: restoring without namespaces ({why}); the program's PID and \
+         thread IDs change and its monotonic clock jumps"
+    );
+    Ok(None)
 }
 
 fn check_machine(meta: &Metadata) -> Result<(), String> {
@@ -617,6 +693,7 @@ fn write_plan(
         .map(|t| PThread {
             ctx_rsp: t.ctx_rsp,
             fs_base: t.fs_base,
+            tid: if opt.exact_tids { t.tid } else { 0 },
         })
         .collect();
     let main_thread = meta

@@ -78,6 +78,8 @@ pub struct PRun {
 pub struct PThread {
     pub ctx_rsp: u64,
     pub fs_base: u64,
+    /// The thread's saved TID, to be created with (clone3 `set_tid`); 0: any.
+    pub tid: i32,
 }
 
 /// `struct kernel_sigaction` plus the signal number.

@@ -69,6 +69,8 @@ pub struct Captured {
     fds: Vec<FdState>,
     pub process: Process,
     threads: Vec<ThreadState>,
+    /// CLOCK_BOOTTIME read right after `process.clock_monotonic_ns`.
+    boottime_ns: u64,
 }
 
 pub fn capture(cfg: &Config, nthreads: usize) -> Result<Captured, String> {
@@ -78,6 +80,7 @@ pub fn capture(cfg: &Config, nthreads: usize) -> Result<Captured, String> {
     let maps = capture::parse_maps(&String::from_utf8_lossy(&maps_text));
     let fds = capture::fds();
     let process = capture::process(cfg);
+    let boottime_ns = sys::clock_ns(libc::CLOCK_BOOTTIME);
     let n = nthreads.min(park::MAX_THREADS);
     let mut threads: Vec<ThreadState> = SLOTS[..n].iter().map(|s| thread_state(s, false)).collect();
     threads.push(thread_state(&HELPER_SLOT, true));
@@ -86,6 +89,7 @@ pub fn capture(cfg: &Config, nthreads: usize) -> Result<Captured, String> {
         fds,
         process,
         threads,
+        boottime_ns,
     })
 }
 
@@ -336,6 +340,7 @@ pub fn finish(
         regions,
         runs,
         fds: cap.fds.clone(),
+        clock_boottime_ns: cap.boottime_ns,
     };
     let data_len = off - image::PAGE_SIZE;
     let (meta_bytes, meta_crc) = image::encode_metadata(&meta);

@@ -22,6 +22,7 @@ pub const APP_NAMES: &[&str] = &[
     "files",
     "threads-py",
     "pattern",
+    "ids",
 ];
 
 /// Prepares an app's working directory (input files) before it starts.
@@ -66,7 +67,7 @@ impl AppSpec {
     /// One of [`APP_NAMES`], with its default arguments.
     pub fn named(name: &str) -> Result<AppSpec> {
         Ok(match name {
-            "single" | "threads" | "fpu" | "signals" | "pattern" => {
+            "single" | "threads" | "fpu" | "signals" | "pattern" | "ids" => {
                 AppSpec::new(name, c_app(name), &[])
             }
             "files" => AppSpec {

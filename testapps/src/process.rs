@@ -4,7 +4,7 @@
 //!
 //! Waiting uses a pidfd (`pidfd_open` + `poll`), so there is no sleep-polling and no race with
 //! PID reuse: the child is only reaped after the pidfd said it exited, or after we killed it.
-#![allow(unsafe_code)] // pidfd_open, poll and geteuid, each with its SAFETY note.
+#![allow(unsafe_code)] // pidfd_open, poll, geteuid and kill, each with its SAFETY note.
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -24,6 +24,15 @@ pub fn timeout() -> Duration {
         .and_then(|s| s.trim().parse::<u64>().ok())
         .unwrap_or(120);
     Duration::from_secs(secs)
+}
+
+/// `kill(pid, sig)`.
+pub fn send_signal(pid: u32, sig: i32) -> std::io::Result<()> {
+    // SAFETY: kill takes plain values and has no memory effects.
+    if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Whether this test process runs as root (then chmod does not restrict it).

@@ -247,6 +247,13 @@ impl Session {
         self.start(true)
     }
 
+    /// Starts the app under the shim without computing its reference first: for apps that do
+    /// not end by themselves, whose output is not compared.
+    pub fn spawn_without_reference(self: &Arc<Self>) -> Result<Running> {
+        self.tools()?;
+        self.start(true)
+    }
+
     /// Starts the app, stdout to `out.txt` (created empty), stderr to a pipe we read.
     fn start(self: &Arc<Self>, with_shim: bool) -> Result<Running> {
         let out_path = self.stdout_path();
@@ -293,17 +300,47 @@ impl Session {
     }
 
     fn restore_command(&self, image: &Path) -> Result<Command> {
-        let mut cmd = self.command(&self.tools()?.restorer);
+        self.restore_command_with(image, &[], &[])
+    }
+
+    /// `WRAPPER... snapshim-restore OPTIONS... IMAGE` (the wrapper, if any, must end by running
+    /// its arguments).
+    fn restore_command_with(
+        &self,
+        image: &Path,
+        options: &[&str],
+        wrapper: &[&str],
+    ) -> Result<Command> {
+        let restorer = self.tools()?.restorer;
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = self.command(Path::new(program));
+                c.args(args).arg(&restorer);
+                c
+            }
+            None => self.command(&restorer),
+        };
         // From "/": the restored process must get its own working directory back.
-        cmd.arg(image).current_dir("/");
+        cmd.args(options).arg(image).current_dir("/");
         Ok(cmd)
     }
 
     /// Starts `snapshim-restore PATH` (an image or an image directory). Its stdout and stderr
     /// are pipes we read; the restored app's stdout is out.txt again, reopened by the restorer.
     pub fn restore_from(self: &Arc<Self>, path: &Path) -> Result<Running> {
+        self.restore_from_with(path, &[], &[])
+    }
+
+    /// [`Session::restore_from`] with restorer options, run through a wrapper command (see
+    /// `restore_command_with`).
+    pub fn restore_from_with(
+        self: &Arc<Self>,
+        path: &Path,
+        options: &[&str],
+        wrapper: &[&str],
+    ) -> Result<Running> {
         let image = snapshim_image::resolve(path).unwrap_or_else(|_| path.to_path_buf());
-        let mut cmd = self.restore_command(path)?;
+        let mut cmd = self.restore_command_with(path, options, wrapper)?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -337,6 +374,19 @@ impl Session {
     /// refused.
     pub fn try_restore(&self, path: &Path) -> Result<Captured> {
         run_captured(&mut self.restore_command(path)?, timeout())
+    }
+
+    /// [`Session::try_restore`] with restorer options and a wrapper.
+    pub fn try_restore_with(
+        &self,
+        path: &Path,
+        options: &[&str],
+        wrapper: &[&str],
+    ) -> Result<Captured> {
+        run_captured(
+            &mut self.restore_command_with(path, options, wrapper)?,
+            timeout(),
+        )
     }
 
     /// `snapshim-restore PATH` must refuse the image: see [`expect_clean_refusal`].
@@ -490,6 +540,20 @@ impl Running {
                 with_newline(&self.stderr.text())
             ),
         }
+    }
+
+    /// Sends `sig` to the process (for a restore: to snapshim-restore).
+    pub fn signal(&self, sig: i32) -> Result<()> {
+        if self.status.is_some() {
+            bail!("cannot send signal {sig} to {}: it has ended", self.what);
+        }
+        crate::process::send_signal(self.pid(), sig)
+            .map_err(|e| Failure::new(format!("cannot send signal {sig} to {}: {e}", self.what)))
+    }
+
+    /// Everything the process wrote on stderr so far.
+    pub fn stderr_so_far(&self) -> String {
+        self.stderr.text()
     }
 
     /// Sleeps `d` (the app keeps running).

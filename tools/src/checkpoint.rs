@@ -22,6 +22,12 @@
 //! only while it is open here, and only if the shim's user may open our descriptors. The signal
 //! is never sent to a process that does not handle it: the default action of SIGUSR2 is to
 //! terminate, and a shim whose set-up failed is loaded but installs no handler.
+//!
+//! A program restored in its own PID namespace (see snapshim-restore) cannot see us: `si_pid`
+//! would be 0 and its /proc does not show our process. PID may then be the restorer that
+//! supervises it (its descendant with the shim is the program), and the request is sent by a
+//! child we fork inside the program's PID namespace (after entering its user namespace when it
+//! has one: ours, so we may), which holds `w` until the reply is there.
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
@@ -37,15 +43,27 @@ const SLICE: Duration = Duration::from_millis(200);
 const MAX_REPLY: usize = 64 * 1024;
 
 pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
-    let pid = a.pid;
+    let pid = program_of(a.pid);
     require_shim(pid)?;
     let signo = trigger_signal(pid)?;
     require_handler(pid, signo)?;
     become_owner_of(pid)?;
     let (read_end, write_end) = pipe()?;
-    sigqueue(pid, signo, write_end.as_raw_fd())?;
+    let sender = match pid_in_own_namespace(pid)? {
+        None => {
+            sigqueue(pid, signo, write_end.as_raw_fd())?;
+            None
+        }
+        Some(inner) => Some(send_from_namespace(
+            pid,
+            inner,
+            signo,
+            write_end.as_raw_fd(),
+        )?),
+    };
     let show_progress = !a.quiet && is_terminal(libc::STDERR_FILENO);
     let line = wait_for_reply(pid, read_end, a.timeout, show_progress);
+    drop(sender);
     drop(write_end);
     let line = line?;
     match parse::parse_reply(&line) {
@@ -82,6 +100,156 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
         ))),
         Err(why) => Err(Failure::op(format!("checkpoint of PID {pid}: {why}"))),
     }
+}
+
+/// `pid`, or, when `pid` is a snapshim-restore that runs the program in new namespaces (it and
+/// the namespace's init are the program's parent and grandparent), the program.
+fn program_of(pid: i32) -> i32 {
+    let is_restorer = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|c| c.trim_end().starts_with("snapshim-restor"));
+    if !is_restorer || has_shim(pid) {
+        return pid;
+    }
+    for init in children(pid) {
+        if let Some(&app) = children(init).iter().find(|&&c| has_shim(c)) {
+            return app;
+        }
+    }
+    pid
+}
+
+/// The children of every thread of `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+fn has_shim(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/maps")).is_ok_and(|maps| {
+        String::from_utf8_lossy(&maps).lines().any(|l| {
+            let path = l.split_whitespace().nth(5).unwrap_or("");
+            path.rsplit('/').next() == Some(crate::launch::SHIM_LIB)
+        })
+    })
+}
+
+/// `None` when `pid` is in our PID namespace; else its PID in its own namespace.
+fn pid_in_own_namespace(pid: i32) -> Result<Option<i32>> {
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+    if ns("self") == ns(&pid.to_string()) {
+        return Ok(None);
+    }
+    let status = String::from_utf8_lossy(&read_proc(pid, "status")?).into_owned();
+    let inner = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|ids| ids.split_whitespace().last()?.parse().ok());
+    match inner {
+        Some(inner) => Ok(Some(inner)),
+        None => Err(Failure::op(format!(
+            "cannot tell the PID of process {pid} in its own PID namespace"
+        ))),
+    }
+}
+
+/// A child of ours inside the program's PID namespace that has sent the request and keeps the
+/// reply pipe open (its copy of it is the one the shim opens) until dropped.
+struct Sender {
+    child: i32,
+    hold: Option<OwnedFd>,
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        // Closing `hold` ends the child's wait.
+        drop(self.hold.take());
+        let mut status = 0;
+        // SAFETY: reaping our own child.
+        unsafe { libc::waitpid(self.child, &mut status, 0) };
+    }
+}
+
+/// Enters the user namespace (if not ours) and the PID namespace of `pid`, forks a child there,
+/// which sends the request to `inner` (the program's PID as it sees it).
+fn send_from_namespace(pid: i32, inner: i32, signo: i32, fd: i32) -> Result<Sender> {
+    let enter = |kind: &str, flag: i32| -> Result<()> {
+        let path = format!("/proc/{pid}/ns/{kind}");
+        if std::fs::read_link(&path).ok()
+            == std::fs::read_link(format!("/proc/self/ns/{kind}")).ok()
+        {
+            return Ok(());
+        }
+        let ns = File::open(&path).map_err(|e| Failure::op(format!("cannot open {path}: {e}")))?;
+        // SAFETY: setns with a namespace descriptor; we are single-threaded.
+        if unsafe { libc::setns(ns.as_raw_fd(), flag) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(Failure::op(format!(
+                "cannot enter the {kind} namespace of process {pid} to ask it for a checkpoint: {e}"
+            )));
+        }
+        Ok(())
+    };
+    enter("user", libc::CLONE_NEWUSER)?;
+    enter("pid", libc::CLONE_NEWPID)?;
+    let (hold_r, hold_w) = pipe()?;
+    let (mut ack_r, ack_w) = pipe()?;
+    // SAFETY: single-threaded; the child only makes system calls and exits.
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(Failure::op(format!("cannot fork: {e}")));
+    }
+    if child == 0 {
+        // SAFETY: plain system calls on our own descriptors, then _exit; the parent's death
+        // ends us too.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            libc::prctl(libc::PR_SET_DUMPABLE, 1);
+            let value = libc::sigval {
+                sival_ptr: fd as usize as *mut libc::c_void,
+            };
+            let err = if libc::sigqueue(inner, signo, value) == 0 {
+                0
+            } else {
+                *libc::__errno_location()
+            };
+            libc::write(ack_w.as_raw_fd(), err.to_le_bytes().as_ptr().cast(), 4);
+            libc::close(ack_w.as_raw_fd());
+            libc::close(hold_w.as_raw_fd());
+            let mut b = [0u8; 1];
+            while libc::read(hold_r.as_raw_fd(), b.as_mut_ptr().cast(), 1) < 0 {}
+            libc::_exit(0)
+        }
+    }
+    drop(ack_w);
+    drop(hold_r);
+    let sender = Sender {
+        child,
+        hold: Some(hold_w),
+    };
+    let mut word = [0u8; 4];
+    let err = match ack_r.read_exact(&mut word) {
+        Ok(()) => i32::from_le_bytes(word),
+        Err(_) => libc::ESRCH,
+    };
+    if err != 0 {
+        return Err(Failure::op(format!(
+            "cannot send {} to process {pid}: {}",
+            parse::signal_name(signo),
+            std::io::Error::from_raw_os_error(err)
+        )));
+    }
+    Ok(sender)
 }
 
 /// Fails unless `libsnapshim.so` is mapped in `pid`.

@@ -505,6 +505,7 @@ mod tests {
                 },
             ],
             fds: vec![],
+            clock_boottime_ns: 0,
         };
         assert_eq!(stored_per_region(&m), vec![0, 3 * PAGE_SIZE]);
         assert_eq!(region_of(&m.regions, 0x5abc).map(|r| r.start), Some(0x5000));

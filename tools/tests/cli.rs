@@ -603,6 +603,7 @@ fn write_image(path: &Path, seq: u64, mapped: &Path) {
                 },
             },
         ],
+        clock_boottime_ns: 0,
     };
     let (meta, meta_crc) = encode_metadata(&meta);
     let mut h = Header::new(
@@ -642,7 +643,7 @@ fn inspect_describes_the_latest_image() {
     let latest = std::fs::canonicalize(app.join("ckpt-00000002.snap")).unwrap();
     for want in [
         format!("image      {}", latest.display()),
-        "format     1.0,".to_string(),
+        format!("format     1.{},", snapshim_image::VERSION_MINOR),
         "id         123456789abcdef2, parent none (full image)".to_string(),
         "program    app, PID 4242".to_string(),
         "cmdline    app --in 'my file.dat'".to_string(),
