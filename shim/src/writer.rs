@@ -183,7 +183,10 @@ fn write_pages_and_meta(
     let mut pm = Vec::new();
     let mut page_buf = alloc::vec![0u8; 4096];
     let mut direct = direct;
-    for e in cap.maps.iter().filter(|e| !capture::is_excluded(e)) {
+    for e in capture::mark_unmappable_files(&cap.maps)
+        .iter()
+        .filter(|e| !capture::is_excluded(e))
+    {
         let deleted = e.name.ends_with(" (deleted)");
         let kind = match e.name.as_str() {
             "[vdso]" => RegionKind::Vdso,
@@ -207,8 +210,7 @@ fn write_pages_and_meta(
             _ => false,
         };
         if store {
-            capture::pagemap(pm_fd, e.start, e.end, &mut pm)
-                .map_err(|e| ("read the pagemap for", e))?;
+            capture::pagemap_of(pm_fd, e, &mut pm).map_err(|e| ("read the pagemap for", e))?;
             let file_backed = matches!(kind, RegionKind::File { .. });
             let readable = e.prot & libc::PROT_READ as u32 != 0;
             // A page is stored if it holds data that is neither zero nor the file's own.
