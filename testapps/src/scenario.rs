@@ -292,18 +292,23 @@ impl Session {
         })
     }
 
-    fn restore_command(&self, image: &Path) -> Result<Command> {
+    fn restore_command(&self, image: &Path, options: &[&str]) -> Result<Command> {
         let mut cmd = self.command(&self.tools()?.restorer);
         // From "/": the restored process must get its own working directory back.
-        cmd.arg(image).current_dir("/");
+        cmd.args(options).arg(image).current_dir("/");
         Ok(cmd)
     }
 
     /// Starts `snapshim-restore PATH` (an image or an image directory). Its stdout and stderr
     /// are pipes we read; the restored app's stdout is out.txt again, reopened by the restorer.
     pub fn restore_from(self: &Arc<Self>, path: &Path) -> Result<Running> {
+        self.restore_with(path, &[])
+    }
+
+    /// `snapshim-restore OPTIONS... PATH`, as [`Session::restore_from`].
+    pub fn restore_with(self: &Arc<Self>, path: &Path, options: &[&str]) -> Result<Running> {
         let image = snapshim_image::resolve(path).unwrap_or_else(|_| path.to_path_buf());
-        let mut cmd = self.restore_command(path)?;
+        let mut cmd = self.restore_command(path, options)?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -318,8 +323,9 @@ impl Session {
             image.file_name().unwrap_or_default().to_string_lossy()
         );
         eprintln!(
-            "[{}] restoring: snapshim-restore {}",
+            "[{}] restoring: snapshim-restore {}{}",
             self.label,
+            options.iter().map(|o| format!("{o} ")).collect::<String>(),
             path.display()
         );
         Ok(Running {
@@ -336,7 +342,7 @@ impl Session {
     /// Runs `snapshim-restore PATH` to completion, output captured: for images that must be
     /// refused.
     pub fn try_restore(&self, path: &Path) -> Result<Captured> {
-        run_captured(&mut self.restore_command(path)?, timeout())
+        run_captured(&mut self.restore_command(path, &[])?, timeout())
     }
 
     /// `snapshim-restore PATH` must refuse the image: see [`expect_clean_refusal`].
@@ -674,6 +680,11 @@ impl Snapshot {
     /// `snapshim-restore IMAGE`.
     pub fn restore(&self) -> Result<Running> {
         self.session.restore_from(&self.path)
+    }
+
+    /// `snapshim-restore OPTIONS... IMAGE`.
+    pub fn restore_with(&self, options: &[&str]) -> Result<Running> {
+        self.session.restore_with(&self.path, options)
     }
 
     /// How long out.txt was when the image was taken, as the image records it.
