@@ -26,6 +26,7 @@ fi
 
 cargo build --release --workspace
 cargo test --release --workspace
-# The end-to-end restore tests once more with the other copy-on-write engine (the default is
-# fork): every engine must give byte-identical restores.
+# The end-to-end restore tests once more with each other copy-on-write engine (the default,
+# auto, is uffd as root and fork otherwise): every engine must give byte-identical restores.
+SNAPSHIM_COW=fork cargo test --release -p snapshim-testapps --test restore
 SNAPSHIM_COW=stop cargo test --release -p snapshim-testapps --test restore

@@ -10,8 +10,11 @@
 //! 1. unmap everything outside the reserved range and the kernel's vvar/vDSO;
 //! 2. move vvar/vDSO by one delta to where the image had them (via a parking spot, in case the
 //!    old and new places overlap): glibc in the image caches pointers into the vDSO;
-//! 3. map every region at its address with its kind, read stored pages from the image, then set
-//!    each region's protection;
+//! 3. map every region at its address with its kind; then put its stored pages in: runs phase 1
+//!    marked `RUN_MAP` are mapped straight from the image (`MAP_PRIVATE | MAP_FIXED` over the
+//!    region: a copy-on-write view of the file, so this step costs per run, not per byte; pages
+//!    come in on first touch, or now, as `Plan::prefetch` says), the others are read into it;
+//!    then set each region's protection;
 //! 4. set the mm fields (brk, stack, arg/env, auxv) with prctl(PR_SET_MM_MAP);
 //! 5. signal dispositions, resource limits, interval timers; close the plan's descriptors;
 //! 6. start every other thread with clone() on its saved stack pointer and thread pointer,
@@ -48,6 +51,7 @@ const SYS_MPROTECT: u64 = 10;
 const SYS_MUNMAP: u64 = 11;
 const SYS_RT_SIGACTION: u64 = 13;
 const SYS_PREAD64: u64 = 17;
+const SYS_MADVISE: u64 = 28;
 const SYS_MREMAP: u64 = 25;
 const SYS_SETITIMER: u64 = 38;
 const SYS_CLONE: u64 = 56;
@@ -60,7 +64,11 @@ const SYS_SET_ROBUST_LIST: u64 = 273;
 const SYS_SET_TID_ADDRESS: u64 = 218;
 const SYS_CLOCK_GETTIME: u64 = 228;
 
+const MAP_PRIVATE: u64 = 0x02;
 const MAP_FIXED: u64 = 0x10;
+const MAP_ANONYMOUS: u64 = 0x20;
+const MADV_WILLNEED: u64 = 3;
+const MADV_POPULATE_READ: u64 = 22;
 const MREMAP_MAYMOVE: u64 = 1;
 const MREMAP_FIXED: u64 = 2;
 const PROT_RW: u64 = 3;
@@ -185,7 +193,28 @@ pub unsafe extern "C" fn blob_main(p: &Plan) -> ! {
             fail_at(b"mapping a region", r.start, a);
         }
     }
+    let (mut bytes_read, mut bytes_mapped) = (0u64, 0u64);
     for run in slice::<PRun>(p.runs, p.n_runs) {
+        let prot = PROT_RW | run.prot as u64;
+        if run.how == RUN_MAP {
+            let a = sc6(SYS_MMAP, run.addr, run.len, prot, MAP_PRIVATE | MAP_FIXED, p.image_fd as u64, run.file_off);
+            if a == run.addr as i64 {
+                // Prefetch is advice: where the kernel declines, pages still come on first touch.
+                match p.prefetch {
+                    PREFETCH_BACKGROUND => sc6(SYS_MADVISE, run.addr, run.len, MADV_WILLNEED, 0, 0, 0),
+                    PREFETCH_EAGER => sc6(SYS_MADVISE, run.addr, run.len, MADV_POPULATE_READ, 0, 0, 0),
+                    _ => 0,
+                };
+                bytes_mapped += run.len;
+                continue;
+            }
+            // The kernel would not map it (a MAP_FIXED failure may have left a hole): fresh
+            // anonymous memory over exactly the run, which the read below fills completely.
+            let a = sc6(SYS_MMAP, run.addr, run.len, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, u64::MAX, 0);
+            if a != run.addr as i64 {
+                fail_at(b"mapping a page run", run.addr, a);
+            }
+        }
         let mut done = 0u64;
         while done < run.len {
             let n = sc6(SYS_PREAD64, p.image_fd as u64, run.addr + done, run.len - done, run.file_off + done, 0, 0);
@@ -197,6 +226,7 @@ pub unsafe extern "C" fn blob_main(p: &Plan) -> ! {
             }
             done += n as u64;
         }
+        bytes_read += run.len;
     }
     for r in regions {
         if r.fill != 0 && r.prot as u64 != PROT_RW | r.prot as u64 {
@@ -235,10 +265,16 @@ pub unsafe extern "C" fn blob_main(p: &Plan) -> ! {
         let mut ts = [0i64; 2];
         sc6(SYS_CLOCK_GETTIME, 1, ts.as_mut_ptr() as u64, 0, 0, 0, 0);
         let now = ts[0] as u64 * 1_000_000_000 + ts[1] as u64;
-        let (mut a, mut b, mut c) = ([0u8; 20], [0u8; 20], [0u8; 20]);
+        let (mut a, mut b, mut c, mut d, mut e) = ([0u8; 20], [0u8; 20], [0u8; 20], [0u8; 20], [0u8; 20]);
+        let prefetch: &[u8] = match p.prefetch {
+            PREFETCH_BACKGROUND => b"background",
+            PREFETCH_EAGER => b"eager",
+            _ => b"none",
+        };
         write_to(p.stats_fd as u64, &[b"snapshim-restore: resuming after ", dec((now - p.start_ns) / 1000, &mut a),
-            b" us; ", dec(p.bytes_read, &mut b), b" bytes of pages read; ", dec(p.n_threads, &mut c),
-            b" threads\n"]);
+            b" us; ", dec(bytes_read, &mut b), b" bytes of pages read, ", dec(bytes_mapped, &mut c),
+            b" mapped (prefetch ", prefetch, b"); ", dec(p.n_threads, &mut d), b" threads; started at ",
+            dec(p.start_ns / 1000, &mut e), b" us CLOCK_MONOTONIC\n"]);
     }
 
     for &fd in slice::<i32>(p.close_fds, p.n_close_fds) {

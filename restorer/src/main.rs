@@ -15,8 +15,10 @@
 //! 3. prepare the descriptors the program had (reopen files at their offsets, cut files open for
 //!    writing back to their checkpoint-time length, recreate pipes with their data), each on a
 //!    spare high number, then put them in place; set cwd, umask, personality;
-//! 4. write the plan (regions, page runs, threads, signal state...) into the arena, load the
-//!    phase-2 blob at its fixed address, block every signal and jump to it on its own stack.
+//! 4. decide how each page run gets into memory (mapped from the image, or read: see
+//!    [`plan_runs`]), write the plan (regions, page runs, threads, signal state...) into the
+//!    arena, load the phase-2 blob at its fixed address, block every signal and jump to it on
+//!    its own stack.
 //!
 //! Phase 2 (`blob/main.rs`) replaces the address space and resumes every thread inside the
 //! shim, which finishes the per-thread kernel state and returns through each thread's signal
@@ -59,7 +61,15 @@ process, with new IDs, after a warning.
   IMAGE_OR_DIR          an image file, or an image directory (its `latest` image)
   --no-namespace        restore in this process, without namespaces (IDs change)
   --require-exact-pids  fail instead of restoring with new IDs
-  --no-verify           skip checking page-data checksums (faster for large images)
+  --no-verify           skip checking page-data checksums (checking reads every stored page
+                        before the program resumes; skip it for an instant restore)
+  --copy                read every stored page into memory before resuming, instead of
+                        mapping the image (copy-on-write) where the layout allows
+  --prefetch=MODE       what happens to mapped pages when the program resumes:
+                          none        each page is read from the image on its first touch
+                          background  the kernel starts reading them all in and the program
+                                      resumes at once (default)
+                          eager       every page is read in and mapped before resuming
   --stats               print the time from start to resuming the program
   --pause               stop just before the jump and print the PID, for a debugger
                         (continue with kill -CONT PID)";
@@ -67,6 +77,8 @@ process, with new IDs, after a warning.
 fn main() -> ExitCode {
     let start_ns = monotonic_ns();
     let mut verify = true;
+    let mut copy = false;
+    let mut prefetch = PREFETCH_BACKGROUND;
     let mut stats = false;
     let mut namespace = Namespace::Preferred;
     let mut pause = std::env::var_os("SNAPSHIM_RESTORE_PAUSE").is_some();
@@ -82,6 +94,18 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             "--no-verify" => verify = false,
+            "--copy" => copy = true,
+            s if s.starts_with("--prefetch=") => {
+                prefetch = match &s["--prefetch=".len()..] {
+                    "none" => PREFETCH_NONE,
+                    "background" => PREFETCH_BACKGROUND,
+                    "eager" => PREFETCH_EAGER,
+                    other => {
+                        eprintln!("snapshim-restore: unknown prefetch mode {other:?} (none, background or eager)\n{USAGE}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             "--pause" => pause = true,
             "--stats" => stats = true,
             "--no-namespace" | "--require-exact-pids" => {
@@ -116,6 +140,8 @@ fn main() -> ExitCode {
         Options {
             stats_fd: -1,
             verify,
+            copy,
+            prefetch,
             pause,
             stats,
             start_ns,
@@ -148,6 +174,10 @@ struct Options {
     /// Where --stats reports (a copy of our stderr), or -1.
     stats_fd: i32,
     verify: bool,
+    /// Read every stored page instead of mapping the image.
+    copy: bool,
+    /// `PREFETCH_*`: what phase 2 does with mapped runs.
+    prefetch: u64,
     pause: bool,
     stats: bool,
     start_ns: u64,
@@ -174,12 +204,24 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
         .meta
         .validate()
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    let verify_start = monotonic_ns();
     if opt.verify {
         image
             .verify_pages()
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
+    let verify_ns = monotonic_ns() - verify_start;
     let meta = &image.meta;
+    let how = map_policy(&image, opt.copy)?;
+    let runs = plan_runs(meta, &how);
+    if opt.stats {
+        eprintln!(
+            "snapshim-restore: page checksums {} in {} us; {}",
+            if opt.verify { "checked" } else { "not checked" },
+            verify_ns / 1000,
+            how.describe()
+        );
+    }
 
     // 2. The machine.
     check_machine(meta)?;
@@ -233,6 +275,7 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
     let close: Vec<i32> = ours.into_iter().filter(|&fd| fd >= 0).collect();
     let plan = write_plan(
         meta,
+        &runs,
         &region_fds,
         image_fd,
         &close,
@@ -316,6 +359,179 @@ fn check_machine(meta: &Metadata) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Whether, and how far, page runs may be mapped from the image instead of read.
+///
+/// A mapped run is a `MAP_PRIVATE` view of the image file: until the program writes a page, the
+/// page is the file's, read through the page cache, possibly long after the restore. That is
+/// sound only while the file's content at those offsets never changes under the mapping:
+///
+/// - snapshim never rewrites an image in place: images are written under a temporary name and
+///   renamed, and retention unlinks old ones. Unlinking is harmless on a local file system: the
+///   inode and its pages live on while mapped. Truncating or rewriting the file in place is not
+///   (a clean page past a truncation raises SIGBUS; a rewritten one silently changes), so an
+///   image must never be overwritten in place (`cp` onto it) while a program restored from it
+///   runs; replace it with a rename instead.
+/// - On network and user-space file systems (NFS, CIFS, FUSE, 9p, Ceph...) another machine can
+///   delete or replace the file and the mapping then fails (NFS: ESTALE, seen as SIGBUS). Images
+///   there are read (copied) instead: only the local file systems listed in
+///   [`MAP_SAFE_FILE_SYSTEMS`] are mapped from.
+/// - A file system mounted `noexec` refuses executable file mappings: runs in executable
+///   regions are read there.
+struct MapPolicy {
+    /// Why nothing is mapped, or None.
+    copy_reason: Option<String>,
+    noexec: bool,
+    /// At most this many runs are mapped (each may split a mapping in three).
+    max_mapped: usize,
+}
+
+/// statfs magic numbers of local file systems on which an unlinked file stays readable through
+/// its mappings and nobody else can change it behind the kernel's back.
+const MAP_SAFE_FILE_SYSTEMS: &[(i64, &str)] = &[
+    (0xef53, "ext2/3/4"),
+    (0x5846_5342, "xfs"),
+    (0x9123_683e, "btrfs"),
+    (0x0102_1994, "tmpfs"),
+    (0x8584_58f6, "ramfs"),
+    (0xf2f5_2010, "f2fs"),
+    (0xca45_1a4e, "bcachefs"),
+    (0x2fc1_2fc1, "zfs"),
+    (0x794c_7630, "overlayfs"),
+];
+
+/// Runs shorter than this are read: below it a read costs about what a mapping does, and every
+/// mapping is one more kernel VMA in the program for ever.
+const MAP_MIN_BYTES: u64 = 64 << 10;
+
+impl MapPolicy {
+    fn describe(&self) -> String {
+        match &self.copy_reason {
+            Some(why) => format!("pages are read into memory ({why})"),
+            None => "page runs are mapped from the image where the layout allows".into(),
+        }
+    }
+}
+
+fn map_policy(image: &Image, copy: bool) -> Result<MapPolicy, String> {
+    // SAFETY: zeroed statfs is valid; fstatfs fills it for our own descriptor.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstatfs(image.file.as_raw_fd(), &mut st) } != 0 {
+        return Err(format!(
+            "{}: cannot find its file system: {}",
+            image.path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    let fs_type = st.f_type as i64;
+    // SAFETY: zeroed statvfs is valid; fstatvfs fills it for our own descriptor (for the mount
+    // flags, which statfs does not report).
+    let mut vfs: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let noexec = unsafe { libc::fstatvfs(image.file.as_raw_fd(), &mut vfs) } == 0
+        && vfs.f_flag & libc::ST_NOEXEC != 0;
+    let copy_reason = if copy {
+        Some("--copy".to_string())
+    } else if !MAP_SAFE_FILE_SYSTEMS.iter().any(|&(t, _)| t == fs_type) {
+        Some(format!(
+            "the image is on a file system (type {fs_type:#x}) where it could change under a mapping"
+        ))
+    } else {
+        None
+    };
+    let max_map_count: usize = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(65530);
+    // Leave the program at least half of its mapping budget: regions + 2 per mapped run.
+    let max_mapped = (max_map_count / 2).saturating_sub(image.meta.regions.len()) / 2;
+    Ok(MapPolicy {
+        copy_reason,
+        noexec,
+        max_mapped,
+    })
+}
+
+/// Decides, run by run, whether phase 2 maps it from the image or reads it.
+///
+/// A run is mapped only inside a private region that is not the grows-down stack (a file
+/// mapping at the bottom of `[stack]` would stop it from growing), and never over the last page
+/// of its region. That last page stays anonymous so that the program's `mremap` of a whole
+/// region cannot grow a view of the image: that would show the image's next bytes instead of
+/// zeros, or raise SIGBUS past its end. Across two kernel mappings `mremap` fails with EFAULT,
+/// and glibc's `realloc` then copies, as it does whenever a mapping cannot grow. Shared
+/// anonymous memory is always read: a private file page cannot stand in for it.
+///
+/// ```text
+///   region  |<------------------------------------------------>|
+///   run           |<------------------------------------------->|
+///   plan          | mapped (>= MAP_MIN_BYTES)        | read (1 page)
+/// ```
+fn plan_runs(meta: &Metadata, policy: &MapPolicy) -> Vec<PRun> {
+    let mut out: Vec<PRun> = Vec::with_capacity(meta.runs.len() + 1);
+    for run in &meta.runs {
+        // check_layout proved every run lies inside one region; regions are sorted.
+        let i = meta.regions.partition_point(|r| r.end <= run.addr);
+        let r = &meta.regions[i];
+        let read = |addr: u64, len: u64, file_off: u64| PRun {
+            addr,
+            len,
+            file_off,
+            prot: r.prot,
+            how: RUN_READ,
+        };
+        let exec = r.prot & libc::PROT_EXEC as u32 != 0;
+        let mappable = policy.copy_reason.is_none()
+            && !r.shared
+            && r.name != "[stack]"
+            && matches!(r.kind, RegionKind::Anon | RegionKind::File { .. })
+            && !(exec && policy.noexec);
+        let end = run.addr + run.len();
+        let map_len = if end == r.end {
+            run.len().saturating_sub(PAGE)
+        } else {
+            run.len()
+        };
+        if !mappable || map_len < MAP_MIN_BYTES {
+            out.push(read(run.addr, run.len(), run.file_off));
+            continue;
+        }
+        out.push(PRun {
+            how: RUN_MAP,
+            ..read(run.addr, map_len, run.file_off)
+        });
+        if map_len < run.len() {
+            out.push(read(
+                run.addr + map_len,
+                run.len() - map_len,
+                run.file_off + map_len,
+            ));
+        }
+    }
+    // Over budget: the largest runs stay mapped, the rest are read.
+    let mapped = out.iter().filter(|r| r.how == RUN_MAP).count();
+    if mapped > policy.max_mapped {
+        let mut lens: Vec<u64> = out
+            .iter()
+            .filter(|r| r.how == RUN_MAP)
+            .map(|r| r.len)
+            .collect();
+        lens.sort_unstable_by(|a, b| b.cmp(a));
+        let cut = lens.get(policy.max_mapped).copied().unwrap_or(u64::MAX);
+        let mut left = policy.max_mapped;
+        for r in out.iter_mut().filter(|r| r.how == RUN_MAP) {
+            if r.len >= cut && left > 0 {
+                left -= 1;
+            } else {
+                r.how = RUN_READ;
+            }
+        }
+    }
+    out
+}
+
+const PAGE: u64 = snapshim_image::PAGE_SIZE;
 
 /// This process's [vvar], [vvar_vclock], [vdso] as (name, start, end).
 fn current_kernel_mappings() -> Result<Vec<(String, u64, u64)>, String> {
@@ -630,8 +846,10 @@ impl Arena {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn write_plan(
     meta: &Metadata,
+    runs: &[PRun],
     region_fds: &[i32],
     image_fd: i32,
     close: &[i32],
@@ -676,15 +894,6 @@ fn write_plan(
                 fd,
                 fill,
             })
-        })
-        .collect();
-    let runs: Vec<PRun> = meta
-        .runs
-        .iter()
-        .map(|r| PRun {
-            addr: r.addr,
-            len: r.len(),
-            file_off: r.file_off,
         })
         .collect();
     let threads: Vec<PThread> = meta
@@ -752,7 +961,7 @@ fn write_plan(
         magic: PLAN_MAGIC,
         regions: a.put(&regions)?,
         n_regions: regions.len() as u64,
-        runs: a.put(&runs)?,
+        runs: a.put(runs)?,
         n_runs: runs.len() as u64,
         threads: a.put(&threads)?,
         n_threads: threads.len() as u64,
@@ -789,7 +998,7 @@ fn write_plan(
         itimers,
         start_ns: opt.start_ns,
         stats_fd: opt.stats_fd as i64,
-        bytes_read: meta.runs.iter().map(|r| r.len()).sum(),
+        prefetch: opt.prefetch,
     };
     // SAFETY: the first arena page is reserved for the plan header.
     unsafe { std::ptr::write(ARENA_START as *mut Plan, plan) };

@@ -41,8 +41,23 @@ pub struct Plan {
     /// to resume there just before the threads start.
     pub start_ns: u64,
     pub stats_fd: i64,
-    pub bytes_read: u64,
+    /// What phase 2 does for mapped runs once they are mapped: one of the `PREFETCH_*` values.
+    pub prefetch: u64,
 }
+
+/// Mapped pages are read from the image on first touch.
+pub const PREFETCH_NONE: u64 = 0;
+/// `madvise(MADV_WILLNEED)` on every mapped run: the kernel starts reading it into the page
+/// cache and returns; the program resumes while the reads complete.
+pub const PREFETCH_BACKGROUND: u64 = 1;
+/// `madvise(MADV_POPULATE_READ)` on every mapped run before resuming: every page is in the
+/// page cache and mapped (read-only, shared with the cache; a write still copies it).
+pub const PREFETCH_EAGER: u64 = 2;
+
+/// How a page run gets into memory.
+pub const RUN_READ: u32 = 0;
+/// Mapped from the image with `MAP_PRIVATE | MAP_FIXED` (a copy-on-write view of the file).
+pub const RUN_MAP: u32 = 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -71,6 +86,10 @@ pub struct PRun {
     pub addr: u64,
     pub len: u64,
     pub file_off: u64,
+    /// Protection of the region the run is in (a mapped run must end up with it).
+    pub prot: u32,
+    /// `RUN_READ` or `RUN_MAP`.
+    pub how: u32,
 }
 
 #[repr(C)]

@@ -19,15 +19,20 @@ pub struct MapsEntry {
     pub prot: u32,
     pub shared: bool,
     pub offset: u64,
+    /// Device of the mapped file, as `makedev(major, minor)`.
+    pub dev: u64,
     pub inode: u64,
     pub name: String,
+    /// Every page holds data that nothing outside the image can give back (see
+    /// [`mark_unmappable_files`]): store each page that is not zero, present or not.
+    pub whole: bool,
 }
 
 pub fn parse_maps(text: &str) -> Vec<MapsEntry> {
     let mut v = Vec::new();
     for line in text.lines() {
         let mut it = line.splitn(6, ' ');
-        let (Some(range), Some(perms), Some(off), Some(_dev), Some(inode)) =
+        let (Some(range), Some(perms), Some(off), Some(dev), Some(inode)) =
             (it.next(), it.next(), it.next(), it.next(), it.next())
         else {
             continue;
@@ -56,8 +61,19 @@ pub fn parse_maps(text: &str) -> Vec<MapsEntry> {
             prot,
             shared: p.get(3) == Some(&b's'),
             offset: u64::from_str_radix(off, 16).unwrap_or(0),
+            dev: dev
+                .split_once(':')
+                .and_then(|(ma, mi)| {
+                    let (ma, mi) = (
+                        u32::from_str_radix(ma, 16).ok()?,
+                        u32::from_str_radix(mi, 16).ok()?,
+                    );
+                    Some(libc::makedev(ma, mi))
+                })
+                .unwrap_or(0),
             inode: inode.parse().unwrap_or(0),
             name,
+            whole: false,
         });
     }
     v
@@ -68,6 +84,76 @@ pub fn is_excluded(e: &MapsEntry) -> bool {
     (e.start < RESERVED_END && e.end > RESERVED_START)
         || e.name == "[vsyscall]"
         || e.end > 0x7fff_ffff_f000
+}
+
+/// Private file mappings whose file cannot stand for their content in an image, turned into
+/// anonymous memory whose every page is stored ([`MapsEntry::whole`]; `inode` set to 0 so the
+/// writer takes them as anonymous):
+///
+/// - mappings of a snapshim image: a restored process has its memory mapped copy-on-write from
+///   the image it came from (the restorer maps page runs instead of reading them). Pages it has
+///   not written are still the image file's, and pagemap shows them as "the file's own page"
+///   or not present at all, which for an ordinary file means "not worth storing". But that
+///   image is rotated away by retention, or stays on another machine: the new image must not
+///   refer to it, and must hold every page.
+/// - mappings of a file that is deleted, replaced (another inode at its path now) or no longer
+///   openable: the restorer could not map it again either.
+///
+/// An image is recognised by its header magic, read once per distinct file, rather than by its
+/// name: an image can be restored from any path (a copy on a second machine, a renamed file),
+/// and the magic is the one thing every image has.
+pub fn mark_unmappable_files(maps: &[MapsEntry]) -> Vec<MapsEntry> {
+    let mut verdicts: Vec<((u64, u64), bool)> = Vec::new();
+    let mut out = maps.to_vec();
+    for e in out.iter_mut() {
+        if e.shared || e.inode == 0 || !e.name.starts_with('/') {
+            continue;
+        }
+        let key = (e.dev, e.inode);
+        let unmappable = match verdicts.iter().find(|v| v.0 == key) {
+            Some(v) => v.1,
+            None => {
+                let v = e.name.ends_with(" (deleted)") || !is_same_plain_file(e);
+                verdicts.push((key, v));
+                v
+            }
+        };
+        if unmappable {
+            e.inode = 0;
+            e.whole = true;
+        }
+    }
+    out
+}
+
+/// The file at `e`'s path is the mapped one (same device and inode) and not a snapshim image.
+fn is_same_plain_file(e: &MapsEntry) -> bool {
+    let Some(st) = stat_path(&e.name) else {
+        return false;
+    };
+    if st.st_ino != e.inode || st.st_dev != e.dev {
+        return false;
+    }
+    let mut c = e.name.as_bytes().to_vec();
+    c.push(0);
+    let Ok(fd) = sys::open(&c, libc::O_RDONLY | libc::O_CLOEXEC, 0) else {
+        return false;
+    };
+    let mut magic = [0u8; 8];
+    let n = sys::pread(fd, &mut magic, 0);
+    sys::close(fd);
+    !(n == Ok(magic.len()) && magic == snapshim_image::MAGIC)
+}
+
+/// [`pagemap`] for a mapping; for a [`MapsEntry::whole`] one every page counts as present.
+pub fn pagemap_of(fd: i32, e: &MapsEntry, out: &mut Vec<u64>) -> sys::Result<()> {
+    pagemap(fd, e.start, e.end, out)?;
+    if e.whole {
+        for f in out.iter_mut() {
+            *f |= PM_PRESENT;
+        }
+    }
+    Ok(())
 }
 
 /// Page flags from /proc/self/pagemap.

@@ -114,6 +114,8 @@ struct PmScanArg {
 }
 
 const PAGE: u64 = 4096;
+/// Most memory copied during the pause instead of protected before the fork engine is used.
+const PAUSE_COPY_LIMIT: u64 = 64 << 20;
 
 // ---------------------------------------------------------------------------------------------
 // Page states
@@ -431,7 +433,7 @@ fn setup(
                 Err(_) => scan_ok = false, // no PAGEMAP_SCAN here: read the pagemap instead
             }
         }
-        capture::pagemap(pm_fd, r.start, r.end, &mut pm)
+        capture::pagemap_of(pm_fd, &maps[w.entry], &mut pm)
             .map_err(|e| alloc::format!("cannot read the pagemap: errno {e}"))?;
         for (k, &f) in pm.iter().enumerate() {
             let has = if w.file_backed {
@@ -446,6 +448,27 @@ fn setup(
     }
 
     crate::checkpoint::mark(4);
+    // Pages that must be copied during the pause (regions that cannot be protected: private
+    // file mappings, such as the image a restored process runs from). Past a limit the pause
+    // would be long: the fork engine does better then.
+    let unprotected: u64 = regions
+        .iter()
+        .filter(|r| !r.registered)
+        .map(|r| {
+            let n = ((r.end - r.start) / PAGE) as usize;
+            states[r.first..r.first + n]
+                .iter()
+                .filter(|s| s.load(Relaxed) & PRESENT != 0)
+                .count() as u64
+        })
+        .sum();
+    if unprotected * PAGE > PAUSE_COPY_LIMIT {
+        return Err(alloc::format!(
+            "{} MiB would have to be copied during the pause (memory that cannot be \
+             write-protected, such as a restored process's pages mapped from its image)",
+            unprotected * PAGE >> 20
+        ));
+    }
     // The copy store: at most one copy per present page. Mapped now, after the snapshot's map
     // was read, so it is in no image, and never registered.
     let cap = present.clamp(1, NO_DATA as u64 - 1);

@@ -77,7 +77,9 @@ pub fn capture(cfg: &Config, nthreads: usize) -> Result<Captured, String> {
     let mut maps_text = Vec::new();
     sys::read_file(b"/proc/self/maps\0", &mut maps_text)
         .map_err(|e| alloc::format!("cannot read /proc/self/maps: errno {e}"))?;
-    let maps = capture::parse_maps(&String::from_utf8_lossy(&maps_text));
+    // Mappings of images and of vanished files are stored like anonymous memory.
+    let maps =
+        capture::mark_unmappable_files(&capture::parse_maps(&String::from_utf8_lossy(&maps_text)));
     let fds = capture::fds();
     let process = capture::process(cfg);
     let boottime_ns = sys::clock_ns(libc::CLOCK_BOOTTIME);
@@ -207,8 +209,7 @@ fn write_pages_and_meta(
     for e in cap.maps.iter().filter(|e| !capture::is_excluded(e)) {
         let (kind, store) = classify(e);
         if store {
-            capture::pagemap(pm_fd, e.start, e.end, &mut pm)
-                .map_err(|e| ("read the pagemap for", e))?;
+            capture::pagemap_of(pm_fd, e, &mut pm).map_err(|e| ("read the pagemap for", e))?;
             let file_backed = matches!(kind, RegionKind::File { .. });
             let readable = e.prot & libc::PROT_READ as u32 != 0;
             // A page is stored if it holds data that is neither zero nor the file's own.

@@ -331,6 +331,11 @@ impl Session {
         self.restore_from_with(path, &[], &[])
     }
 
+    /// `snapshim-restore OPTIONS... PATH`, as [`Session::restore_from`].
+    pub fn restore_with(self: &Arc<Self>, path: &Path, options: &[&str]) -> Result<Running> {
+        self.restore_from_with(path, options, &[])
+    }
+
     /// [`Session::restore_from`] with restorer options, run through a wrapper command (see
     /// `restore_command_with`).
     pub fn restore_from_with(
@@ -355,8 +360,9 @@ impl Session {
             image.file_name().unwrap_or_default().to_string_lossy()
         );
         eprintln!(
-            "[{}] restoring: snapshim-restore {}",
+            "[{}] restoring: snapshim-restore {}{}",
             self.label,
+            options.iter().map(|o| format!("{o} ")).collect::<String>(),
             path.display()
         );
         Ok(Running {
@@ -738,6 +744,11 @@ impl Snapshot {
     /// `snapshim-restore IMAGE`.
     pub fn restore(&self) -> Result<Running> {
         self.session.restore_from(&self.path)
+    }
+
+    /// `snapshim-restore OPTIONS... IMAGE`.
+    pub fn restore_with(&self, options: &[&str]) -> Result<Running> {
+        self.session.restore_with(&self.path, options)
     }
 
     /// How long out.txt was when the image was taken, as the image records it.
