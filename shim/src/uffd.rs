@@ -466,7 +466,7 @@ fn setup(
         return Err(alloc::format!(
             "{} MiB would have to be copied during the pause (memory that cannot be \
              write-protected, such as a restored process's pages mapped from its image)",
-            unprotected * PAGE >> 20
+            (unprotected * PAGE) >> 20
         ));
     }
     // The copy store: at most one copy per present page. Mapped now, after the snapshot's map
