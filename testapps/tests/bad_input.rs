@@ -157,7 +157,7 @@ fn each_kind_of_damage_is_refused_in_the_same_words() -> Result<()> {
         ),
         (
             "version",
-            "version 9.0 is newer",
+            "is newer than this build reads",
             Box::new(|b| b[HEADER_MAJOR] = 9),
         ),
         (

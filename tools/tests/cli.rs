@@ -679,10 +679,11 @@ fn verify_checks_pages_and_mapped_files() {
     assert_eq!(
         text(&out.stdout),
         format!(
-            "ok: {}\n  header     format 1.0, checksum ok\n  metadata   {meta_len} B, checksum \
+            "ok: {}\n  header     format 1.{minor}, checksum ok\n  metadata   {meta_len} B, checksum \
              ok, consistent: 3 regions, 1 page run, 2 threads, 3 descriptors\n  page data  8.0 \
              KiB in 1 run, every checksum ok\n  files      1 mapped file present and unchanged\n",
-            latest.display()
+            latest.display(),
+            minor = snapshim_image::VERSION_MINOR
         )
     );
 
@@ -811,7 +812,10 @@ fn verify_names_each_kind_of_damage() {
                 b[16..18].copy_from_slice(&9u16.to_le_bytes());
                 b
             },
-            "image format version 9.0 is newer than this build reads (1.0 to 1.0)".into(),
+            format!(
+                "image format version 9.{m} is newer than this build reads (1.0 to 1.{m})",
+                m = snapshim_image::VERSION_MINOR
+            ),
         ),
         (
             "header-crc",
