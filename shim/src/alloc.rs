@@ -4,13 +4,14 @@
 //! - Normally every allocation is its own anonymous mapping (the shim allocates rarely: at start
 //!   and around checkpoints), so there is no allocator state that a parked thread could be in the
 //!   middle of changing.
-//! - While the writer runs (every other thread parked), allocations come from a bump region in
-//!   the reserved range, which no image contains; it is reset when the writer finishes. Nothing
-//!   allocated by the writer may outlive it.
+//! - While the writer runs, the writer's allocations come from a bump region in the reserved
+//!   range, which no image contains; it is reset when the writer finishes. Nothing allocated by
+//!   the writer may outlive it. Other threads (the program runs on during a `uffd` flush) keep
+//!   allocating with mmap: scratch memory goes away under them when the writer ends.
 #![allow(unsafe_code)]
 
 use core::alloc::{GlobalAlloc, Layout};
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 use snapshim_image::layout::{SCRATCH_END, SCRATCH_START};
 
@@ -20,11 +21,13 @@ pub struct ShimAlloc;
 
 /// Set while the writer runs: allocations come from the scratch region.
 pub static SCRATCH_ACTIVE: AtomicBool = AtomicBool::new(false);
+/// The thread whose allocations come from scratch (the writer).
+static SCRATCH_OWNER: AtomicI32 = AtomicI32::new(0);
 static SCRATCH_NEXT: AtomicU64 = AtomicU64::new(SCRATCH_START);
 
 const PAGE: usize = 4096;
 
-/// Makes the scratch region usable and empties it. The caller is the only running thread.
+/// Makes the scratch region usable for the calling thread and empties it.
 pub fn scratch_begin() -> crate::sys::Result<()> {
     crate::sys::mmap_fixed(
         SCRATCH_START,
@@ -33,6 +36,7 @@ pub fn scratch_begin() -> crate::sys::Result<()> {
         libc::MAP_NORESERVE,
     )?;
     SCRATCH_NEXT.store(SCRATCH_START, Ordering::Relaxed);
+    SCRATCH_OWNER.store(crate::sys::gettid(), Ordering::Relaxed);
     SCRATCH_ACTIVE.store(true, Ordering::SeqCst);
     Ok(())
 }
@@ -64,6 +68,13 @@ fn scratch_alloc(layout: Layout) -> *mut u8 {
     }
 }
 
+/// Whether this thread's allocations come from scratch now. A forked writer child has another
+/// TID: it maps its own memory.
+fn uses_scratch() -> bool {
+    SCRATCH_ACTIVE.load(Ordering::Relaxed)
+        && SCRATCH_OWNER.load(Ordering::Relaxed) == crate::sys::gettid()
+}
+
 fn in_scratch(p: *mut u8) -> bool {
     (SCRATCH_START..SCRATCH_END).contains(&(p as u64))
 }
@@ -78,7 +89,7 @@ fn map_len(layout: Layout) -> usize {
 // alloc mapped (the same layout gives the same length).
 unsafe impl GlobalAlloc for ShimAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if SCRATCH_ACTIVE.load(Ordering::Relaxed) {
+        if uses_scratch() {
             return scratch_alloc(layout);
         }
         if layout.align() > PAGE {
@@ -112,10 +123,7 @@ unsafe impl GlobalAlloc for ShimAlloc {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: the new layout has the old alignment and a non-zero size (GlobalAlloc contract).
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
-        if !in_scratch(ptr)
-            && !SCRATCH_ACTIVE.load(Ordering::Relaxed)
-            && map_len(new_layout) <= map_len(layout).max(PAGE)
-        {
+        if !in_scratch(ptr) && !uses_scratch() && map_len(new_layout) <= map_len(layout).max(PAGE) {
             return ptr;
         }
         // SAFETY: as in alloc.
