@@ -131,10 +131,12 @@ fn is_same_plain_file(e: &MapsEntry) -> bool {
     let Some(st) = stat_path(&e.name) else {
         return false;
     };
-    if st.st_ino != e.inode || st.st_dev != e.dev {
-        return false;
-    }
-    let mut c = e.name.as_bytes().to_vec();
+    st.st_ino == e.inode && st.st_dev == e.dev && !is_image_file(&e.name)
+}
+
+/// The file at `path` starts with a snapshim image's magic.
+pub fn is_image_file(path: &str) -> bool {
+    let mut c = path.as_bytes().to_vec();
     c.push(0);
     let Ok(fd) = sys::open(&c, libc::O_RDONLY | libc::O_CLOEXEC, 0) else {
         return false;
@@ -142,7 +144,14 @@ fn is_same_plain_file(e: &MapsEntry) -> bool {
     let mut magic = [0u8; 8];
     let n = sys::pread(fd, &mut magic, 0);
     sys::close(fd);
-    !(n == Ok(magic.len()) && magic == snapshim_image::MAGIC)
+    n == Ok(magic.len()) && magic == snapshim_image::MAGIC
+}
+
+/// The memory map, read now.
+pub fn read_maps() -> sys::Result<Vec<MapsEntry>> {
+    let mut text = Vec::new();
+    sys::read_file(b"/proc/self/maps\0", &mut text)?;
+    Ok(parse_maps(&String::from_utf8_lossy(&text)))
 }
 
 /// [`pagemap`] for a mapping; for a [`MapsEntry::whole`] one every page counts as present.

@@ -529,6 +529,7 @@ fn release() {
 fn after_restore(nthreads: usize) {
     // The snapshot was taken while the writer ran: its scratch heap was active, and is gone now.
     crate::shim_alloc::SCRATCH_ACTIVE.store(false, SeqCst);
+    crate::interpose::note_image_mappings();
     park::record_restored_helper();
     loop {
         let r = park::RESUMED.load(Acquire);

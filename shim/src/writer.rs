@@ -74,12 +74,11 @@ pub struct Captured {
 }
 
 pub fn capture(cfg: &Config, nthreads: usize) -> Result<Captured, String> {
-    let mut maps_text = Vec::new();
-    sys::read_file(b"/proc/self/maps\0", &mut maps_text)
-        .map_err(|e| alloc::format!("cannot read /proc/self/maps: errno {e}"))?;
     // Mappings of images and of vanished files are stored like anonymous memory.
-    let maps =
-        capture::mark_unmappable_files(&capture::parse_maps(&String::from_utf8_lossy(&maps_text)));
+    let maps = capture::mark_unmappable_files(
+        &capture::read_maps()
+            .map_err(|e| alloc::format!("cannot read /proc/self/maps: errno {e}"))?,
+    );
     let fds = capture::fds();
     let process = capture::process(cfg);
     let boottime_ns = sys::clock_ns(libc::CLOCK_BOOTTIME);
