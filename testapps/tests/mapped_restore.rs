@@ -26,8 +26,27 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Lines of /proc/PID/maps that map `image` (by path; " (deleted)" once it is unlinked).
-fn mappings_of(pid: u32, image: &Path) -> Result<usize> {
+/// The restored program: `snapshim-restore` itself, or, when it restored into new namespaces,
+/// the descendant that has the shim loaded (the restorer supervises a reaper, whose child is the
+/// program).
+fn program_pid(restorer: u32) -> u32 {
+    let mut queue = vec![restorer];
+    while let Some(pid) = queue.pop() {
+        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        if maps.contains("libsnapshim.so") {
+            return pid;
+        }
+        let children =
+            fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        queue.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+    }
+    restorer
+}
+
+/// Lines of /proc/PID/maps of the program restored by `restorer` that map `image` (by path;
+/// " (deleted)" once it is unlinked).
+fn mappings_of(restorer: u32, image: &Path) -> Result<usize> {
+    let pid = program_pid(restorer);
     let maps = fs::read_to_string(format!("/proc/{pid}/maps"))
         .context(format!("read /proc/{pid}/maps"))?;
     let name = image.to_string_lossy();
