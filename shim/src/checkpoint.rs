@@ -575,6 +575,22 @@ extern "C" fn writer_entry(arg: *mut core::ffi::c_void) {
     park::rseq(false);
 }
 
+/// After an in-process write and commit: keeps the image's size, or gives the temporary file up
+/// (the previous image stays as it was).
+fn settle(job: &mut Job, t: &writer::Target, r: Result<u64, String>) -> Result<(), String> {
+    match r {
+        Ok(bytes) => {
+            sys::close(t.fd);
+            job.bytes = bytes;
+            Ok(())
+        }
+        Err(msg) => {
+            writer::abandon(t);
+            Err(msg)
+        }
+    }
+}
+
 /// Captures, writes and commits one image with the configured engine. Releases the program as
 /// early as the engine allows. Returns the image path.
 fn write_image(job: &mut Job) -> Result<String, String> {
@@ -585,27 +601,24 @@ fn write_image(job: &mut Job) -> Result<String, String> {
     job.resident = cap.process.resident_bytes;
     let t = writer::create_target(cfg, job.seq)?;
     let path = t.path.display().to_string();
-    let mut engine = job.engine;
-    let mut live = None;
-    if engine == Engine::Uffd {
+    // The uffd engine sets up during the pause; where it cannot, this checkpoint uses fork.
+    let live = if job.engine == Engine::Uffd {
         let layout = writer::layout(&cap);
         match crate::uffd::begin(&cap.maps, &layout.wanted) {
-            Ok(table) => live = Some((table, layout)),
+            Ok(table) => Some((table, layout)),
             Err(msg) => {
                 let text =
                     alloc::format!("snapshim: uffd engine unavailable ({msg}); using fork\n");
                 let _ = sys::write_all(2, text.as_bytes());
-                engine = Engine::Fork;
-                job.engine = engine;
+                job.engine = Engine::Fork;
+                None
             }
         }
-    }
-    match engine {
-        Engine::Uffd | Engine::Auto => {
-            let Some((table, layout)) = live else {
-                writer::abandon(&t);
-                return Err("internal error: no uffd table".into());
-            };
+    } else {
+        None
+    };
+    match (job.engine, live) {
+        (Engine::Uffd, Some((table, layout))) => {
             mark(7);
             job.pause_ns = sys::monotonic_ns() - job.t0;
             release();
@@ -620,36 +633,16 @@ fn write_image(job: &mut Job) -> Result<String, String> {
                 }
                 (Err(msg), _) => Err(msg),
             };
-            match r {
-                Ok(bytes) => {
-                    sys::close(t.fd);
-                    job.bytes = bytes;
-                    Ok(path)
-                }
-                Err(msg) => {
-                    writer::abandon(&t);
-                    Err(msg)
-                }
-            }
+            settle(job, &t, r).map(|()| path)
         }
-        Engine::Stop => {
+        (Engine::Stop, _) => {
             let r = writer::write_out(cfg, &cap, &t);
             job.pause_ns = sys::monotonic_ns() - job.t0;
             release();
             let r = r.and_then(|bytes| writer::commit(&t, job.seq, cfg.keep).map(|()| bytes));
-            match r {
-                Ok(bytes) => {
-                    sys::close(t.fd);
-                    job.bytes = bytes;
-                    Ok(path)
-                }
-                Err(msg) => {
-                    writer::abandon(&t);
-                    Err(msg)
-                }
-            }
+            settle(job, &t, r).map(|()| path)
         }
-        Engine::Fork => {
+        _ => {
             let mut report = [0i32; 2];
             // SAFETY: pipe2 writes two descriptors.
             if unsafe { libc::pipe2(report.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
