@@ -273,11 +273,16 @@ fn refuse_reserved(fixed: bool, addr: usize, len: size_t) -> bool {
 
 /// A raw mmap/mremap result as the C API returns it (MAP_FAILED and errno on failure).
 fn map_result(r: i64) -> *mut c_void {
+    c_result(r, |a| a as *mut c_void, libc::MAP_FAILED)
+}
+
+/// A raw result as a C function returns it: `ok(value)`, or `failed` with errno set.
+fn c_result<T>(r: i64, ok: impl FnOnce(i64) -> T, failed: T) -> T {
     match sys::check(r) {
-        Ok(a) => a as *mut c_void,
+        Ok(v) => ok(v),
         Err(e) => {
             set_errno(e);
-            libc::MAP_FAILED
+            failed
         }
     }
 }
@@ -470,13 +475,7 @@ fn anonymize_image_pages(addr: u64, len: u64) {
 
 /// A raw result as a C function returning int gives it (-1 and errno on failure).
 fn int_result(r: i64) -> c_int {
-    match sys::check(r) {
-        Ok(v) => v as c_int,
-        Err(e) => {
-            set_errno(e);
-            -1
-        }
-    }
+    c_result(r, |v| v as c_int, -1)
 }
 
 /// # Safety
