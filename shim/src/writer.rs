@@ -168,17 +168,9 @@ pub fn write_out(cfg: &Config, cap: &Captured, t: &Target) -> Result<u64, String
     let pm_fd = sys::open(b"/proc/self/pagemap\0", libc::O_RDONLY | libc::O_CLOEXEC, 0)
         .map_err(|e| alloc::format!("cannot open /proc/self/pagemap: errno {e}"))?;
     let mem_fd = sys::open(b"/proc/self/mem\0", libc::O_RDONLY | libc::O_CLOEXEC, 0).unwrap_or(-1);
-    // Page data goes through O_DIRECT where the file system allows it (several times faster
-    // here than through the page cache, and it does not evict the program's cached files).
-    let direct = sys::open(
-        &cpath(&t.tmp),
-        libc::O_WRONLY | libc::O_DIRECT | libc::O_CLOEXEC,
-        0,
-    )
-    .unwrap_or(-1);
-    let r = write_pages_and_meta(cfg, cap, t.fd, direct, pm_fd, mem_fd)
+    let r = write_pages_and_meta(cfg, cap, &mut PageWriter::open(t), pm_fd, mem_fd)
         .map_err(|(what, e)| io(what)(e));
-    for fd in [pm_fd, mem_fd, direct] {
+    for fd in [pm_fd, mem_fd] {
         if fd >= 0 {
             sys::close(fd);
         }
@@ -191,20 +183,65 @@ type IoResult<T> = Result<T, (&'static str, i32)>;
 /// Runs at least this long are written with O_DIRECT.
 const DIRECT_MIN: usize = 256 << 10;
 
+/// Writes page data into the image: through O_DIRECT where the file system allows it (several
+/// times faster here than through the page cache, and it does not evict the program's cached
+/// files), small runs through the page cache (a synchronous O_DIRECT write per scattered page
+/// costs a device round trip each, ~50 us here).
+struct PageWriter {
+    fd: i32,
+    /// The image opened with O_DIRECT, or -1.
+    direct: i32,
+}
+
+impl PageWriter {
+    fn open(t: &Target) -> PageWriter {
+        let direct = sys::open(
+            &cpath(&t.tmp),
+            libc::O_WRONLY | libc::O_DIRECT | libc::O_CLOEXEC,
+            0,
+        );
+        PageWriter {
+            fd: t.fd,
+            direct: direct.unwrap_or(-1),
+        }
+    }
+
+    fn write(&mut self, data: &[u8], off: u64) -> sys::Result<()> {
+        if self.direct >= 0 && data.len() >= DIRECT_MIN {
+            match pwrite_all(self.direct, data, off) {
+                Err(libc::EINVAL) => {
+                    // This file system does not do O_DIRECT.
+                    sys::close(self.direct);
+                    self.direct = -1;
+                }
+                r => return r,
+            }
+        }
+        pwrite_all(self.fd, data, off)
+    }
+}
+
+impl Drop for PageWriter {
+    fn drop(&mut self) {
+        if self.direct >= 0 {
+            sys::close(self.direct);
+        }
+    }
+}
+
 fn write_pages_and_meta(
     cfg: &Config,
     cap: &Captured,
-    fd: i32,
-    direct: i32,
+    pages: &mut PageWriter,
     pm_fd: i32,
     mem_fd: i32,
 ) -> IoResult<u64> {
+    let fd = pages.fd;
     let mut off = image::PAGE_SIZE; // page data starts after the header page
     let mut regions = Vec::new();
     let mut runs: Vec<PageRun> = Vec::new();
     let mut pm = Vec::new();
     let mut page_buf = alloc::vec![0u8; 4096];
-    let mut direct = direct;
     for e in cap.maps.iter().filter(|e| !capture::is_excluded(e)) {
         let (kind, store) = classify(e);
         if store {
@@ -253,19 +290,7 @@ fn write_pages_and_meta(
                     let data = unsafe {
                         core::slice::from_raw_parts(addr as *const u8, (off - start_off) as usize)
                     };
-                    let mut r = Err(libc::EINVAL);
-                    // Small runs go through the page cache: a synchronous O_DIRECT write per
-                    // scattered page costs a device round trip each (~50 us here).
-                    if direct >= 0 && data.len() >= DIRECT_MIN {
-                        r = pwrite_all(direct, data, start_off);
-                        if r == Err(libc::EINVAL) {
-                            direct = -1; // this file system does not do O_DIRECT
-                        }
-                    }
-                    if direct < 0 || data.len() < DIRECT_MIN {
-                        r = pwrite_all(fd, data, start_off);
-                    }
-                    r.map_err(|e| ("write", e))?;
+                    pages.write(data, start_off).map_err(|e| ("write", e))?;
                 }
                 runs.push(PageRun {
                     addr,
@@ -470,20 +495,12 @@ pub fn write_live(
 ) -> Result<u64, String> {
     use crate::uffd;
     let io = |what: &'static str| move |e: i32| errmsg(what, &t.tmp, e);
-    let mut direct = sys::open(
-        &cpath(&t.tmp),
-        libc::O_WRONLY | libc::O_DIRECT | libc::O_CLOEXEC,
-        0,
-    )
-    .unwrap_or(-1);
+    let mut pages = PageWriter::open(t);
     let aligned = core::alloc::Layout::from_size_align(WINDOW, 4096).expect("valid layout");
     // SAFETY: non-zero size; the scratch allocator honours the alignment. Freed with the scratch
     // region when the writer ends.
     let (inp, out) = unsafe { (alloc::alloc::alloc(aligned), alloc::alloc::alloc(aligned)) };
     if inp.is_null() || out.is_null() {
-        if direct >= 0 {
-            sys::close(direct);
-        }
         return Err("out of scratch memory for the writer's buffers".into());
     }
     // SAFETY: two distinct live allocations of WINDOW bytes, used only by this thread.
@@ -573,19 +590,7 @@ pub fn write_live(
                 }
             }
             if out_len > 0 {
-                let data = &out[..out_len];
-                let mut r = Err(libc::EINVAL);
-                if direct >= 0 && data.len() >= DIRECT_MIN {
-                    r = pwrite_all(direct, data, off);
-                    if r == Err(libc::EINVAL) {
-                        sys::close(direct);
-                        direct = -1;
-                    }
-                }
-                if direct < 0 || data.len() < DIRECT_MIN {
-                    r = pwrite_all(t.fd, data, off);
-                }
-                if let Err(e) = r {
+                if let Err(e) = pages.write(&out[..out_len], off) {
                     result = Err(io("write")(e));
                     break 'regions;
                 }
@@ -599,9 +604,7 @@ pub fn write_live(
         }
         close(&mut run, &mut runs);
     }
-    if direct >= 0 {
-        sys::close(direct);
-    }
+    drop(pages);
     result?;
     finish(cfg, cap, t.fd, layout.regions, runs, off).map_err(|(what, e)| io(what)(e))
 }
