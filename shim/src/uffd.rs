@@ -219,36 +219,55 @@ impl Table {
         true
     }
 
-    /// The snapshot data of `[start, end)` is going away: anything present and not saved is lost.
-    fn check_released(&self, start: u64, end: u64, how: u8) {
+    /// Calls `f(region, index of the first page's state, from, to)` for each part of
+    /// `[start, end)` that lies in a region of the snapshot.
+    fn pieces(&self, start: u64, end: u64, mut f: impl FnMut(&PlanRegion, usize, u64, u64)) {
         let mut a = start & !(PAGE - 1);
         while a < end {
-            if let Some((idx, r)) = self.state_index(a) {
-                let stop = r.end.min(end);
-                let mut i = idx;
-                while a < stop {
-                    let s = self.states[i].load(Acquire);
-                    if s & (STORED | COPIED) == 0 {
-                        if s & PRESENT != 0 {
-                            self.mark_lost(a, how);
-                            return;
-                        }
-                        // Nothing was there at the snapshot: nothing to keep.
-                        let _ = self.states[i].compare_exchange(
-                            s,
-                            s | COPIED | NO_DATA,
-                            AcqRel,
-                            Acquire,
-                        );
-                    }
-                    a += PAGE;
-                    i += 1;
-                }
-            } else {
-                let i = self.regions.partition_point(|r| r.end <= a);
-                a = self.regions.get(i).map_or(end, |r| r.start);
+            let Some(r) = self
+                .regions
+                .get(self.regions.partition_point(|r| r.end <= a))
+            else {
+                return;
+            };
+            let from = a.max(r.start);
+            if from >= end {
+                return;
             }
+            let to = r.end.min(end);
+            f(r, r.first + ((from - r.start) / PAGE) as usize, from, to);
+            a = to;
         }
+    }
+
+    /// Saves the snapshot's pages in `[start, end)` not stored yet, and lifts their protection.
+    fn save(&self, start: u64, end: u64) {
+        self.pieces(start, end, |r, first, from, to| {
+            for (i, a) in (from..to).step_by(PAGE as usize).enumerate() {
+                self.save_page(first + i, a);
+            }
+            if r.registered {
+                let _ = protect(self.uffd, from, to - from, false);
+            }
+        });
+    }
+
+    /// The snapshot data of `[start, end)` is going away: anything present and not saved is lost.
+    fn check_released(&self, start: u64, end: u64, how: u8) {
+        self.pieces(start, end, |_, first, from, to| {
+            for (i, a) in (from..to).step_by(PAGE as usize).enumerate() {
+                let st = &self.states[first + i];
+                let s = st.load(Acquire);
+                if s & (STORED | COPIED) == 0 {
+                    if s & PRESENT != 0 {
+                        self.mark_lost(a, how);
+                    } else {
+                        // Nothing was there at the snapshot: nothing to keep.
+                        let _ = st.compare_exchange(s, s | COPIED | NO_DATA, AcqRel, Acquire);
+                    }
+                }
+            }
+        });
     }
 
     fn mark_lost(&self, addr: u64, how: u8) {
@@ -773,45 +792,29 @@ pub fn flushing() -> bool {
     FLUSHING.load(Relaxed) != 0
 }
 
-/// Saves the snapshot's pages in `[addr, addr + len)` that are not stored yet, then lifts their
-/// protection. Called by program threads right before they unmap, move or discard memory, and
-/// by a thread about to exit (its stack). Does nothing unless a flush is on.
-pub fn save_range(addr: u64, len: u64) {
-    if FLUSHING.load(Acquire) == 0 || len == 0 {
+/// Runs `f` on the current flush's table, if a flush is on; the writer does not free the table
+/// before every such call has returned.
+fn with_table(f: impl FnOnce(&Table)) {
+    if FLUSHING.load(Acquire) == 0 {
         return;
     }
     SAVERS.fetch_add(1, AcqRel);
-    if FLUSHING.load(Acquire) != 0 {
-        let t = TABLE.load(Acquire);
-        if !t.is_null() {
-            // SAFETY: the writer frees the table only after FLUSHING is 0 and SAVERS drained.
-            let t = unsafe { &*t };
-            let end = addr.saturating_add(len);
-            let mut a = addr & !(PAGE - 1);
-            while a < end {
-                match t.state_index(a) {
-                    Some((idx, r)) => {
-                        let stop = r.end.min(end);
-                        let (from, mut i) = (a, idx);
-                        while a < stop {
-                            t.save_page(i, a);
-                            a += PAGE;
-                            i += 1;
-                        }
-                        if r.registered {
-                            let _ = protect(t.uffd, from, a - from, false);
-                        }
-                    }
-                    None => {
-                        let i = t.regions.partition_point(|r| r.end <= a);
-                        a = t.regions.get(i).map_or(end, |r| r.start.max(a + PAGE));
-                    }
-                }
-            }
-        }
+    let t = TABLE.load(Acquire);
+    if FLUSHING.load(Acquire) != 0 && !t.is_null() {
+        // SAFETY: the writer frees the table only after FLUSHING is 0 and SAVERS drained.
+        f(unsafe { &*t });
     }
     if SAVERS.fetch_sub(1, AcqRel) == 1 {
         sys::futex_wake(&SAVERS);
+    }
+}
+
+/// Saves the snapshot's pages in `[addr, addr + len)` that are not stored yet, then lifts their
+/// protection. Called by program threads right before they unmap, move or discard memory. Does
+/// nothing unless a flush is on.
+pub fn save_range(addr: u64, len: u64) {
+    if len != 0 {
+        with_table(|t| t.save(addr, addr.saturating_add(len)));
     }
 }
 
@@ -823,20 +826,12 @@ pub fn thread_exiting() {
     let tid = sys::gettid();
     let k = EXITING_NEXT.fetch_add(1, Relaxed) as usize % EXITING.len();
     EXITING[k].store(tid, Relaxed);
-    if FLUSHING.load(Acquire) == 0 {
-        return;
-    }
     let here = &tid as *const i32 as u64;
-    let t = TABLE.load(Acquire);
-    if t.is_null() {
-        return;
-    }
-    // SAFETY: as in save_range; the region is looked up again inside it under the saver count.
-    let (start, end) = match unsafe { (*t).state_index(here) } {
-        Some((_, r)) => (r.start, r.end),
-        None => return,
-    };
-    save_range(start, end - start);
+    with_table(|t| {
+        if let Some((_, r)) = t.state_index(here) {
+            t.save(r.start, r.end);
+        }
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
