@@ -38,7 +38,11 @@ fn program_pid(restorer: u32) -> u32 {
         }
         let children =
             fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-        queue.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+        queue.extend(
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
     }
     restorer
 }
