@@ -269,6 +269,9 @@ pub fn fds() -> Vec<FdState> {
     let mut info = Vec::new();
     let mut pipes: Vec<(u64, i32, bool)> = Vec::new(); // (inode, fd, read end)
     for fd in list {
+        if crate::uffd::is_own_fd(fd) {
+            continue;
+        }
         let mut nb = [0u8; 20];
         let num = crate::interpose::itoa(fd as u64, &mut nb);
         let target = sys::readlink(&cpath(&["/proc/self/fd/", num])).unwrap_or_default();

@@ -269,7 +269,36 @@ struct Job {
 }
 
 /// Takes one checkpoint. Returns in the original process when it is over, or in a restored one.
-fn take(cfg: &'static Config, engine: Engine) -> Outcome {
+fn take(cfg: &'static Config, mut engine: Engine) -> Outcome {
+    let started = sys::monotonic_ns();
+    let unmap_stack = || {
+        let _ = sys::mmap_fixed(
+            STACK_START,
+            STACK_END - STACK_START,
+            libc::PROT_NONE,
+            libc::MAP_NORESERVE,
+        );
+    };
+    // The writer's stack; the uffd engine's fault server runs on its lowest part from before
+    // the pause.
+    if let Err(e) = sys::mmap_fixed(
+        STACK_START,
+        STACK_END - STACK_START,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_NORESERVE,
+    ) {
+        return Outcome::Failed(alloc::format!("cannot map the writer stack: errno {e}"));
+    }
+    if engine == Engine::Uffd {
+        let prepared = capture::read_maps()
+            .map_err(|e| alloc::format!("cannot read the memory map: errno {e}"))
+            .and_then(|maps| crate::uffd::prepare(&maps, &writer::wanted(&maps)));
+        if let Err(msg) = prepared {
+            let text = alloc::format!("snapshim: uffd engine unavailable ({msg}); using fork\n");
+            let _ = sys::write_all(2, text.as_bytes());
+            engine = Engine::Fork;
+        }
+    }
     let t0 = sys::monotonic_ns();
     for m in MARKS.iter() {
         m.store(0, Relaxed);
@@ -279,18 +308,13 @@ fn take(cfg: &'static Config, engine: Engine) -> Outcome {
         Ok(n) => n,
         Err(msg) => {
             release();
+            if engine == Engine::Uffd {
+                crate::uffd::teardown();
+            }
+            unmap_stack();
             return Outcome::Failed(msg);
         }
     };
-    if let Err(e) = sys::mmap_fixed(
-        STACK_START,
-        STACK_END - STACK_START,
-        libc::PROT_READ | libc::PROT_WRITE,
-        libc::MAP_NORESERVE,
-    ) {
-        release();
-        return Outcome::Failed(alloc::format!("cannot map the writer stack: errno {e}"));
-    }
     let seq = SEQ.load(Relaxed) + 1;
     SEQ.store(seq, Relaxed);
     let mut job = Job {
@@ -325,12 +349,7 @@ fn take(cfg: &'static Config, engine: Engine) -> Outcome {
         after_restore(nthreads);
         return Outcome::Restored;
     }
-    let _ = sys::mmap_fixed(
-        STACK_START,
-        STACK_END - STACK_START,
-        libc::PROT_NONE,
-        libc::MAP_NORESERVE,
-    );
+    unmap_stack();
     let released_at = t0 + job.pause_ns;
     if job.ok && job.child > 0 {
         match wait_child(job.child, job.child_report) {
@@ -357,7 +376,7 @@ fn take(cfg: &'static Config, engine: Engine) -> Outcome {
             pause_ns: job.pause_ns,
             flush_ns: now - released_at,
             copied,
-            total_ns: now - t0,
+            total_ns: now - started,
             resident: job.resident,
             engine: job.engine,
         })
@@ -445,7 +464,12 @@ fn quiesce() -> Result<usize, String> {
             .map_err(|e| alloc::format!("cannot list threads: errno {e}"))?;
         let mut new = 0;
         for t in tasks {
-            if t != me && !signaled.contains(&t) && !gone.contains(&t) && !is_zombie(t) {
+            if t != me
+                && t != crate::uffd::server_tid()
+                && !signaled.contains(&t)
+                && !gone.contains(&t)
+                && !is_zombie(t)
+            {
                 if sys::tgkill(pid, t, sig).is_ok() {
                     signaled.push(t);
                     new += 1;
@@ -529,6 +553,7 @@ fn release() {
 fn after_restore(nthreads: usize) {
     // The snapshot was taken while the writer ran: its scratch heap was active, and is gone now.
     crate::shim_alloc::SCRATCH_ACTIVE.store(false, SeqCst);
+    crate::uffd::after_restore();
     crate::interpose::note_image_mappings();
     park::record_restored_helper();
     loop {

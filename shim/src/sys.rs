@@ -81,6 +81,36 @@ pub fn tgkill(pid: i32, tid: i32, sig: i32) -> Result<()> {
     check(unsafe { sc!(libc::SYS_tgkill, pid, tid, sig) }).map(|_| ())
 }
 
+/// Blocks every signal in this thread; returns the mask to give back to [`restore_signals`].
+pub fn block_all_signals() -> u64 {
+    let all: u64 = !0;
+    let mut old: u64 = 0;
+    // SAFETY: rt_sigprocmask with valid 8-byte masks (the kernel's sigset size on x86_64).
+    unsafe {
+        sc!(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_BLOCK,
+            &all as *const u64,
+            &mut old as *mut u64,
+            8
+        )
+    };
+    old
+}
+
+pub fn restore_signals(old: &u64) {
+    // SAFETY: rt_sigprocmask with a valid 8-byte mask.
+    unsafe {
+        sc!(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            old as *const u64,
+            0u64,
+            8
+        )
+    };
+}
+
 pub fn write(fd: i32, buf: &[u8]) -> Result<usize> {
     // SAFETY: buf is a valid readable slice.
     check(unsafe { sc!(libc::SYS_write, fd, buf.as_ptr(), buf.len()) }).map(|n| n as usize)

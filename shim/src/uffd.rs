@@ -1,13 +1,18 @@
 //! The userfaultfd write-protect engine (`SNAPSHIM_COW=uffd`, the `auto` choice where the kernel
 //! lets this process use userfaultfd).
 //!
-//! During the pause the writer registers every memory region it will store with a userfaultfd in
-//! write-protect mode, records which pages hold data (`PAGEMAP_SCAN`: present or swapped, not the
-//! shared zero page), write-protects them, starts the *fault server* thread and releases the
-//! program. Pages without data at that instant are holes in the image whatever happens to them
-//! later, so they need no protection: `UFFD_FEATURE_WP_UNPOPULATED` would only make the pause
-//! longer (it fills the page tables of every untouched range with markers: 28-56 ms instead of
-//! about 15 ms for the 265 MiB `pattern` test app here). From then on:
+//! Write-protecting memory is a page-table walk (about 40 ms per GiB of 4 KiB pages here), too
+//! long for the pause, so most of it happens before: [`prepare`], while the program runs,
+//! registers the regions to store with a userfaultfd in write-protect mode, notes which pages
+//! hold data (P0), protects them and starts the *fault server*, which for now only lifts the
+//! protection of each page the program writes and notes it (U). Ranges unmapped, discarded or
+//! moved meanwhile are noted too (E). In the pause, [`begin`] records which pages hold data at
+//! that instant (`PAGEMAP_SCAN`: present or swapped, not the shared zero page) and protects
+//! again only what may have lost its protection: pages with data that were not in P0, U, E,
+//! and regions mapped since; the pause then grows with what changed, not with memory. Pages
+//! without data at that instant are holes in the image whatever happens to them later, so they
+//! need no protection (`UFFD_FEATURE_WP_UNPOPULATED` would fill the page tables of every untouched
+//! range with markers). From the release on:
 //!
 //! - the writer reads page data from memory (through /proc/self/mem, so a concurrently unmapped
 //!   range is an error code, not a crash), writes it with O_DIRECT, marks the pages stored and
@@ -25,24 +30,25 @@
 //!   event: if it held pages present at the snapshot and not yet saved, the image is no longer
 //!   exact and is discarded (the helper retries with the fork engine).
 //!
-//! Per page there is one state word: STORED (the writer is past it), COPIED (+ the copy's slot),
-//! PRESENT (it had data at the snapshot). Whoever finds neither STORED nor COPIED copies the
-//! page and publishes the copy with a compare-and-swap; the writer sets STORED with a fetch-or
+//! Per page there is one state word, STORED (the writer is past it) or COPIED (+ the copy's
+//! slot), and one bit: it had data at the snapshot. Whoever finds neither STORED nor COPIED
+//! copies the page and publishes the copy with a compare-and-swap; the writer sets STORED with a fetch-or
 //! after reading the page, and uses the copy if COPIED was set by then: a page is only ever
 //! modified after COPIED or STORED is set, so either the writer's read or the copy holds the
 //! snapshot's bytes.
 //!
 //! Memory the fault server and the savers write must never be write-protected: the shim's own
-//! data (its statics are copied during the pause instead of protected), the state table (scratch
-//! region), the copy store (mapped after the snapshot's memory map was read) and the server's
-//! stack (reserved range).
+//! data (its statics are copied during the pause instead of protected), the page states and the
+//! copy store (mapped after the snapshot's memory map was read), and the server's stack and the
+//! lists U and P0 (reserved range). The server is held between batches while the pause decides
+//! what to protect ([`hold_server`]): no page loses its protection behind the pause's back.
 #![allow(unsafe_code)]
 
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 
-use snapshim_image::layout::STACK_START;
+use snapshim_image::layout::{LISTS_END, LISTS_START, STACK_START};
 
 use crate::capture::{self, MapsEntry, PM_FILE, PM_PRESENT, PM_SWAP};
 use crate::sys::{self, sc};
@@ -53,6 +59,7 @@ use crate::sys::{self, sc};
 const UFFD_API: u64 = 0xaa;
 const UFFDIO_API: u64 = 0xc018_aa3f;
 const UFFDIO_REGISTER: u64 = 0xc020_aa00;
+const UFFDIO_UNREGISTER: u64 = 0x8010_aa01;
 const UFFDIO_WRITEPROTECT: u64 = 0xc018_aa06;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
@@ -71,6 +78,7 @@ const EVENT_UNMAP: u64 = 0x16;
 const PAGEFAULT_FLAG_WP: u64 = 1 << 1;
 
 const PAGEMAP_SCAN: u64 = 0xc060_6610;
+const PAGE_IS_WRITTEN: u64 = 1 << 0;
 const PAGE_IS_PRESENT: u64 = 1 << 3;
 const PAGE_IS_SWAPPED: u64 = 1 << 4;
 const PAGE_IS_PFNZERO: u64 = 1 << 5;
@@ -122,8 +130,7 @@ const PAUSE_COPY_LIMIT: u64 = 64 << 20;
 
 const STORED: u32 = 1 << 31;
 const COPIED: u32 = 1 << 30;
-const PRESENT: u32 = 1 << 29;
-const SLOT_MASK: u32 = PRESENT - 1;
+const SLOT_MASK: u32 = COPIED - 1;
 /// The slot of a COPIED page that holds nothing to store (it was not present at the snapshot).
 const NO_DATA: u32 = SLOT_MASK;
 
@@ -140,14 +147,17 @@ pub struct PlanRegion {
 /// writer in the scratch region before the program is released, freed after the flush.
 pub struct Table {
     pub regions: Vec<PlanRegion>,
-    states: Vec<AtomicU32>,
+    /// One state word per page of `regions` (STORED, COPIED + slot), in a fresh zero-filled
+    /// mapping: nothing is written for a page until it is stored or copied.
+    states: &'static [AtomicU32],
+    /// One bit per page: it held data at the snapshot. Also a fresh mapping: only the ranges
+    /// with data are written, 64 pages per word.
+    present: &'static [AtomicU64],
     copies: u64,
     copies_cap: u32,
     next_copy: AtomicU32,
     uffd: i32,
     mem_fd: i32,
-    stop_r: i32,
-    stop_w: i32,
     /// Pages copied before the writer stored them.
     pub copied: AtomicU64,
     /// First address whose snapshot data was lost (+1), 0 if none.
@@ -157,14 +167,47 @@ pub struct Table {
 
 /// Set while a flush is on: the savers and the thread-exit hook act only then.
 static FLUSHING: AtomicU32 = AtomicU32::new(0);
-/// The current flush's table.
+/// The current flush's table. Null before the snapshot: the fault server then only lifts
+/// protection (see [`prepare`]).
 static TABLE: AtomicPtr<Table> = AtomicPtr::new(core::ptr::null_mut());
 /// Program threads inside [`save_range`] (futex word: the writer waits for 0 before freeing).
 static SAVERS: AtomicU32 = AtomicU32::new(0);
 /// The fault server's TID, cleared by the kernel when it exits (futex word).
 static SERVER_TID: AtomicU32 = AtomicU32::new(0);
-/// TIDs of threads that ran their exit hook and may be on their way out.
+/// The userfaultfd from [`prepare`] to [`end`] (or [`teardown`]), else -1.
+static UFFD: AtomicI32 = AtomicI32::new(-1);
+/// The pipe that tells the fault server to end (read end, write end).
+static STOP: [AtomicI32; 2] = [AtomicI32::new(-1), AtomicI32::new(-1)];
+/// The writer holds the fault server between batches while it takes the snapshot (futex word),
+/// and the server says whether it is inside a batch (futex word): see [`hold_server`].
+static HOLD: AtomicU32 = AtomicU32::new(0);
+static BUSY: AtomicU32 = AtomicU32::new(0);
+/// Regions registered and write-protected ahead of the pause: start, end, and the index of their
+/// first page in the P0 bitmap, with SKIPPED set when nothing is known about their protection
+/// (a thread on its way out lifted it, or protecting failed). Changed under `PRE_LOCK`.
+const PRE_MAX: usize = 1024;
+static PRE: [[AtomicU64; 3]; PRE_MAX] =
+    [const { [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)] }; PRE_MAX];
+static PRE_N: AtomicU32 = AtomicU32::new(0);
+static PRE_LOCK: AtomicU32 = AtomicU32::new(0);
+const SKIPPED: u64 = 1 << 63;
+/// What the pause needs to know which pages are still protected since [`prepare`], kept in the
+/// reserved range (so no image ever contains it):
+/// - U, at `LISTS_START`: pages the fault server unprotected, `U_CAP` at most;
+/// - P0, after it: one bit per page of the PRE regions, set for pages with data just before
+///   prepare() protected them.
+const U_CAP: usize = 1 << 18;
+const P0_START: u64 = LISTS_START + (U_CAP as u64) * 8;
+static U_N: AtomicU32 = AtomicU32::new(0);
+/// Ranges whose pages may have been replaced since [`prepare`] (unmapped, discarded, moved):
+/// protection there is unknown. Past the capacity, the pause protects everything again.
+const E_CAP: usize = 1024;
+static E: [[AtomicU64; 2]; E_CAP] = [const { [AtomicU64::new(0), AtomicU64::new(0)] }; E_CAP];
+static E_N: AtomicU32 = AtomicU32::new(0);
+/// Threads that ran their exit hook and may be on their way out: TID and an address on the
+/// stack they run on.
 static EXITING: [AtomicI32; 64] = [const { AtomicI32::new(0) }; 64];
+static EXITING_SP: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
 static EXITING_NEXT: AtomicU32 = AtomicU32::new(0);
 
 impl Table {
@@ -176,6 +219,16 @@ impl Table {
 
     pub fn state(&self, idx: usize) -> &AtomicU32 {
         &self.states[idx]
+    }
+
+    /// Whether page `idx` held data at the snapshot.
+    pub fn present(&self, idx: usize) -> bool {
+        bit(self.present, idx)
+    }
+
+    /// Marks pages `[i0, i1)` as holding data at the snapshot.
+    fn set_present(&self, i0: usize, i1: usize) {
+        set_bits(self.present, i0, i1)
     }
 
     fn copy_ptr(&self, slot: u32) -> *mut u8 {
@@ -191,7 +244,7 @@ impl Table {
         if s & (STORED | COPIED) != 0 {
             return true;
         }
-        if s & PRESENT == 0 {
+        if !self.present(idx) {
             let _ = st.compare_exchange(s, s | COPIED | NO_DATA, AcqRel, Acquire);
             return true;
         }
@@ -259,7 +312,7 @@ impl Table {
                 let st = &self.states[first + i];
                 let s = st.load(Acquire);
                 if s & (STORED | COPIED) == 0 {
-                    if s & PRESENT != 0 {
+                    if self.present(first + i) {
                         self.mark_lost(a, how);
                     } else {
                         // Nothing was there at the snapshot: nothing to keep.
@@ -377,14 +430,249 @@ pub struct Wanted {
     pub file_backed: bool,
 }
 
-/// Sets up the flush during the pause: registers and write-protects `wanted` regions, copies the
-/// pages of those that cannot be registered, starts the fault server. The program must be parked.
-pub fn begin(maps: &[MapsEntry], wanted: &[Wanted]) -> Result<&'static Table, String> {
+// ---------------------------------------------------------------------------------------------
+// Before the pause
+
+/// Starts a snapshot while the program still runs: opens the userfaultfd, starts the fault
+/// server, registers the regions the snapshot will (probably) store, notes which of their pages
+/// hold data (P0) and write-protects them. Until [`begin`], the server only lifts the protection
+/// of each page the program writes, and notes it (U).
+///
+/// Write-protecting memory costs a page-table walk, about 40 ms per GiB of 4 KiB pages here:
+/// done now, the pause only has to protect what may have lost its protection since, which it
+/// knows without reading the page tables: pages with data now that were not in P0, pages in U,
+/// ranges unmapped, discarded or moved since (E, from the server's events and the shim's own
+/// wrappers), regions of threads that ended, and regions mapped since. `maps`/`wanted` are read
+/// without stopping the program: they may be out of date by the pause, which is why [`begin`]
+/// trusts only its own map.
+///
+/// On error nothing is left behind.
+pub fn prepare(maps: &[MapsEntry], wanted: &[Wanted]) -> Result<(), String> {
     let uffd = open_uffd().map_err(|e| alloc::format!("userfaultfd: errno {e}"))?;
+    let mut stop = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors.
+    if unsafe { sc!(libc::SYS_pipe2, stop.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        sys::close(uffd);
+        return Err("cannot create a pipe for the fault server".into());
+    }
+    UFFD.store(uffd, Release);
+    STOP[0].store(stop[0], Relaxed);
+    STOP[1].store(stop[1], Relaxed);
+    U_N.store(0, Relaxed);
+    E_N.store(0, Relaxed);
+    if let Err(e) = sys::mmap_fixed(
+        LISTS_START,
+        LISTS_END - LISTS_START,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_NORESERVE,
+    ) {
+        teardown();
+        return Err(alloc::format!("cannot map the page lists: errno {e}"));
+    }
+    if let Err(e) = spawn_server() {
+        teardown();
+        return Err(alloc::format!("cannot start the fault server: errno {e}"));
+    }
+    let own = own_data_ranges(maps);
+    let p0_cap = (LISTS_END - P0_START) * 8;
+    let mut n = 0usize;
+    let mut first = 0u64;
+    for w in wanted {
+        let e = &maps[w.entry];
+        if w.file_backed || own.iter().any(|&(s, t)| e.start < t && e.end > s) || n == PRE_MAX {
+            continue;
+        }
+        if register(uffd, e.start, e.end).is_ok() {
+            let pages = (e.end - e.start) / PAGE;
+            let known = if first + pages <= p0_cap {
+                first
+            } else {
+                SKIPPED
+            };
+            PRE[n][0].store(e.start, Relaxed);
+            PRE[n][1].store(e.end, Relaxed);
+            PRE[n][2].store(known, Relaxed);
+            first += if known == SKIPPED { 0 } else { pages };
+            n += 1;
+        }
+    }
+    // P0: which pages hold data before they are protected. A page that gets data between this
+    // scan and its protection is not in P0, so the pause protects it (again).
+    match sys::open(b"/proc/self/pagemap\0", libc::O_RDONLY | libc::O_CLOEXEC, 0) {
+        Ok(pm) => {
+            for r in &PRE[..n] {
+                let (start, end, f) = (r[0].load(Relaxed), r[1].load(Relaxed), r[2].load(Relaxed));
+                if f & SKIPPED != 0 {
+                    continue;
+                }
+                let ok = scan_pages(pm, start, end, |a, b, _| {
+                    let i0 = f + (a - start) / PAGE;
+                    set_bits(p0(), i0 as usize, (i0 + (b - a) / PAGE) as usize);
+                });
+                if ok.is_err() {
+                    r[2].store(SKIPPED, Relaxed);
+                }
+            }
+            sys::close(pm);
+        }
+        Err(_) => PRE[..n].iter().for_each(|r| r[2].store(SKIPPED, Relaxed)),
+    }
+    PRE_N.store(n as u32, Release);
+    for r in &PRE[..n] {
+        lock_pre();
+        let (start, end) = (r[0].load(Relaxed), r[1].load(Relaxed));
+        // The stack of a thread already on its way out stays writable (see thread_exiting).
+        if exiting_in(start, end) || protect(uffd, start, end - start, true).is_err() {
+            r[2].fetch_or(SKIPPED, Relaxed);
+        }
+        unlock_pre();
+    }
+    Ok(())
+}
+
+/// The P0 bitmap (see [`prepare`]).
+fn p0() -> &'static [AtomicU64] {
+    // SAFETY: the lists range is mapped read-write from prepare() to end()/teardown(), and only
+    // read through this while it is; zero-filled memory is valid AtomicU64s.
+    unsafe {
+        core::slice::from_raw_parts(
+            P0_START as *const AtomicU64,
+            ((LISTS_END - P0_START) / 8) as usize,
+        )
+    }
+}
+
+/// The U list (see [`prepare`]).
+fn u_list() -> &'static [AtomicU64] {
+    // SAFETY: as for p0().
+    unsafe { core::slice::from_raw_parts(LISTS_START as *const AtomicU64, U_CAP) }
+}
+
+fn bit(words: &[AtomicU64], i: usize) -> bool {
+    words[i / 64].load(Relaxed) & (1 << (i % 64)) != 0
+}
+
+/// Sets bits `[i0, i1)`, a word at a time where it can.
+fn set_bits(words: &[AtomicU64], mut i0: usize, i1: usize) {
+    while i0 < i1 {
+        let (w, b) = (i0 / 64, i0 % 64);
+        let n = (64 - b).min(i1 - i0);
+        let bits = if n == 64 { !0 } else { ((1u64 << n) - 1) << b };
+        words[w].fetch_or(bits, Relaxed);
+        i0 += n;
+    }
+}
+
+/// Notes that the pages of `[start, end)` may have been replaced before the pause.
+fn note_changed(start: u64, end: u64) {
+    let i = E_N.fetch_add(1, AcqRel) as usize;
+    if i < E_CAP {
+        E[i][0].store(start, Relaxed);
+        E[i][1].store(end, Relaxed);
+    }
+}
+
+/// Whether a snapshot is being prepared (between [`prepare`] and [`begin`]).
+fn preparing() -> bool {
+    PRE_N.load(Acquire) != 0 && TABLE.load(Acquire).is_null()
+}
+
+/// Whether a thread that ran its exit hook, and still exists, runs on `[start, end)`.
+fn exiting_in(start: u64, end: u64) -> bool {
+    let pid = sys::getpid();
+    EXITING.iter().zip(&EXITING_SP).any(|(t, sp)| {
+        let (tid, sp) = (t.load(Relaxed), sp.load(Relaxed));
+        tid != 0 && (start..end).contains(&sp) && sys::tgkill(pid, tid, 0).is_ok()
+    })
+}
+
+fn lock_pre() {
+    while PRE_LOCK.compare_exchange(0, 1, Acquire, Relaxed).is_err() {
+        sys::futex_wait(&PRE_LOCK, 1, Some(1_000_000));
+    }
+}
+
+fn unlock_pre() {
+    PRE_LOCK.store(0, Release);
+    sys::futex_wake(&PRE_LOCK);
+}
+
+/// Ends a snapshot that will not be taken after [`prepare`] (or [`begin`] failed): stops the
+/// fault server and closes the userfaultfd, which lifts every protection and registration.
+pub fn teardown() {
+    lock_pre();
+    PRE_N.store(0, Release);
+    release_server();
+    stop_server();
+    for fd in [&UFFD, &STOP[0], &STOP[1]] {
+        let f = fd.swap(-1, AcqRel);
+        if f >= 0 {
+            sys::close(f);
+        }
+    }
+    unmap_lists();
+    unlock_pre();
+}
+
+/// Gives the lists range back to the reservation.
+fn unmap_lists() {
+    let _ = sys::mmap_fixed(
+        LISTS_START,
+        LISTS_END - LISTS_START,
+        libc::PROT_NONE,
+        libc::MAP_NORESERVE,
+    );
+}
+
+/// Whether `fd` is one of the engine's own descriptors (not the program's, not in an image).
+pub fn is_own_fd(fd: i32) -> bool {
+    fd >= 0
+        && [&UFFD, &STOP[0], &STOP[1]]
+            .iter()
+            .any(|w| w.load(Relaxed) == fd)
+}
+
+/// The TID of the fault server, 0 if there is none: it is not a program thread to park.
+pub fn server_tid() -> i32 {
+    SERVER_TID.load(Acquire) as i32
+}
+
+/// In a restored process: the shim's statics are those of the snapshot instant, when the
+/// snapshot's userfaultfd, fault server and pause were alive. None of them exists here.
+pub fn after_restore() {
+    for w in [&UFFD, &STOP[0], &STOP[1]] {
+        w.store(-1, Relaxed);
+    }
+    SERVER_TID.store(0, Relaxed);
+    HOLD.store(0, Relaxed);
+    BUSY.store(0, Relaxed);
+    PRE_N.store(0, Relaxed);
+    PRE_LOCK.store(0, Relaxed);
+    U_N.store(0, Relaxed);
+    E_N.store(0, Relaxed);
+    FLUSHING.store(0, Relaxed);
+    TABLE.store(core::ptr::null_mut(), Relaxed);
+    SAVERS.store(0, Relaxed);
+    for e in EXITING.iter() {
+        e.store(0, Relaxed);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pause
+
+/// Takes the snapshot during the pause, after [`prepare`]: registers the `wanted` regions not
+/// registered yet, records which pages hold data (`PAGEMAP_SCAN`: present or swapped, not the
+/// shared zero page) and write-protects again those written since [`prepare`] (the same scan
+/// says which: `PAGE_IS_WRITTEN` is a clear write-protect bit), copies the pages of regions that
+/// cannot be protected, and switches the fault server to saving pages. The program must be
+/// parked. On error the snapshot is given up ([`teardown`]).
+pub fn begin(maps: &[MapsEntry], wanted: &[Wanted]) -> Result<&'static Table, String> {
     let mem_fd = sys::open(b"/proc/self/mem\0", libc::O_RDONLY | libc::O_CLOEXEC, 0);
     let pm_fd = sys::open(b"/proc/self/pagemap\0", libc::O_RDONLY | libc::O_CLOEXEC, 0);
+    hold_server();
     let r = match (mem_fd, pm_fd) {
-        (Ok(mem_fd), Ok(pm_fd)) => setup(maps, wanted, uffd, mem_fd, pm_fd),
+        (Ok(mem_fd), Ok(pm_fd)) => setup(maps, wanted, mem_fd, pm_fd),
         (Err(e), _) | (_, Err(e)) => Err(alloc::format!(
             "cannot open /proc/self/mem or pagemap: errno {e}"
         )),
@@ -392,23 +680,59 @@ pub fn begin(maps: &[MapsEntry], wanted: &[Wanted]) -> Result<&'static Table, St
     if let Ok(fd) = pm_fd {
         sys::close(fd);
     }
-    if r.is_err() {
-        // Closing the userfaultfd lifts every protection and registration made so far.
-        sys::close(uffd);
-        if let Ok(fd) = mem_fd {
-            sys::close(fd);
+    match r {
+        Ok(t) => {
+            release_server();
+            Ok(t)
+        }
+        Err(msg) => {
+            if let Ok(fd) = mem_fd {
+                sys::close(fd);
+            }
+            teardown();
+            Err(msg)
         }
     }
-    r
+}
+
+/// A zero-filled private mapping of `bytes`, as a slice of `T` (an atomic integer type, for
+/// which all-zero bytes are a valid value). Unmapped by [`end`].
+fn zeroed<T>(count: usize) -> Result<&'static [T], String> {
+    let bytes = (count.max(1) * core::mem::size_of::<T>()).next_multiple_of(PAGE as usize);
+    // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing.
+    let p = sys::check(unsafe {
+        sc!(
+            libc::SYS_mmap,
+            0,
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1i64,
+            0
+        )
+    })
+    .map_err(|e| alloc::format!("cannot map the page table of the flush: errno {e}"))?;
+    // SAFETY: the mapping is readable and writable, zero-filled (a valid T for the atomic integer
+    // types used here), suitably aligned (page-aligned) and ours until end() unmaps it.
+    Ok(unsafe { core::slice::from_raw_parts(p as *const T, count) })
+}
+
+fn unmap_slice<T>(s: &[T]) {
+    let bytes = (s.len().max(1) * core::mem::size_of::<T>()).next_multiple_of(PAGE as usize);
+    // SAFETY: a mapping made by zeroed(), no longer used by anyone.
+    unsafe { sc!(libc::SYS_munmap, s.as_ptr(), bytes) };
 }
 
 fn setup(
     maps: &[MapsEntry],
     wanted: &[Wanted],
-    uffd: i32,
     mem_fd: i32,
     pm_fd: i32,
 ) -> Result<&'static Table, String> {
+    let uffd = UFFD.load(Acquire);
+    if uffd < 0 {
+        return Err("the snapshot was not prepared".into());
+    }
     let own = own_data_ranges(maps);
     let exiting = exiting_stacks();
     let mut regions = Vec::with_capacity(wanted.len());
@@ -417,11 +741,15 @@ fn setup(
         let e = &maps[w.entry];
         let overlaps = |v: &[(u64, u64)]| v.iter().any(|&(s, t)| e.start < t && e.end > s);
         // Not protected: the shim's own data, and the stack of a thread on its way out (see
-        // thread_exiting); their pages are copied now instead.
+        // thread_exiting); their pages are copied now instead. Registering again what prepare
+        // registered changes nothing; a region mapped since is registered now.
         let registered = !w.file_backed
             && !overlaps(&own)
             && !exiting.iter().any(|&a| (e.start..e.end).contains(&a))
             && register(uffd, e.start, e.end).is_ok();
+        if !registered && !w.file_backed {
+            let _ = unregister(uffd, e.start, e.end);
+        }
         regions.push(PlanRegion {
             start: e.start,
             end: e.end,
@@ -430,38 +758,124 @@ fn setup(
         });
         total += ((e.end - e.start) / PAGE) as usize;
     }
-    let states: Vec<AtomicU32> = (0..total).map(|_| AtomicU32::new(0)).collect();
+    let states = zeroed::<AtomicU32>(total)?;
+    let present = match zeroed::<AtomicU64>(total.div_ceil(64)) {
+        Ok(p) => p,
+        Err(e) => {
+            unmap_slice(states);
+            return Err(e);
+        }
+    };
+    let mut table = Table {
+        regions,
+        states,
+        present,
+        copies: 0,
+        copies_cap: 0,
+        next_copy: AtomicU32::new(0),
+        uffd,
+        mem_fd,
+        copied: AtomicU64::new(0),
+        lost: AtomicU64::new(0),
+        lost_how: AtomicU8::new(0),
+    };
+    let give_up = |t: &Table, msg: String| {
+        unmap_slice(t.states);
+        unmap_slice(t.present);
+        msg
+    };
     crate::checkpoint::mark(3);
 
-    // Which pages hold data at this instant.
-    let mut present = 0u64;
+    // Which pages hold data at this instant; protect those not known to be protected since
+    // prepare(), then the pages and ranges that lost their protection since.
+    let all_again = U_N.load(Acquire) as usize > U_CAP || E_N.load(Acquire) as usize > E_CAP;
+    let mut count = 0u64;
     let mut pm = Vec::new();
     let mut scan_ok = true;
-    for (r, w) in regions.iter().zip(wanted) {
+    for (r, w) in table.regions.iter().zip(wanted) {
         if r.registered && scan_ok {
-            let scanned = scan_present(pm_fd, r.start, r.end, |a, b| {
+            let mut failed = 0;
+            let scanned = scan_pages(pm_fd, r.start, r.end, |a, b, _| {
                 let i0 = r.first + ((a - r.start) / PAGE) as usize;
-                let i1 = r.first + ((b - r.start) / PAGE) as usize;
-                for s in &states[i0..i1] {
-                    s.store(PRESENT, Relaxed);
+                table.set_present(i0, i0 + ((b - a) / PAGE) as usize);
+                count += (b - a) / PAGE;
+                if let Err(e) = protect_unknown(uffd, a, b, all_again) {
+                    failed = e;
                 }
-                present += (b - a) / PAGE;
             });
             match scanned {
-                Ok(()) => continue,
+                Ok(()) if failed == 0 => continue,
+                Ok(()) => {
+                    return Err(give_up(
+                        &table,
+                        alloc::format!(
+                            "cannot write-protect in {:#x}-{:#x}: errno {failed}",
+                            r.start,
+                            r.end
+                        ),
+                    ))
+                }
                 Err(_) => scan_ok = false, // no PAGEMAP_SCAN here: read the pagemap instead
             }
         }
-        capture::pagemap_of(pm_fd, &maps[w.entry], &mut pm)
-            .map_err(|e| alloc::format!("cannot read the pagemap: errno {e}"))?;
+        if let Err(e) = capture::pagemap_of(pm_fd, &maps[w.entry], &mut pm) {
+            return Err(give_up(
+                &table,
+                alloc::format!("cannot read the pagemap: errno {e}"),
+            ));
+        }
         for (k, &f) in pm.iter().enumerate() {
             let has = if w.file_backed {
                 f & PM_SWAP != 0 || (f & PM_PRESENT != 0 && f & PM_FILE == 0)
             } else {
                 f & (PM_PRESENT | PM_SWAP) != 0
             };
-            if has && states[r.first + k].swap(PRESENT, Relaxed) == 0 {
-                present += 1;
+            if has && !table.present(r.first + k) {
+                table.set_present(r.first + k, r.first + k + 1);
+                count += 1;
+            }
+        }
+        // Without the scan, which pages have data is not known cheaply: protect all again.
+        if r.registered {
+            if let Err(e) = protect_now(uffd, r.start, r.end - r.start) {
+                return Err(give_up(
+                    &table,
+                    alloc::format!(
+                        "cannot write-protect {:#x}-{:#x}: errno {e}",
+                        r.start,
+                        r.end
+                    ),
+                ));
+            }
+        }
+    }
+
+    if !all_again {
+        let lost = u_list()[..U_N.load(Acquire) as usize]
+            .iter()
+            .map(|u| {
+                let a = u.load(Relaxed);
+                (a, a + PAGE)
+            })
+            .chain(
+                E[..E_N.load(Acquire) as usize]
+                    .iter()
+                    .map(|e| (e[0].load(Relaxed), e[1].load(Relaxed))),
+            );
+        for (start, end) in lost {
+            let mut failed = 0;
+            table.pieces(start, end, |r, _, from, to| {
+                if r.registered {
+                    if let Err(e) = protect_now(uffd, from, to - from) {
+                        failed = e;
+                    }
+                }
+            });
+            if failed != 0 {
+                return Err(give_up(
+                    &table,
+                    alloc::format!("cannot write-protect in {start:#x}-{end:#x}: errno {failed}"),
+                ));
             }
         }
     }
@@ -470,27 +884,28 @@ fn setup(
     // Pages that must be copied during the pause (regions that cannot be protected: private
     // file mappings, such as the image a restored process runs from). Past a limit the pause
     // would be long: the fork engine does better then.
-    let unprotected: u64 = regions
+    let unprotected: u64 = table
+        .regions
         .iter()
         .filter(|r| !r.registered)
         .map(|r| {
             let n = ((r.end - r.start) / PAGE) as usize;
-            states[r.first..r.first + n]
-                .iter()
-                .filter(|s| s.load(Relaxed) & PRESENT != 0)
-                .count() as u64
+            (r.first..r.first + n).filter(|&i| table.present(i)).count() as u64
         })
         .sum();
     if unprotected * PAGE > PAUSE_COPY_LIMIT {
-        return Err(alloc::format!(
-            "{} MiB would have to be copied during the pause (memory that cannot be \
-             write-protected, such as a restored process's pages mapped from its image)",
-            (unprotected * PAGE) >> 20
+        return Err(give_up(
+            &table,
+            alloc::format!(
+                "{} MiB would have to be copied during the pause (memory that cannot be \
+                 write-protected, such as a restored process's pages mapped from its image)",
+                (unprotected * PAGE) >> 20
+            ),
         ));
     }
     // The copy store: at most one copy per present page. Mapped now, after the snapshot's map
     // was read, so it is in no image, and never registered.
-    let cap = present.clamp(1, NO_DATA as u64 - 1);
+    let cap = count.clamp(1, NO_DATA as u64 - 1);
     // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing.
     let copies = sys::check(unsafe {
         sc!(
@@ -502,36 +917,24 @@ fn setup(
             -1i64,
             0
         )
-    })
-    .map_err(|e| alloc::format!("cannot map the copy store: errno {e}"))? as u64;
-    let unmap_copies = || {
+    });
+    let copies = match copies {
+        Ok(c) => c as u64,
+        Err(e) => {
+            return Err(give_up(
+                &table,
+                alloc::format!("cannot map the copy store: errno {e}"),
+            ))
+        }
+    };
+    table.copies = copies;
+    table.copies_cap = cap as u32;
+    let table: &'static Table = alloc::boxed::Box::leak(alloc::boxed::Box::new(table));
+    let give_up = |msg: String| {
         // SAFETY: the copy store just mapped, used by nobody yet.
         unsafe { sc!(libc::SYS_munmap, copies, cap * PAGE) };
-    };
-    let mut stop = [0i32; 2];
-    // SAFETY: pipe2 writes two descriptors.
-    if unsafe { sc!(libc::SYS_pipe2, stop.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        unmap_copies();
-        return Err("cannot create a pipe for the fault server".into());
-    }
-    let table: &'static Table = alloc::boxed::Box::leak(alloc::boxed::Box::new(Table {
-        regions,
-        states,
-        copies,
-        copies_cap: cap as u32,
-        next_copy: AtomicU32::new(0),
-        uffd,
-        mem_fd,
-        stop_r: stop[0],
-        stop_w: stop[1],
-        copied: AtomicU64::new(0),
-        lost: AtomicU64::new(0),
-        lost_how: AtomicU8::new(0),
-    }));
-    let give_up = |msg: String| {
-        unmap_copies();
-        sys::close(stop[0]);
-        sys::close(stop[1]);
+        unmap_slice(table.states);
+        unmap_slice(table.present);
         msg
     };
 
@@ -548,25 +951,81 @@ fn setup(
     }
     table.copied.store(0, Relaxed);
     crate::checkpoint::mark(5);
-    for r in table.regions.iter().filter(|r| r.registered) {
-        protect(uffd, r.start, r.end - r.start, true).map_err(|e| {
-            give_up(alloc::format!(
-                "cannot write-protect {:#x}-{:#x}: errno {e}",
-                r.start,
-                r.end
-            ))
-        })?;
-    }
-    crate::checkpoint::mark(6);
     TABLE.store(table as *const Table as *mut Table, Release);
-    if let Err(e) = spawn_server(table) {
-        TABLE.store(core::ptr::null_mut(), Release);
-        return Err(give_up(alloc::format!(
-            "cannot start the fault server: errno {e}"
-        )));
-    }
     FLUSHING.store(1, SeqCst);
+    PRE_N.store(0, Release);
+    crate::checkpoint::mark(6);
     Ok(table)
+}
+
+/// Write-protects the pages of `[a, b)` (all with data) that [`prepare`] did not protect: those
+/// outside its regions, in a region whose protection is unknown, or not in P0. With `all`,
+/// every page.
+fn protect_unknown(uffd: i32, a: u64, b: u64, all: bool) -> Result<(), i32> {
+    let n = (PRE_N.load(Acquire) as usize).min(PRE_MAX);
+    let pre = &PRE[..n];
+    let mut x = a;
+    while x < b {
+        let i = pre.partition_point(|r| r[1].load(Relaxed) <= x);
+        let covering = pre.get(i).filter(|r| r[0].load(Relaxed) <= x);
+        let Some(r) = covering.filter(|r| !all && r[2].load(Relaxed) & SKIPPED == 0) else {
+            // Unknown up to the end of this region, or to the next region.
+            let to = match covering {
+                Some(r) => r[1].load(Relaxed),
+                None => pre.get(i).map_or(b, |r| r[0].load(Relaxed)),
+            }
+            .min(b);
+            protect_now(uffd, x, to - x)?;
+            x = to;
+            continue;
+        };
+        let (start, end, first) = (r[0].load(Relaxed), r[1].load(Relaxed), r[2].load(Relaxed));
+        let to = end.min(b);
+        let p0 = p0();
+        let mut run: Option<u64> = None;
+        let mut page = x;
+        while page < to {
+            let idx = (first + (page - start) / PAGE) as usize;
+            // A whole word of known pages: skip 64 at once.
+            if idx.is_multiple_of(64) && page + 64 * PAGE <= to && p0[idx / 64].load(Relaxed) == !0 {
+                if let Some(s) = run.take() {
+                    protect_now(uffd, s, page - s)?;
+                }
+                page += 64 * PAGE;
+                continue;
+            }
+            if bit(p0, idx) {
+                if let Some(s) = run.take() {
+                    protect_now(uffd, s, page - s)?;
+                }
+            } else if run.is_none() {
+                run = Some(page);
+            }
+            page += PAGE;
+        }
+        if let Some(s) = run {
+            protect_now(uffd, s, to - s)?;
+        }
+        x = to;
+    }
+    Ok(())
+}
+
+/// Write-protects during the pause. The kernel refuses (EAGAIN) only while an unmap, remove or
+/// remap event is unread, which cannot be the case with every program thread parked (each such
+/// event is read before its system call returns); a bound keeps a surprise from hanging the
+/// pause.
+fn protect_now(uffd: i32, start: u64, len: u64) -> Result<(), i32> {
+    for _ in 0..10_000 {
+        match protect_inner(uffd, start, len, true, true) {
+            Err(libc::EAGAIN) => {
+                // SAFETY: sched_yield has no arguments.
+                unsafe { sc!(libc::SYS_sched_yield) };
+            }
+            r => return r.map(|_| ()),
+        }
+    }
+    Err(libc::EAGAIN)
 }
 
 fn register(uffd: i32, start: u64, end: u64) -> sys::Result<i64> {
@@ -583,9 +1042,15 @@ fn register(uffd: i32, start: u64, end: u64) -> sys::Result<i64> {
     )
 }
 
-/// Calls `f(start, end)` for every range of `[start, end)` whose pages hold data (present or
-/// swapped, not the shared zero page), with the PAGEMAP_SCAN ioctl.
-fn scan_present(fd: i32, start: u64, end: u64, mut f: impl FnMut(u64, u64)) -> sys::Result<()> {
+fn unregister(uffd: i32, start: u64, end: u64) -> sys::Result<i64> {
+    let mut range = [start, end - start];
+    ioctl(uffd, UFFDIO_UNREGISTER, range.as_mut_ptr() as *mut u8)
+}
+
+/// Calls `f(start, end, written)` for every range of `[start, end)` whose pages hold data
+/// (present or swapped, not the shared zero page), with the PAGEMAP_SCAN ioctl; `written` says
+/// the range's write-protect bit is clear (written since it was protected, or never protected).
+fn scan_pages(fd: i32, start: u64, end: u64, mut f: impl FnMut(u64, u64, bool)) -> sys::Result<()> {
     let mut vec = [[0u64; 3]; 256];
     let mut from = start;
     while from < end {
@@ -601,14 +1066,14 @@ fn scan_present(fd: i32, start: u64, end: u64, mut f: impl FnMut(u64, u64)) -> s
             category_inverted: PAGE_IS_PFNZERO,
             category_mask: PAGE_IS_PFNZERO,
             category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_WRITTEN,
         };
         let n = ioctl(fd, PAGEMAP_SCAN, &mut arg as *mut PmScanArg as *mut u8)? as usize;
         let mut last = from;
         for r in &vec[..n.min(vec.len())] {
             let (a, b) = (r[0].max(from), r[1].min(end));
             if a < b {
-                f(a, b);
+                f(a, b, r[2] & PAGE_IS_WRITTEN != 0);
                 last = last.max(b);
             }
         }
@@ -630,6 +1095,7 @@ fn own_data_ranges(maps: &[MapsEntry]) -> Vec<(u64, u64)> {
         &crate::park::SLOTS as *const _ as u64,
         &crate::park::HELPER_SLOT as *const _ as u64,
         &SERVER_TID as *const AtomicU32 as u64,
+        &PRE as *const _ as u64,
     ];
     maps.iter()
         .filter(|e| probes.iter().any(|&p| (e.start..e.end).contains(&p)))
@@ -655,14 +1121,15 @@ fn exiting_stacks() -> Vec<u64> {
 
 const SERVER_STACK: u64 = 256 << 10;
 
-fn spawn_server(table: &'static Table) -> sys::Result<()> {
+fn spawn_server() -> sys::Result<()> {
     let top = STACK_START + SERVER_STACK;
     let sp = top - 32;
-    // SAFETY: the writer stack range is mapped read-write while the writer runs; the server's
-    // part is its lowest SERVER_STACK bytes, far below the writer's own frames.
+    // SAFETY: the writer stack range is mapped read-write from before prepare() until the
+    // checkpoint is over; the server's part is its lowest SERVER_STACK bytes, far below the
+    // writer's own frames.
     unsafe {
         *(sp as *mut u64) = server_main as *const () as u64;
-        *((sp + 8) as *mut u64) = table as *const Table as u64;
+        *((sp + 8) as *mut u64) = 0;
     }
     let flags = libc::CLONE_VM
         | libc::CLONE_FS
@@ -701,44 +1168,90 @@ fn spawn_server(table: &'static Table) -> sys::Result<()> {
     sys::check(r).map(|_| ())
 }
 
-extern "C" fn server_main(arg: u64) -> ! {
-    // SAFETY: the writer keeps the table alive until this thread has exited.
-    let t = unsafe { &*(arg as *const Table) };
+extern "C" fn server_main(_: u64) -> ! {
+    let (uffd, stop) = (UFFD.load(Acquire), STOP[0].load(Relaxed));
     let mut msgs = [[0u64; 4]; 32];
     loop {
         let mut pfd = [
             libc::pollfd {
-                fd: t.uffd,
+                fd: uffd,
                 events: libc::POLLIN,
                 revents: 0,
             },
             libc::pollfd {
-                fd: t.stop_r,
+                fd: stop,
                 events: libc::POLLIN,
                 revents: 0,
             },
         ];
         // SAFETY: two valid pollfds.
         unsafe { sc!(libc::SYS_poll, pfd.as_mut_ptr(), 2, -1i64) };
-        serve(t, &mut msgs);
         if pfd[1].revents != 0 {
-            serve(t, &mut msgs);
+            // Only ever asked while not held (see teardown and end).
+            serve(uffd, &mut msgs);
             // SAFETY: ends this thread only; the kernel clears SERVER_TID and wakes the writer.
             unsafe { sc!(libc::SYS_exit, 0) };
         }
+        // A batch starts only while the writer does not hold the server; both sides announce
+        // themselves first (sequentially consistent), so one of them always sees the other.
+        BUSY.store(1, SeqCst);
+        if HOLD.load(SeqCst) != 0 {
+            BUSY.store(0, SeqCst);
+            sys::futex_wake(&BUSY);
+            while HOLD.load(SeqCst) != 0 {
+                sys::futex_wait(&HOLD, 1, None);
+            }
+            continue;
+        }
+        serve(uffd, &mut msgs);
+        BUSY.store(0, SeqCst);
+        sys::futex_wake(&BUSY);
     }
 }
 
-/// Handles every message waiting on the userfaultfd. A fault whose page cannot be unprotected
-/// yet (an event is pending) is kept in `retry` and tried again after the next read, which
-/// completes the events.
-fn serve(t: &Table, msgs: &mut [[u64; 4]; 32]) {
+/// Keeps the fault server from starting a batch and waits for the one it is in to end: while
+/// the writer takes the snapshot, no page may be unprotected behind its back.
+fn hold_server() {
+    HOLD.store(1, SeqCst);
+    while BUSY.load(SeqCst) != 0 {
+        sys::futex_wait(&BUSY, 1, Some(1_000_000));
+    }
+}
+
+fn release_server() {
+    HOLD.store(0, SeqCst);
+    sys::futex_wake(&HOLD);
+}
+
+/// Asks the fault server to end and waits until it has.
+fn stop_server() {
+    let w = STOP[1].load(Relaxed);
+    if w >= 0 {
+        let _ = sys::write(w, b"x");
+    }
+    loop {
+        let tid = SERVER_TID.load(Acquire);
+        if tid == 0 {
+            break;
+        }
+        sys::futex_wait(&SERVER_TID, tid, Some(10_000_000));
+    }
+}
+
+/// Handles every message waiting on the userfaultfd. Before the snapshot (no table) a fault
+/// only has its page unprotected: [`begin`] protects again every page written by then. After,
+/// the page is saved first. A fault whose page cannot be unprotected yet (an event is pending)
+/// is kept in `retry` and tried again after the next read, which completes the events.
+fn serve(uffd: i32, msgs: &mut [[u64; 4]; 32]) {
     let mut retry = [0u64; 32];
     let mut nretry = 0usize;
     loop {
         // SAFETY: msgs is writable for its size; uffd_msg is 32 bytes.
-        let n = unsafe { sc!(libc::SYS_read, t.uffd, msgs.as_mut_ptr(), 32 * 32) };
+        let n = unsafe { sc!(libc::SYS_read, uffd, msgs.as_mut_ptr(), 32 * 32) };
         let n = if n > 0 { n as usize / 32 } else { 0 };
+        let table = TABLE.load(Acquire);
+        // SAFETY: the writer frees the table only after this thread has exited.
+        let t = (!table.is_null()).then(|| unsafe { &*table });
         let mut pending = [0u64; 32];
         let mut npending = 0usize;
         for &addr in &retry[..nretry] {
@@ -746,28 +1259,44 @@ fn serve(t: &Table, msgs: &mut [[u64; 4]; 32]) {
             npending += 1;
         }
         for m in &msgs[..n] {
-            match m[0] & 0xff {
-                EVENT_PAGEFAULT => {
+            let ev = m[0] & 0xff;
+            match (ev, t) {
+                (EVENT_PAGEFAULT, _) => {
                     let addr = m[2] & !(PAGE - 1);
-                    if m[1] & PAGEFAULT_FLAG_WP != 0 {
-                        if let Some((idx, _)) = t.state_index(addr) {
-                            t.save_page(idx, addr);
+                    match (m[1] & PAGEFAULT_FLAG_WP != 0, t) {
+                        (true, Some(t)) => {
+                            if let Some((idx, _)) = t.state_index(addr) {
+                                t.save_page(idx, addr);
+                            }
                         }
+                        (_, None) => {
+                            // Before the snapshot: the pause protects this page again.
+                            let i = U_N.fetch_add(1, AcqRel) as usize;
+                            if i < U_CAP {
+                                u_list()[i].store(addr, Relaxed);
+                            }
+                        }
+                        _ => {}
                     }
                     if npending < pending.len() {
                         pending[npending] = addr;
                         npending += 1;
                     }
                 }
-                EVENT_UNMAP => t.check_released(m[1], m[2], LOST_UNMAP),
-                EVENT_REMOVE => t.check_released(m[1], m[2], LOST_REMOVE),
-                EVENT_REMAP => t.check_released(m[1], m[1] + m[3], LOST_REMAP),
+                (EVENT_UNMAP, Some(t)) => t.check_released(m[1], m[2], LOST_UNMAP),
+                (EVENT_REMOVE, Some(t)) => t.check_released(m[1], m[2], LOST_REMOVE),
+                (EVENT_REMAP, Some(t)) => t.check_released(m[1], m[1] + m[3], LOST_REMAP),
+                (EVENT_UNMAP | EVENT_REMOVE, None) => note_changed(m[1], m[2]),
+                (EVENT_REMAP, None) => {
+                    note_changed(m[1], m[1] + m[3]);
+                    note_changed(m[2], m[2] + m[3]);
+                }
                 _ => {}
             }
         }
         nretry = 0;
         for &addr in &pending[..npending] {
-            if protect_inner(t.uffd, addr, PAGE, false, true) == Err(libc::EAGAIN) {
+            if protect_inner(uffd, addr, PAGE, false, true) == Err(libc::EAGAIN) {
                 retry[nretry] = addr;
                 nretry += 1;
             }
@@ -810,23 +1339,42 @@ fn with_table(f: impl FnOnce(&Table)) {
 }
 
 /// Saves the snapshot's pages in `[addr, addr + len)` that are not stored yet, then lifts their
-/// protection. Called by program threads right before they unmap, move or discard memory. Does
+/// protection. Called by program threads right before they unmap, move or discard memory. Before
+/// a pause, notes the range as changed (MADV_FREE, for one, raises no event); otherwise does
 /// nothing unless a flush is on.
 pub fn save_range(addr: u64, len: u64) {
     if len != 0 {
+        if preparing() {
+            note_changed(addr, addr.saturating_add(len));
+        }
         with_table(|t| t.save(addr, addr.saturating_add(len)));
     }
 }
 
 /// A thread's exit hook (see the pthread_create wrapper): the thread is about to give its stack
 /// back and have the kernel clear its TID in its descriptor, a write that cannot wait for the
-/// fault server once the thread is exiting. Saves the stack region it runs on (the descriptor is
-/// at its top), and notes the thread so a snapshot starting now leaves that region unprotected.
+/// fault server once the thread is exiting. Notes the thread, so a snapshot starting now leaves
+/// its stack unprotected; lifts the protection [`prepare`] put on its stack; during a flush,
+/// saves the stack region it runs on (the descriptor is at its top).
 pub fn thread_exiting() {
     let tid = sys::gettid();
-    let k = EXITING_NEXT.fetch_add(1, Relaxed) as usize % EXITING.len();
-    EXITING[k].store(tid, Relaxed);
     let here = &tid as *const i32 as u64;
+    // Not parked while holding the lock: a pause could need it (teardown).
+    let old = sys::block_all_signals();
+    lock_pre();
+    let k = EXITING_NEXT.fetch_add(1, Relaxed) as usize % EXITING.len();
+    EXITING_SP[k].store(here, Relaxed);
+    EXITING[k].store(tid, Relaxed);
+    let n = (PRE_N.load(Acquire) as usize).min(PRE_MAX);
+    let uffd = UFFD.load(Acquire);
+    for r in &PRE[..n] {
+        let (start, end) = (r[0].load(Relaxed), r[1].load(Relaxed));
+        if (start..end).contains(&here) && r[2].fetch_or(SKIPPED, Relaxed) & SKIPPED == 0 {
+            let _ = protect(uffd, start, end - start, false);
+        }
+    }
+    unlock_pre();
+    sys::restore_signals(&old);
     with_table(|t| {
         if let Some((_, r)) = t.state_index(here) {
             t.save(r.start, r.end);
@@ -838,7 +1386,7 @@ pub fn thread_exiting() {
 // The end of a flush
 
 /// Stops the fault server, waits for savers, closes the userfaultfd (which lifts every remaining
-/// protection and unregisters every region) and frees the copy store.
+/// protection and unregisters every region) and frees the copy store and the page table.
 pub fn end(t: &'static Table) {
     FLUSHING.store(0, SeqCst);
     loop {
@@ -848,20 +1396,22 @@ pub fn end(t: &'static Table) {
         }
         sys::futex_wait(&SAVERS, n, Some(10_000_000));
     }
-    let _ = sys::write(t.stop_w, b"x");
-    loop {
-        let tid = SERVER_TID.load(Acquire);
-        if tid == 0 {
-            break;
-        }
-        sys::futex_wait(&SERVER_TID, tid, Some(10_000_000));
-    }
+    lock_pre();
+    stop_server();
     TABLE.store(core::ptr::null_mut(), Release);
-    for fd in [t.uffd, t.mem_fd, t.stop_r, t.stop_w] {
-        sys::close(fd);
+    for fd in [&UFFD, &STOP[0], &STOP[1]] {
+        let f = fd.swap(-1, AcqRel);
+        if f >= 0 {
+            sys::close(f);
+        }
     }
+    unmap_lists();
+    unlock_pre();
+    sys::close(t.mem_fd);
     // SAFETY: the copy store mapped in begin(); nobody uses it any more.
     unsafe { sc!(libc::SYS_munmap, t.copies, t.copies_cap as u64 * PAGE) };
+    unmap_slice(t.states);
+    unmap_slice(t.present);
     for e in EXITING.iter() {
         e.store(0, Relaxed);
     }
@@ -877,9 +1427,6 @@ pub fn copy_of(t: &Table, s: u32) -> Option<&[u8]> {
 }
 
 /// State bits the writer needs.
-pub fn is_present(s: u32) -> bool {
-    s & PRESENT != 0
-}
 pub fn is_no_data(s: u32) -> bool {
     s & COPIED != 0 && s & SLOT_MASK == NO_DATA
 }

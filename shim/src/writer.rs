@@ -308,12 +308,11 @@ fn write_pages_and_meta(
 
 /// What a region of the map is, and whether its pages go into the image.
 pub fn classify(e: &MapsEntry) -> (RegionKind, bool) {
-    let deleted = e.name.ends_with(" (deleted)");
     let kind = match e.name.as_str() {
         "[vdso]" => RegionKind::Vdso,
         "[vvar]" => RegionKind::Vvar,
         "[vvar_vclock]" => RegionKind::VvarVclock,
-        n if e.inode != 0 && n.starts_with('/') && !deleted => {
+        n if maps_file(e) => {
             let identity = capture::stat_path(n)
                 .map(|st| capture::identity_of(&st))
                 .unwrap_or_default();
@@ -325,12 +324,21 @@ pub fn classify(e: &MapsEntry) -> (RegionKind, bool) {
         }
         _ => RegionKind::Anon,
     };
-    let store = match &kind {
-        RegionKind::Anon => true,
-        RegionKind::File { .. } => !e.shared,
-        _ => false,
-    };
-    (kind, store)
+    (kind, stores(e))
+}
+
+/// Whether `e` maps a file that can be found again by its path.
+fn maps_file(e: &MapsEntry) -> bool {
+    e.inode != 0 && e.name.starts_with('/') && !e.name.ends_with(" (deleted)")
+}
+
+/// Whether an image stores pages of `e`: anonymous memory and private file mappings, not the
+/// kernel's vDSO and vvar pages.
+fn stores(e: &MapsEntry) -> bool {
+    match e.name.as_str() {
+        "[vdso]" | "[vvar]" | "[vvar_vclock]" => false,
+        _ => !maps_file(e) || !e.shared,
+    }
 }
 
 pub fn region(e: &MapsEntry, kind: RegionKind) -> Region {
@@ -472,6 +480,19 @@ pub fn layout(cap: &Captured) -> Layout {
     Layout { regions, wanted }
 }
 
+/// The regions of `maps` whose pages an image would store (as [`layout`] finds them).
+pub fn wanted(maps: &[MapsEntry]) -> Vec<crate::uffd::Wanted> {
+    maps.iter()
+        .enumerate()
+        .filter(|(_, e)| !capture::is_excluded(e))
+        .filter(|(_, e)| stores(e))
+        .map(|(i, e)| crate::uffd::Wanted {
+            entry: i,
+            file_backed: maps_file(e),
+        })
+        .collect()
+}
+
 /// Address space the live writer handles at once: read, written, then released to the program.
 const WINDOW: usize = 4 << 20;
 
@@ -531,7 +552,7 @@ pub fn write_live(
             let wend = pr.end.min(a + WINDOW as u64);
             let n = ((wend - a) / 4096) as usize;
             let i0 = pr.first + ((a - pr.start) / 4096) as usize;
-            let present = |k: usize| uffd::is_present(table.state(i0 + k).load(Relaxed));
+            let present = |k: usize| table.present(i0 + k);
             // Read the span from the first to the last page with data, in one go.
             let first = (0..n).find(|&k| present(k));
             let last = (0..n).rev().find(|&k| present(k));
@@ -551,7 +572,7 @@ pub fn write_live(
             for k in 0..n {
                 let s = table.state(i0 + k).fetch_or(uffd::STORED_BIT, AcqRel);
                 let addr = a + k as u64 * 4096;
-                let page: &[u8] = if !uffd::is_present(s) || uffd::is_no_data(s) {
+                let page: &[u8] = if !table.present(i0 + k) || uffd::is_no_data(s) {
                     close(&mut run, &mut runs);
                     continue;
                 } else if let Some(c) = uffd::copy_of(table, s) {
