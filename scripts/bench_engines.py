@@ -119,9 +119,12 @@ def main():
     ap.add_argument("--kinds", default="dense,sparse,write")
     ap.add_argument("--engines", default=",".join(e for e, _ in ENGINES))
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dir", default=os.path.join(ROOT, "target", "bench"),
+                    help="where images are written (e.g. /dev/shm to take the disk out of the flush rate)")
     a = ap.parse_args()
     exe = build()
-    work = tempfile.mkdtemp(prefix="bench.", dir=os.path.join(ROOT, "target", "bench"))
+    os.makedirs(a.dir, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="bench.", dir=a.dir)
     engines = [e for e in ENGINES if e[0] in a.engines.split(",")]
     print(f"{'size':>6} {'kind':>6} {'engine':>9} {'pause_ms':>9} {'stop/this':>9} {'max_gap':>8} "
           f"{'steal_ms':>8} {'speed':>6} {'ckpt_ms':>8} {'image_MiB':>9} {'GiB/s':>6}", flush=True)

@@ -987,7 +987,8 @@ fn protect_unknown(uffd: i32, a: u64, b: u64, all: bool) -> Result<(), i32> {
         while page < to {
             let idx = (first + (page - start) / PAGE) as usize;
             // A whole word of known pages: skip 64 at once.
-            if idx.is_multiple_of(64) && page + 64 * PAGE <= to && p0[idx / 64].load(Relaxed) == !0 {
+            if idx.is_multiple_of(64) && page + 64 * PAGE <= to && p0[idx / 64].load(Relaxed) == !0
+            {
                 if let Some(s) = run.take() {
                     protect_now(uffd, s, page - s)?;
                 }

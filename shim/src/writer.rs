@@ -187,11 +187,45 @@ const DIRECT_MIN: usize = 256 << 10;
 /// times faster here than through the page cache, and it does not evict the program's cached
 /// files), small runs through the page cache (a synchronous O_DIRECT write per scattered page
 /// costs a device round trip each, ~50 us here).
+///
+/// [`PageWriter::submit`] starts a large O_DIRECT write with Linux AIO and returns: the caller
+/// prepares the next buffer while the device writes this one. One write is in flight at most.
 struct PageWriter {
     fd: i32,
     /// The image opened with O_DIRECT, or -1.
     direct: i32,
+    /// The AIO context, or 0 (then writes are synchronous).
+    aio: u64,
+    /// The write in flight: its buffer, length and offset (to redo it on a refusal).
+    inflight: Option<(*const u8, usize, u64)>,
 }
+
+/// `struct iocb` and `struct io_event` (linux/aio_abi.h, x86_64).
+#[repr(C)]
+struct Iocb {
+    data: u64,
+    key: u32,
+    rw_flags: u32,
+    opcode: u16,
+    reqprio: i16,
+    fildes: u32,
+    buf: u64,
+    nbytes: u64,
+    offset: i64,
+    reserved2: u64,
+    flags: u32,
+    resfd: u32,
+}
+
+#[repr(C)]
+struct IoEvent {
+    data: u64,
+    obj: u64,
+    res: i64,
+    res2: i64,
+}
+
+const IOCB_CMD_PWRITE: u16 = 1;
 
 impl PageWriter {
     fn open(t: &Target) -> PageWriter {
@@ -200,29 +234,123 @@ impl PageWriter {
             libc::O_WRONLY | libc::O_DIRECT | libc::O_CLOEXEC,
             0,
         );
+        let mut aio = 0u64;
+        if direct.is_ok() {
+            // SAFETY: io_setup writes the new context into aio.
+            if unsafe { sc!(libc::SYS_io_setup, 2, &mut aio as *mut u64) } != 0 {
+                aio = 0;
+            }
+        }
         PageWriter {
             fd: t.fd,
             direct: direct.unwrap_or(-1),
+            aio,
+            inflight: None,
         }
     }
 
     fn write(&mut self, data: &[u8], off: u64) -> sys::Result<()> {
+        self.wait()?;
         if self.direct >= 0 && data.len() >= DIRECT_MIN {
             match pwrite_all(self.direct, data, off) {
                 Err(libc::EINVAL) => {
                     // This file system does not do O_DIRECT.
-                    sys::close(self.direct);
-                    self.direct = -1;
+                    self.no_direct();
                 }
                 r => return r,
             }
         }
         pwrite_all(self.fd, data, off)
     }
+
+    fn no_direct(&mut self) {
+        sys::close(self.direct);
+        self.direct = -1;
+    }
+
+    /// Starts writing `data` at `off`, after the previous write has ended. `data` must stay
+    /// untouched until the next `submit`, `write` or `wait`.
+    fn submit(&mut self, data: &[u8], off: u64) -> sys::Result<()> {
+        self.wait()?;
+        if self.aio == 0 || self.direct < 0 || data.len() < DIRECT_MIN {
+            return self.write(data, off);
+        }
+        let mut cb = Iocb {
+            data: 0,
+            key: 0,
+            rw_flags: 0,
+            opcode: IOCB_CMD_PWRITE,
+            reqprio: 0,
+            fildes: self.direct as u32,
+            buf: data.as_ptr() as u64,
+            nbytes: data.len() as u64,
+            offset: off as i64,
+            reserved2: 0,
+            flags: 0,
+            resfd: 0,
+        };
+        let mut cbs = [&mut cb as *mut Iocb];
+        // SAFETY: one valid iocb whose buffer the caller keeps alive and unchanged until the
+        // write is reaped (wait); the kernel copies the iocb itself during the call.
+        let r = unsafe { sc!(libc::SYS_io_submit, self.aio, 1, cbs.as_mut_ptr()) };
+        if r == 1 {
+            self.inflight = Some((data.as_ptr(), data.len(), off));
+            return Ok(());
+        }
+        self.write(data, off)
+    }
+
+    /// Waits for the write in flight, if any; finishes it synchronously if it came back short
+    /// or refused.
+    fn wait(&mut self) -> sys::Result<()> {
+        let Some((buf, len, off)) = self.inflight.take() else {
+            return Ok(());
+        };
+        let mut ev = IoEvent {
+            data: 0,
+            obj: 0,
+            res: 0,
+            res2: 0,
+        };
+        loop {
+            // SAFETY: room for one event; no timeout.
+            let n = unsafe {
+                sc!(
+                    libc::SYS_io_getevents,
+                    self.aio,
+                    1,
+                    1,
+                    &mut ev as *mut IoEvent,
+                    0u64
+                )
+            };
+            match n {
+                1 => break,
+                n if n == -(libc::EINTR as i64) => continue,
+                n => return Err(-n as i32),
+            }
+        }
+        // SAFETY: the buffer given to submit(), which the caller kept alive until now.
+        let data = unsafe { core::slice::from_raw_parts(buf, len) };
+        match ev.res {
+            r if r == len as i64 => Ok(()),
+            r if r == -(libc::EINVAL as i64) => {
+                self.no_direct();
+                pwrite_all(self.fd, data, off)
+            }
+            r if r < 0 => Err(-r as i32),
+            r => pwrite_all(self.direct, &data[r as usize..], off + r as u64),
+        }
+    }
 }
 
 impl Drop for PageWriter {
     fn drop(&mut self) {
+        let _ = self.wait();
+        if self.aio != 0 {
+            // SAFETY: the context made by io_setup, with nothing in flight.
+            unsafe { sc!(libc::SYS_io_destroy, self.aio) };
+        }
         if self.direct >= 0 {
             sys::close(self.direct);
         }
@@ -493,6 +621,12 @@ pub fn wanted(maps: &[MapsEntry]) -> Vec<crate::uffd::Wanted> {
         .collect()
 }
 
+/// Whether a page is all zero bytes (word by word: this runs for every page stored).
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(64)
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
 /// Address space the live writer handles at once: read, written, then released to the program.
 const WINDOW: usize = 4 << 20;
 
@@ -520,17 +654,14 @@ pub fn write_live(
     let aligned = core::alloc::Layout::from_size_align(WINDOW, 4096).expect("valid layout");
     // SAFETY: non-zero size; the scratch allocator honours the alignment. Freed with the scratch
     // region when the writer ends.
-    let (inp, out) = unsafe { (alloc::alloc::alloc(aligned), alloc::alloc::alloc(aligned)) };
-    if inp.is_null() || out.is_null() {
+    let bufs = unsafe { [alloc::alloc::alloc(aligned), alloc::alloc::alloc(aligned)] };
+    if bufs.iter().any(|b| b.is_null()) {
         return Err("out of scratch memory for the writer's buffers".into());
     }
-    // SAFETY: two distinct live allocations of WINDOW bytes, used only by this thread.
-    let (inp, out) = unsafe {
-        (
-            core::slice::from_raw_parts_mut(inp, WINDOW),
-            core::slice::from_raw_parts_mut(out, WINDOW),
-        )
-    };
+    // SAFETY: two distinct live allocations of WINDOW bytes, used only by this thread (and by
+    // the device while a write from one is in flight, see PageWriter::submit).
+    let bufs = bufs.map(|b| unsafe { core::slice::from_raw_parts_mut(b, WINDOW) });
+    let mut cur = 0usize;
     let mem_fd = uffd::mem_fd(table);
     let mut off = image::PAGE_SIZE;
     let mut runs: Vec<PageRun> = Vec::new();
@@ -553,12 +684,14 @@ pub fn write_live(
             let n = ((wend - a) / 4096) as usize;
             let i0 = pr.first + ((a - pr.start) / 4096) as usize;
             let present = |k: usize| table.present(i0 + k);
+            // The device may still be writing the other buffer; this one is free.
+            let buf = &mut *bufs[cur];
             // Read the span from the first to the last page with data, in one go.
             let first = (0..n).find(|&k| present(k));
             let last = (0..n).rev().find(|&k| present(k));
             let mut readable = 0usize; // pages of the span actually read
             if let (Some(f), Some(l)) = (first, last) {
-                let span = &mut inp[f * 4096..(l + 1) * 4096];
+                let span = &mut buf[f * 4096..(l + 1) * 4096];
                 let mut done = 0;
                 while done < span.len() {
                     match sys::pread(mem_fd, &mut span[done..], a + (f * 4096 + done) as u64) {
@@ -568,28 +701,32 @@ pub fn write_live(
                 }
                 readable = f + done / 4096;
             }
+            // Pages to store are packed in place towards the start of the buffer (a page only
+            // ever moves down, over pages already dealt with).
             let mut out_len = 0usize;
             for k in 0..n {
                 let s = table.state(i0 + k).fetch_or(uffd::STORED_BIT, AcqRel);
                 let addr = a + k as u64 * 4096;
-                let page: &[u8] = if !table.present(i0 + k) || uffd::is_no_data(s) {
+                if !present(k) || uffd::is_no_data(s) {
                     close(&mut run, &mut runs);
                     continue;
                 } else if let Some(c) = uffd::copy_of(table, s) {
-                    c
+                    buf[out_len..out_len + 4096].copy_from_slice(c);
                 } else if k < readable {
-                    &inp[k * 4096..(k + 1) * 4096]
+                    if out_len != k * 4096 {
+                        buf.copy_within(k * 4096..(k + 1) * 4096, out_len);
+                    }
                 } else {
                     // Gone before it was read or saved (glibc unmapped it behind our back).
                     uffd::mark_lost(table, addr);
                     close(&mut run, &mut runs);
                     continue;
-                };
-                if !w.file_backed && page.iter().all(|&b| b == 0) {
+                }
+                let page = &buf[out_len..out_len + 4096];
+                if !w.file_backed && is_zero(page) {
                     close(&mut run, &mut runs);
                     continue;
                 }
-                out[out_len..out_len + 4096].copy_from_slice(page);
                 let file_off = off + out_len as u64;
                 out_len += 4096;
                 match &mut run {
@@ -610,20 +747,24 @@ pub fn write_live(
                     }
                 }
             }
+            // Everything in the window is in the buffer: the program may write it freely now.
+            if pr.registered {
+                uffd::unprotect(table, a, wend - a);
+            }
             if out_len > 0 {
-                if let Err(e) = pages.write(&out[..out_len], off) {
+                if let Err(e) = pages.submit(&buf[..out_len], off) {
                     result = Err(io("write")(e));
                     break 'regions;
                 }
                 off += out_len as u64;
-            }
-            // Everything in the window is stored: the program may write it freely now.
-            if pr.registered {
-                uffd::unprotect(table, a, wend - a);
+                cur ^= 1;
             }
             a = wend;
         }
         close(&mut run, &mut runs);
+    }
+    if let Err(e) = pages.wait() {
+        result = result.and(Err(io("write")(e)));
     }
     drop(pages);
     result?;
