@@ -91,7 +91,7 @@ pub fn check_mapped_file(path: &str, recorded: &FileIdentity, build_id: Option<&
             false,
         ),
         Ok(Some(_)) if !size_same => changed(
-            format!("{size}, with the same build-id (stripped or patched since)"),
+            format!("{size} with the same build-id (stripped or patched since)"),
             true,
         ),
         Ok(Some(new)) => Verdict::SameBuild(format!(
