@@ -70,6 +70,11 @@ process, with new IDs, after a warning.
                           background  the kernel starts reading them all in and the program
                                       resumes at once (default)
                           eager       every page is read in and mapped before resuming
+  --allow-changed-file PATH
+                        accept the mapped file PATH although it changed since the checkpoint
+                        (another size, modification time or build-id); repeat for each file.
+                        Safe only if the file's content is the same (a copy or a reproducible
+                        rebuild of it): any other change crashes or silently misleads the program
   --stats               print the time from start to resuming the program
   --pause               stop just before the jump and print the PID, for a debugger
                         (continue with kill -CONT PID)";
@@ -83,7 +88,9 @@ fn main() -> ExitCode {
     let mut namespace = Namespace::Preferred;
     let mut pause = std::env::var_os("SNAPSHIM_RESTORE_PAUSE").is_some();
     let mut target = None;
-    for a in std::env::args().skip(1) {
+    let mut allow_changed: Vec<String> = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
         match a.as_str() {
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -108,6 +115,18 @@ fn main() -> ExitCode {
             }
             "--pause" => pause = true,
             "--stats" => stats = true,
+            "--allow-changed-file" => {
+                match args.next() {
+                    Some(p) => allow_changed.push(p),
+                    None => {
+                        eprintln!("snapshim-restore: --allow-changed-file needs the path of a file\n{USAGE}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            s if s.starts_with("--allow-changed-file=") => {
+                allow_changed.push(s["--allow-changed-file=".len()..].to_string())
+            }
             "--no-namespace" | "--require-exact-pids" => {
                 let want = if a == "--no-namespace" {
                     Namespace::Off
@@ -147,6 +166,7 @@ fn main() -> ExitCode {
             start_ns,
             namespace,
             exact_tids: false,
+            allow_changed,
         },
     ) {
         Ok(never) => match never {},
@@ -184,6 +204,8 @@ struct Options {
     namespace: Namespace,
     /// Set once in the new namespaces: threads are created with their saved TIDs.
     exact_tids: bool,
+    /// Mapped files accepted although they changed (`--allow-changed-file`).
+    allow_changed: Vec<String>,
 }
 
 fn monotonic_ns() -> u64 {
@@ -225,6 +247,7 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
 
     // 2. The machine.
     check_machine(meta)?;
+    check_mapped_files(meta, &opt.allow_changed)?;
     let kern = current_kernel_mappings()?;
     let (kern_pieces, kern_delta) = plan_vdso_move(meta, &kern)?;
     let entered = enter_namespaces(meta, opt.namespace)?;
@@ -344,18 +367,72 @@ fn check_machine(meta: &Metadata) -> Result<(), String> {
         return Err(format!(
             "the image uses CPU register state this CPU lacks (XSAVE features {need:#x}, this CPU has {have:#x})"));
     }
-    for r in &meta.regions {
-        if let RegionKind::File { path, identity, .. } = &r.kind {
-            let st = std::fs::metadata(path).map_err(|e| {
-                format!("file {path}, mapped by the program, is not available: {e}")
-            })?;
-            use std::os::unix::fs::MetadataExt;
-            let mtime = st.mtime() * 1_000_000_000 + st.mtime_nsec();
-            if st.len() != identity.size || mtime != identity.mtime_ns {
-                return Err(format!(
-                    "file {path}, mapped by the program, changed since the checkpoint (size or modification time differ)"));
-            }
+    Ok(())
+}
+
+/// Every file the program mapped must be the one it mapped (`snapshim_image::identity`), or
+/// named by the user in `allowed` (`--allow-changed-file`), which is then used with a warning.
+/// Files accepted by their build-id are listed in one note.
+fn check_mapped_files(meta: &Metadata, allowed: &[String]) -> Result<(), String> {
+    use snapshim_image::identity::{check_mapped_file, Verdict};
+    // Named as the image names them: absolute, symbolic links resolved.
+    let allowed: Vec<String> = allowed
+        .iter()
+        .map(|a| {
+            std::fs::canonicalize(a)
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| a.clone())
+        })
+        .collect();
+    let mapped: Vec<(&str, &snapshim_image::FileIdentity)> = meta
+        .regions
+        .iter()
+        .filter_map(|r| match &r.kind {
+            RegionKind::File { path, identity, .. } => Some((path.as_str(), identity)),
+            _ => None,
+        })
+        .collect();
+    if let Some(a) = allowed
+        .iter()
+        .find(|a| !mapped.iter().any(|m| m.0 == a.as_str()))
+    {
+        return Err(format!(
+            "--allow-changed-file {a}: the image maps no such file"
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut same_build = Vec::new();
+    for (path, identity) in mapped {
+        if !seen.insert(path) {
+            continue;
         }
+        let path = &path.to_string();
+        match check_mapped_file(path, identity, meta.build_id_of(path)) {
+            Verdict::Unchanged => {}
+            Verdict::SameBuild(_) => same_build.push(path.clone()),
+            Verdict::Missing(msg) => return Err(msg),
+            Verdict::Changed { message, .. } if allowed.contains(path) => eprintln!(
+                "snapshim-restore: WARNING: {message}; using it anyway, as \
+                 --allow-changed-file asks: if its content is not the same, the program will \
+                 crash or compute wrong results"
+            ),
+            Verdict::Changed {
+                message,
+                could_be_same_content: true,
+            } => {
+                return Err(format!(
+                    "{message}; if its content is the same, --allow-changed-file {path} accepts it"
+                ))
+            }
+            Verdict::Changed { message, .. } => return Err(message),
+        }
+    }
+    if !same_build.is_empty() {
+        eprintln!(
+            "snapshim-restore: note: accepted by their build-id and size, with another \
+             modification time: {}",
+            same_build.join(", ")
+        );
     }
     Ok(())
 }
