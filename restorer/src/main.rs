@@ -6,8 +6,10 @@
 //! Phase 1 (here, with std; every failure is a clear message and nothing is lost yet):
 //! 1. resolve and open the image; check header, metadata (checksum and consistency:
 //!    `Metadata::validate`) and every page checksum;
-//! 2. check the machine: CPU XSAVE features, the kernel's vDSO layout, every mapped file present
-//!    and unchanged, every regular file the program had open present;
+//! 2. check the machine: CPU XSAVE features, every mapped file present and the same
+//!    (`snapshim_image::identity`: size and modification time, or build-id), every regular file
+//!    the program had open present; plan where this kernel's vvar/vDSO go (`vdso.rs`: where the
+//!    image had them, or elsewhere with a proxy at the old vDSO address);
 //!    then (`ns.rs`) move into new PID, time and mount namespaces, as their first program, with
 //!    the saved PID and clocks that go on from the checkpoint; this process stays outside and
 //!    passes signals and the exit status through. Where the system refuses that, restore here,
@@ -35,6 +37,7 @@
 
 mod ns;
 mod plan;
+mod vdso;
 
 use std::os::fd::{AsRawFd, IntoRawFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -249,7 +252,14 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
     check_machine(meta)?;
     check_mapped_files(meta, &opt.allow_changed)?;
     let kern = current_kernel_mappings()?;
-    let (kern_pieces, kern_delta) = plan_vdso_move(meta, &kern)?;
+    let vdso_plan = vdso::plan(meta, &kern, &vdso::exports_here(&kern))?;
+    if let Some(p) = &vdso_plan.proxy {
+        eprintln!(
+            "snapshim-restore: note: this kernel's vDSO differs from the image's ({}): the \
+             program's {} vDSO functions at {:#x} jump to this kernel's vDSO at {:#x}",
+            p.why, p.functions, p.addr, p.new_vdso
+        );
+    }
     let entered = enter_namespaces(meta, opt.namespace)?;
     if let Some(e) = &entered {
         opt.start_ns = (opt.start_ns as i64).saturating_add(e.clock_shift_ns) as u64;
@@ -296,16 +306,7 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
 
     // 4. The plan, the blob, the jump.
     let close: Vec<i32> = ours.into_iter().filter(|&fd| fd >= 0).collect();
-    let plan = write_plan(
-        meta,
-        &runs,
-        &region_fds,
-        image_fd,
-        &close,
-        &kern_pieces,
-        kern_delta,
-        &opt,
-    )?;
+    let plan = write_plan(meta, &runs, &region_fds, image_fd, &close, &vdso_plan, &opt)?;
     let entry = load_blob()?;
     map_fixed(STACK_START, STACK_END - STACK_START)?;
     if opt.pause {
@@ -630,51 +631,6 @@ fn current_kernel_mappings() -> Result<Vec<(String, u64, u64)>, String> {
     Ok(v)
 }
 
-/// The kernel mappings must have the image's layout; they move by one delta.
-fn plan_vdso_move(
-    meta: &Metadata,
-    kern: &[(String, u64, u64)],
-) -> Result<(Vec<KernPiece>, i64), String> {
-    let saved: Vec<(&str, u64, u64)> = meta
-        .regions
-        .iter()
-        .filter_map(|r| match r.kind {
-            RegionKind::Vdso => Some(("[vdso]", r.start, r.end)),
-            RegionKind::Vvar => Some(("[vvar]", r.start, r.end)),
-            RegionKind::VvarVclock => Some(("[vvar_vclock]", r.start, r.end)),
-            _ => None,
-        })
-        .collect();
-    let Some(&(_, saved_vdso, _)) = saved.iter().find(|s| s.0 == "[vdso]") else {
-        return Ok((Vec::new(), 0));
-    };
-    let Some((_, cur_vdso, _)) = kern.iter().find(|k| k.0 == "[vdso]") else {
-        return Err("this kernel gives the process no vDSO".into());
-    };
-    let delta = saved_vdso as i64 - *cur_vdso as i64;
-    let same = saved.len() == kern.len()
-        && saved.iter().all(|&(n, s, e)| {
-            kern.iter()
-                .any(|(kn, ks, ke)| kn == n && (*ks as i64 + delta) as u64 == s && ke - ks == e - s)
-        });
-    if !same {
-        return Err(
-            "this kernel's vDSO layout differs from the one the image was taken under \
-            (restoring across kernel versions is not supported yet)"
-                .into(),
-        );
-    }
-    Ok((
-        kern.iter()
-            .map(|(_, s, e)| KernPiece {
-                start: *s,
-                len: e - s,
-            })
-            .collect(),
-        delta,
-    ))
-}
-
 /// Opens the file behind each file mapping (-1 for the others), in region order.
 fn open_region_files(meta: &Metadata) -> Result<Vec<i32>, String> {
     meta.regions
@@ -930,10 +886,10 @@ fn write_plan(
     region_fds: &[i32],
     image_fd: i32,
     close: &[i32],
-    kern: &[KernPiece],
-    kern_delta: i64,
+    vdso_plan: &vdso::VdsoPlan,
     opt: &Options,
 ) -> Result<u64, String> {
+    let kern = &vdso_plan.pieces;
     let p = &meta.process;
     let regions: Vec<PRegion> = meta
         .regions
@@ -1029,6 +985,7 @@ fn write_plan(
         kern_arr[i] = *k;
     }
 
+    let proxy: &[u8] = vdso_plan.proxy.as_ref().map_or(&[], |p| &p.bytes);
     map_fixed(ARENA_START, ARENA_END - ARENA_START)?;
     let mut a = Arena {
         next: ARENA_START + 4096,
@@ -1055,8 +1012,11 @@ fn write_plan(
         reserved_end: RESERVED_END,
         kern: kern_arr,
         n_kern: kern.len().min(4) as u64,
-        kern_delta,
+        kern_delta: vdso_plan.delta,
         park: VDSO_PARK,
+        proxy_addr: vdso_plan.proxy.as_ref().map_or(0, |p| p.addr),
+        proxy_len: proxy.len() as u64,
+        proxy_bytes: if proxy.is_empty() { 0 } else { a.put(proxy)? },
         mm: [
             m.start_code,
             m.end_code,
