@@ -108,6 +108,42 @@ fn vdso_of_another_layout_is_stood_in_for_by_a_proxy() -> Result<()> {
     Ok(())
 }
 
+/// A program restored with a proxy is checkpointed again: the new image stores the proxy as
+/// the program's memory and records this kernel's vDSO where it now is, so restoring it here
+/// takes the fast path, and the program's cached pointers still go through the (restored)
+/// proxy into the vDSO: the signals app reads CLOCK_MONOTONIC through it after PHASE 2.
+#[test]
+fn a_proxied_program_checkpoints_and_restores_again() -> Result<()> {
+    let app = App::spawn("signals")?.wait_ready()?;
+    // Right after READY: well before PHASE 2, which the restored process must then print.
+    let first = app.checkpoint()?;
+    app.kill()?;
+    let meta = Image::open(first.path()).context("open the image")?.meta;
+    let (vvar, _) = kernel_regions(&meta)?;
+    let other = rewritten(&first, "other-vdso-layout", |m| {
+        m.regions[vvar].start += PAGE_SIZE;
+    })?;
+    let mut restored = first.session().restore_from(&other)?;
+    restored.wait_for("PHASE 2")?;
+    if !restored.stderr_so_far().contains(PROXY_NOTE) {
+        bail!(
+            "the first restore did not use a proxy:\n{}",
+            restored.stderr_so_far()
+        );
+    }
+    let second = restored.checkpoint()?;
+    restored.kill()?;
+    let done = second.restore()?.finish()?;
+    done.assert_same_output_as_uninterrupted()?;
+    if done.stderr.contains(PROXY_NOTE) {
+        bail!(
+            "the second image, taken on this kernel, was proxied again:\n{}",
+            done.stderr
+        );
+    }
+    Ok(())
+}
+
 /// A vDSO function the program may have looked up that this kernel's vDSO does not export
 /// cannot be stood in for: refused in one line naming it.
 #[test]
