@@ -9,6 +9,8 @@
 //! Only 64-bit little-endian ELF is understood (the only kind an x86_64 image maps). Every read
 //! is bounds-checked: the input may be any file, or a crafted image.
 
+use std::borrow::Cow;
+
 use field::*;
 
 /// Fixed-width little-endian fields of a byte slice, `None` past its end.
@@ -59,52 +61,54 @@ fn ehdr(head: &[u8]) -> Option<&[u8]> {
 /// build-id note sits in the first page, so a caller that already holds the first page
 /// (see [`build_id_of_head`]) seldom reads anything more.
 pub fn build_id(read: &mut dyn FnMut(u64, &mut [u8]) -> bool) -> Option<Vec<u8>> {
-    let mut h = [0u8; EHDR_LEN];
-    if !read(0, &mut h) {
-        return None;
-    }
-    let h = ehdr(&h)?;
-    let (phoff, phentsize, phnum) = (u64_at(h, 32)?, u16_at(h, 54)?, u16_at(h, 58)?);
-    if phnum > MAX_PHDRS || (phentsize as usize) < PHDR_LEN {
-        return None;
-    }
-    let mut ph = vec![0u8; phnum as usize * phentsize as usize];
-    if !read(phoff, &mut ph) {
-        return None;
-    }
-    for p in ph.chunks_exact(phentsize as usize) {
-        if u32_at(p, 0)? != PT_NOTE {
-            continue;
-        }
-        let (off, len) = (u64_at(p, 8)?, u64_at(p, 32)?.min(MAX_NOTES));
-        let mut notes = vec![0u8; len as usize];
-        if !read(off, &mut notes) {
-            continue;
-        }
-        if let Some(id) = gnu_build_id_note(&notes) {
-            return Some(id);
-        }
-    }
-    None
+    build_id_from(&mut |off, len| {
+        let mut v = vec![0u8; len];
+        read(off, &mut v).then_some(Cow::Owned(v))
+    })
 }
 
 /// [`build_id`] of a file whose first bytes are `head` (any length), reading the rest, if
-/// needed, with `read_more`.
+/// needed, with `read_more`. What lies inside `head` is parsed in place, without copies or
+/// allocation (the shim calls this during the pause).
 pub fn build_id_of_head(
     head: &[u8],
     read_more: &mut dyn FnMut(u64, &mut [u8]) -> bool,
 ) -> Option<Vec<u8>> {
     ehdr(head)?;
-    build_id(&mut |off, buf| {
-        let end = (off as usize).checked_add(buf.len());
-        match end {
-            Some(end) if end <= head.len() => {
-                buf.copy_from_slice(&head[off as usize..end]);
-                true
+    build_id_from(&mut |off, len| {
+        let inside = usize::try_from(off)
+            .ok()
+            .and_then(|o| head.get(o..o.checked_add(len)?));
+        match inside {
+            Some(b) => Some(Cow::Borrowed(b)),
+            None => {
+                let mut v = vec![0u8; len];
+                read_more(off, &mut v).then_some(Cow::Owned(v))
             }
-            _ => read_more(off, buf),
         }
     })
+}
+
+/// [`build_id`] over `get(offset, len)`, which gives exactly `len` bytes of the file at
+/// `offset`, or `None`.
+fn build_id_from<'a>(get: &mut dyn FnMut(u64, usize) -> Option<Cow<'a, [u8]>>) -> Option<Vec<u8>> {
+    let h = get(0, EHDR_LEN)?;
+    let h = ehdr(&h)?;
+    let (phoff, phentsize, phnum) = (u64_at(h, 32)?, u16_at(h, 54)?, u16_at(h, 58)?);
+    if phnum > MAX_PHDRS || (phentsize as usize) < PHDR_LEN {
+        return None;
+    }
+    let ph = get(phoff, phnum as usize * phentsize as usize)?;
+    for p in ph.chunks_exact(phentsize as usize) {
+        if u32_at(p, 0)? != PT_NOTE {
+            continue;
+        }
+        let (off, len) = (u64_at(p, 8)?, u64_at(p, 32)?.min(MAX_NOTES));
+        if let Some(id) = get(off, len as usize).and_then(|n| gnu_build_id_note(&n)) {
+            return Some(id);
+        }
+    }
+    None
 }
 
 /// The build-id of the file at `path` now. `Ok(None)`: it has none (not ELF, or no note).
