@@ -25,7 +25,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod elf;
 mod error;
+pub mod identity;
 pub mod settings;
 pub use error::ImageError;
 
@@ -68,8 +70,9 @@ pub const MAGIC: [u8; 8] = *b"SNAPSHIM";
 /// The architecture this build reads and writes, as stored in the header (NUL-padded).
 pub const ARCH: [u8; 8] = *b"x86_64\0\0";
 pub const VERSION_MAJOR: u16 = 1;
-/// 1.1 added [`Metadata::clock_boottime_ns`]; 1.0 images still load (it reads as 0).
-pub const VERSION_MINOR: u16 = 1;
+/// 1.1 added [`Metadata::clock_boottime_ns`]; 1.2 added [`Metadata::build_ids`] and
+/// [`Metadata::vdso`]. Older images still load (the new fields read as empty).
+pub const VERSION_MINOR: u16 = 2;
 /// File name suffix of committed images.
 pub const IMAGE_SUFFIX: &str = ".snap";
 /// Name of the symlink that points at the newest committed image in an image directory.
@@ -272,6 +275,63 @@ pub struct Metadata {
     /// CLOCK_BOOTTIME at the checkpoint, read with [`Process::clock_monotonic_ns`] (format 1.1;
     /// 0 in older images). The restorer's time namespace continues both clocks from there.
     pub clock_boottime_ns: u64,
+
+    // --- Format 1.2: what another machine must match or stand in for. Empty in older images.
+    /// GNU build-ids of the mapped files that have one (binaries, libraries), by path: a file
+    /// with the same build-id and size is accepted even if its modification time changed
+    /// (see [`identity`]).
+    pub build_ids: Vec<BuildId>,
+    /// The vDSO the program was using: if this kernel's differs, the restorer puts a proxy
+    /// that jumps into the new one at its address.
+    pub vdso: VdsoImage,
+    // --- End of format 1.2.
+}
+
+/// The build-id of one mapped file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BuildId {
+    pub path: String,
+    pub id: Vec<u8>,
+}
+
+/// The vDSO as it was mapped at the checkpoint (format 1.2; empty if the program had none).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct VdsoImage {
+    /// Its exported functions (offsets from the `[vdso]` region's start). glibc holds pointers
+    /// to them.
+    pub symbols: Vec<VdsoSymbol>,
+    /// Its bytes, the whole `[vdso]` region: the proxy starts as a copy, so that glibc's view
+    /// of the vDSO as a loaded object (its ELF headers, symbols, unwind tables) stays valid.
+    pub bytes: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VdsoSymbol {
+    pub name: String,
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl Metadata {
+    /// The build-id recorded for the mapped file `path`, if any.
+    pub fn build_id_of(&self, path: &str) -> Option<&[u8]> {
+        self.build_ids
+            .iter()
+            .find(|b| b.path == path)
+            .map(|b| b.id.as_slice())
+    }
+}
+
+/// [`Metadata`] as format 1.1 wrote it (see [`MetadataV1_0`]).
+#[derive(Deserialize)]
+struct MetadataV1_1 {
+    process: Process,
+    shim: ShimInfo,
+    threads: Vec<ThreadState>,
+    regions: Vec<Region>,
+    runs: Vec<PageRun>,
+    fds: Vec<FdState>,
+    clock_boottime_ns: u64,
 }
 
 /// [`Metadata`] as format 1.0 wrote it: postcard is positional, so an image of an older minor
@@ -286,7 +346,6 @@ struct MetadataV1_0 {
     fds: Vec<FdState>,
 }
 
-/// Decodes metadata written under format `1.minor`.
 /// Decodes metadata written by format version 1.`minor`: every byte must belong to it.
 fn decode_metadata(bytes: &[u8], minor: u16) -> Result<Metadata, ImageError> {
     fn whole<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ImageError> {
@@ -299,10 +358,22 @@ fn decode_metadata(bytes: &[u8], minor: u16) -> Result<Metadata, ImageError> {
             Err(e) => Err(ImageError::MetadataDecode(e.to_string())),
         }
     }
-    if minor >= 1 {
-        return whole(bytes);
-    }
-    let m: MetadataV1_0 = whole(bytes)?;
+    let m: MetadataV1_1 = match minor {
+        0 => {
+            let m: MetadataV1_0 = whole(bytes)?;
+            MetadataV1_1 {
+                process: m.process,
+                shim: m.shim,
+                threads: m.threads,
+                regions: m.regions,
+                runs: m.runs,
+                fds: m.fds,
+                clock_boottime_ns: 0,
+            }
+        }
+        1 => whole(bytes)?,
+        _ => return whole(bytes),
+    };
     Ok(Metadata {
         process: m.process,
         shim: m.shim,
@@ -310,7 +381,9 @@ fn decode_metadata(bytes: &[u8], minor: u16) -> Result<Metadata, ImageError> {
         regions: m.regions,
         runs: m.runs,
         fds: m.fds,
-        clock_boottime_ns: 0,
+        clock_boottime_ns: m.clock_boottime_ns,
+        build_ids: Vec::new(),
+        vdso: VdsoImage::default(),
     })
 }
 
@@ -321,7 +394,8 @@ impl Metadata {
     /// `PROT_READ|WRITE|EXEC` and, for a file, a page-aligned offset; page data is stored only
     /// for regions whose content the image holds; there is a thread to resume, the shim's
     /// resume address is in executable memory and every thread's saved stack pointer in
-    /// writable memory; descriptor numbers are valid and distinct.
+    /// writable memory; descriptor numbers are valid and distinct; a recorded vDSO (format 1.2)
+    /// fits its one `[vdso]` region.
     ///
     /// The restorer calls this before it changes anything: past that point a mistake costs the
     /// process (phase 2 cannot report more than an address and an errno).
@@ -408,6 +482,33 @@ impl Metadata {
         }
         if let Some(w) = fds.windows(2).find(|w| w[0] == w[1]) {
             return bad(format!("descriptor {} appears twice", w[0]));
+        }
+        let vdso = &self.vdso;
+        if !vdso.symbols.is_empty() || !vdso.bytes.is_empty() {
+            let mut regions = self.regions.iter().filter(|r| r.kind == RegionKind::Vdso);
+            let (Some(r), None) = (regions.next(), regions.next()) else {
+                return bad(
+                    "the image records a vDSO but has not exactly one [vdso] region".into(),
+                );
+            };
+            let len = r.end - r.start;
+            if vdso.bytes.len() as u64 > len {
+                return bad(format!(
+                    "the recorded vDSO is {} bytes, more than its region {:#x}-{:#x}",
+                    vdso.bytes.len(),
+                    r.start,
+                    r.end
+                ));
+            }
+            for s in &vdso.symbols {
+                if s.offset.checked_add(s.size).is_none_or(|e| e > len) {
+                    return bad(format!(
+                        "vDSO symbol {} ({} bytes at offset {:#x}) lies outside the [vdso] \
+                         region {:#x}-{:#x}",
+                        s.name, s.size, s.offset, r.start, r.end
+                    ));
+                }
+            }
         }
         Ok(())
     }

@@ -22,6 +22,8 @@ fn sample_meta(runs: Vec<PageRun>) -> Metadata {
         runs,
         fds: vec![],
         clock_boottime_ns: 0x1234_5678_9abc,
+        build_ids: vec![],
+        vdso: Default::default(),
     }
 }
 
@@ -188,4 +190,99 @@ fn older_minor_version_still_loads() {
     assert_eq!(img.stored_bytes(), 2 * PAGE_SIZE);
     let new = open_bytes(&sample_image()).unwrap();
     assert_eq!(new.meta.clock_boottime_ns, 0x1234_5678_9abc);
+}
+
+/// Format 1.1 had no build-ids and no vDSO record: such an image still opens, with both empty;
+/// a 1.2 image keeps them.
+#[test]
+fn format_1_1_still_loads() {
+    #[derive(Serialize)]
+    struct V1_1<'a> {
+        process: &'a Process,
+        shim: &'a ShimInfo,
+        threads: &'a Vec<ThreadState>,
+        regions: &'a Vec<Region>,
+        runs: &'a Vec<PageRun>,
+        fds: &'a Vec<FdState>,
+        clock_boottime_ns: u64,
+    }
+    let old = |m: &Metadata| {
+        let bytes = postcard::to_allocvec(&V1_1 {
+            process: &m.process,
+            shim: &m.shim,
+            threads: &m.threads,
+            regions: &m.regions,
+            runs: &m.runs,
+            fds: &m.fds,
+            clock_boottime_ns: m.clock_boottime_ns,
+        })
+        .unwrap();
+        let crc = crc32fast::hash(&bytes);
+        (bytes, crc)
+    };
+    let img = open_bytes(&sample_image_with(old, 1)).unwrap();
+    assert_eq!(img.header.minor, 1);
+    assert_eq!(img.meta.clock_boottime_ns, 0x1234_5678_9abc);
+    assert!(img.meta.build_ids.is_empty() && img.meta.vdso == VdsoImage::default());
+    // The 1.1 shape is not accepted as 1.2: the fields it lacks are missing.
+    assert!(open_bytes(&sample_image_with(old, 2)).is_err());
+    let with = |m: &Metadata| {
+        let mut m = m.clone();
+        m.build_ids.push(BuildId {
+            path: "/lib/x.so".into(),
+            id: vec![1, 2, 3],
+        });
+        encode_metadata(&m)
+    };
+    let img = open_bytes(&sample_image_with(with, VERSION_MINOR)).unwrap();
+    assert_eq!(img.meta.build_id_of("/lib/x.so"), Some(&[1u8, 2, 3][..]));
+    assert_eq!(img.meta.build_id_of("/lib/y.so"), None);
+}
+
+/// A recorded vDSO must fit its one [vdso] region.
+#[test]
+fn recorded_vdso_must_fit_its_region() {
+    let mut m = sample_meta(vec![]);
+    m.threads.push(ThreadState {
+        tid: 1,
+        fs_base: 0,
+        ctx_rsp: 0x10008,
+        robust_head: 0,
+        robust_len: 0,
+        altstack_sp: 0,
+        altstack_flags: 0,
+        altstack_size: 0,
+        sigmask: 0,
+        name: String::new(),
+        helper: false,
+    });
+    m.regions[0].prot = 7;
+    m.shim.resume_addr = 0x10000;
+    m.regions.push(Region {
+        start: 0x20000,
+        end: 0x22000,
+        prot: 5,
+        shared: false,
+        kind: RegionKind::Vdso,
+        name: "[vdso]".into(),
+    });
+    m.vdso.bytes = vec![0; 0x2000];
+    m.vdso.symbols.push(VdsoSymbol {
+        name: "__vdso_time".into(),
+        offset: 0x1ff0,
+        size: 0x10,
+    });
+    m.validate().unwrap();
+    let mut far = m.clone();
+    far.vdso.symbols[0].offset = u64::MAX;
+    let e = far.validate().unwrap_err().to_string();
+    assert!(e.contains("vDSO symbol __vdso_time"), "{e}");
+    let mut big = m.clone();
+    big.vdso.bytes.push(0);
+    let e = big.validate().unwrap_err().to_string();
+    assert!(e.contains("recorded vDSO is 8193 bytes"), "{e}");
+    let mut none = m.clone();
+    none.regions.pop();
+    let e = none.validate().unwrap_err().to_string();
+    assert!(e.contains("not exactly one [vdso] region"), "{e}");
 }

@@ -464,6 +464,8 @@ fn generate(rng: &mut Rng) -> Sample {
         runs,
         fds,
         clock_boottime_ns: 1_000_000_000,
+        build_ids: vec![],
+        vdso: Default::default(),
     };
     let (meta_bytes, meta_crc) = encode_metadata(&meta);
     let mut header = Header::new(rng.next(), rng.next());

@@ -9,7 +9,9 @@
 //! Algorithm:
 //! 1. unmap everything outside the reserved range and the kernel's vvar/vDSO;
 //! 2. move vvar/vDSO by one delta to where the image had them (via a parking spot, in case the
-//!    old and new places overlap): glibc in the image caches pointers into the vDSO;
+//!    old and new places overlap): glibc in the image caches pointers into the vDSO; or, when
+//!    this kernel's vDSO is not the image's, to the free place phase 1 chose, and map the proxy
+//!    (`Plan::proxy_*`) at the image's vDSO address;
 //! 3. map every region at its address with its kind; then put its stored pages in: runs phase 1
 //!    marked `RUN_MAP` are mapped straight from the image (`MAP_PRIVATE | MAP_FIXED` over the
 //!    region: a copy-on-write view of the file, so this step costs per run, not per byte; pages
@@ -72,6 +74,8 @@ const MADV_POPULATE_READ: u64 = 22;
 const MREMAP_MAYMOVE: u64 = 1;
 const MREMAP_FIXED: u64 = 2;
 const PROT_RW: u64 = 3;
+const PROT_READ: u64 = 1;
+const PROT_EXEC: u64 = 4;
 const ARCH_SET_FS: u64 = 0x1002;
 const PR_SET_MM: u64 = 35;
 const PR_SET_MM_MAP: u64 = 14;
@@ -180,6 +184,20 @@ pub unsafe extern "C" fn blob_main(p: &Plan) -> ! {
                     fail_at(b"moving the vDSO", dst, r);
                 }
             }
+        }
+    }
+
+    // 2b. Another kernel's vDSO: the proxy at the image's vDSO address (the kernel's mappings
+    // have left it by now).
+    if p.proxy_len != 0 {
+        let a = sc6(SYS_MMAP, p.proxy_addr, p.proxy_len, PROT_RW, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, u64::MAX, 0);
+        if a != p.proxy_addr as i64 {
+            fail_at(b"mapping the vDSO proxy", p.proxy_addr, a);
+        }
+        memcpy(p.proxy_addr as *mut u8, p.proxy_bytes as *const u8, p.proxy_len as usize);
+        let e = sc6(SYS_MPROTECT, p.proxy_addr, p.proxy_len, PROT_READ | PROT_EXEC, 0, 0, 0);
+        if e < 0 {
+            fail_at(b"protecting the vDSO proxy", p.proxy_addr, e);
         }
     }
 

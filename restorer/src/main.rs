@@ -6,8 +6,10 @@
 //! Phase 1 (here, with std; every failure is a clear message and nothing is lost yet):
 //! 1. resolve and open the image; check header, metadata (checksum and consistency:
 //!    `Metadata::validate`) and every page checksum;
-//! 2. check the machine: CPU XSAVE features, the kernel's vDSO layout, every mapped file present
-//!    and unchanged, every regular file the program had open present;
+//! 2. check the machine: CPU XSAVE features, every mapped file present and the same
+//!    (`snapshim_image::identity`: size and modification time, or build-id), every regular file
+//!    the program had open present; plan where this kernel's vvar/vDSO go (`vdso.rs`: where the
+//!    image had them, or elsewhere with a proxy at the old vDSO address);
 //!    then (`ns.rs`) move into new PID, time and mount namespaces, as their first program, with
 //!    the saved PID and clocks that go on from the checkpoint; this process stays outside and
 //!    passes signals and the exit status through. Where the system refuses that, restore here,
@@ -35,6 +37,7 @@
 
 mod ns;
 mod plan;
+mod vdso;
 
 use std::os::fd::{AsRawFd, IntoRawFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -70,6 +73,11 @@ process, with new IDs, after a warning.
                           background  the kernel starts reading them all in and the program
                                       resumes at once (default)
                           eager       every page is read in and mapped before resuming
+  --allow-changed-file PATH
+                        accept the mapped file PATH although it changed since the checkpoint
+                        (another size, modification time or build-id); repeat for each file.
+                        Safe only if the file's content is the same (a copy or a reproducible
+                        rebuild of it): any other change crashes or silently misleads the program
   --stats               print the time from start to resuming the program
   --pause               stop just before the jump and print the PID, for a debugger
                         (continue with kill -CONT PID)";
@@ -83,7 +91,9 @@ fn main() -> ExitCode {
     let mut namespace = Namespace::Preferred;
     let mut pause = std::env::var_os("SNAPSHIM_RESTORE_PAUSE").is_some();
     let mut target = None;
-    for a in std::env::args().skip(1) {
+    let mut allow_changed: Vec<String> = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
         match a.as_str() {
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -108,6 +118,18 @@ fn main() -> ExitCode {
             }
             "--pause" => pause = true,
             "--stats" => stats = true,
+            "--allow-changed-file" => {
+                match args.next() {
+                    Some(p) => allow_changed.push(p),
+                    None => {
+                        eprintln!("snapshim-restore: --allow-changed-file needs the path of a file\n{USAGE}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            s if s.starts_with("--allow-changed-file=") => {
+                allow_changed.push(s["--allow-changed-file=".len()..].to_string())
+            }
             "--no-namespace" | "--require-exact-pids" => {
                 let want = if a == "--no-namespace" {
                     Namespace::Off
@@ -147,6 +169,7 @@ fn main() -> ExitCode {
             start_ns,
             namespace,
             exact_tids: false,
+            allow_changed,
         },
     ) {
         Ok(never) => match never {},
@@ -184,6 +207,8 @@ struct Options {
     namespace: Namespace,
     /// Set once in the new namespaces: threads are created with their saved TIDs.
     exact_tids: bool,
+    /// Mapped files accepted although they changed (`--allow-changed-file`).
+    allow_changed: Vec<String>,
 }
 
 fn monotonic_ns() -> u64 {
@@ -225,8 +250,16 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
 
     // 2. The machine.
     check_machine(meta)?;
+    check_mapped_files(meta, &opt.allow_changed)?;
     let kern = current_kernel_mappings()?;
-    let (kern_pieces, kern_delta) = plan_vdso_move(meta, &kern)?;
+    let vdso_plan = vdso::plan(meta, &kern, &vdso::exports_here(&kern))?;
+    if let Some(p) = &vdso_plan.proxy {
+        eprintln!(
+            "snapshim-restore: note: this kernel's vDSO differs from the image's ({}): the \
+             program's {} vDSO functions at {:#x} jump to this kernel's vDSO at {:#x}",
+            p.why, p.functions, p.addr, p.new_vdso
+        );
+    }
     let entered = enter_namespaces(meta, opt.namespace)?;
     if let Some(e) = &entered {
         opt.start_ns = (opt.start_ns as i64).saturating_add(e.clock_shift_ns) as u64;
@@ -273,16 +306,7 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
 
     // 4. The plan, the blob, the jump.
     let close: Vec<i32> = ours.into_iter().filter(|&fd| fd >= 0).collect();
-    let plan = write_plan(
-        meta,
-        &runs,
-        &region_fds,
-        image_fd,
-        &close,
-        &kern_pieces,
-        kern_delta,
-        &opt,
-    )?;
+    let plan = write_plan(meta, &runs, &region_fds, image_fd, &close, &vdso_plan, &opt)?;
     let entry = load_blob()?;
     map_fixed(STACK_START, STACK_END - STACK_START)?;
     if opt.pause {
@@ -344,18 +368,72 @@ fn check_machine(meta: &Metadata) -> Result<(), String> {
         return Err(format!(
             "the image uses CPU register state this CPU lacks (XSAVE features {need:#x}, this CPU has {have:#x})"));
     }
-    for r in &meta.regions {
-        if let RegionKind::File { path, identity, .. } = &r.kind {
-            let st = std::fs::metadata(path).map_err(|e| {
-                format!("file {path}, mapped by the program, is not available: {e}")
-            })?;
-            use std::os::unix::fs::MetadataExt;
-            let mtime = st.mtime() * 1_000_000_000 + st.mtime_nsec();
-            if st.len() != identity.size || mtime != identity.mtime_ns {
-                return Err(format!(
-                    "file {path}, mapped by the program, changed since the checkpoint (size or modification time differ)"));
-            }
+    Ok(())
+}
+
+/// Every file the program mapped must be the one it mapped (`snapshim_image::identity`), or
+/// named by the user in `allowed` (`--allow-changed-file`), which is then used with a warning.
+/// Files accepted by their build-id are listed in one note.
+fn check_mapped_files(meta: &Metadata, allowed: &[String]) -> Result<(), String> {
+    use snapshim_image::identity::{check_mapped_file, Verdict};
+    // Named as the image names them: absolute, symbolic links resolved.
+    let allowed: Vec<String> = allowed
+        .iter()
+        .map(|a| {
+            std::fs::canonicalize(a)
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| a.clone())
+        })
+        .collect();
+    let mapped: Vec<(&str, &snapshim_image::FileIdentity)> = meta
+        .regions
+        .iter()
+        .filter_map(|r| match &r.kind {
+            RegionKind::File { path, identity, .. } => Some((path.as_str(), identity)),
+            _ => None,
+        })
+        .collect();
+    if let Some(a) = allowed
+        .iter()
+        .find(|a| !mapped.iter().any(|m| m.0 == a.as_str()))
+    {
+        return Err(format!(
+            "--allow-changed-file {a}: the image maps no such file"
+        ));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let mut same_build = Vec::new();
+    for (path, identity) in mapped {
+        if !seen.insert(path) {
+            continue;
         }
+        let path = &path.to_string();
+        match check_mapped_file(path, identity, meta.build_id_of(path)) {
+            Verdict::Unchanged => {}
+            Verdict::SameBuild(_) => same_build.push(path.clone()),
+            Verdict::Missing(msg) => return Err(msg),
+            Verdict::Changed { message, .. } if allowed.contains(path) => eprintln!(
+                "snapshim-restore: WARNING: {message}; using it anyway, as \
+                 --allow-changed-file asks: if its content is not the same, the program will \
+                 crash or compute wrong results"
+            ),
+            Verdict::Changed {
+                message,
+                could_be_same_content: true,
+            } => {
+                return Err(format!(
+                    "{message}; if its content is the same, --allow-changed-file {path} accepts it"
+                ))
+            }
+            Verdict::Changed { message, .. } => return Err(message),
+        }
+    }
+    if !same_build.is_empty() {
+        eprintln!(
+            "snapshim-restore: note: accepted by their build-id and size, with another \
+             modification time: {}",
+            same_build.join(", ")
+        );
     }
     Ok(())
 }
@@ -551,51 +629,6 @@ fn current_kernel_mappings() -> Result<Vec<(String, u64, u64)>, String> {
         }
     }
     Ok(v)
-}
-
-/// The kernel mappings must have the image's layout; they move by one delta.
-fn plan_vdso_move(
-    meta: &Metadata,
-    kern: &[(String, u64, u64)],
-) -> Result<(Vec<KernPiece>, i64), String> {
-    let saved: Vec<(&str, u64, u64)> = meta
-        .regions
-        .iter()
-        .filter_map(|r| match r.kind {
-            RegionKind::Vdso => Some(("[vdso]", r.start, r.end)),
-            RegionKind::Vvar => Some(("[vvar]", r.start, r.end)),
-            RegionKind::VvarVclock => Some(("[vvar_vclock]", r.start, r.end)),
-            _ => None,
-        })
-        .collect();
-    let Some(&(_, saved_vdso, _)) = saved.iter().find(|s| s.0 == "[vdso]") else {
-        return Ok((Vec::new(), 0));
-    };
-    let Some((_, cur_vdso, _)) = kern.iter().find(|k| k.0 == "[vdso]") else {
-        return Err("this kernel gives the process no vDSO".into());
-    };
-    let delta = saved_vdso as i64 - *cur_vdso as i64;
-    let same = saved.len() == kern.len()
-        && saved.iter().all(|&(n, s, e)| {
-            kern.iter()
-                .any(|(kn, ks, ke)| kn == n && (*ks as i64 + delta) as u64 == s && ke - ks == e - s)
-        });
-    if !same {
-        return Err(
-            "this kernel's vDSO layout differs from the one the image was taken under \
-            (restoring across kernel versions is not supported yet)"
-                .into(),
-        );
-    }
-    Ok((
-        kern.iter()
-            .map(|(_, s, e)| KernPiece {
-                start: *s,
-                len: e - s,
-            })
-            .collect(),
-        delta,
-    ))
 }
 
 /// Opens the file behind each file mapping (-1 for the others), in region order.
@@ -853,10 +886,10 @@ fn write_plan(
     region_fds: &[i32],
     image_fd: i32,
     close: &[i32],
-    kern: &[KernPiece],
-    kern_delta: i64,
+    vdso_plan: &vdso::VdsoPlan,
     opt: &Options,
 ) -> Result<u64, String> {
+    let kern = &vdso_plan.pieces;
     let p = &meta.process;
     let regions: Vec<PRegion> = meta
         .regions
@@ -952,6 +985,7 @@ fn write_plan(
         kern_arr[i] = *k;
     }
 
+    let proxy: &[u8] = vdso_plan.proxy.as_ref().map_or(&[], |p| &p.bytes);
     map_fixed(ARENA_START, ARENA_END - ARENA_START)?;
     let mut a = Arena {
         next: ARENA_START + 4096,
@@ -978,8 +1012,11 @@ fn write_plan(
         reserved_end: RESERVED_END,
         kern: kern_arr,
         n_kern: kern.len().min(4) as u64,
-        kern_delta,
+        kern_delta: vdso_plan.delta,
         park: VDSO_PARK,
+        proxy_addr: vdso_plan.proxy.as_ref().map_or(0, |p| p.addr),
+        proxy_len: proxy.len() as u64,
+        proxy_bytes: if proxy.is_empty() { 0 } else { a.put(proxy)? },
         mm: [
             m.start_code,
             m.end_code,

@@ -697,6 +697,8 @@ mod tests {
             runs: vec![],
             fds: vec![],
             clock_boottime_ns: 0,
+            build_ids: vec![],
+            vdso: Default::default(),
         };
         assert_eq!(
             unreproducible_ids(&meta(300, &[300, 301, 305]), 32768),

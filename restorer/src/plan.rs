@@ -30,6 +30,12 @@ pub struct Plan {
     pub n_kern: u64,
     pub kern_delta: i64,
     pub park: u64,
+    /// If `proxy_len` is not 0: anonymous executable memory at `proxy_addr`, filled with the
+    /// `proxy_len` bytes at `proxy_bytes` (arena), once the kernel's mappings have moved away:
+    /// stands in for the image's vDSO (see `vdso.rs`).
+    pub proxy_addr: u64,
+    pub proxy_len: u64,
+    pub proxy_bytes: u64,
     /// start_code, end_code, start_data, end_data, start_brk, brk, start_stack, arg_start,
     /// arg_end, env_start, env_end: as `struct prctl_mm_map`.
     pub mm: [u64; 11],

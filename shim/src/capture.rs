@@ -7,7 +7,9 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use snapshim_image::layout::{RESERVED_END, RESERVED_START};
-use snapshim_image::{FdKind, FdState, FileIdentity, MmFields, Process, SigAction};
+use snapshim_image::{
+    BuildId, FdKind, FdState, FileIdentity, MmFields, Process, SigAction, VdsoImage, VdsoSymbol,
+};
 
 use crate::sys::{self, sc};
 
@@ -26,6 +28,9 @@ pub struct MapsEntry {
     /// Every page holds data that nothing outside the image can give back (see
     /// [`mark_unmappable_files`]): store each page that is not zero, present or not.
     pub whole: bool,
+    /// The mapped file's GNU build-id (empty: none, or not examined): see
+    /// [`mark_unmappable_files`].
+    pub build_id: Vec<u8>,
 }
 
 pub fn parse_maps(text: &str) -> Vec<MapsEntry> {
@@ -74,6 +79,7 @@ pub fn parse_maps(text: &str) -> Vec<MapsEntry> {
             inode: inode.parse().unwrap_or(0),
             name,
             whole: false,
+            build_id: Vec::new(),
         });
     }
     v
@@ -102,36 +108,123 @@ pub fn is_excluded(e: &MapsEntry) -> bool {
 /// An image is recognised by its header magic, read once per distinct file, rather than by its
 /// name: an image can be restored from any path (a copy on a second machine, a renamed file),
 /// and the magic is the one thing every image has.
+///
+/// The same read gives each mapped file's GNU build-id ([`MapsEntry::build_id`]), which lets a
+/// restore accept a copy of the file whose modification time differs. It costs nothing more
+/// than the magic did: one read of the file's first page instead of its first 8 bytes (the
+/// build-id note of a linked file is in that page), during the pause. Not cached: a cache would
+/// have to outlive the writer's scratch memory, and the open and read were being paid anyway.
 pub fn mark_unmappable_files(maps: &[MapsEntry]) -> Vec<MapsEntry> {
-    let mut verdicts: Vec<((u64, u64), bool)> = Vec::new();
+    let mut verdicts: Vec<((u64, u64), bool, Vec<u8>)> = Vec::new();
     let mut out = maps.to_vec();
     for e in out.iter_mut() {
         if e.shared || e.inode == 0 || !e.name.starts_with('/') {
             continue;
         }
         let key = (e.dev, e.inode);
-        let unmappable = match verdicts.iter().find(|v| v.0 == key) {
-            Some(v) => v.1,
+        let i = match verdicts.iter().position(|v| v.0 == key) {
+            Some(i) => i,
             None => {
-                let v = e.name.ends_with(" (deleted)") || !is_same_plain_file(e);
-                verdicts.push((key, v));
-                v
+                let v = match examine_if_same(e) {
+                    Some(f) if !e.name.ends_with(" (deleted)") && !f.is_image => {
+                        (key, false, f.build_id.unwrap_or_default())
+                    }
+                    _ => (key, true, Vec::new()),
+                };
+                verdicts.push(v);
+                verdicts.len() - 1
             }
         };
-        if unmappable {
+        if verdicts[i].1 {
             e.inode = 0;
             e.whole = true;
+        } else {
+            e.build_id = verdicts[i].2.clone();
         }
     }
     out
 }
 
-/// The file at `e`'s path is the mapped one (same device and inode) and not a snapshim image.
-fn is_same_plain_file(e: &MapsEntry) -> bool {
-    let Some(st) = stat_path(&e.name) else {
-        return false;
+/// What the start of a mapped file says about it.
+struct FileHead {
+    is_image: bool,
+    build_id: Option<Vec<u8>>,
+}
+
+/// [`examine_file`] of the file at `e`'s path, if it is the mapped one (same device and inode).
+fn examine_if_same(e: &MapsEntry) -> Option<FileHead> {
+    let st = stat_path(&e.name)?;
+    if st.st_ino != e.inode || st.st_dev != e.dev {
+        return None;
+    }
+    examine_file(&e.name)
+}
+
+/// Reads the first page of the file at `path`: whether it is a snapshim image, and its
+/// build-id (reading further only if the note lies past the first page).
+fn examine_file(path: &str) -> Option<FileHead> {
+    let mut c = path.as_bytes().to_vec();
+    c.push(0);
+    let fd = sys::open(&c, libc::O_RDONLY | libc::O_CLOEXEC, 0).ok()?;
+    let mut head = [0u8; 4096];
+    let n = sys::pread(fd, &mut head, 0).unwrap_or(0);
+    let head = &head[..n];
+    let is_image = head.starts_with(&snapshim_image::MAGIC);
+    let build_id = if is_image {
+        None
+    } else {
+        snapshim_image::elf::build_id_of_head(head, &mut |off, buf| {
+            sys::pread(fd, buf, off) == Ok(buf.len())
+        })
     };
-    st.st_ino == e.inode && st.st_dev == e.dev && !is_image_file(&e.name)
+    sys::close(fd);
+    Some(FileHead { is_image, build_id })
+}
+
+/// The build-ids of the mapped files that have one, one entry per path.
+pub fn build_ids(maps: &[MapsEntry]) -> Vec<BuildId> {
+    let mut out: Vec<BuildId> = Vec::new();
+    for e in maps
+        .iter()
+        .filter(|e| !e.build_id.is_empty() && !is_excluded(e))
+    {
+        if !out.iter().any(|b| b.path == e.name) {
+            out.push(BuildId {
+                path: e.name.clone(),
+                id: e.build_id.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// The `[vdso]` mapping's bytes and exported functions (empty if there is none, or it cannot
+/// be parsed: the restorer then needs this kernel's vDSO to have the image's layout).
+pub fn vdso(maps: &[MapsEntry]) -> VdsoImage {
+    let Some(e) = maps.iter().find(|e| e.name == "[vdso]") else {
+        return VdsoImage::default();
+    };
+    if e.prot & libc::PROT_READ as u32 == 0 || e.end - e.start > 1 << 20 {
+        return VdsoImage::default();
+    }
+    // SAFETY: the kernel's vDSO is mapped readable for its whole length (checked just above,
+    // from the map read during this pause) and never unmapped by the program while it is
+    // parked.
+    let bytes =
+        unsafe { core::slice::from_raw_parts(e.start as *const u8, (e.end - e.start) as usize) };
+    let symbols = snapshim_image::elf::vdso_exports(bytes)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|x| VdsoSymbol {
+            name: x.name,
+            offset: x.offset,
+            size: x.size,
+        })
+        .collect();
+    VdsoImage {
+        symbols,
+        bytes: bytes.to_vec(),
+    }
 }
 
 /// The file at `path` starts with a snapshim image's magic.

@@ -26,7 +26,8 @@ use std::path::PathBuf;
 
 use snapshim_image::layout::{RESERVED_END, RESERVED_START};
 use snapshim_image::{
-    self as image, FdState, Metadata, PageRun, Process, Region, RegionKind, ShimInfo, ThreadState,
+    self as image, BuildId, FdState, Metadata, PageRun, Process, Region, RegionKind, ShimInfo,
+    ThreadState, VdsoImage,
 };
 
 use crate::capture::{self, MapsEntry, PM_FILE, PM_PRESENT, PM_SWAP};
@@ -71,6 +72,9 @@ pub struct Captured {
     threads: Vec<ThreadState>,
     /// CLOCK_BOOTTIME read right after `process.clock_monotonic_ns`.
     boottime_ns: u64,
+    /// Format 1.2: build-ids of the mapped files, and the vDSO (see capture.rs).
+    build_ids: Vec<BuildId>,
+    vdso: VdsoImage,
 }
 
 pub fn capture(cfg: &Config, nthreads: usize) -> Result<Captured, String> {
@@ -85,12 +89,16 @@ pub fn capture(cfg: &Config, nthreads: usize) -> Result<Captured, String> {
     let n = nthreads.min(park::MAX_THREADS);
     let mut threads: Vec<ThreadState> = SLOTS[..n].iter().map(|s| thread_state(s, false)).collect();
     threads.push(thread_state(&HELPER_SLOT, true));
+    let build_ids = capture::build_ids(&maps);
+    let vdso = capture::vdso(&maps);
     Ok(Captured {
         maps,
         fds,
         process,
         threads,
         boottime_ns,
+        build_ids,
+        vdso,
     })
 }
 
@@ -502,6 +510,8 @@ pub fn finish(
         runs,
         fds: cap.fds.clone(),
         clock_boottime_ns: cap.boottime_ns,
+        build_ids: cap.build_ids.clone(),
+        vdso: cap.vdso.clone(),
     };
     let data_len = off - image::PAGE_SIZE;
     let (meta_bytes, meta_crc) = image::encode_metadata(&meta);

@@ -3,7 +3,6 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use snapshim_image::{
@@ -89,6 +88,29 @@ fn describe(img: &Image) -> String {
             kind_string(&r.kind),
             human_bytes(*bytes),
             r.name
+        );
+    }
+
+    if !m.build_ids.is_empty() {
+        let _ = writeln!(o, "\nbuild-ids of mapped files ({}):", m.build_ids.len());
+        for b in &m.build_ids {
+            let _ = writeln!(o, "  {}  {}", snapshim_image::elf::hex(&b.id), b.path);
+        }
+    }
+    if !m.vdso.bytes.is_empty() {
+        let names: Vec<&str> = m
+            .vdso
+            .symbols
+            .iter()
+            .map(|s| s.name.as_str())
+            .filter(|n| n.starts_with("__vdso_"))
+            .collect();
+        let _ = writeln!(
+            o,
+            "\nvdso: {} recorded, {} functions: {}",
+            human_bytes(m.vdso.bytes.len() as u64),
+            m.vdso.symbols.len(),
+            names.join(" ")
         );
     }
 
@@ -281,7 +303,7 @@ pub fn verify(arg: &Path) -> Result<()> {
         |e: snapshim_image::ImageError| Failure::op(format!("{}: {e}", img.path.display()));
     img.meta.validate().map_err(damaged)?;
     let checked = img.verify_pages().map_err(damaged)?;
-    let problems = check_mapped_files(&img.meta.regions);
+    let (problems, same_build) = check_mapped_files(&img.meta);
     if !problems.is_empty() {
         let lines: Vec<String> = problems
             .iter()
@@ -314,8 +336,17 @@ pub fn verify(arg: &Path) -> Result<()> {
         count(m.runs.len(), "run")
     );
     println!(
-        "  files      {} present and unchanged",
-        count(mapped.len(), "mapped file")
+        "  files      {} present and unchanged{}",
+        count(mapped.len(), "mapped file"),
+        if same_build.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({} with another modification time but the same build-id and size: {})",
+                same_build.len(),
+                same_build.join(", ")
+            )
+        }
     );
     Ok(())
 }
@@ -325,51 +356,28 @@ fn count(n: usize, what: &str) -> String {
     format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
-/// Each file mapped by a File region must exist with the size and modification time recorded
-/// in the image: the restorer maps it, and pages not stored in the image come from it.
-fn check_mapped_files(regions: &[Region]) -> Vec<String> {
+/// Each file mapped by a File region must still be the file the program mapped, by the rule
+/// the restorer applies (`snapshim_image::identity`: size and modification time, or the same
+/// build-id and size). Returns the problems, in the restorer's words, and the files accepted by
+/// their build-id although their modification time changed.
+fn check_mapped_files(m: &Metadata) -> (Vec<String>, Vec<String>) {
+    use snapshim_image::identity::{check_mapped_file, Verdict};
     let mut seen = BTreeSet::new();
-    let mut problems = Vec::new();
-    for r in regions {
+    let (mut problems, mut same_build) = (Vec::new(), Vec::new());
+    for r in &m.regions {
         let RegionKind::File { path, identity, .. } = &r.kind else {
             continue;
         };
         if !seen.insert(path.as_str()) {
             continue;
         }
-        match std::fs::metadata(path) {
-            Err(e) => problems.push(format!("mapped file {path} is not available: {e}")),
-            Ok(st) => {
-                let mtime_ns = st.mtime() as i128 * 1_000_000_000 + st.mtime_nsec() as i128;
-                let mut changes = Vec::new();
-                if st.len() != identity.size {
-                    changes.push(format!("size {} is now {}", identity.size, st.len()));
-                }
-                if mtime_ns != identity.mtime_ns as i128 {
-                    changes.push(format!(
-                        "modification time {} is now {}",
-                        mtime_string(identity.mtime_ns as i128),
-                        mtime_string(mtime_ns)
-                    ));
-                }
-                if !changes.is_empty() {
-                    problems.push(format!(
-                        "mapped file {path} has changed since the checkpoint: {}",
-                        changes.join(", ")
-                    ));
-                }
-            }
+        match check_mapped_file(path, identity, m.build_id_of(path)) {
+            Verdict::Unchanged => {}
+            Verdict::SameBuild(_) => same_build.push(path.clone()),
+            Verdict::Changed { message, .. } | Verdict::Missing(message) => problems.push(message),
         }
     }
-    problems
-}
-
-fn mtime_string(ns: i128) -> String {
-    if ns < 0 {
-        return format!("{ns} ns");
-    }
-    let ns = ns as u64;
-    format!("{}.{:09}", local_time(ns), ns % 1_000_000_000)
+    (problems, same_build)
 }
 
 pub fn ls(dir: Option<PathBuf>) -> Result<()> {
@@ -468,6 +476,7 @@ fn read_header(path: &Path) -> std::result::Result<Header, String> {
 mod tests {
     use super::*;
     use snapshim_image::{FileIdentity, PageRun};
+    use std::os::unix::fs::MetadataExt;
 
     fn region(start: u64, end: u64, kind: RegionKind, name: &str) -> Region {
         Region {
@@ -506,6 +515,8 @@ mod tests {
             ],
             fds: vec![],
             clock_boottime_ns: 0,
+            build_ids: vec![],
+            vdso: Default::default(),
         };
         assert_eq!(stored_per_region(&m), vec![0, 3 * PAGE_SIZE]);
         assert_eq!(region_of(&m.regions, 0x5abc).map(|r| r.start), Some(0x5000));
@@ -537,7 +548,7 @@ mod tests {
     }
 
     #[test]
-    fn mapped_files_are_checked_by_size_and_mtime() {
+    fn mapped_files_are_checked_by_size_and_mtime_or_build_id() {
         let exe = std::env::current_exe().unwrap();
         let st = std::fs::metadata(&exe).unwrap();
         let identity = FileIdentity {
@@ -545,8 +556,15 @@ mod tests {
             mtime_ns: st.mtime() * 1_000_000_000 + st.mtime_nsec(),
             inode: 0,
         };
-        let file = |identity: FileIdentity, path: &str| {
-            region(
+        let exe = exe.to_str().unwrap();
+        let build_id = snapshim_image::elf::build_id_of_file(std::path::Path::new(exe))
+            .unwrap()
+            .unwrap();
+        let meta = |identity: FileIdentity, path: &str, id: Option<&[u8]>| Metadata {
+            process: Default::default(),
+            shim: Default::default(),
+            threads: vec![],
+            regions: vec![region(
                 0x1000,
                 0x2000,
                 RegionKind::File {
@@ -555,15 +573,28 @@ mod tests {
                     identity,
                 },
                 path,
-            )
+            )],
+            runs: vec![],
+            fds: vec![],
+            clock_boottime_ns: 0,
+            build_ids: id
+                .map(|id| snapshim_image::BuildId {
+                    path: path.into(),
+                    id: id.to_vec(),
+                })
+                .into_iter()
+                .collect(),
+            vdso: Default::default(),
         };
-        let exe = exe.to_str().unwrap();
-        assert!(check_mapped_files(&[file(identity.clone(), exe)]).is_empty());
+        assert_eq!(
+            check_mapped_files(&meta(identity.clone(), exe, None)),
+            (vec![], vec![])
+        );
         let bigger = FileIdentity {
             size: identity.size + 1,
             ..identity.clone()
         };
-        let p = check_mapped_files(&[file(bigger, exe)]);
+        let (p, _) = check_mapped_files(&meta(bigger, exe, None));
         assert_eq!(p.len(), 1);
         assert!(
             p[0].contains("has changed") && p[0].contains("size"),
@@ -573,9 +604,15 @@ mod tests {
             mtime_ns: identity.mtime_ns - 1,
             ..identity.clone()
         };
-        let p = check_mapped_files(&[file(older, exe)]);
+        let (p, _) = check_mapped_files(&meta(older.clone(), exe, None));
         assert!(p[0].contains("modification time"), "{p:?}");
-        let p = check_mapped_files(&[file(identity, "/no/such/lib.so")]);
+        // The same build-id and size: accepted, and listed.
+        let (p, same) = check_mapped_files(&meta(older.clone(), exe, Some(&build_id)));
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(same, vec![exe.to_string()]);
+        let (p, _) = check_mapped_files(&meta(older, exe, Some(&[1, 2, 3])));
+        assert!(p[0].contains("build-id 010203 is now"), "{p:?}");
+        let (p, _) = check_mapped_files(&meta(identity, "/no/such/lib.so", None));
         assert!(p[0].contains("/no/such/lib.so is not available"), "{p:?}");
     }
 }
