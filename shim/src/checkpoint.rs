@@ -621,7 +621,7 @@ fn settle(job: &mut Job, t: &writer::Target, r: Result<u64, String>) -> Result<(
 fn write_image(job: &mut Job) -> Result<String, String> {
     let cfg = job.cfg;
     mark(1);
-    let cap = writer::capture(cfg, job.nthreads)?;
+    let mut cap = writer::capture(cfg, job.nthreads)?;
     mark(2);
     job.resident = cap.process.resident_bytes;
     let t = writer::create_target(cfg, job.seq)?;
@@ -647,6 +647,8 @@ fn write_image(job: &mut Job) -> Result<String, String> {
             mark(7);
             job.pause_ns = sys::monotonic_ns() - job.t0;
             release();
+            // The image is written after the pause: it can say how long the pause was.
+            cap.process.pause_ns = job.pause_ns;
             let r = writer::write_live(cfg, &cap, &t, table, layout);
             crate::uffd::end(table);
             job.copied = table.copied.load(Relaxed);
