@@ -16,7 +16,10 @@
  *            generations verifies an 8 MiB region, munmaps and re-mmaps it (or, every other
  *            time, discards its pages with MADV_DONTNEED) and fills it with a pattern of its own; every THREAD_EVERY generations starts a short-lived thread that
  *            rewrites 300 more pages (same protocol) while main waits in pthread_join.
- *   feeder   writes a deterministic byte stream into the pipe in writes of 1..4096 bytes.
+ *   feeder   writes a deterministic byte stream into the pipe in writes of 1..4096 bytes, and
+ *            every SIGNAL_EVERY writes sends main a SIGUSR1, handled on an alternate signal
+ *            stack in the heap (the kernel writes the signal frame there) by a handler that
+ *            writes a heap word; neither changes the output.
  *   checks   every CHECK_EVERY generations and at the end: all 65536 pages against content
  *            regenerated from gen[] (memcmp), the 8 MiB region, the last 64 pipe chunks in the
  *            ring.
@@ -42,6 +45,7 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -64,6 +68,8 @@
 #define RING (CHUNK * RING_CHUNKS) /* 1 MiB */
 
 #define SELFTEST_PAGE 12345u
+#define SIGNAL_EVERY 16
+#define ALTSTACK (64 * 1024)
 
 #define barrier() __asm__ volatile("" ::: "memory")
 
@@ -86,6 +92,15 @@ static uint64_t pipe_bytes; /* bytes read so far; chunk c of the stream is ring 
 static uint64_t total_bytes;
 
 static int generations;
+
+static pthread_t main_thread;
+static volatile uint64_t *signal_word; /* heap, written by the SIGUSR1 handler */
+
+static void on_usr1(int sig)
+{
+	(void)sig;
+	*signal_word += 1;
+}
 
 static const uint64_t STEP = 0x9e3779b97f4a7c15ULL;
 
@@ -164,6 +179,8 @@ static void *feeder(void *arg)
 			len = (size_t)(total_bytes - n);
 		for (size_t b = 0; b < len; b++)
 			buf[b] = stream_byte(n + b);
+		if (k % SIGNAL_EVERY == 0)
+			pthread_kill(main_thread, SIGUSR1);
 		size_t off = 0;
 		while (off < len) {
 			ssize_t w = write(pipe_fd[1], buf + off, len - off);
@@ -354,6 +371,12 @@ int main(int argc, char **argv)
 	}
 	memset(ring, 0, RING);
 	r8_replace(++r8_remaps);
+	main_thread = pthread_self();
+	signal_word = calloc(1, sizeof *signal_word);
+	stack_t alt = {.ss_sp = malloc(ALTSTACK), .ss_size = ALTSTACK};
+	struct sigaction sa = {.sa_handler = on_usr1, .sa_flags = SA_RESTART | SA_ONSTACK};
+	if (!signal_word || !alt.ss_sp || sigaltstack(&alt, NULL) || sigaction(SIGUSR1, &sa, NULL))
+		fail("signal setup: %s", strerror(errno));
 	if (pipe(pipe_fd))
 		fail("pipe: %s", strerror(errno));
 	if ((e = pthread_create(&t_feed, NULL, feeder, NULL)))
