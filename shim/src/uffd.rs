@@ -78,7 +78,6 @@ const EVENT_UNMAP: u64 = 0x16;
 const PAGEFAULT_FLAG_WP: u64 = 1 << 1;
 
 const PAGEMAP_SCAN: u64 = 0xc060_6610;
-const PAGE_IS_WRITTEN: u64 = 1 << 0;
 const PAGE_IS_PRESENT: u64 = 1 << 3;
 const PAGE_IS_SWAPPED: u64 = 1 << 4;
 const PAGE_IS_PFNZERO: u64 = 1 << 5;
@@ -505,7 +504,7 @@ pub fn prepare(maps: &[MapsEntry], wanted: &[Wanted]) -> Result<(), String> {
                 if f & SKIPPED != 0 {
                     continue;
                 }
-                let ok = scan_pages(pm, start, end, |a, b, _| {
+                let ok = scan_pages(pm, start, end, |a, b| {
                     let i0 = f + (a - start) / PAGE;
                     set_bits(p0(), i0 as usize, (i0 + (b - a) / PAGE) as usize);
                 });
@@ -663,9 +662,8 @@ pub fn after_restore() {
 
 /// Takes the snapshot during the pause, after [`prepare`]: registers the `wanted` regions not
 /// registered yet, records which pages hold data (`PAGEMAP_SCAN`: present or swapped, not the
-/// shared zero page) and write-protects again those written since [`prepare`] (the same scan
-/// says which: `PAGE_IS_WRITTEN` is a clear write-protect bit), copies the pages of regions that
-/// cannot be protected, and switches the fault server to saving pages. The program must be
+/// shared zero page) and write-protects again those that may have lost their protection since
+/// [`prepare`] (see there), copies the pages of regions that cannot be protected, and switches the fault server to saving pages. The program must be
 /// parked. On error the snapshot is given up ([`teardown`]).
 pub fn begin(maps: &[MapsEntry], wanted: &[Wanted]) -> Result<&'static Table, String> {
     let mem_fd = sys::open(b"/proc/self/mem\0", libc::O_RDONLY | libc::O_CLOEXEC, 0);
@@ -795,7 +793,7 @@ fn setup(
     for (r, w) in table.regions.iter().zip(wanted) {
         if r.registered && scan_ok {
             let mut failed = 0;
-            let scanned = scan_pages(pm_fd, r.start, r.end, |a, b, _| {
+            let scanned = scan_pages(pm_fd, r.start, r.end, |a, b| {
                 let i0 = r.first + ((a - r.start) / PAGE) as usize;
                 table.set_present(i0, i0 + ((b - a) / PAGE) as usize);
                 count += (b - a) / PAGE;
@@ -1048,10 +1046,11 @@ fn unregister(uffd: i32, start: u64, end: u64) -> sys::Result<i64> {
     ioctl(uffd, UFFDIO_UNREGISTER, range.as_mut_ptr() as *mut u8)
 }
 
-/// Calls `f(start, end, written)` for every range of `[start, end)` whose pages hold data
-/// (present or swapped, not the shared zero page), with the PAGEMAP_SCAN ioctl; `written` says
-/// the range's write-protect bit is clear (written since it was protected, or never protected).
-fn scan_pages(fd: i32, start: u64, end: u64, mut f: impl FnMut(u64, u64, bool)) -> sys::Result<()> {
+/// Calls `f(start, end)` for every range of `[start, end)` whose pages hold data (present or
+/// swapped, not the shared zero page), with the PAGEMAP_SCAN ioctl. (It cannot say which pages
+/// lost their write protection: `PAGE_IS_WRITTEN` is only reported for asynchronous
+/// write-protect regions, checked on this kernel.)
+fn scan_pages(fd: i32, start: u64, end: u64, mut f: impl FnMut(u64, u64)) -> sys::Result<()> {
     let mut vec = [[0u64; 3]; 256];
     let mut from = start;
     while from < end {
@@ -1067,14 +1066,14 @@ fn scan_pages(fd: i32, start: u64, end: u64, mut f: impl FnMut(u64, u64, bool)) 
             category_inverted: PAGE_IS_PFNZERO,
             category_mask: PAGE_IS_PFNZERO,
             category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_WRITTEN,
+            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
         };
         let n = ioctl(fd, PAGEMAP_SCAN, &mut arg as *mut PmScanArg as *mut u8)? as usize;
         let mut last = from;
         for r in &vec[..n.min(vec.len())] {
             let (a, b) = (r[0].max(from), r[1].min(end));
             if a < b {
-                f(a, b, r[2] & PAGE_IS_WRITTEN != 0);
+                f(a, b);
                 last = last.max(b);
             }
         }
