@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 mod error;
 pub mod settings;
+pub mod standby;
 pub use error::ImageError;
 
 /// Addresses shared by the shim and the restorer.
