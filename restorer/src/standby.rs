@@ -4,15 +4,18 @@
 //! Algorithm.
 //! 1. Claim the directory: listen on the abstract sockets named after the watched directory and
 //!    after this PID (`snapshim_image::standby`); a second standby on the same directory fails
-//!    here, before any work. Block [`ACTIVATE_SIGNAL`] and read it through a signalfd; watch the
-//!    directory with inotify (an image file given alone is not watched).
+//!    here, before any work. Block [`ACTIVATE_SIGNAL`] and read it through a signalfd.
 //! 2. Stage the newest committed image: header, metadata, `Metadata::validate`, the machine
 //!    checks (`check_machine`), and every page-run checksum. Reading every page for the
 //!    checksums is also what puts the image into the page cache; `POSIX_FADV_WILLNEED` asks for
 //!    it again every [`REWARM_MS`] while we wait, in case memory pressure evicted some of it.
 //!    An image that fails any of this is reported in one line and the next older one is tried;
 //!    none left: the standby fails.
-//! 3. Wait. A newer image committed meanwhile (renamed into the directory) is staged the same
+//!    Then the namespaces' trial run (`ns::try_ahead`), so the activation does not repeat it.
+//! 3. Wait. The directory is listed again every [`RESCAN_MS`] (a few microseconds; not inotify:
+//!    closing an inotify descriptor waits for an RCU grace period, 10-15 ms here, which would
+//!    land between the activation and the resume; an image file given alone is not watched).
+//!    A newer image committed meanwhile (renamed into the directory) is staged the same
 //!    way by a worker thread, while this thread keeps answering; a newer one still arriving
 //!    cancels the worker's current check (between 4 MiB chunks) in favour of the newest. A
 //!    damaged newer image is reported and the staged one kept.
@@ -46,7 +49,9 @@ use std::time::Duration;
 use snapshim_image::standby::{dir_socket_name, pid_socket_name, watched_dir, ACTIVATE};
 use snapshim_image::{Image, ImageError};
 
-use crate::{check_machine, monotonic_ns, open_image, restore_image, Never, Options};
+use crate::{
+    check_machine, monotonic_ns, ns, open_image, restore_image, Namespace, Never, Options,
+};
 
 /// The signal that activates a standby (`kill -USR1 PID`). Not the checkpoint signal (SIGUSR2,
 /// which a restored program's supervisor passes on), not one a terminal or the system sends,
@@ -58,7 +63,10 @@ pub const ACTIVATE_SIGNAL: i32 = libc::SIGUSR1;
 const CHUNK: usize = 4 << 20;
 
 /// How often the staged image is advised back into the page cache while we wait.
-const REWARM_MS: i32 = 30_000;
+const REWARM_MS: u64 = 30_000;
+
+/// How often the directory is listed for newer images while we wait.
+const RESCAN_MS: i32 = 100;
 
 /// An image ready to restore: opened, validated, checked against this machine, every page
 /// checksum checked.
@@ -309,10 +317,9 @@ pub fn run(target: &Path, mut opt: Options) -> Result<Never, String> {
         .is_dir();
     let dir = watched_dir(target).map_err(|e| e.to_string())?;
 
-    // 1. Claim the directory, then the signal and the watch.
+    // 1. Claim the directory, then the signal.
     let listeners = listen(&dir)?;
     let signals = SignalFd::new(ACTIVATE_SIGNAL)?;
-    let watch = if is_dir { Some(watch(&dir)?) } else { None };
 
     // 2. The newest good image.
     let candidates = if is_dir {
@@ -324,6 +331,7 @@ pub fn run(target: &Path, mut opt: Options) -> Result<Never, String> {
         return Err(format!("no image in {}", dir.display()));
     }
     let mut bad = HashSet::new();
+    let mut why_bad = Vec::new();
     let never = AtomicBool::new(false);
     let mut staged = None;
     for path in &candidates {
@@ -333,19 +341,26 @@ pub fn run(target: &Path, mut opt: Options) -> Result<Never, String> {
                 break;
             }
             Err(NotStaged::Bad(why)) => {
-                eprintln!("snapshim-restore: standby: skipping a damaged or unusable image: {why}");
                 bad.insert(path.clone());
+                why_bad.push(why);
             }
             Err(NotStaged::Cancelled) => unreachable!("never cancelled"),
         }
     }
     let Some(staged) = staged else {
         return Err(format!(
-            "no usable image in {}: all {} are damaged or cannot be restored here",
+            "no usable image in {}: {}",
             dir.display(),
-            candidates.len()
+            why_bad.join("; ")
         ));
     };
+    for why in &why_bad {
+        eprintln!(
+            "snapshim-restore: standby: skipping a newer image, damaged or not restorable here \
+             ({why}); using {}",
+            name(staged.path())
+        );
+    }
     let mut sb = Standby {
         dir: is_dir.then_some(dir.clone()),
         staged,
@@ -360,24 +375,28 @@ pub fn run(target: &Path, mut opt: Options) -> Result<Never, String> {
         dir.display(),
         std::process::id()
     );
+    // The namespaces' trial run forks: now, before the first worker thread exists.
+    if opt.namespace != Namespace::Off
+        && ns::unreproducible_ids(&sb.staged.image.meta, ns::pid_max()).is_none()
+    {
+        ns::try_ahead(&sb.staged.image.meta);
+    }
     // Anything committed while the first image was being checked.
     sb.reconcile(None)?;
 
     // 3. Wait.
+    let mut warmed_ns = monotonic_ns();
     let activation = loop {
         let mut fds = vec![
             pollin(signals.fd.as_raw_fd()),
             pollin(listeners[0].as_raw_fd()),
             pollin(listeners[1].as_raw_fd()),
         ];
-        if let Some(w) = &watch {
-            fds.push(pollin(w.as_raw_fd()));
-        }
         if let Some(w) = &sb.worker {
             fds.push(pollin(w.done.as_raw_fd()));
         }
         // SAFETY: fds is a valid array of pollfd of the given length.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, REWARM_MS) };
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, RESCAN_MS) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -385,9 +404,9 @@ pub fn run(target: &Path, mut opt: Options) -> Result<Never, String> {
             }
             return Err(format!("standby: poll: {e}"));
         }
-        if n == 0 {
+        if monotonic_ns() - warmed_ns > REWARM_MS * 1_000_000 {
             warm(&sb.staged.image);
-            continue;
+            warmed_ns = monotonic_ns();
         }
         if fds[0].revents != 0 {
             if let Some(pid) = signals.read() {
@@ -397,13 +416,6 @@ pub fn run(target: &Path, mut opt: Options) -> Result<Never, String> {
         if let Some(conn) = listeners.iter().find_map(accept_activation) {
             break Activation::Client(conn);
         }
-        if watch
-            .as_ref()
-            .is_some_and(|w| fds.iter().any(|p| p.fd == w.as_raw_fd() && p.revents != 0))
-        {
-            drain(watch.as_ref().expect("checked"));
-            sb.reconcile(None)?;
-        }
         if sb.worker.as_ref().is_some_and(|w| {
             fds.iter()
                 .any(|p| p.fd == w.done.as_raw_fd() && p.revents != 0)
@@ -411,8 +423,8 @@ pub fn run(target: &Path, mut opt: Options) -> Result<Never, String> {
             if let Some(line) = sb.collect() {
                 eprintln!("snapshim-restore: standby: {line}; waiting for activation");
             }
-            sb.reconcile(None)?;
         }
+        sb.reconcile(None)?;
     };
 
     // 4. Activated: the newest good image committed up to now.
@@ -453,7 +465,6 @@ pub fn run(target: &Path, mut opt: Options) -> Result<Never, String> {
 
     // 5. Only the restore from here on.
     drop(listeners);
-    drop(watch);
     signals.drain();
     drop(signals);
     let Standby { staged, .. } = sb;
@@ -572,55 +583,6 @@ fn accept_activation(l: &UnixListener) -> Option<UnixStream> {
         return refuse(&mut c, "unknown request");
     }
     Some(c)
-}
-
-/// An inotify watch for images renamed into (or created in) `dir`.
-fn watch(dir: &Path) -> Result<OwnedFd, String> {
-    use std::os::unix::ffi::OsStrExt;
-    // SAFETY: inotify_init1 has no memory arguments.
-    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
-    if fd < 0 {
-        return Err(format!(
-            "cannot watch {}: inotify_init1: {}",
-            dir.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: fd was just created and is ours alone.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut c = dir.as_os_str().as_bytes().to_vec();
-    c.push(0);
-    // SAFETY: c is NUL-terminated; fd is an inotify instance.
-    let r = unsafe {
-        libc::inotify_add_watch(
-            fd.as_raw_fd(),
-            c.as_ptr() as *const libc::c_char,
-            libc::IN_MOVED_TO | libc::IN_CREATE | libc::IN_CLOSE_WRITE,
-        )
-    };
-    if r < 0 {
-        return Err(format!(
-            "cannot watch {}: {}",
-            dir.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(fd)
-}
-
-/// Reads and forgets pending events of a non-blocking descriptor (the directory is rescanned
-/// instead: which file an event names does not matter).
-fn drain(fd: &OwnedFd) {
-    let mut buf = [0u8; 4096];
-    // SAFETY: reading into our own buffer from our own non-blocking descriptor.
-    while unsafe {
-        libc::read(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr() as *mut libc::c_void,
-            buf.len(),
-        )
-    } > 0
-    {}
 }
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
