@@ -24,8 +24,8 @@
 //!    still being checked, the activation waits for that check: the newest *good* image wins,
 //!    and resuming an older state would silently lose the work the newer one holds. A newer
 //!    image that fails is reported and the staged one is used.
-//! 5. Let go of everything standby-only (sockets, inotify, the worker thread: the restore forks
-//!    and must be single-threaded), drain pending activation signals (they would otherwise reach
+//! 5. Let go of everything standby-only (the sockets; the worker thread is over by now: the
+//!    restore forks and must be single-threaded), drain pending activation signals (they would otherwise reach
 //!    the program once the supervisor forwards signals), and go on exactly like a normal restore
 //!    (`restore_image`) with the checksums already checked. Phase 2 reports "resuming after N
 //!    us" counted from the activation, to `snapshim activate` over its connection, or on stderr
