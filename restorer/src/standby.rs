@@ -648,3 +648,104 @@ impl SignalFd {
         while self.read().is_some() {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use snapshim_image::{
+        encode_metadata, Header, Metadata, PageRun, Process, Region, RegionKind, ShimInfo,
+    };
+
+    const PAGE: u64 = 4096;
+
+    /// Writes an image whose one page run is `pages` pages long (page data only: enough for
+    /// `Image::open` and the page checks) into a fresh file; returns its path.
+    fn write_image(name: &str, pages: u64, damage_at: Option<u64>) -> PathBuf {
+        let mut data: Vec<u8> = (0..pages * PAGE).map(|i| (i % 251) as u8).collect();
+        let run = PageRun {
+            addr: 0x10000,
+            pages,
+            file_off: PAGE,
+            crc: crc32fast::hash(&data),
+        };
+        if let Some(at) = damage_at {
+            data[at as usize] ^= 1;
+        }
+        let meta = Metadata {
+            process: Process {
+                pid: 42,
+                name: "t".into(),
+                ..Default::default()
+            },
+            shim: ShimInfo::default(),
+            threads: vec![],
+            regions: vec![Region {
+                start: 0x10000,
+                end: 0x10000 + (pages + 1) * PAGE,
+                prot: 3,
+                shared: false,
+                kind: RegionKind::Anon,
+                name: String::new(),
+            }],
+            runs: vec![run],
+            fds: vec![],
+            clock_boottime_ns: 1,
+        };
+        let (meta, meta_crc) = encode_metadata(&meta);
+        let mut h = Header::new(7, 1);
+        h.data_len = data.len() as u64;
+        h.meta_off = PAGE + h.data_len;
+        h.meta_len = meta.len() as u64;
+        h.meta_crc = meta_crc;
+        let mut bytes = h.encode();
+        bytes.extend_from_slice(&data);
+        bytes.extend_from_slice(&meta);
+        let dir =
+            std::env::temp_dir().join(format!("snapshim-standby-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    /// Over more than one chunk: the same verdict as `Image::verify_pages`, damage found in the
+    /// last chunk too, and a cancelled check says so instead of passing.
+    #[test]
+    fn page_checks_agree_with_the_image_crate_and_can_be_cancelled() {
+        let pages = (CHUNK as u64 / PAGE) * 2 + 3;
+        let good = write_image("good.snap", pages, None);
+        let bad = write_image("bad.snap", pages, Some(pages * PAGE - 10));
+        let (good_img, bad_img) = (Image::open(&good).unwrap(), Image::open(&bad).unwrap());
+        let go = AtomicBool::new(false);
+        assert_eq!(
+            verify_pages(&good_img, &go).ok(),
+            Some(good_img.verify_pages().unwrap())
+        );
+        assert!(bad_img.verify_pages().is_err());
+        match verify_pages(&bad_img, &go) {
+            Err(NotStaged::Bad(why)) => assert!(why.contains("fails its checksum"), "{why}"),
+            _ => panic!("damage not found"),
+        }
+        let stop = AtomicBool::new(true);
+        assert!(matches!(
+            verify_pages(&good_img, &stop),
+            Err(NotStaged::Cancelled)
+        ));
+        let dir = good.parent().unwrap().to_path_buf();
+        let _ = std::fs::remove_file(good);
+        let _ = std::fs::remove_file(bad);
+        let _ = std::fs::remove_dir(dir);
+    }
+
+    #[test]
+    fn newer_means_a_higher_sequence_number() {
+        let d = Path::new("/d");
+        let (a, b) = (
+            d.join(snapshim_image::image_file_name(9)),
+            d.join(snapshim_image::image_file_name(10)),
+        );
+        assert!(newer(&b, &a));
+        assert!(!newer(&a, &b));
+        assert!(!newer(&a, &a));
+    }
+}
