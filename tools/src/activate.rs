@@ -7,6 +7,7 @@
 //! touched, and the answer says which image was used and when the program resumed.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixStream};
 use std::path::Path;
@@ -54,6 +55,18 @@ pub fn activate(a: ActivateArgs) -> Result<()> {
             Failure::op(format!("lost the standby waiting {what}: {e}"))
         }
     };
+    // Abstract names are open to every user: make sure it is our standby (or root's) that
+    // listens, not an impostor that took the name first.
+    let (pid, uid) = peer(conn.as_raw_fd())
+        .ok_or_else(|| Failure::op(format!("cannot identify the standby waiting {what}")))?;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if uid != me && uid != 0 {
+        return Err(Failure::op(format!(
+            "the process listening {what} (PID {pid}) belongs to uid {uid}, not to you: not \
+             activating it"
+        )));
+    }
     conn.set_read_timeout(Some(a.timeout)).map_err(lost)?;
     conn.write_all(ACTIVATE).map_err(lost)?;
     let mut image = None;
@@ -92,4 +105,25 @@ pub fn activate(a: ActivateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// PID and uid of the process at the other end of a Unix socket.
+fn peer(fd: RawFd) -> Option<(i32, u32)> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a struct ucred of the length given.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (r == 0).then_some((cred.pid, cred.uid))
 }
