@@ -1,6 +1,7 @@
 /* Benchmark program for scripts/bench_restore.sh: fills SIZE_MIB of heap with non-zero data
  * (every page differs), prints READY on stderr and waits in pause() (every checkpoint interrupts
- * it). Once it finds itself restored (its PID changed), it reads one word of every page, checks
+ * it). Once it finds itself restored (its PID changed, or, restored in its own PID namespace
+ * with the same PID, its parent is that namespace's reaper, PID 1), it reads one word of every page, checks
  * the sum against the one taken before the checkpoint, prints
  *   RESTORED resumed_us=T0 resident_us=T1 ok|BAD
  * (CLOCK_MONOTONIC, microseconds) on stderr and exits 0 (1 if the memory came back wrong). */
@@ -27,9 +28,9 @@ int main(int argc, char **argv) {
     if (!a) return 2;
     for (size_t i = 0; i < n / 8; i++) a[i] = i * 2654435761UL + 1;
     unsigned long want = sum_pages(a, n);
-    pid_t pid0 = getpid();
+    pid_t pid0 = getpid(), ppid0 = getppid();
     fprintf(stderr, "READY\n");
-    while (getpid() == pid0) pause();
+    while (getpid() == pid0 && getppid() == ppid0) pause();
     unsigned long long t0 = now_us();
     unsigned long got = sum_pages(a, n);
     unsigned long long t1 = now_us();

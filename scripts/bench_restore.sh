@@ -6,19 +6,27 @@
 #              memory (and found it intact: scripts/bench_restore.c checks a sum),
 # as medians of RUNS runs and as ratios to --copy (every page read into memory, the old way).
 # Modes: copy; map with --prefetch=none, background, eager (all with --no-verify); and
-# "verify" = the defaults (checksums checked, map, prefetch background).
+# "verify" = the defaults (checksums checked, map, prefetch background); "standby" = the
+# defaults with --standby: the restorer checks the image ahead and waits, then is activated
+# with SIGUSR1 (`snapshim activate` uses the same path), and both times count from the
+# activation instead of the restorer's start.
 # Cold = the image dropped from the page cache (posix_fadvise DONTNEED through dd) before the
 # restore; warm = the image read once just before.
 #
 # Usage: scripts/bench_restore.sh [SIZE_MIB...]   (default: 256 1024 4096; a size is skipped
-# when the disk or the memory is too short for it). RUNS=3 by default. Images go to a temporary
-# directory under target/bench (BENCH_DIR to choose).
+# when the disk or the memory is too short for it). RUNS=3 by default; MODES="verify standby"
+# (say) for fewer modes (copy is the reference of the ratios and always runs), CACHES=warm for
+# one cache state. Images go to a temporary directory under target/bench (BENCH_DIR to choose).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 sizes=("$@")
 [[ $# -eq 0 ]] && sizes=(256 1024 4096)
 runs=${RUNS:-3}
-modes=(copy none background eager verify)
+modes=(copy)
+for m in ${MODES:-none background eager verify standby}; do
+  [[ $m == copy ]] || modes+=("$m")
+done
+read -r -a caches <<<"${CACHES:-warm cold}"
 cargo build --release --workspace -q
 mkdir -p target/bench
 cc -O2 -Wall -o target/bench/bench_restore scripts/bench_restore.c
@@ -44,12 +52,27 @@ make_image() {
   readlink -f "$work/img.d/b/latest"
 }
 
+# snapshim-restore --standby on image $1, activated by SIGUSR1 once it says it is waiting;
+# its stderr (with the resume report, counted from the activation) in $work/err.
+standby_once() {
+  local sb
+  : >"$work/err"
+  "$bin/snapshim-restore" --standby "$1" >/dev/null 2>"$work/err" &
+  sb=$!
+  until grep -q 'waiting for activation$' "$work/err"; do
+    kill -0 "$sb" 2>/dev/null || break
+    sleep 0.05
+  done
+  kill -USR1 "$sb" 2>/dev/null || true
+  wait "$sb" || true
+}
+
 # One restore of image $1 in mode $2 with cache $3; prints "resume_ms resident_ms".
 restore_once() {
   local img=$1 mode=$2 cache=$3 args=()
   case $mode in
     copy) args=(--no-verify --copy) ;;
-    verify) args=() ;;
+    verify | standby) args=() ;;
     *) args=(--no-verify "--prefetch=$mode") ;;
   esac
   if [[ $cache == cold ]]; then
@@ -57,8 +80,12 @@ restore_once() {
   else
     cat "$img" >/dev/null
   fi
-  if ! "$bin/snapshim-restore" --stats "${args[@]}" "$img" >/dev/null 2>"$work/err" ||
-    ! grep -q 'resident_us=[0-9]* ok' "$work/err"; then
+  if [[ $mode == standby ]]; then
+    standby_once "$img"
+  else
+    "$bin/snapshim-restore" --stats "${args[@]}" "$img" >/dev/null 2>"$work/err" || true
+  fi
+  if ! grep -q 'resident_us=[0-9]* ok' "$work/err"; then
     echo "restore ($mode, $cache) failed:" >&2
     cat "$work/err" >&2
     exit 1
@@ -80,7 +107,7 @@ for mib in "${sizes[@]}"; do
     continue
   fi
   img=$(make_image "$mib")
-  for cache in warm cold; do
+  for cache in "${caches[@]}"; do
     declare -A resume=() resident=()
     for mode in "${modes[@]}"; do
       : >"$work/resume"; : >"$work/resident"
@@ -102,4 +129,5 @@ for mib in "${sizes[@]}"; do
 done
 echo "(median of $runs runs each; resume = snapshim-restore start to the program running again;"
 echo " resident = start to the program having touched every page; copy = --copy, the others map"
-echo " the image with that --prefetch; verify = default options, page checksums checked)"
+echo " the image with that --prefetch; verify = default options, page checksums checked;"
+echo " standby = default options with --standby, both times counted from the activation)"

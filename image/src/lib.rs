@@ -29,6 +29,7 @@ pub mod elf;
 mod error;
 pub mod identity;
 pub mod settings;
+pub mod standby;
 pub use error::ImageError;
 
 /// Addresses shared by the shim and the restorer.

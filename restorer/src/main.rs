@@ -37,6 +37,7 @@
 
 mod ns;
 mod plan;
+mod standby;
 mod vdso;
 
 use std::os::fd::{AsRawFd, IntoRawFd};
@@ -80,7 +81,11 @@ process, with new IDs, after a warning.
                         rebuild of it): any other change crashes or silently misleads the program
   --stats               print the time from start to resuming the program
   --pause               stop just before the jump and print the PID, for a debugger
-                        (continue with kill -CONT PID)";
+                        (continue with kill -CONT PID)
+  --standby             do all the checks ahead (page checksums included) for the newest image
+                        of IMAGE_OR_DIR, keep its pages in the page cache, then wait; resume
+                        within milliseconds on `snapshim activate DIR_OR_PID` or SIGUSR1,
+                        taking the newest good image committed meanwhile";
 
 fn main() -> ExitCode {
     let start_ns = monotonic_ns();
@@ -90,6 +95,7 @@ fn main() -> ExitCode {
     let mut stats = false;
     let mut namespace = Namespace::Preferred;
     let mut pause = std::env::var_os("SNAPSHIM_RESTORE_PAUSE").is_some();
+    let mut standby = false;
     let mut target = None;
     let mut allow_changed: Vec<String> = Vec::new();
     let mut args = std::env::args().skip(1);
@@ -117,6 +123,7 @@ fn main() -> ExitCode {
                 }
             }
             "--pause" => pause = true,
+            "--standby" => standby = true,
             "--stats" => stats = true,
             "--allow-changed-file" => {
                 match args.next() {
@@ -157,21 +164,33 @@ fn main() -> ExitCode {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
-    match restore(
-        &target,
-        Options {
-            stats_fd: -1,
-            verify,
-            copy,
-            prefetch,
-            pause,
-            stats,
-            start_ns,
-            namespace,
-            exact_tids: false,
-            allow_changed,
-        },
-    ) {
+    let opt = Options {
+        stats_fd: -1,
+        report_fd: -1,
+        verify,
+        copy,
+        prefetch,
+        pause,
+        stats,
+        start_ns,
+        namespace,
+        exact_tids: false,
+        allow_changed,
+    };
+    if standby {
+        if !verify {
+            eprintln!("snapshim-restore: --standby always checks page checksums (ahead, while it waits); drop --no-verify\n{USAGE}");
+            return ExitCode::from(2);
+        }
+        return match standby::run(&target, opt) {
+            Ok(never) => match never {},
+            Err(msg) => {
+                eprintln!("snapshim-restore: {msg}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match restore(&target, opt) {
         Ok(never) => match never {},
         Err(msg) => {
             eprintln!("snapshim-restore: {msg}");
@@ -196,6 +215,8 @@ enum Namespace {
 struct Options {
     /// Where --stats reports (a copy of our stderr), or -1.
     stats_fd: i32,
+    /// Where the resume report goes instead (a standby's activation), or -1.
+    report_fd: i32,
     verify: bool,
     /// Read every stored page instead of mapping the image.
     copy: bool,
@@ -221,14 +242,10 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
+fn restore(target: &Path, opt: Options) -> Result<Never, String> {
     // 1. The image.
     let path = snapshim_image::resolve(target).map_err(|e| e.to_string())?;
-    let image = Image::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    image
-        .meta
-        .validate()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let image = open_image(&path)?;
     let verify_start = monotonic_ns();
     if opt.verify {
         image
@@ -236,6 +253,22 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     let verify_ns = monotonic_ns() - verify_start;
+    restore_image(image, verify_ns, opt)
+}
+
+/// Opens the image and checks its header and metadata (`Metadata::validate` included).
+fn open_image(path: &Path) -> Result<Image, String> {
+    let image = Image::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    image
+        .meta
+        .validate()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(image)
+}
+
+/// Steps 2 to 4 for an opened image whose page checksums were checked (in `verify_ns`) if
+/// `opt.verify`.
+fn restore_image(image: Image, verify_ns: u64, mut opt: Options) -> Result<Never, String> {
     let meta = &image.meta;
     let how = map_policy(&image, opt.copy)?;
     let runs = plan_runs(meta, &how);
@@ -277,7 +310,9 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
     })?;
     let image_fd = move_high(image.file.as_raw_fd(), fd_plan.high_base)?;
     // --stats reports on the restorer's own stderr, which the program's descriptors replace.
-    opt.stats_fd = if opt.stats {
+    opt.stats_fd = if opt.report_fd >= 0 {
+        move_high(opt.report_fd, fd_plan.high_base)?
+    } else if opt.stats {
         // SAFETY: dup of our own stderr.
         let copy = unsafe { libc::dup(2) };
         move_high(copy, fd_plan.high_base)?

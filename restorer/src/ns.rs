@@ -34,7 +34,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, RawFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use snapshim_image::Metadata;
 
@@ -77,12 +77,26 @@ pub fn pid_max() -> i64 {
         .unwrap_or(32768)
 }
 
+/// Set once [`try_ahead`] found that the system allows the namespaces.
+static TRIED_AHEAD: AtomicBool = AtomicBool::new(false);
+
+/// Runs the dry run of [`enter`] now, for a standby: [`enter`] then skips it, which takes a
+/// fork, a namespace and a mount of /proc off the time to resume. A refusal is left for
+/// [`enter`] to find again and report. Must be called while this process is single-threaded.
+pub fn try_ahead(meta: &Metadata) {
+    if dry_run(&Clocks::now(meta)).is_ok() {
+        TRIED_AHEAD.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Sets up the namespaces and creates the program's process. Returns in that process; the
 /// supervisor never returns from here on success (it exits with the program's status).
 /// `Err` comes back in this process, unchanged, when the system refuses the namespaces.
 pub fn enter(meta: &Metadata) -> Result<Entered, String> {
     let clocks = Clocks::now(meta);
-    dry_run(&clocks)?;
+    if !TRIED_AHEAD.load(Ordering::Relaxed) {
+        dry_run(&clocks)?;
+    }
     let supervisor = std::process::id();
     let fatal = |e: String| -> String { format!("cannot set up the restore's namespaces: {e}") };
     if let Err(e) = unshare_all(&clocks) {

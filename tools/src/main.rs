@@ -5,12 +5,14 @@
 //! - `checkpoint` asks a running program for a checkpoint and waits for the outcome (the
 //!   protocol is described in `checkpoint.rs`).
 //! - `restore` execs `snapshim-restore`.
+//! - `activate` wakes a waiting `snapshim-restore --standby` (`activate.rs`).
 //! - `inspect`, `verify` and `ls` read images through `snapshim-image` only; they never load
 //!   the shim.
 //!
 //! Errors are one line on stderr, `snapshim: <what failed>: <why>`. Exit codes: 0 success,
 //! 1 the operation failed, 2 bad usage (clap's code for usage errors).
 
+mod activate;
 mod checkpoint;
 mod images;
 mod launch;
@@ -70,6 +72,7 @@ enum Command {
     Run(RunArgs),
     Checkpoint(CheckpointArgs),
     Restore(RestoreArgs),
+    Activate(ActivateArgs),
     Inspect(InspectArgs),
     Verify(VerifyArgs),
     Ls(LsArgs),
@@ -147,6 +150,28 @@ pub struct RestoreArgs {
     pub args: Vec<OsString>,
 }
 
+/// Activate a waiting `snapshim-restore --standby` and wait until the program runs again
+///
+/// DIR_OR_PID is the image directory the standby watches (or an image in it), or the standby's
+/// PID. Prints the image used and the time from activation to the program running; fails
+/// without touching anything when no standby is waiting there.
+#[derive(Args)]
+#[command(
+    after_help = "Example:\n  snapshim-restore --standby /shared/ckpt/solver &\n  \
+                        snapshim activate /shared/ckpt/solver"
+)]
+pub struct ActivateArgs {
+    /// Give up waiting for the program to resume after TIME (seconds, or 30s, 10m, ...)
+    #[arg(long, value_name = "TIME", default_value = "600", value_parser = parse::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Print only the path of the image used
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Image directory (or image) the standby waits on, or its PID
+    #[arg(value_name = "DIR_OR_PID")]
+    pub target: PathBuf,
+}
+
 /// Describe an image: the program, its memory regions, threads, files and signal handlers
 #[derive(Args)]
 pub struct InspectArgs {
@@ -187,6 +212,7 @@ fn main() -> ExitCode {
         Command::Run(a) => launch::run(a),
         Command::Checkpoint(a) => checkpoint::checkpoint(a),
         Command::Restore(a) => launch::restore(a),
+        Command::Activate(a) => activate::activate(a),
         Command::Inspect(a) => images::inspect(&a.image),
         Command::Verify(a) => images::verify(&a.image),
         Command::Ls(a) => images::ls(a.dir),
@@ -312,8 +338,27 @@ mod tests {
     }
 
     #[test]
+    fn activate_takes_a_dir_or_pid_and_a_timeout() {
+        let cli = parse(&["activate", "--timeout", "5s", "/img/solver"]).unwrap();
+        let Command::Activate(a) = cli.command else {
+            panic!("not activate")
+        };
+        assert_eq!(a.target, PathBuf::from("/img/solver"));
+        assert_eq!(a.timeout, std::time::Duration::from_secs(5));
+        assert!(parse(&["activate"]).is_err());
+    }
+
+    #[test]
     fn every_command_has_help() {
-        for cmd in ["run", "checkpoint", "restore", "inspect", "verify", "ls"] {
+        for cmd in [
+            "run",
+            "checkpoint",
+            "restore",
+            "activate",
+            "inspect",
+            "verify",
+            "ls",
+        ] {
             let e = parse(&[cmd, "--help"]).err().unwrap();
             assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp, "{cmd}");
             assert_eq!(e.exit_code(), 0);
