@@ -698,6 +698,8 @@ mod tests {
             runs: vec![run],
             fds: vec![],
             clock_boottime_ns: 1,
+            build_ids: vec![],
+            vdso: Default::default(),
         };
         let (meta, meta_crc) = encode_metadata(&meta);
         let mut h = Header::new(7, 1);
