@@ -22,6 +22,9 @@ fn sample_meta(runs: Vec<PageRun>) -> Metadata {
         runs,
         fds: vec![],
         clock_boottime_ns: 0x1234_5678_9abc,
+        parent: None,
+        inherited: Vec::new(),
+        merged_from: None,
     }
 }
 
@@ -188,4 +191,64 @@ fn older_minor_version_still_loads() {
     assert_eq!(img.stored_bytes(), 2 * PAGE_SIZE);
     let new = open_bytes(&sample_image()).unwrap();
     assert_eq!(new.meta.clock_boottime_ns, 0x1234_5678_9abc);
+}
+
+/// An image value for chain logic only (its file is /dev/null).
+fn chain_member(runs: Vec<PageRun>, inherited: Vec<PageSpan>) -> Image {
+    let mut meta = sample_meta(runs);
+    meta.regions[0].end = 0x30000;
+    meta.inherited = inherited;
+    Image {
+        path: PathBuf::from("x"),
+        file: File::open("/dev/null").unwrap(),
+        file_len: 0,
+        header: Header::new(1, 0),
+        meta,
+    }
+}
+
+fn run(addr: u64, pages: u64, file_off: u64) -> PageRun {
+    PageRun {
+        addr,
+        pages,
+        file_off,
+        crc: 0,
+    }
+}
+
+/// Each page comes from the newest image that stores it; inherited pages that no ancestor
+/// stores are absent; pages neither stored nor inherited never look further down.
+#[test]
+fn chain_sources_take_each_page_from_the_newest_image_storing_it() {
+    let span = |addr, pages| PageSpan { addr, pages };
+    // Full image: pages 0x10000..0x18000 (8 pages) at file offset 4096.
+    let full = chain_member(vec![run(0x10000, 8, 4096)], vec![]);
+    // Delta 1: rewrote 0x12000 (1 page); inherits 0x10000..0x12000 and 0x13000..0x16000;
+    // 0x16000..0x18000 was discarded (neither).
+    let d1 = chain_member(
+        vec![run(0x12000, 1, 4096)],
+        vec![span(0x10000, 2), span(0x13000, 3)],
+    );
+    // Delta 2 (head): rewrote 0x11000; inherits 0x10000 and 0x12000..0x18000.
+    let d2 = chain_member(
+        vec![run(0x11000, 1, 4096)],
+        vec![span(0x10000, 1), span(0x12000, 6)],
+    );
+    let chain = Chain {
+        images: vec![d2, d1, full],
+    };
+    let got: Vec<(usize, u64, u64, u64)> = chain
+        .sources()
+        .iter()
+        .map(|r| (r.image, r.addr, r.pages, r.file_off))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (2, 0x10000, 1, 4096),
+            (0, 0x11000, 1, 4096),
+            (1, 0x12000, 1, 4096),
+            (2, 0x13000, 3, 4096 + 3 * 4096),
+        ]
+    );
 }

@@ -44,7 +44,7 @@ use std::process::ExitCode;
 use snapshim_image::layout::{
     ARENA_END, ARENA_START, RESERVED_END, RESERVED_START, STACK_END, STACK_START, VDSO_PARK,
 };
-use snapshim_image::{FdKind, Image, Metadata, RegionKind};
+use snapshim_image::{Chain, FdKind, Image, Metadata, RegionKind, SourcedRun};
 
 use plan::*;
 
@@ -199,21 +199,24 @@ fn monotonic_ns() -> u64 {
 fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
     // 1. The image.
     let path = snapshim_image::resolve(target).map_err(|e| e.to_string())?;
-    let image = Image::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // A delta image needs its ancestors: each page comes from the newest image storing it.
+    let chain = Chain::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let image = chain.head();
     image
         .meta
         .validate()
         .map_err(|e| format!("{}: {e}", path.display()))?;
     let verify_start = monotonic_ns();
     if opt.verify {
-        image
+        chain
             .verify_pages()
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     let verify_ns = monotonic_ns() - verify_start;
     let meta = &image.meta;
-    let how = map_policy(&image, opt.copy)?;
-    let runs = plan_runs(meta, &how);
+    let how = map_policy(image, opt.copy)?;
+    let sources = chain.sources();
+    let mut runs = plan_runs(meta, &sources, &how);
     if opt.stats {
         eprintln!(
             "snapshim-restore: page checksums {} in {} us; {}",
@@ -242,7 +245,14 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
             meta.process.cwd
         )
     })?;
-    let image_fd = move_high(image.file.as_raw_fd(), fd_plan.high_base)?;
+    let image_fds: Vec<i32> = chain
+        .images
+        .iter()
+        .map(|i| move_high(i.file.as_raw_fd(), fd_plan.high_base))
+        .collect::<Result<_, _>>()?;
+    for r in runs.iter_mut() {
+        r.fd = image_fds[r.fd as usize] as i64;
+    }
     // --stats reports on the restorer's own stderr, which the program's descriptors replace.
     opt.stats_fd = if opt.stats {
         // SAFETY: dup of our own stderr.
@@ -262,7 +272,8 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
         })
         .collect::<Result<_, _>>()?;
     // From here on stderr may be the program's: only fatal, unlikely errors remain.
-    let mut ours: Vec<i32> = vec![image_fd, opt.stats_fd];
+    let mut ours: Vec<i32> = image_fds.clone();
+    ours.push(opt.stats_fd);
     ours.extend(region_fds.iter().copied());
     install_fds(&fd_plan, &ours);
     // SAFETY: umask and personality only change process attributes.
@@ -277,7 +288,6 @@ fn restore(target: &Path, mut opt: Options) -> Result<Never, String> {
         meta,
         &runs,
         &region_fds,
-        image_fd,
         &close,
         &kern_pieces,
         kern_delta,
@@ -468,9 +478,12 @@ fn map_policy(image: &Image, copy: bool) -> Result<MapPolicy, String> {
 ///   run           |<------------------------------------------->|
 ///   plan          | mapped (>= MAP_MIN_BYTES)        | read (1 page)
 /// ```
-fn plan_runs(meta: &Metadata, policy: &MapPolicy) -> Vec<PRun> {
-    let mut out: Vec<PRun> = Vec::with_capacity(meta.runs.len() + 1);
-    for run in &meta.runs {
+///
+/// `runs` come from the image chain ([`Chain::sources`]); each planned run's `fd` is the index
+/// of its image in the chain until the caller puts the descriptors in.
+fn plan_runs(meta: &Metadata, runs: &[SourcedRun], policy: &MapPolicy) -> Vec<PRun> {
+    let mut out: Vec<PRun> = Vec::with_capacity(runs.len() + 1);
+    for run in runs {
         // check_layout proved every run lies inside one region; regions are sorted.
         let i = meta.regions.partition_point(|r| r.end <= run.addr);
         let r = &meta.regions[i];
@@ -480,6 +493,7 @@ fn plan_runs(meta: &Metadata, policy: &MapPolicy) -> Vec<PRun> {
             file_off,
             prot: r.prot,
             how: RUN_READ,
+            fd: run.image as i64,
         };
         let exec = r.prot & libc::PROT_EXEC as u32 != 0;
         let mappable = policy.copy_reason.is_none()
@@ -851,7 +865,6 @@ fn write_plan(
     meta: &Metadata,
     runs: &[PRun],
     region_fds: &[i32],
-    image_fd: i32,
     close: &[i32],
     kern: &[KernPiece],
     kern_delta: i64,
@@ -881,8 +894,7 @@ fn write_plan(
             } else {
                 0
             };
-            let fill = meta
-                .runs
+            let fill = runs
                 .iter()
                 .any(|run| run.addr >= r.start && run.addr < r.end) as u32;
             Some(PRegion {
@@ -972,7 +984,6 @@ fn write_plan(
         n_rlimits: rlimits.len() as u64,
         close_fds: a.put(close)?,
         n_close_fds: close.len() as u64,
-        image_fd: image_fd as i64,
         resume_addr: meta.shim.resume_addr,
         reserved_start: RESERVED_START,
         reserved_end: RESERVED_END,

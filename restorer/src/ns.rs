@@ -697,6 +697,9 @@ mod tests {
             runs: vec![],
             fds: vec![],
             clock_boottime_ns: 0,
+            parent: None,
+            inherited: Vec::new(),
+            merged_from: None,
         };
         assert_eq!(
             unreproducible_ids(&meta(300, &[300, 301, 305]), 32768),

@@ -14,6 +14,7 @@
 mod checkpoint;
 mod images;
 mod launch;
+mod merge;
 mod parse;
 
 use std::ffi::OsString;
@@ -73,6 +74,7 @@ enum Command {
     Inspect(InspectArgs),
     Verify(VerifyArgs),
     Ls(LsArgs),
+    Merge(MergeArgs),
 }
 
 /// Run a program with snapshim loaded (LD_PRELOAD), replacing this process
@@ -171,6 +173,22 @@ pub struct LsArgs {
     pub dir: Option<PathBuf>,
 }
 
+/// Fold a chain of delta images into one full image
+///
+/// The named image (or the directory's `latest`), if it is a delta, is replaced by a full image
+/// of the same instant, made from the chain of images it depends on; then the older images of
+/// that chain are deleted, unless another image still depends on them. Safe while the program
+/// runs and takes new checkpoints; a crash at any point leaves a restorable chain.
+#[derive(Args)]
+pub struct MergeArgs {
+    /// Print nothing on success
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Image file, image directory (uses `latest`), or a base directory with one image directory
+    #[arg(value_name = "IMAGE_OR_DIR")]
+    pub image: PathBuf,
+}
+
 /// An image directory name: one non-empty path component.
 fn name_arg(s: &str) -> std::result::Result<String, String> {
     if s.is_empty() || s == "." || s == ".." || s.contains('/') || s.contains('\0') {
@@ -190,6 +208,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => images::inspect(&a.image),
         Command::Verify(a) => images::verify(&a.image),
         Command::Ls(a) => images::ls(a.dir),
+        Command::Merge(a) => merge::merge(&a.image, a.quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -313,7 +332,15 @@ mod tests {
 
     #[test]
     fn every_command_has_help() {
-        for cmd in ["run", "checkpoint", "restore", "inspect", "verify", "ls"] {
+        for cmd in [
+            "run",
+            "checkpoint",
+            "restore",
+            "inspect",
+            "verify",
+            "ls",
+            "merge",
+        ] {
             let e = parse(&[cmd, "--help"]).err().unwrap();
             assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp, "{cmd}");
             assert_eq!(e.exit_code(), 0);

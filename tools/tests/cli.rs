@@ -604,6 +604,9 @@ fn write_image(path: &Path, seq: u64, mapped: &Path) {
             },
         ],
         clock_boottime_ns: 0,
+        parent: None,
+        inherited: Vec::new(),
+        merged_from: None,
     };
     let (meta, meta_crc) = encode_metadata(&meta);
     let mut h = Header::new(
