@@ -101,6 +101,18 @@ pub struct RunArgs {
     /// Number of images to keep, SNAPSHIM_KEEP [default: 3]
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..))]
     pub keep: Option<u32>,
+    /// Incremental checkpoints: off, on (delta images between full ones), merge (deltas; a
+    /// background `snapshim merge` makes the full images), SNAPSHIM_INCREMENTAL [default: off]
+    #[arg(long, value_name = "MODE", value_parser = ["off", "on", "merge"])]
+    pub incremental: Option<String>,
+    /// With --incremental: a full image (or merge) at least every N checkpoints,
+    /// SNAPSHIM_FULL_EVERY [default: 8]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub full_every: Option<u32>,
+    /// With --incremental: a full image (or merge) once the deltas since the last one hold more
+    /// than F times its size, SNAPSHIM_FULL_FRACTION [default: 0.5]
+    #[arg(long, value_name = "F", value_parser = positive_fraction)]
+    pub full_fraction: Option<f64>,
     /// The program and its arguments (after `--`)
     #[arg(
         required = true,
@@ -187,6 +199,14 @@ pub struct MergeArgs {
     /// Image file, image directory (uses `latest`), or a base directory with one image directory
     #[arg(value_name = "IMAGE_OR_DIR")]
     pub image: PathBuf,
+}
+
+/// A number greater than 0.
+fn positive_fraction(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if f > 0.0 && f.is_finite() => Ok(f),
+        _ => Err(format!("'{s}' is not a number greater than 0")),
+    }
 }
 
 /// An image directory name: one non-empty path component.
