@@ -264,6 +264,39 @@ fn scan(
     Ok(())
 }
 
+const UFFDIO_UNREGISTER: u64 = 0x8010_aa01;
+
+/// Called by the `mremap` wrapper before pages move: takes the range off the tracking
+/// userfaultfd. The kernel refuses to move a range spanning several mappings if any of them is
+/// registered with a userfaultfd (allowed otherwise since Linux 6.17): a restored program's
+/// memory is such a range (runs mapped from its image). Moved pages count as written anyway
+/// (the move drops their protection), and the next checkpoint registers the new place.
+pub fn before_mremap(addr: u64, len: u64) {
+    let uffd = UFFD.load(Relaxed);
+    if uffd < 0 || len == 0 {
+        return;
+    }
+    let start = addr & !(PAGE - 1);
+    let end = addr.saturating_add(len).saturating_add(PAGE - 1) & !(PAGE - 1);
+    let unregister = |a: u64, b: u64| {
+        let mut range = [a, b - a];
+        ioctl(uffd, UFFDIO_UNREGISTER, range.as_mut_ptr() as *mut u8)
+    };
+    if unregister(start, end) != Err(libc::EINVAL) {
+        return;
+    }
+    // The kernel refuses a range with a mapping that cannot be registered (a regular file's):
+    // one mapping at a time, then (the rare case of a restored program's memory).
+    if let Ok(maps) = crate::capture::read_maps() {
+        for e in maps
+            .iter()
+            .filter(|e| e.start < end && e.end > start && trackable(e))
+        {
+            let _ = unregister(e.start.max(start), e.end.min(end));
+        }
+    }
+}
+
 /// A region the delta handles page by page.
 pub struct Tracked {
     pub start: u64,
@@ -280,12 +313,20 @@ impl Tracked {
     }
 }
 
-/// Whether the writer may track this region: private anonymous memory of the program.
+/// Whether the writer may track this region: private anonymous memory of the program, writable
+/// (the first scan of a registered region fills page tables for all of it, ~2 MiB per GiB: a
+/// large reservation without write access holds nothing to track and stays out; should it
+/// become writable, the next checkpoint registers it and counts all its pages as written).
 pub fn trackable(e: &MapsEntry) -> bool {
-    !e.shared && e.inode == 0 && !e.whole && !crate::capture::is_excluded(e) && {
-        let (kind, store) = crate::writer::classify(e);
-        store && matches!(kind, snapshim_image::RegionKind::Anon)
-    }
+    !e.shared
+        && e.inode == 0
+        && !e.whole
+        && e.prot & libc::PROT_WRITE as u32 != 0
+        && !crate::capture::is_excluded(e)
+        && {
+            let (kind, store) = crate::writer::classify(e);
+            store && matches!(kind, snapshim_image::RegionKind::Anon)
+        }
 }
 
 /// During the pause: registers every trackable region and scans it, protecting it again.
@@ -344,6 +385,13 @@ pub fn scan_all(maps: &[MapsEntry]) -> Result<Vec<Tracked>, String> {
 /// What the policy says the next checkpoint is.
 pub fn next_is_delta(cfg: &crate::config::Config) -> bool {
     if cfg.incremental == Mode::Off || PARENT_SEQ.load(Relaxed) == 0 || !available() {
+        return false;
+    }
+    // The parent must still be there (someone may have removed it): else start a new chain.
+    let parent = cfg
+        .image_dir
+        .join(snapshim_image::image_file_name(PARENT_SEQ.load(Relaxed)));
+    if !parent.exists() {
         return false;
     }
     if cfg.incremental == Mode::Merge {

@@ -398,3 +398,31 @@ fn kernel_reports_written_pages_as_the_tracker_assumes() -> Result<()> {
     }
     Ok(())
 }
+
+/// A program restored from a chain starts a new chain (its tracking did not survive): its next
+/// image is a full one, the one after a delta, and that restores exactly too.
+#[test]
+fn restored_program_starts_a_new_chain() -> Result<()> {
+    let session = Session::new(incr(&[
+        ("SNAPSHIM_INCREMENTAL", "on"),
+        ("SNAPSHIM_FULL_EVERY", "100"),
+        ("SNAPSHIM_FULL_FRACTION", "100"),
+        ("SNAPSHIM_KEEP", "10"),
+    ])?)?;
+    // Right after READY: well before PHASE 2, which the restored program then prints once it
+    // runs again.
+    let app = session.spawn()?.wait_ready()?;
+    let first = checkpoints(&app, 2)?;
+    app.kill()?;
+    let mut restored = first[1].restore()?;
+    restored.wait_for("PHASE 2")?;
+    let again = checkpoints(&restored, 2)?;
+    restored.kill()?;
+    if is_delta(again[0].path())? || !is_delta(again[1].path())? {
+        bail!("after a restore: expected a full image, then a delta");
+    }
+    again[1]
+        .restore()?
+        .finish()?
+        .assert_same_output_as_uninterrupted()
+}
