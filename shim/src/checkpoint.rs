@@ -631,7 +631,7 @@ fn write_image(job: &mut Job) -> Result<String, String> {
         job.delta = crate::track::prepare(&mut cap, job.delta);
         if job.delta {
             // Few written pages are written out during the pause (into the page cache: about
-            // as fast as copying them), many by a forked writer (see track::PAUSE_WRITE_LIMIT).
+            // as fast as copying them), many by a forked writer (see track::pause_write).
             job.engine = if crate::track::pause_write(&cap) && !cfg.twin_full {
                 Engine::Stop
             } else {

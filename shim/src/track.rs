@@ -500,12 +500,12 @@ pub fn prepare(cap: &mut crate::writer::Captured, want_delta: bool) -> bool {
     }
 }
 
-/// Deltas with at most this much written data are written during the pause (into the page
-/// cache, about 2-3 ms per 10 MiB here); larger ones by a forked writer, whose page-table copy
-/// costs about 40 ms per GiB of the program but no more as the delta grows.
-pub const PAUSE_WRITE_LIMIT: u64 = 32 << 20;
-
-/// Whether a delta is small enough to write during the pause.
+/// Whether a delta is small enough to write during the pause (into the page cache), rather than
+/// by a forked writer. Measured here (`scripts/bench_incremental.py`, 1 GiB program): writing
+/// during the pause costs about 1.2-3 ms per MiB of written pages on top of the tracking scan;
+/// a fork costs a page-table copy, about 40 ms per GiB of the program, whatever the delta's
+/// size. So a delta up to 1/50 of the program's resident memory (20 MiB for 1 GiB; at least
+/// 1 MiB, at most 64 MiB) is written during the pause.
 pub fn pause_write(cap: &crate::writer::Captured) -> bool {
     let Some(d) = &cap.delta else { return false };
     let bytes: u64 = d
@@ -515,7 +515,7 @@ pub fn pause_write(cap: &crate::writer::Captured) -> bool {
         .filter(|w| Tracked::has_data(w.2))
         .map(|w| w.1 - w.0)
         .sum();
-    bytes <= PAUSE_WRITE_LIMIT
+    bytes <= (cap.process.resident_bytes / 50).clamp(1 << 20, 64 << 20)
 }
 
 // ---------------------------------------------------------------------------------------------
