@@ -394,7 +394,7 @@ pub fn next_is_delta(cfg: &crate::config::Config) -> bool {
     if !parent.exists() {
         return false;
     }
-    if cfg.incremental == Mode::Merge {
+    if cfg.incremental == Mode::Merge && MERGE_FAILED.load(Relaxed) == 0 {
         // Full images come from the background merger.
         return true;
     }
@@ -524,6 +524,8 @@ pub fn pause_write(cap: &crate::writer::Captured) -> bool {
 /// The running merger's PID (0: none), the sequence number it merges, and the chain counters
 /// when it started (what the merge takes off the chain).
 static MERGER: AtomicI32 = AtomicI32::new(0);
+/// A merger failed: from then on the program takes the full images itself (said once).
+static MERGE_FAILED: AtomicU8 = AtomicU8::new(0);
 static MERGE_LEN: AtomicU64 = AtomicU64::new(0);
 static MERGE_BYTES: AtomicU64 = AtomicU64::new(0);
 
@@ -535,7 +537,7 @@ extern "C" {
 /// (unless one runs already). The merger is a child with exit signal 0 (the program never sees
 /// it), its output goes to /dev/null, and it does not load the shim.
 pub fn maybe_merge(cfg: &crate::config::Config, path: &str) {
-    if MERGER.load(Relaxed) != 0 || !chain_too_long(cfg) {
+    if MERGER.load(Relaxed) != 0 || MERGE_FAILED.load(Relaxed) != 0 || !chain_too_long(cfg) {
         return;
     }
     if parent().is_none() {
@@ -653,6 +655,21 @@ pub fn reap_merger() {
                 .saturating_sub(MERGE_BYTES.load(Relaxed)),
             Relaxed,
         );
+    } else {
+        // Without merges the chain would grow for ever: full images from now on.
+        MERGE_FAILED.store(1, Relaxed);
+        let how = if r != pid as i64 {
+            alloc::format!("cannot be waited for (errno {})", -r)
+        } else if libc::WIFEXITED(status) {
+            alloc::format!("exited with status {}", libc::WEXITSTATUS(status))
+        } else {
+            alloc::format!("died of signal {}", libc::WTERMSIG(status))
+        };
+        let text = alloc::format!(
+            "snapshim: the background merge (snapshim merge, next to libsnapshim.so) {how}; \
+             the program takes full images itself from now on\n"
+        );
+        let _ = sys::write_all(2, text.as_bytes());
     }
 }
 

@@ -287,6 +287,36 @@ mod tests {
     }
 
     #[test]
+    fn run_takes_the_incremental_options() {
+        let cli = parse(&[
+            "run",
+            "--incremental",
+            "merge",
+            "--full-every",
+            "4",
+            "--full-fraction",
+            "0.25",
+            "--",
+            "prog",
+        ])
+        .unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(a.incremental.as_deref(), Some("merge"));
+        assert_eq!(a.full_every, Some(4));
+        assert_eq!(a.full_fraction, Some(0.25));
+        for bad in [
+            &["run", "--incremental", "yes", "--", "p"][..],
+            &["run", "--full-every", "0", "--", "p"],
+            &["run", "--full-fraction", "0", "--", "p"],
+            &["run", "--full-fraction", "-1", "--", "p"],
+        ] {
+            assert_eq!(parse(bad).err().map(|e| e.exit_code()), Some(2), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn run_program_options_are_not_ours() {
         let cli = parse(&["run", "prog", "--dir", "x"]).unwrap();
         let Command::Run(a) = cli.command else {
