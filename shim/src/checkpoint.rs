@@ -123,7 +123,7 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
             .map(|r| r.swap(0, AcqRel))
             .filter(|&v| v != 0)
             .collect();
-        crate::track::reap_merger();
+        crate::track::reap_merger(cfg);
         // Incremental mode: the policy picks a delta or a full image; the synchronous uffd
         // engine cannot register what the tracking userfaultfd holds, so full images use fork.
         let delta = crate::track::next_is_delta(cfg);

@@ -526,6 +526,8 @@ pub fn pause_write(cap: &crate::writer::Captured) -> bool {
 static MERGER: AtomicI32 = AtomicI32::new(0);
 /// A merger failed: from then on the program takes the full images itself (said once).
 static MERGE_FAILED: AtomicU8 = AtomicU8::new(0);
+/// The sequence number of the image being merged.
+static MERGE_SEQ: AtomicU64 = AtomicU64::new(0);
 static MERGE_LEN: AtomicU64 = AtomicU64::new(0);
 static MERGE_BYTES: AtomicU64 = AtomicU64::new(0);
 
@@ -540,9 +542,9 @@ pub fn maybe_merge(cfg: &crate::config::Config, path: &str) {
     if MERGER.load(Relaxed) != 0 || MERGE_FAILED.load(Relaxed) != 0 || !chain_too_long(cfg) {
         return;
     }
-    if parent().is_none() {
+    let Some((seq, _, _)) = parent() else {
         return;
-    }
+    };
     let tool = std::path::Path::new(&cfg.shim_path).with_file_name("snapshim");
     let cstr = |b: &[u8]| {
         let mut v = b.to_vec();
@@ -615,6 +617,7 @@ pub fn maybe_merge(cfg: &crate::config::Config, path: &str) {
     });
     if let Ok(pid) = forked {
         MERGER.store(pid, Relaxed);
+        MERGE_SEQ.store(seq, Relaxed);
         MERGE_LEN.store(CHAIN_LEN.load(Relaxed), Relaxed);
         MERGE_BYTES.store(CHAIN_BYTES.load(Relaxed), Relaxed);
     }
@@ -622,7 +625,12 @@ pub fn maybe_merge(cfg: &crate::config::Config, path: &str) {
 
 /// Before each checkpoint: collects a finished merger. A merge that succeeded takes the merged
 /// deltas off the chain's length and size; the merged image becomes the base.
-pub fn reap_merger() {
+///
+/// The merger was cloned with exit signal 0, but `execve` makes it an ordinary child again
+/// (exit signal SIGCHLD): the program gets a SIGCHLD when it ends, and a program that waits
+/// for any child may reap it first. So the outcome is read from the image directory: the
+/// merge succeeded if the image it merged is a full image now.
+pub fn reap_merger(cfg: &crate::config::Config) {
     let pid = MERGER.load(Relaxed);
     if pid == 0 {
         return;
@@ -634,7 +642,7 @@ pub fn reap_merger() {
             libc::SYS_wait4,
             pid,
             &mut status as *mut i32,
-            libc::WNOHANG | libc::__WCLONE,
+            libc::WNOHANG | libc::__WALL,
             0
         )
     };
@@ -642,7 +650,16 @@ pub fn reap_merger() {
         return; // still merging
     }
     MERGER.store(0, Relaxed);
-    if r == pid as i64 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+    let merged = cfg
+        .image_dir
+        .join(snapshim_image::image_file_name(MERGE_SEQ.load(Relaxed)));
+    let full = std::fs::File::open(&merged).ok().and_then(|f| {
+        let mut page = [0u8; 128];
+        use std::os::unix::fs::FileExt;
+        let n = f.read_at(&mut page, 0).ok()?;
+        snapshim_image::Header::decode(&page[..n]).ok()
+    });
+    if full.is_some_and(|h| h.flags & snapshim_image::FLAG_DELTA == 0) {
         CHAIN_LEN.store(
             CHAIN_LEN
                 .load(Relaxed)
@@ -659,7 +676,7 @@ pub fn reap_merger() {
         // Without merges the chain would grow for ever: full images from now on.
         MERGE_FAILED.store(1, Relaxed);
         let how = if r != pid as i64 {
-            alloc::format!("cannot be waited for (errno {})", -r)
+            alloc::format!("did not merge {}", merged.display())
         } else if libc::WIFEXITED(status) {
             alloc::format!("exited with status {}", libc::WEXITSTATUS(status))
         } else {
