@@ -43,11 +43,32 @@ fn describe(img: &Image) -> String {
             human_bytes(img.file_len)
         ),
     );
-    let parent = match h.parent_id {
-        0 => "none (full image)".to_string(),
-        id => format!("{id:016x}"),
+    let parent = match (&m.parent, h.parent_id) {
+        (Some(r), _) => format!(
+            "{:016x} ({}, metadata checksum {:08x}): a delta image, {} pages inherited",
+            r.image_id,
+            r.file,
+            r.meta_crc,
+            m.inherited.iter().map(|s| s.pages).sum::<u64>()
+        ),
+        (None, 0) => "none (full image)".to_string(),
+        (None, id) => format!("{id:016x}"),
     };
     field("id", format!("{:016x}, parent {parent}", h.image_id));
+    if let Some(mf) = &m.merged_from {
+        field(
+            "merged",
+            format!(
+                "from a chain (replaced {}); the delta it replaced had metadata checksum {:08x}",
+                if mf.files.is_empty() {
+                    "nothing older".to_string()
+                } else {
+                    mf.files.join(", ")
+                },
+                mf.meta_crc
+            ),
+        );
+    }
     field("created", local_time(h.created_ns));
     field("program", format!("{}, PID {}", p.name, p.pid));
     field("exe", p.exe.clone());
