@@ -206,9 +206,15 @@ impl Chain {
 /// statistics). An image that cannot be read is kept if it is among the newest, and names no
 /// parent. Returns the deleted files.
 pub fn retain(dir: &Path, keep: usize) -> Vec<PathBuf> {
-    let Ok(images) = crate::list_images(dir) else {
-        return Vec::new();
-    };
+    match crate::list_images(dir) {
+        Ok(images) => retain_among(dir, images, keep),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// [`retain`] given the directory's committed images, oldest first (as [`crate::list_images`]
+/// returns them; the shim lists them with raw system calls instead, without libc's allocator).
+pub fn retain_among(dir: &Path, images: Vec<PathBuf>, keep: usize) -> Vec<PathBuf> {
     if keep == 0 || images.len() <= keep {
         return Vec::new();
     }

@@ -1072,7 +1072,7 @@ pub fn image_file_name(seq: u64) -> String {
 }
 
 mod chain;
-pub use chain::{retain, Chain, SourcedRun};
+pub use chain::{retain, retain_among, Chain, SourcedRun};
 
 #[cfg(test)]
 mod tests;

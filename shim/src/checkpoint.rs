@@ -151,7 +151,7 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
             Outcome::Done(s) if cfg.incremental != crate::track::Mode::Off => {
                 crate::track::committed(s.seq, &s.path, s.bytes, s.delta);
                 // Keep the newest images and every image they depend on.
-                snapshim_image::retain(&cfg.image_dir, cfg.keep as usize);
+                crate::track::retain(cfg);
                 if s.delta && cfg.incremental == crate::track::Mode::Merge {
                     crate::track::maybe_merge(cfg, &s.path);
                 }

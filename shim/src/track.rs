@@ -461,6 +461,24 @@ pub fn after_restore() {
     PROBED.store(0, Relaxed);
 }
 
+/// Retention with chains (after a committed image, outside the pause): keeps the newest
+/// `SNAPSHIM_KEEP` images and every image they depend on. The directory is listed with raw
+/// system calls: the shim does not use the allocator it interposes.
+pub fn retain(cfg: &crate::config::Config) {
+    let mut dir = cfg.image_dir.as_os_str().as_encoded_bytes().to_vec();
+    dir.push(0);
+    let Ok(names) = crate::capture::list_dir_names(&dir) else {
+        return;
+    };
+    let mut images: Vec<std::path::PathBuf> = names
+        .iter()
+        .filter(|n| n.ends_with(snapshim_image::IMAGE_SUFFIX) && !n.starts_with('.'))
+        .map(|n| cfg.image_dir.join(n))
+        .collect();
+    images.sort();
+    snapshim_image::retain_among(&cfg.image_dir, images, cfg.keep as usize);
+}
+
 /// Whether the last tracking scan succeeded: only then can the image it belongs to be a parent.
 static SCAN_OK: AtomicU8 = AtomicU8::new(0);
 
