@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 const APPS: &[&str] = &[
-    "single", "threads", "fpu", "signals", "files", "pattern", "ids",
+    "single", "threads", "fpu", "signals", "files", "pattern", "ids", "wpasync", "incr",
 ];
 
 fn main() {

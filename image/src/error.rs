@@ -63,6 +63,21 @@ pub enum ImageError {
         end: u64,
         file_off: u64,
     },
+    /// An older image of a delta chain, needed to restore the one named, is missing or damaged.
+    #[error("{}, an older image that {} depends on, {what}: {source}", .path.display(), .head.display())]
+    Ancestor {
+        path: PathBuf,
+        head: PathBuf,
+        what: &'static str,
+        source: Box<ImageError>,
+    },
+    /// The file a delta image names as its parent is not that image.
+    #[error("{}, named as the parent of {}, is not the image it names ({why}): the chain is broken", .path.display(), .child.display())]
+    BrokenChain {
+        path: PathBuf,
+        child: PathBuf,
+        why: String,
+    },
     /// A directory without any committed image.
     #[error("no snapshim image in {0}")]
     NoImage(PathBuf),

@@ -72,8 +72,13 @@ pub const MAGIC: [u8; 8] = *b"SNAPSHIM";
 pub const ARCH: [u8; 8] = *b"x86_64\0\0";
 pub const VERSION_MAJOR: u16 = 1;
 /// 1.1 added [`Metadata::clock_boottime_ns`]; 1.2 added [`Metadata::build_ids`] and
-/// [`Metadata::vdso`]. Older images still load (the new fields read as empty).
-pub const VERSION_MINOR: u16 = 2;
+/// [`Metadata::vdso`]; 1.3 added incremental (delta) images: [`Metadata::parent`],
+/// [`Metadata::inherited`], [`Metadata::merged_from`] and [`FLAG_DELTA`]. Older images still
+/// load (the new fields read as empty; they are full images).
+pub const VERSION_MINOR: u16 = 3;
+/// Header flag: a delta image, which stores only the pages written since its parent
+/// ([`Metadata::parent`]); restoring it needs the chain of images down to a full one.
+pub const FLAG_DELTA: u32 = 1;
 /// File name suffix of committed images.
 pub const IMAGE_SUFFIX: &str = ".snap";
 /// Name of the symlink that points at the newest committed image in an image directory.
@@ -86,8 +91,10 @@ pub struct Header {
     pub major: u16,
     pub minor: u16,
     pub flags: u32,
-    /// Random identity of this image (incremental images will name their parent by it).
+    /// Random identity of this image; a delta image names its parent by it. A full image made
+    /// by merging a chain keeps the identity of the chain's newest image.
     pub image_id: u64,
+    /// A delta image's parent's `image_id` (also in [`Metadata::parent`]); 0 for a full image.
     pub parent_id: u64,
     /// Wall-clock time of the snapshot, nanoseconds since the Unix epoch.
     pub created_ns: u64,
@@ -286,6 +293,55 @@ pub struct Metadata {
     /// that jumps into the new one at its address.
     pub vdso: VdsoImage,
     // --- End of format 1.2.
+    // ---- format 1.3: incremental images (empty/None in older images) ----------------------
+    /// A delta image's parent (the header has [`FLAG_DELTA`]); `None` for a full image.
+    pub parent: Option<ParentRef>,
+    /// A delta image's pages that were not written since the parent's snapshot, sorted and
+    /// disjoint: their content is the parent's at the same address (recursively, down the
+    /// chain). A page of a delta image is either in a page run (its data is here), or
+    /// inherited, or neither: zero (anonymous memory) or the file's (private file mapping),
+    /// exactly as in a full image.
+    pub inherited: Vec<PageSpan>,
+    /// Set in a full image made by merging a chain (`snapshim merge`), which keeps the
+    /// `image_id` of the chain's newest image and replaces it.
+    pub merged_from: Option<MergedFrom>,
+    // ---- end of format 1.3 ------------------------------------------------------------------
+}
+
+/// What a merged image replaced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MergedFrom {
+    /// The metadata checksum of the delta it replaced, so deltas that name that one as their
+    /// parent still find their parent in it.
+    pub meta_crc: u32,
+    /// File names of the older images of the merged chain, which the merge deletes once this
+    /// image is committed (a merge that was interrupted finishes that when run again).
+    pub files: Vec<String>,
+}
+
+/// How a delta image names its parent: the parent's identity and metadata checksum (which
+/// covers every page-run checksum of the parent, so it fingerprints the whole image), and its
+/// file name in the same directory.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ParentRef {
+    pub image_id: u64,
+    pub meta_crc: u32,
+    pub file: String,
+}
+
+/// `pages` pages from `addr`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PageSpan {
+    pub addr: u64,
+    pub pages: u64,
+}
+
+impl PageSpan {
+    /// The address after the span (saturating: only checked spans are meaningful).
+    pub fn end(&self) -> u64 {
+        self.addr
+            .saturating_add(self.pages.saturating_mul(PAGE_SIZE))
+    }
 }
 
 /// The build-id of one mapped file.
@@ -347,6 +403,20 @@ struct MetadataV1_0 {
     fds: Vec<FdState>,
 }
 
+/// [`Metadata`] as format 1.2 wrote it (see [`MetadataV1_0`]).
+#[derive(Deserialize)]
+struct MetadataV1_2 {
+    process: Process,
+    shim: ShimInfo,
+    threads: Vec<ThreadState>,
+    regions: Vec<Region>,
+    runs: Vec<PageRun>,
+    fds: Vec<FdState>,
+    clock_boottime_ns: u64,
+    build_ids: Vec<BuildId>,
+    vdso: VdsoImage,
+}
+
 /// Decodes metadata written by format version 1.`minor`: every byte must belong to it.
 fn decode_metadata(bytes: &[u8], minor: u16) -> Result<Metadata, ImageError> {
     fn whole<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ImageError> {
@@ -359,10 +429,13 @@ fn decode_metadata(bytes: &[u8], minor: u16) -> Result<Metadata, ImageError> {
             Err(e) => Err(ImageError::MetadataDecode(e.to_string())),
         }
     }
-    let m: MetadataV1_1 = match minor {
+    if minor >= 3 {
+        return whole(bytes);
+    }
+    let (m, build_ids, vdso) = match minor {
         0 => {
             let m: MetadataV1_0 = whole(bytes)?;
-            MetadataV1_1 {
+            let m = MetadataV1_1 {
                 process: m.process,
                 shim: m.shim,
                 threads: m.threads,
@@ -370,10 +443,27 @@ fn decode_metadata(bytes: &[u8], minor: u16) -> Result<Metadata, ImageError> {
                 runs: m.runs,
                 fds: m.fds,
                 clock_boottime_ns: 0,
-            }
+            };
+            (m, Vec::new(), VdsoImage::default())
         }
-        1 => whole(bytes)?,
-        _ => return whole(bytes),
+        1 => (
+            whole::<MetadataV1_1>(bytes)?,
+            Vec::new(),
+            VdsoImage::default(),
+        ),
+        _ => {
+            let m: MetadataV1_2 = whole(bytes)?;
+            let v = MetadataV1_1 {
+                process: m.process,
+                shim: m.shim,
+                threads: m.threads,
+                regions: m.regions,
+                runs: m.runs,
+                fds: m.fds,
+                clock_boottime_ns: m.clock_boottime_ns,
+            };
+            (v, m.build_ids, m.vdso)
+        }
     };
     Ok(Metadata {
         process: m.process,
@@ -383,8 +473,11 @@ fn decode_metadata(bytes: &[u8], minor: u16) -> Result<Metadata, ImageError> {
         runs: m.runs,
         fds: m.fds,
         clock_boottime_ns: m.clock_boottime_ns,
-        build_ids: Vec::new(),
-        vdso: VdsoImage::default(),
+        build_ids,
+        vdso,
+        parent: None,
+        inherited: Vec::new(),
+        merged_from: None,
     })
 }
 
@@ -904,6 +997,7 @@ fn check_structure(h: &Header, m: &Metadata) -> Result<(), ImageError> {
             ));
         }
     }
+    check_delta(h, m)?;
     // Neighbours in memory order, then in file order, must not overlap.
     let mut order: Vec<usize> = (0..m.runs.len()).collect();
     for (key, what) in [
@@ -921,6 +1015,80 @@ fn check_structure(h: &Header, m: &Metadata) -> Result<(), ImageError> {
                     key(b)
                 ));
             }
+        }
+    }
+    Ok(())
+}
+
+/// The 1.3 fields: a delta (header flag) has a parent and the header names the same one; a full
+/// image inherits nothing; inherited spans are sorted, disjoint, each inside one region and
+/// outside every page run.
+fn check_delta(h: &Header, m: &Metadata) -> Result<(), ImageError> {
+    let bad = |why: String| Err(ImageError::Inconsistent(why));
+    let delta = h.flags & FLAG_DELTA != 0;
+    match &m.parent {
+        Some(p) if !delta || p.image_id != h.parent_id => {
+            return bad(format!(
+                "the metadata names parent image {:016x} but the header {}",
+                p.image_id,
+                if delta {
+                    format!("names {:016x}", h.parent_id)
+                } else {
+                    "says it is a full image".into()
+                }
+            ))
+        }
+        None if delta => return bad("a delta image without a parent".into()),
+        None if !m.inherited.is_empty() => return bad("a full image with inherited pages".into()),
+        _ => {}
+    }
+    if let Some(p) = &m.parent {
+        if p.file.is_empty() || p.file.contains('/') || p.file.starts_with('.') {
+            return bad(format!(
+                "parent file name {:?} is not a plain file name",
+                p.file
+            ));
+        }
+    }
+    let mut prev_end = 0u64;
+    let mut runs: Vec<&PageRun> = m.runs.iter().collect();
+    runs.sort_by_key(|r| r.addr);
+    for (i, s) in m.inherited.iter().enumerate() {
+        let end = s
+            .pages
+            .checked_mul(PAGE_SIZE)
+            .and_then(|l| s.addr.checked_add(l))
+            .filter(|_| s.pages > 0 && s.addr % PAGE_SIZE == 0);
+        let Some(end) = end else {
+            return bad(format!(
+                "inherited span {i} at {:#x} is empty or not page-aligned",
+                s.addr
+            ));
+        };
+        if s.addr < prev_end {
+            return bad(format!(
+                "inherited span {i} at {:#x} is out of order",
+                s.addr
+            ));
+        }
+        prev_end = end;
+        let r = m.regions.partition_point(|r| r.end <= s.addr);
+        if !m
+            .regions
+            .get(r)
+            .is_some_and(|r| r.start <= s.addr && end <= r.end)
+        {
+            return bad(format!(
+                "inherited span {i} at {:#x} is not inside one region",
+                s.addr
+            ));
+        }
+        let k = runs.partition_point(|r| r.end() <= s.addr);
+        if runs.get(k).is_some_and(|r| r.addr < end) {
+            return bad(format!(
+                "inherited span {i} at {:#x} overlaps a page run stored in the image",
+                s.addr
+            ));
         }
     }
     Ok(())
@@ -1017,6 +1185,9 @@ pub fn xsave_features() -> u64 {
 pub fn image_file_name(seq: u64) -> String {
     format!("ckpt-{seq:08}{IMAGE_SUFFIX}")
 }
+
+mod chain;
+pub use chain::{retain, retain_among, Chain, SourcedRun};
 
 #[cfg(test)]
 mod tests;

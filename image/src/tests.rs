@@ -24,6 +24,9 @@ fn sample_meta(runs: Vec<PageRun>) -> Metadata {
         clock_boottime_ns: 0x1234_5678_9abc,
         build_ids: vec![],
         vdso: Default::default(),
+        parent: None,
+        inherited: Vec::new(),
+        merged_from: None,
     }
 }
 
@@ -285,4 +288,162 @@ fn recorded_vdso_must_fit_its_region() {
     none.regions.pop();
     let e = none.validate().unwrap_err().to_string();
     assert!(e.contains("not exactly one [vdso] region"), "{e}");
+}
+
+/// An image value for chain logic only (its file is /dev/null).
+fn chain_member(runs: Vec<PageRun>, inherited: Vec<PageSpan>) -> Image {
+    let mut meta = sample_meta(runs);
+    meta.regions[0].end = 0x30000;
+    meta.inherited = inherited;
+    Image {
+        path: PathBuf::from("x"),
+        file: File::open("/dev/null").unwrap(),
+        file_len: 0,
+        header: Header::new(1, 0),
+        meta,
+    }
+}
+
+fn run(addr: u64, pages: u64, file_off: u64) -> PageRun {
+    PageRun {
+        addr,
+        pages,
+        file_off,
+        crc: 0,
+    }
+}
+
+/// Each page comes from the newest image that stores it; inherited pages that no ancestor
+/// stores are absent; pages neither stored nor inherited never look further down.
+#[test]
+fn chain_sources_take_each_page_from_the_newest_image_storing_it() {
+    let span = |addr, pages| PageSpan { addr, pages };
+    // Full image: pages 0x10000..0x18000 (8 pages) at file offset 4096.
+    let full = chain_member(vec![run(0x10000, 8, 4096)], vec![]);
+    // Delta 1: rewrote 0x12000 (1 page); inherits 0x10000..0x12000 and 0x13000..0x16000;
+    // 0x16000..0x18000 was discarded (neither).
+    let d1 = chain_member(
+        vec![run(0x12000, 1, 4096)],
+        vec![span(0x10000, 2), span(0x13000, 3)],
+    );
+    // Delta 2 (head): rewrote 0x11000; inherits 0x10000 and 0x12000..0x18000.
+    let d2 = chain_member(
+        vec![run(0x11000, 1, 4096)],
+        vec![span(0x10000, 1), span(0x12000, 6)],
+    );
+    let chain = Chain {
+        images: vec![d2, d1, full],
+    };
+    let got: Vec<(usize, u64, u64, u64)> = chain
+        .sources()
+        .iter()
+        .map(|r| (r.image, r.addr, r.pages, r.file_off))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (2, 0x10000, 1, 4096),
+            (0, 0x11000, 1, 4096),
+            (1, 0x12000, 1, 4096),
+            (2, 0x13000, 3, 4096 + 3 * 4096),
+        ]
+    );
+}
+
+/// An image of `meta` (its runs must hold no data) with `flags` and `parent_id` in the header.
+fn image_of(meta: &Metadata, flags: u32, parent_id: u64) -> Vec<u8> {
+    let (bytes, crc) = encode_metadata(meta);
+    let mut h = Header::new(9, 1);
+    h.flags = flags;
+    h.parent_id = parent_id;
+    h.meta_off = PAGE_SIZE;
+    h.meta_len = bytes.len() as u64;
+    h.meta_crc = crc;
+    let mut out = h.encode();
+    out.extend_from_slice(&bytes);
+    out
+}
+
+/// Format 1.1 and 1.2 images (metadata up to `clock_boottime_ns`) load as full images.
+#[test]
+fn format_1_1_image_loads_as_a_full_image() {
+    #[derive(Serialize)]
+    struct V1_1<'a> {
+        process: &'a Process,
+        shim: &'a ShimInfo,
+        threads: &'a Vec<ThreadState>,
+        regions: &'a Vec<Region>,
+        runs: &'a Vec<PageRun>,
+        fds: &'a Vec<FdState>,
+        clock_boottime_ns: u64,
+    }
+    let old = |m: &Metadata| {
+        let bytes = postcard::to_allocvec(&V1_1 {
+            process: &m.process,
+            shim: &m.shim,
+            threads: &m.threads,
+            regions: &m.regions,
+            runs: &m.runs,
+            fds: &m.fds,
+            clock_boottime_ns: m.clock_boottime_ns,
+        })
+        .unwrap();
+        let crc = crc32fast::hash(&bytes);
+        (bytes, crc)
+    };
+    let img = open_bytes(&sample_image_with(old, 1)).unwrap();
+    assert_eq!(img.meta.clock_boottime_ns, 0x1234_5678_9abc);
+    assert!(img.meta.parent.is_none() && img.meta.inherited.is_empty());
+    assert!(img.meta.merged_from.is_none());
+}
+
+/// Each inconsistency of the 1.3 fields is refused with its own reason.
+#[test]
+fn delta_fields_are_checked() {
+    let parent = ParentRef {
+        image_id: 5,
+        meta_crc: 1,
+        file: "ckpt-00000001.snap".into(),
+    };
+    let delta = |inherited: Vec<PageSpan>, file: &str| {
+        let mut m = sample_meta(vec![]);
+        m.parent = Some(ParentRef {
+            file: file.into(),
+            ..parent.clone()
+        });
+        m.inherited = inherited;
+        m
+    };
+    let span = |addr, pages| PageSpan { addr, pages };
+    let ok = delta(vec![span(0x10000, 2)], "ckpt-00000001.snap");
+    open_bytes(&image_of(&ok, FLAG_DELTA, 5)).unwrap();
+    let refused = |bytes: Vec<u8>, why: &str| match open_bytes(&bytes) {
+        Err(ImageError::Inconsistent(m)) if m.contains(why) => {}
+        other => panic!("expected {why:?}, got {other:?}"),
+    };
+    refused(image_of(&ok, 0, 0), "says it is a full image");
+    refused(image_of(&ok, FLAG_DELTA, 6), "names 0000000000000006");
+    refused(
+        image_of(&sample_meta(vec![]), FLAG_DELTA, 5),
+        "without a parent",
+    );
+    refused(
+        image_of(&delta(vec![], "../x.snap"), FLAG_DELTA, 5),
+        "not a plain file name",
+    );
+    refused(
+        image_of(&delta(vec![span(0x13000, 2)], "p.snap"), FLAG_DELTA, 5),
+        "not inside one region",
+    );
+    refused(
+        image_of(
+            &delta(vec![span(0x12000, 1), span(0x10000, 1)], "p.snap"),
+            FLAG_DELTA,
+            5,
+        ),
+        "out of order",
+    );
+    let mut full = sample_meta(vec![]);
+    full.inherited = vec![span(0x10000, 1)];
+    refused(image_of(&full, 0, 0), "full image with inherited pages");
 }

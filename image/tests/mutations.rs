@@ -466,6 +466,9 @@ fn generate(rng: &mut Rng) -> Sample {
         clock_boottime_ns: 1_000_000_000,
         build_ids: vec![],
         vdso: Default::default(),
+        parent: None,
+        inherited: Vec::new(),
+        merged_from: None,
     };
     let (meta_bytes, meta_crc) = encode_metadata(&meta);
     let mut header = Header::new(rng.next(), rng.next());
@@ -560,6 +563,8 @@ fn kind(e: &ImageError) -> String {
         ImageError::Inconsistent(_) => "inconsistent".into(),
         ImageError::RunChecksum { index, .. } => format!("run {index} checksum"),
         ImageError::NoImage(_) => "no image".into(),
+        ImageError::Ancestor { .. } => "ancestor".into(),
+        ImageError::BrokenChain { .. } => "broken chain".into(),
     }
 }
 

@@ -215,7 +215,7 @@ pub unsafe extern "C" fn blob_main(p: &Plan) -> ! {
     for run in slice::<PRun>(p.runs, p.n_runs) {
         let prot = PROT_RW | run.prot as u64;
         if run.how == RUN_MAP {
-            let a = sc6(SYS_MMAP, run.addr, run.len, prot, MAP_PRIVATE | MAP_FIXED, p.image_fd as u64, run.file_off);
+            let a = sc6(SYS_MMAP, run.addr, run.len, prot, MAP_PRIVATE | MAP_FIXED, run.fd as u64, run.file_off);
             if a == run.addr as i64 {
                 // Prefetch is advice: where the kernel declines, pages still come on first touch.
                 match p.prefetch {
@@ -235,7 +235,7 @@ pub unsafe extern "C" fn blob_main(p: &Plan) -> ! {
         }
         let mut done = 0u64;
         while done < run.len {
-            let n = sc6(SYS_PREAD64, p.image_fd as u64, run.addr + done, run.len - done, run.file_off + done, 0, 0);
+            let n = sc6(SYS_PREAD64, run.fd as u64, run.addr + done, run.len - done, run.file_off + done, 0, 0);
             if n == -4 {
                 continue;
             }

@@ -48,7 +48,7 @@ use std::process::ExitCode;
 use snapshim_image::layout::{
     ARENA_END, ARENA_START, RESERVED_END, RESERVED_START, STACK_END, STACK_START, VDSO_PARK,
 };
-use snapshim_image::{FdKind, Image, Metadata, RegionKind};
+use snapshim_image::{Chain, FdKind, Image, Metadata, RegionKind, SourcedRun};
 
 use plan::*;
 
@@ -245,33 +245,37 @@ fn monotonic_ns() -> u64 {
 fn restore(target: &Path, opt: Options) -> Result<Never, String> {
     // 1. The image.
     let path = snapshim_image::resolve(target).map_err(|e| e.to_string())?;
-    let image = open_image(&path)?;
+    let chain = open_image(&path)?;
     let verify_start = monotonic_ns();
     if opt.verify {
-        image
+        chain
             .verify_pages()
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     let verify_ns = monotonic_ns() - verify_start;
-    restore_image(image, verify_ns, opt)
+    restore_image(chain, verify_ns, opt)
 }
 
-/// Opens the image and checks its header and metadata (`Metadata::validate` included).
-fn open_image(path: &Path) -> Result<Image, String> {
-    let image = Image::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    image
+/// Opens the image, and for a delta image its ancestors (each page comes from the newest image
+/// of the chain storing it), and checks headers and metadata (`Metadata::validate` included).
+fn open_image(path: &Path) -> Result<Chain, String> {
+    let chain = Chain::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    chain
+        .head()
         .meta
         .validate()
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(image)
+    Ok(chain)
 }
 
 /// Steps 2 to 4 for an opened image whose page checksums were checked (in `verify_ns`) if
 /// `opt.verify`.
-fn restore_image(image: Image, verify_ns: u64, mut opt: Options) -> Result<Never, String> {
+fn restore_image(chain: Chain, verify_ns: u64, mut opt: Options) -> Result<Never, String> {
+    let image = chain.head();
     let meta = &image.meta;
-    let how = map_policy(&image, opt.copy)?;
-    let runs = plan_runs(meta, &how);
+    let how = map_policy(image, opt.copy)?;
+    let sources = chain.sources();
+    let mut runs = plan_runs(meta, &sources, &how);
     if opt.stats {
         eprintln!(
             "snapshim-restore: page checksums {} in {} us; {}",
@@ -308,7 +312,14 @@ fn restore_image(image: Image, verify_ns: u64, mut opt: Options) -> Result<Never
             meta.process.cwd
         )
     })?;
-    let image_fd = move_high(image.file.as_raw_fd(), fd_plan.high_base)?;
+    let image_fds: Vec<i32> = chain
+        .images
+        .iter()
+        .map(|i| move_high(i.file.as_raw_fd(), fd_plan.high_base))
+        .collect::<Result<_, _>>()?;
+    for r in runs.iter_mut() {
+        r.fd = image_fds[r.fd as usize] as i64;
+    }
     // --stats reports on the restorer's own stderr, which the program's descriptors replace.
     opt.stats_fd = if opt.report_fd >= 0 {
         move_high(opt.report_fd, fd_plan.high_base)?
@@ -330,7 +341,8 @@ fn restore_image(image: Image, verify_ns: u64, mut opt: Options) -> Result<Never
         })
         .collect::<Result<_, _>>()?;
     // From here on stderr may be the program's: only fatal, unlikely errors remain.
-    let mut ours: Vec<i32> = vec![image_fd, opt.stats_fd];
+    let mut ours: Vec<i32> = image_fds.clone();
+    ours.push(opt.stats_fd);
     ours.extend(region_fds.iter().copied());
     install_fds(&fd_plan, &ours);
     // SAFETY: umask and personality only change process attributes.
@@ -341,7 +353,7 @@ fn restore_image(image: Image, verify_ns: u64, mut opt: Options) -> Result<Never
 
     // 4. The plan, the blob, the jump.
     let close: Vec<i32> = ours.into_iter().filter(|&fd| fd >= 0).collect();
-    let plan = write_plan(meta, &runs, &region_fds, image_fd, &close, &vdso_plan, &opt)?;
+    let plan = write_plan(meta, &runs, &region_fds, &close, &vdso_plan, &opt)?;
     let entry = load_blob()?;
     map_fixed(STACK_START, STACK_END - STACK_START)?;
     if opt.pause {
@@ -581,9 +593,12 @@ fn map_policy(image: &Image, copy: bool) -> Result<MapPolicy, String> {
 ///   run           |<------------------------------------------->|
 ///   plan          | mapped (>= MAP_MIN_BYTES)        | read (1 page)
 /// ```
-fn plan_runs(meta: &Metadata, policy: &MapPolicy) -> Vec<PRun> {
-    let mut out: Vec<PRun> = Vec::with_capacity(meta.runs.len() + 1);
-    for run in &meta.runs {
+///
+/// `runs` come from the image chain ([`Chain::sources`]); each planned run's `fd` is the index
+/// of its image in the chain until the caller puts the descriptors in.
+fn plan_runs(meta: &Metadata, runs: &[SourcedRun], policy: &MapPolicy) -> Vec<PRun> {
+    let mut out: Vec<PRun> = Vec::with_capacity(runs.len() + 1);
+    for run in runs {
         // check_layout proved every run lies inside one region; regions are sorted.
         let i = meta.regions.partition_point(|r| r.end <= run.addr);
         let r = &meta.regions[i];
@@ -593,6 +608,7 @@ fn plan_runs(meta: &Metadata, policy: &MapPolicy) -> Vec<PRun> {
             file_off,
             prot: r.prot,
             how: RUN_READ,
+            fd: run.image as i64,
         };
         let exec = r.prot & libc::PROT_EXEC as u32 != 0;
         let mappable = policy.copy_reason.is_none()
@@ -919,7 +935,6 @@ fn write_plan(
     meta: &Metadata,
     runs: &[PRun],
     region_fds: &[i32],
-    image_fd: i32,
     close: &[i32],
     vdso_plan: &vdso::VdsoPlan,
     opt: &Options,
@@ -949,8 +964,7 @@ fn write_plan(
             } else {
                 0
             };
-            let fill = meta
-                .runs
+            let fill = runs
                 .iter()
                 .any(|run| run.addr >= r.start && run.addr < r.end) as u32;
             Some(PRegion {
@@ -1041,7 +1055,6 @@ fn write_plan(
         n_rlimits: rlimits.len() as u64,
         close_fds: a.put(close)?,
         n_close_fds: close.len() as u64,
-        image_fd: image_fd as i64,
         resume_addr: meta.shim.resume_addr,
         reserved_start: RESERVED_START,
         reserved_end: RESERVED_END,

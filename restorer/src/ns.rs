@@ -713,6 +713,9 @@ mod tests {
             clock_boottime_ns: 0,
             build_ids: vec![],
             vdso: Default::default(),
+            parent: None,
+            inherited: Vec::new(),
+            merged_from: None,
         };
         assert_eq!(
             unreproducible_ids(&meta(300, &[300, 301, 305]), 32768),

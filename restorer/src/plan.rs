@@ -21,7 +21,6 @@ pub struct Plan {
     pub n_rlimits: u64,
     pub close_fds: u64,
     pub n_close_fds: u64,
-    pub image_fd: i64,
     pub resume_addr: u64,
     pub reserved_start: u64,
     pub reserved_end: u64,
@@ -96,6 +95,8 @@ pub struct PRun {
     pub prot: u32,
     /// `RUN_READ` or `RUN_MAP`.
     pub how: u32,
+    /// The image file holding the run (a delta chain has several).
+    pub fd: i64,
 }
 
 #[repr(C)]

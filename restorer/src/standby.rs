@@ -47,7 +47,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use snapshim_image::standby::{dir_socket_name, pid_socket_name, watched_dir, ACTIVATE};
-use snapshim_image::{Image, ImageError};
+use snapshim_image::{Chain, Image, ImageError, Metadata};
 
 use crate::{
     check_machine, check_mapped_files, monotonic_ns, ns, open_image, restore_image, Namespace,
@@ -69,10 +69,10 @@ const REWARM_MS: u64 = 30_000;
 /// How often the directory is listed for newer images while we wait.
 const RESCAN_MS: i32 = 100;
 
-/// An image ready to restore: opened, validated, checked against this machine, every page
-/// checksum checked.
+/// An image ready to restore: opened with its ancestors if it is a delta, validated, checked
+/// against this machine, every page checksum of the chain checked.
 struct Staged {
-    image: Image,
+    chain: Chain,
     /// Time the checks took.
     check_ns: u64,
     bytes: u64,
@@ -80,7 +80,11 @@ struct Staged {
 
 impl Staged {
     fn path(&self) -> &Path {
-        &self.image.path
+        &self.chain.head().path
+    }
+
+    fn meta(&self) -> &Metadata {
+        &self.chain.head().meta
     }
 }
 
@@ -95,14 +99,23 @@ enum NotStaged {
 /// Checks `path` fully (step 2). `cancel` abandons the page checksums between chunks.
 fn stage(path: &Path, cancel: &AtomicBool, allowed: &[String]) -> Result<Staged, NotStaged> {
     let start = monotonic_ns();
-    let image = open_image(path).map_err(NotStaged::Bad)?;
-    check_machine(&image.meta)
-        .and_then(|()| check_mapped_files(&image.meta, allowed))
+    let chain = open_image(path).map_err(NotStaged::Bad)?;
+    let meta = &chain.head().meta;
+    check_machine(meta)
+        .and_then(|()| check_mapped_files(meta, allowed))
         .map_err(|e| NotStaged::Bad(format!("{}: {e}", path.display())))?;
-    let bytes = verify_pages(&image, cancel)?;
-    warm(&image);
+    let mut bytes = 0;
+    for (i, image) in chain.images.iter().enumerate() {
+        bytes += verify_pages(image, cancel).map_err(|e| match e {
+            NotStaged::Bad(why) if i > 0 => {
+                NotStaged::Bad(format!("{}: its ancestor {why}", path.display()))
+            }
+            e => e,
+        })?;
+    }
+    chain.images.iter().for_each(warm);
     Ok(Staged {
-        image,
+        chain,
         check_ns: monotonic_ns() - start,
         bytes,
     })
@@ -383,9 +396,9 @@ pub fn run(target: &Path, mut opt: Options) -> Result<Never, String> {
     );
     // The namespaces' trial run forks: now, before the first worker thread exists.
     if opt.namespace != Namespace::Off
-        && ns::unreproducible_ids(&sb.staged.image.meta, ns::pid_max()).is_none()
+        && ns::unreproducible_ids(&sb.staged.meta(), ns::pid_max()).is_none()
     {
-        ns::try_ahead(&sb.staged.image.meta);
+        ns::try_ahead(&sb.staged.meta());
     }
     // Anything committed while the first image was being checked.
     sb.reconcile(None)?;
@@ -411,7 +424,7 @@ pub fn run(target: &Path, mut opt: Options) -> Result<Never, String> {
             return Err(format!("standby: poll: {e}"));
         }
         if monotonic_ns() - warmed_ns > REWARM_MS * 1_000_000 {
-            warm(&sb.staged.image);
+            sb.staged.chain.images.iter().for_each(warm);
             warmed_ns = monotonic_ns();
         }
         if fds[0].revents != 0 {
@@ -479,8 +492,8 @@ pub fn run(target: &Path, mut opt: Options) -> Result<Never, String> {
         staged.path().display()
     );
     // The files the program maps may have changed while we waited: cheap to check again.
-    if let Err(e) = check_machine(&staged.image.meta)
-        .and_then(|()| check_mapped_files(&staged.image.meta, &opt.allow_changed))
+    if let Err(e) = check_machine(staged.meta())
+        .and_then(|()| check_mapped_files(staged.meta(), &opt.allow_changed))
     {
         if let Some(c) = &mut client {
             let _ = c.write_all(format!("error {e}\n").as_bytes());
@@ -496,7 +509,7 @@ pub fn run(target: &Path, mut opt: Options) -> Result<Never, String> {
         // SAFETY: dup of our own stderr, for the report of a signal activation.
         None => unsafe { libc::dup(2) },
     };
-    restore_image(staged.image, staged.check_ns, opt)
+    restore_image(staged.chain, staged.check_ns, opt)
 }
 
 fn pollin(fd: RawFd) -> libc::pollfd {
@@ -700,6 +713,9 @@ mod tests {
             clock_boottime_ns: 1,
             build_ids: vec![],
             vdso: Default::default(),
+            parent: None,
+            inherited: Vec::new(),
+            merged_from: None,
         };
         let (meta, meta_crc) = encode_metadata(&meta);
         let mut h = Header::new(7, 1);

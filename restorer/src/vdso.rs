@@ -306,6 +306,9 @@ mod tests {
             clock_boottime_ns: 0,
             build_ids: vec![],
             vdso: Default::default(),
+            parent: None,
+            inherited: Vec::new(),
+            merged_from: None,
         };
         m.regions = vec![
             region(0x40_0000, 0x40_1000, RegionKind::Anon, "[heap]"),

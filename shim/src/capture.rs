@@ -310,12 +310,39 @@ fn fstat(fd: i32) -> Option<libc::stat> {
 
 /// Entries of a /proc directory (numbers only), with getdents64: opendir would call malloc.
 pub fn list_numeric_dir(path: &[u8]) -> sys::Result<Vec<i32>> {
+    let fd_of_listing = core::cell::Cell::new(-1);
+    let mut out: Vec<i32> = Vec::new();
+    list_dir(path, &fd_of_listing, |name| {
+        if let Some(v) = core::str::from_utf8(name).ok().and_then(|s| s.parse().ok()) {
+            out.push(v);
+        }
+    })?;
+    out.retain(|&v| v != fd_of_listing.get());
+    Ok(out)
+}
+
+/// The names in a directory, with raw system calls (no libc allocation).
+pub fn list_dir_names(path: &[u8]) -> sys::Result<Vec<String>> {
+    let mut out = Vec::new();
+    list_dir(path, &core::cell::Cell::new(-1), |name| {
+        out.push(String::from_utf8_lossy(name).into_owned())
+    })?;
+    Ok(out)
+}
+
+/// Calls `f` with each name in the directory `path` (NUL-terminated); `fd` gets the descriptor
+/// used for the listing.
+fn list_dir(
+    path: &[u8],
+    fd_out: &core::cell::Cell<i32>,
+    mut f: impl FnMut(&[u8]),
+) -> sys::Result<()> {
     let fd = sys::open(
         path,
         libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
         0,
     )?;
-    let mut out = Vec::new();
+    fd_out.set(fd);
     let mut buf = [0u8; 8192];
     loop {
         // SAFETY: buf is writable for its length.
@@ -333,15 +360,12 @@ pub fn list_numeric_dir(path: &[u8]) -> sys::Result<Vec<i32>> {
             let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
             let name = &buf[off + 19..off + reclen];
             let name = &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())];
-            if let Some(v) = core::str::from_utf8(name).ok().and_then(|s| s.parse().ok()) {
-                out.push(v);
-            }
+            f(name);
             off += reclen;
         }
     }
     sys::close(fd);
-    out.retain(|&v| v != fd);
-    Ok(out)
+    Ok(())
 }
 
 fn cpath(parts: &[&str]) -> Vec<u8> {

@@ -123,7 +123,12 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
             .map(|r| r.swap(0, AcqRel))
             .filter(|&v| v != 0)
             .collect();
+        crate::track::reap_merger(cfg);
+        // Incremental mode: the policy picks a delta or a full image; the synchronous uffd
+        // engine cannot register what the tracking userfaultfd holds, so full images use fork.
+        let delta = crate::track::next_is_delta(cfg);
         let engine = match cfg.engine.resolve() {
+            Engine::Uffd if cfg.incremental != crate::track::Mode::Off => Engine::Fork,
             Engine::Uffd if !crate::uffd::available() => {
                 let _ = sys::write_all(
                     2,
@@ -134,13 +139,25 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
             }
             e => e,
         };
-        let mut outcome = take(cfg, engine);
+        let mut outcome = take(cfg, engine, delta);
         if let Outcome::Retry(msg) = &outcome {
             let text = alloc::format!(
                 "snapshim: the uffd snapshot was not exact ({msg}); taking it again with fork\n"
             );
             let _ = sys::write_all(2, text.as_bytes());
-            outcome = take(cfg, Engine::Fork);
+            outcome = take(cfg, Engine::Fork, false);
+        }
+        match &outcome {
+            Outcome::Done(s) if cfg.incremental != crate::track::Mode::Off => {
+                crate::track::committed(s.seq, &s.path, s.bytes, s.delta);
+                // Keep the newest images and every image they depend on.
+                crate::track::retain(cfg);
+                if s.delta && cfg.incremental == crate::track::Mode::Merge {
+                    crate::track::maybe_merge(cfg, &s.path);
+                }
+            }
+            Outcome::Failed(_) | Outcome::Retry(_) => crate::track::forget(),
+            _ => {}
         }
         let line = match &outcome {
             Outcome::Restored => continue,
@@ -148,9 +165,9 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
             Outcome::Done(s) => {
                 write_stats(s);
                 alloc::format!(
-                    "ok path={} bytes={} pause_us={} total_us={} resident={} flush_us={} copied={} engine={}\n",
+                    "ok path={} bytes={} pause_us={} total_us={} resident={} flush_us={} copied={} engine={} kind={}\n",
                     s.path, s.bytes, s.pause_ns / 1000, s.total_ns / 1000, s.resident, s.flush_ns / 1000,
-                    s.copied, s.engine.name()
+                    s.copied, s.engine.name(), if s.delta { "delta" } else { "full" }
                 )
             }
             Outcome::Failed(msg) => {
@@ -183,7 +200,7 @@ fn write_stats(s: &Stats) {
     let json = alloc::format!(
         "{{\"image\": \"{}\", \"engine\": \"{}\", \"bytes\": {}, \"resident_bytes\": {}, \
          \"pause_us\": {}, \"flush_us\": {}, \"total_us\": {}, \"pages_copied_before_write\": {}, \
-         \"pause_phases_us\": {{{phases}}}}}\n",
+         \"delta\": {}, \"pause_phases_us\": {{{phases}}}}}\n",
         s.path.replace('\\', "\\\\").replace('"', "\\\""),
         s.engine.name(),
         s.bytes,
@@ -191,7 +208,8 @@ fn write_stats(s: &Stats) {
         s.pause_ns / 1000,
         s.flush_ns / 1000,
         s.total_ns / 1000,
-        s.copied
+        s.copied,
+        s.delta
     );
     let path = std::path::Path::new(&s.path).with_extension("json");
     use std::io::Write;
@@ -230,6 +248,9 @@ pub struct Stats {
     pub total_ns: u64,
     pub resident: u64,
     pub engine: Engine,
+    pub seq: u64,
+    /// A delta image (incremental checkpoints).
+    pub delta: bool,
 }
 
 pub enum Outcome {
@@ -250,6 +271,8 @@ struct Job {
     copied: u64,
     /// The uffd engine's snapshot was not exact (see Outcome::Retry).
     retry: bool,
+    /// Asked for a delta image; cleared by the writer when it takes a full one instead.
+    delta: bool,
     t0: u64,
     seq: u64,
     nthreads: usize,
@@ -269,7 +292,7 @@ struct Job {
 }
 
 /// Takes one checkpoint. Returns in the original process when it is over, or in a restored one.
-fn take(cfg: &'static Config, mut engine: Engine) -> Outcome {
+fn take(cfg: &'static Config, mut engine: Engine, delta: bool) -> Outcome {
     let started = sys::monotonic_ns();
     let unmap_stack = || {
         let _ = sys::mmap_fixed(
@@ -322,6 +345,7 @@ fn take(cfg: &'static Config, mut engine: Engine) -> Outcome {
         engine,
         copied: 0,
         retry: false,
+        delta,
         t0,
         seq,
         nthreads,
@@ -346,6 +370,7 @@ fn take(cfg: &'static Config, mut engine: Engine) -> Outcome {
         )
     };
     if restored == 1 {
+        crate::track::after_restore();
         after_restore(nthreads);
         return Outcome::Restored;
     }
@@ -379,6 +404,8 @@ fn take(cfg: &'static Config, mut engine: Engine) -> Outcome {
             total_ns: now - started,
             resident: job.resident,
             engine: job.engine,
+            seq,
+            delta: job.delta,
         })
     } else {
         SEQ.store(seq - 1, Relaxed);
@@ -623,6 +650,20 @@ fn write_image(job: &mut Job) -> Result<String, String> {
     mark(1);
     let mut cap = writer::capture(cfg, job.nthreads)?;
     mark(2);
+    if cfg.incremental != crate::track::Mode::Off {
+        // Delta or full, the tracking scan re-protects what was written: the next delta
+        // starts from this instant (track.rs).
+        job.delta = crate::track::prepare(&mut cap, job.delta);
+        if job.delta {
+            // Few written pages are written out during the pause (into the page cache: about
+            // as fast as copying them), many by a forked writer (see track::pause_write).
+            job.engine = if crate::track::pause_write(&cap) && !cfg.twin_full {
+                Engine::Stop
+            } else {
+                Engine::Fork
+            };
+        }
+    }
     job.resident = cap.process.resident_bytes;
     let t = writer::create_target(cfg, job.seq)?;
     let path = t.path.display().to_string();
@@ -663,7 +704,8 @@ fn write_image(job: &mut Job) -> Result<String, String> {
             settle(job, &t, r).map(|()| path)
         }
         (Engine::Stop, _) => {
-            let r = writer::write_out(cfg, &cap, &t);
+            // A delta written during the pause goes into the page cache; commit syncs it.
+            let r = writer::write_out_with(cfg, &cap, &t, !job.delta);
             job.pause_ns = sys::monotonic_ns() - job.t0;
             release();
             let r = r.and_then(|bytes| writer::commit(&t, job.seq, cfg.keep).map(|()| bytes));
@@ -679,9 +721,15 @@ fn write_image(job: &mut Job) -> Result<String, String> {
             let (seq, keep) = (job.seq, cfg.keep);
             let forked = writer::fork_child(|| {
                 sys::close(report[0]);
-                let line = match writer::write_out(cfg, &cap, &t)
-                    .and_then(|b| writer::commit(&t, seq, keep).map(|()| b))
-                {
+                let mut r = writer::write_out(cfg, &cap, &t)
+                    .and_then(|b| writer::commit(&t, seq, keep).map(|()| b));
+                if r.is_ok() && cap.delta.is_some() && cfg.twin_full {
+                    // Testing aid: a full image of the same instant, beside the delta.
+                    if let Err(msg) = crate::track::write_twin(cfg, &cap, seq) {
+                        r = Err(msg);
+                    }
+                }
+                let line = match r {
                     Ok(bytes) => alloc::format!("ok {bytes}\n"),
                     Err(msg) => {
                         writer::abandon(&t);

@@ -13,6 +13,13 @@ pub struct Config {
     pub interval_ms: Option<u64>,
     pub keep: u64,
     pub engine: crate::writer::Engine,
+    /// `SNAPSHIM_INCREMENTAL`, `SNAPSHIM_FULL_EVERY`, `SNAPSHIM_FULL_FRACTION` (see track.rs).
+    pub incremental: crate::track::Mode,
+    pub full_every: u64,
+    pub full_fraction: f64,
+    /// `SNAPSHIM_TWIN_FULL=1` (a testing aid): each delta also gets a full image of the same
+    /// instant, `ckpt-N.twin` (not an image name: outside listings and retention).
+    pub twin_full: bool,
     pub exe: String,
     pub cmdline: Vec<String>,
     pub shim_path: String,

@@ -383,7 +383,9 @@ pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) 
 static IMAGE_RANGES: [[AtomicUsize; 2]; 64] =
     [const { [AtomicUsize::new(0), AtomicUsize::new(0)] }; 64];
 /// The image files those ranges map, as (device, inode): an image may be deleted meanwhile.
-static IMAGE_FILES: [[AtomicU64; 2]; 4] = [const { [AtomicU64::new(0), AtomicU64::new(0)] }; 4];
+/// (A restore from a chain of delta images maps pages from each image of the chain: room for
+/// chains of up to 16.)
+static IMAGE_FILES: [[AtomicU64; 2]; 16] = [const { [AtomicU64::new(0), AtomicU64::new(0)] }; 16];
 
 fn is_noted_image(dev: u64, inode: u64) -> bool {
     IMAGE_FILES
@@ -500,6 +502,7 @@ pub unsafe extern "C" fn mremap(
     }
     // The pages move (or shrink away), and a fixed target's old pages go.
     crate::uffd::save_range(old as u64, old_len as u64);
+    crate::track::before_mremap(old as u64, old_len as u64);
     if new_addr != 0 {
         crate::uffd::save_range(new_addr as u64, new_len as u64);
     }

@@ -25,6 +25,7 @@ mod park;
 #[path = "alloc.rs"]
 mod shim_alloc;
 mod sys;
+mod track;
 mod uffd;
 mod writer;
 
@@ -115,6 +116,26 @@ extern "C" fn init() {
             writer::Engine::Auto
         }
     };
+    let incremental = match env("SNAPSHIM_INCREMENTAL").as_deref() {
+        None | Some("0") | Some("off") => track::Mode::Off,
+        Some("1") | Some("on") => track::Mode::On,
+        Some("merge") => track::Mode::Merge,
+        Some(other) => {
+            warn(&format!(
+                "SNAPSHIM_INCREMENTAL={other} is not a mode (off, on, merge); using off"
+            ));
+            track::Mode::Off
+        }
+    };
+    track::init(incremental);
+    let full_every = env("SNAPSHIM_FULL_EVERY")
+        .and_then(|s| s.parse().ok())
+        .filter(|&n: &u64| n >= 1)
+        .unwrap_or(8);
+    let full_fraction = env("SNAPSHIM_FULL_FRACTION")
+        .and_then(|s| s.parse().ok())
+        .filter(|f: &f64| *f > 0.0)
+        .unwrap_or(0.5);
     interpose::HUGEPAGES.store(env("SNAPSHIM_HUGEPAGES").is_some_and(|v| v != "0"), Relaxed);
     let quiesce = libc::SIGRTMAX() - 1;
     let cfg = config::init(config::Config {
@@ -129,6 +150,10 @@ extern "C" fn init() {
         interval_ms,
         keep,
         engine,
+        incremental,
+        full_every,
+        full_fraction,
+        twin_full: env("SNAPSHIM_TWIN_FULL").is_some_and(|v| v != "0"),
         exe,
         cmdline,
         shim_path: shim_path(),

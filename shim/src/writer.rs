@@ -26,8 +26,8 @@ use std::path::PathBuf;
 
 use snapshim_image::layout::{RESERVED_END, RESERVED_START};
 use snapshim_image::{
-    self as image, BuildId, FdState, Metadata, PageRun, Process, Region, RegionKind, ShimInfo,
-    ThreadState, VdsoImage,
+    self as image, BuildId, FdState, Metadata, PageRun, PageSpan, ParentRef, Process, Region,
+    RegionKind, ShimInfo, ThreadState, VdsoImage,
 };
 
 use crate::capture::{self, MapsEntry, PM_FILE, PM_PRESENT, PM_SWAP};
@@ -75,6 +75,33 @@ pub struct Captured {
     /// Format 1.2: build-ids of the mapped files, and the vDSO (see capture.rs).
     build_ids: Vec<BuildId>,
     vdso: VdsoImage,
+    /// The identity the image gets (chosen during the pause, so the helper knows it).
+    pub image_id: u64,
+    /// Set for a delta image (incremental checkpoints, see track.rs).
+    pub delta: Option<Delta>,
+}
+
+impl Captured {
+    /// The same snapshot as a full image (for `SNAPSHIM_TWIN_FULL`, see track.rs).
+    pub fn as_full(&self) -> Captured {
+        Captured {
+            maps: self.maps.clone(),
+            fds: self.fds.clone(),
+            process: self.process.clone(),
+            threads: self.threads.clone(),
+            boottime_ns: self.boottime_ns,
+            build_ids: self.build_ids.clone(),
+            vdso: self.vdso.clone(),
+            image_id: random_id(),
+            delta: None,
+        }
+    }
+}
+
+/// What makes an image a delta: its parent, and the regions whose written pages are known.
+pub struct Delta {
+    pub parent: ParentRef,
+    pub tracked: Vec<crate::track::Tracked>,
 }
 
 pub fn capture(cfg: &Config, nthreads: usize) -> Result<Captured, String> {
@@ -83,7 +110,8 @@ pub fn capture(cfg: &Config, nthreads: usize) -> Result<Captured, String> {
         &capture::read_maps()
             .map_err(|e| alloc::format!("cannot read /proc/self/maps: errno {e}"))?,
     );
-    let fds = capture::fds();
+    let mut fds = capture::fds();
+    fds.retain(|f| f.fd != crate::track::own_fd());
     let process = capture::process(cfg);
     let boottime_ns = sys::clock_ns(libc::CLOCK_BOOTTIME);
     let n = nthreads.min(park::MAX_THREADS);
@@ -99,6 +127,8 @@ pub fn capture(cfg: &Config, nthreads: usize) -> Result<Captured, String> {
         boottime_ns,
         build_ids,
         vdso,
+        image_id: random_id(),
+        delta: None,
     })
 }
 
@@ -139,14 +169,18 @@ pub struct Target {
 }
 
 pub fn create_target(cfg: &Config, seq: u64) -> Result<Target, String> {
+    create_named_target(cfg, &image::image_file_name(seq))
+}
+
+/// A target named `name` in the image directory.
+pub fn create_named_target(cfg: &Config, name: &str) -> Result<Target, String> {
     let dir = cfg.image_dir.clone();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&dir)
         .map_err(|e| alloc::format!("cannot create image directory {}: {e}", dir.display()))?;
-    let name = image::image_file_name(seq);
-    let path = dir.join(&name);
+    let path = dir.join(name);
     let tmp = dir.join(alloc::format!(".{name}.tmp"));
     let fd = sys::open(
         &cpath(&tmp),
@@ -172,12 +206,29 @@ pub fn abandon(t: &Target) {
 /// Writes page data, metadata and header from this process's memory, which nothing may change
 /// meanwhile (every thread parked, or this is the forked child). Returns the image's size.
 pub fn write_out(cfg: &Config, cap: &Captured, t: &Target) -> Result<u64, String> {
+    write_out_with(cfg, cap, t, true)
+}
+
+/// [`write_out`]; `direct` false writes through the page cache only (a delta written during the
+/// pause: copying into the cache is faster than waiting for the device; the commit's fsync
+/// comes after the program is released).
+pub fn write_out_with(
+    cfg: &Config,
+    cap: &Captured,
+    t: &Target,
+    direct: bool,
+) -> Result<u64, String> {
     let io = |what: &'static str| move |e: i32| errmsg(what, &t.tmp, e);
     let pm_fd = sys::open(b"/proc/self/pagemap\0", libc::O_RDONLY | libc::O_CLOEXEC, 0)
         .map_err(|e| alloc::format!("cannot open /proc/self/pagemap: errno {e}"))?;
     let mem_fd = sys::open(b"/proc/self/mem\0", libc::O_RDONLY | libc::O_CLOEXEC, 0).unwrap_or(-1);
-    let r = write_pages_and_meta(cfg, cap, &mut PageWriter::open(t), pm_fd, mem_fd)
-        .map_err(|(what, e)| io(what)(e));
+    let mut pages = PageWriter::open(t);
+    if !direct && pages.direct >= 0 {
+        sys::close(pages.direct);
+        pages.direct = -1;
+    }
+    let r =
+        write_pages_and_meta(cfg, cap, &mut pages, pm_fd, mem_fd).map_err(|(what, e)| io(what)(e));
     for fd in [pm_fd, mem_fd] {
         if fd >= 0 {
             sys::close(fd);
@@ -378,10 +429,23 @@ fn write_pages_and_meta(
     let mut runs: Vec<PageRun> = Vec::new();
     let mut pm = Vec::new();
     let mut page_buf = alloc::vec![0u8; 4096];
+    let mut inherited: Vec<PageSpan> = Vec::new();
     for e in cap.maps.iter().filter(|e| !capture::is_excluded(e)) {
         let (kind, store) = classify(e);
+        // A delta knows the written pages of a tracked region: it stores those with data and
+        // inherits the others from its parent (track.rs).
+        let tracked = cap.delta.as_ref().and_then(|d| {
+            d.tracked
+                .iter()
+                .find(|t| t.start == e.start && t.end == e.end)
+        });
+        if let Some(t) = tracked {
+            delta_pages(e, t, &mut pm, &mut inherited);
+        }
         if store {
-            capture::pagemap_of(pm_fd, e, &mut pm).map_err(|e| ("read the pagemap for", e))?;
+            if tracked.is_none() {
+                capture::pagemap_of(pm_fd, e, &mut pm).map_err(|e| ("read the pagemap for", e))?;
+            }
             let file_backed = matches!(kind, RegionKind::File { .. });
             let readable = e.prot & libc::PROT_READ as u32 != 0;
             // A page is stored if it holds data that is neither zero nor the file's own.
@@ -439,7 +503,39 @@ fn write_pages_and_meta(
         regions.push(region(e, kind));
     }
 
-    finish(cfg, cap, fd, regions, runs, off)
+    finish(cfg, cap, fd, regions, runs, inherited, off)
+}
+
+/// For a tracked region of a delta: fills `pm` with pagemap-like flags (PM_PRESENT for the
+/// written pages that hold data, 0 for the rest) and appends the unwritten pages to `inherited`.
+fn delta_pages(
+    e: &MapsEntry,
+    t: &crate::track::Tracked,
+    pm: &mut Vec<u64>,
+    inherited: &mut Vec<PageSpan>,
+) {
+    let n = ((e.end - e.start) / 4096) as usize;
+    pm.clear();
+    pm.resize(n, 0);
+    let mut next = e.start; // first page not yet accounted for
+    let mut inherit = |a: u64, b: u64| {
+        if a < b {
+            inherited.push(PageSpan {
+                addr: a,
+                pages: (b - a) / 4096,
+            });
+        }
+    };
+    for &(a, b, cat) in &t.written {
+        inherit(next, a);
+        if crate::track::Tracked::has_data(cat) {
+            for i in (a - e.start) / 4096..(b - e.start) / 4096 {
+                pm[i as usize] = PM_PRESENT;
+            }
+        }
+        next = b;
+    }
+    inherit(next, e.end);
 }
 
 /// What a region of the map is, and whether its pages go into the image.
@@ -489,12 +585,14 @@ pub fn region(e: &MapsEntry, kind: RegionKind) -> Region {
 }
 
 /// Writes metadata and header after the page data (which ends at `off`). Returns the file size.
+#[allow(clippy::too_many_arguments)]
 pub fn finish(
     cfg: &Config,
     cap: &Captured,
     fd: i32,
     regions: Vec<Region>,
     runs: Vec<PageRun>,
+    inherited: Vec<PageSpan>,
     off: u64,
 ) -> IoResult<u64> {
     let meta = Metadata {
@@ -512,11 +610,18 @@ pub fn finish(
         clock_boottime_ns: cap.boottime_ns,
         build_ids: cap.build_ids.clone(),
         vdso: cap.vdso.clone(),
+        parent: cap.delta.as_ref().map(|d| d.parent.clone()),
+        inherited,
+        merged_from: None,
     };
     let data_len = off - image::PAGE_SIZE;
     let (meta_bytes, meta_crc) = image::encode_metadata(&meta);
     pwrite_all(fd, &meta_bytes, off).map_err(|e| ("write", e))?;
-    let mut h = image::Header::new(random_id(), sys::clock_ns(libc::CLOCK_REALTIME));
+    let mut h = image::Header::new(cap.image_id, sys::clock_ns(libc::CLOCK_REALTIME));
+    if let Some(p) = &meta.parent {
+        h.flags |= image::FLAG_DELTA;
+        h.parent_id = p.image_id;
+    }
     h.data_len = data_len;
     h.meta_off = off;
     h.meta_len = meta_bytes.len() as u64;
@@ -569,7 +674,11 @@ pub fn commit(t: &Target, seq: u64, keep: u64) -> Result<(), String> {
     if let Ok(d) = std::fs::File::open(&t.dir) {
         let _ = d.sync_all();
     }
-    if keep > 0 && seq > keep {
+    if crate::track::chain_retention() {
+        // Deltas depend on older images: the helper applies retention after the commit
+        // (track::retain; it reads directories, which needs libc's allocator: not here, where
+        // this may be a forked writer).
+    } else if keep > 0 && seq > keep {
         let old = t.dir.join(image::image_file_name(seq - keep));
         let _ = std::fs::remove_file(&old);
         let _ = std::fs::remove_file(old.with_extension("json"));
@@ -778,5 +887,5 @@ pub fn write_live(
     }
     drop(pages);
     result?;
-    finish(cfg, cap, t.fd, layout.regions, runs, off).map_err(|(what, e)| io(what)(e))
+    finish(cfg, cap, t.fd, layout.regions, runs, Vec::new(), off).map_err(|(what, e)| io(what)(e))
 }

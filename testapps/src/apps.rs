@@ -23,6 +23,7 @@ pub const APP_NAMES: &[&str] = &[
     "threads-py",
     "pattern",
     "ids",
+    "incr",
 ];
 
 /// Prepares an app's working directory (input files) before it starts.
@@ -67,7 +68,7 @@ impl AppSpec {
     /// One of [`APP_NAMES`], with its default arguments.
     pub fn named(name: &str) -> Result<AppSpec> {
         Ok(match name {
-            "single" | "threads" | "fpu" | "signals" | "pattern" | "ids" => {
+            "single" | "threads" | "fpu" | "signals" | "pattern" | "ids" | "incr" => {
                 AppSpec::new(name, c_app(name), &[])
             }
             "files" => AppSpec {

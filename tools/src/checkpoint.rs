@@ -81,6 +81,10 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
                     .as_deref()
                     .map(|e| format!(", engine {e}"))
                     .unwrap_or_default();
+                let engine = match c.kind.as_deref() {
+                    Some("delta") => format!("{engine}, delta image"),
+                    _ => engine,
+                };
                 let copied = c
                     .copied
                     .map(|n| format!(", {n} pages copied before written"))

@@ -42,11 +42,32 @@ fn describe(img: &Image) -> String {
             human_bytes(img.file_len)
         ),
     );
-    let parent = match h.parent_id {
-        0 => "none (full image)".to_string(),
-        id => format!("{id:016x}"),
+    let parent = match (&m.parent, h.parent_id) {
+        (Some(r), _) => format!(
+            "{:016x} ({}, metadata checksum {:08x}): a delta image, {} pages inherited",
+            r.image_id,
+            r.file,
+            r.meta_crc,
+            m.inherited.iter().map(|s| s.pages).sum::<u64>()
+        ),
+        (None, 0) => "none (full image)".to_string(),
+        (None, id) => format!("{id:016x}"),
     };
     field("id", format!("{:016x}, parent {parent}", h.image_id));
+    if let Some(mf) = &m.merged_from {
+        field(
+            "merged",
+            format!(
+                "from a chain (replaced {}); the delta it replaced had metadata checksum {:08x}",
+                if mf.files.is_empty() {
+                    "nothing older".to_string()
+                } else {
+                    mf.files.join(", ")
+                },
+                mf.meta_crc
+            ),
+        );
+    }
     field("created", local_time(h.created_ns));
     field("program", format!("{}, PID {}", p.name, p.pid));
     field("exe", p.exe.clone());
@@ -298,11 +319,15 @@ fn utc_offset(ns: u64) -> i64 {
 /// consistency), every page run's checksum; then that the mapped files are unchanged. Prints
 /// what was checked; the first damage found is the error, in the restorer's words.
 pub fn verify(arg: &Path) -> Result<()> {
-    let img = open(arg)?;
+    let path = snapshim_image::resolve(arg).map_err(|e| Failure::op(e.to_string()))?;
+    // A delta is checked with every image it depends on; damage in one of them is named.
+    let chain = snapshim_image::Chain::open(&path)
+        .map_err(|e| Failure::op(format!("{}: {e}", path.display())))?;
+    let img = chain.head();
     let damaged =
         |e: snapshim_image::ImageError| Failure::op(format!("{}: {e}", img.path.display()));
     img.meta.validate().map_err(damaged)?;
-    let checked = img.verify_pages().map_err(damaged)?;
+    let checked = chain.verify_pages().map_err(damaged)?;
     let (problems, same_build) = check_mapped_files(&img.meta);
     if !problems.is_empty() {
         let lines: Vec<String> = problems
@@ -348,6 +373,23 @@ pub fn verify(arg: &Path) -> Result<()> {
             )
         }
     );
+    if chain.images.len() > 1 {
+        let names: Vec<String> = chain.images[1..]
+            .iter()
+            .map(|i| {
+                i.path
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        println!(
+            "  chain      a delta; with {} ({}), every checksum ok",
+            names.join(" <- "),
+            human_bytes(chain.stored_bytes())
+        );
+    }
     Ok(())
 }
 
@@ -429,17 +471,37 @@ fn list_dir(dir: &Path, out: &mut String) -> Result<()> {
     let latest = std::fs::canonicalize(&latest_link).ok();
     let shown = std::path::absolute(dir).unwrap_or(dir.to_path_buf());
     let _ = writeln!(out, "{}/", shown.display());
+    // Each image's own size and, for a delta, the chain it needs: its parent and the bytes of
+    // every image needed to restore it.
+    let size_of = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     for img in &images {
         let name = img.file_name().unwrap_or_default().to_string_lossy();
-        let size = std::fs::metadata(img).map(|m| m.len()).unwrap_or(0);
+        let size = size_of(img);
         let created = match read_header(img) {
             Ok(h) => format_time(h.created_ns, utc_offset(h.created_ns)),
             Err(why) => format!("unreadable: {why}"),
         };
+        let kind = match read_header(img) {
+            Ok(h) if h.flags & snapshim_image::FLAG_DELTA == 0 => "full".to_string(),
+            Ok(_) => match snapshim_image::Chain::open(img) {
+                Ok(c) => {
+                    let parent = c.images[1].path.file_name().unwrap_or_default();
+                    let total: u64 = c.paths().iter().map(|p| size_of(p)).sum();
+                    format!(
+                        "delta of {}, chain of {} images, {}",
+                        parent.to_string_lossy(),
+                        c.images.len(),
+                        human_bytes(total)
+                    )
+                }
+                Err(e) => format!("delta, chain broken: {e}"),
+            },
+            Err(_) => "?".to_string(),
+        };
         let is_latest = latest.is_some() && std::fs::canonicalize(img).ok() == latest;
         let _ = writeln!(
             out,
-            "  {name:<22} {:>10}  {created}{}",
+            "  {name:<22} {:>10}  {created}  {kind}{}",
             human_bytes(size),
             if is_latest { "  <- latest" } else { "" }
         );
@@ -517,6 +579,9 @@ mod tests {
             clock_boottime_ns: 0,
             build_ids: vec![],
             vdso: Default::default(),
+            parent: None,
+            inherited: Vec::new(),
+            merged_from: None,
         };
         assert_eq!(stored_per_region(&m), vec![0, 3 * PAGE_SIZE]);
         assert_eq!(region_of(&m.regions, 0x5abc).map(|r| r.start), Some(0x5000));
@@ -585,6 +650,9 @@ mod tests {
                 .into_iter()
                 .collect(),
             vdso: Default::default(),
+            parent: None,
+            inherited: Vec::new(),
+            merged_from: None,
         };
         assert_eq!(
             check_mapped_files(&meta(identity.clone(), exe, None)),

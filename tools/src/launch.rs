@@ -67,6 +67,15 @@ pub fn run(a: RunArgs) -> Result<()> {
     if let Some(keep) = a.keep {
         cmd.env("SNAPSHIM_KEEP", keep.to_string());
     }
+    if let Some(mode) = &a.incremental {
+        cmd.env("SNAPSHIM_INCREMENTAL", mode);
+    }
+    if let Some(n) = a.full_every {
+        cmd.env("SNAPSHIM_FULL_EVERY", n.to_string());
+    }
+    if let Some(f) = a.full_fraction {
+        cmd.env("SNAPSHIM_FULL_FRACTION", f.to_string());
+    }
     eprintln!(
         "snapshim: PID {}, images in {}/",
         std::process::id(),

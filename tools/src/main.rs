@@ -16,6 +16,7 @@ mod activate;
 mod checkpoint;
 mod images;
 mod launch;
+mod merge;
 mod parse;
 
 use std::ffi::OsString;
@@ -76,6 +77,7 @@ enum Command {
     Inspect(InspectArgs),
     Verify(VerifyArgs),
     Ls(LsArgs),
+    Merge(MergeArgs),
 }
 
 /// Run a program with snapshim loaded (LD_PRELOAD), replacing this process
@@ -102,6 +104,18 @@ pub struct RunArgs {
     /// Number of images to keep, SNAPSHIM_KEEP [default: 3]
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..))]
     pub keep: Option<u32>,
+    /// Incremental checkpoints: off, on (delta images between full ones), merge (deltas; a
+    /// background `snapshim merge` makes the full images), SNAPSHIM_INCREMENTAL [default: off]
+    #[arg(long, value_name = "MODE", value_parser = ["off", "on", "merge"])]
+    pub incremental: Option<String>,
+    /// With --incremental: a full image (or merge) at least every N checkpoints,
+    /// SNAPSHIM_FULL_EVERY [default: 8]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub full_every: Option<u32>,
+    /// With --incremental: a full image (or merge) once the deltas since the last one hold more
+    /// than F times its size, SNAPSHIM_FULL_FRACTION [default: 0.5]
+    #[arg(long, value_name = "F", value_parser = positive_fraction)]
+    pub full_fraction: Option<f64>,
     /// The program and its arguments (after `--`)
     #[arg(
         required = true,
@@ -196,6 +210,30 @@ pub struct LsArgs {
     pub dir: Option<PathBuf>,
 }
 
+/// Fold a chain of delta images into one full image
+///
+/// The named image (or the directory's `latest`), if it is a delta, is replaced by a full image
+/// of the same instant, made from the chain of images it depends on; then the older images of
+/// that chain are deleted, unless another image still depends on them. Safe while the program
+/// runs and takes new checkpoints; a crash at any point leaves a restorable chain.
+#[derive(Args)]
+pub struct MergeArgs {
+    /// Print nothing on success
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Image file, image directory (uses `latest`), or a base directory with one image directory
+    #[arg(value_name = "IMAGE_OR_DIR")]
+    pub image: PathBuf,
+}
+
+/// A number greater than 0.
+fn positive_fraction(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if f > 0.0 && f.is_finite() => Ok(f),
+        _ => Err(format!("'{s}' is not a number greater than 0")),
+    }
+}
+
 /// An image directory name: one non-empty path component.
 fn name_arg(s: &str) -> std::result::Result<String, String> {
     if s.is_empty() || s == "." || s == ".." || s.contains('/') || s.contains('\0') {
@@ -216,6 +254,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => images::inspect(&a.image),
         Command::Verify(a) => images::verify(&a.image),
         Command::Ls(a) => images::ls(a.dir),
+        Command::Merge(a) => merge::merge(&a.image, a.quiet),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -271,6 +310,36 @@ mod tests {
         assert_eq!(a.signal.as_deref(), Some("USR1"));
         assert_eq!(a.keep, Some(2));
         assert_eq!(a.command, ["prog", "-v", "--flag"]);
+    }
+
+    #[test]
+    fn run_takes_the_incremental_options() {
+        let cli = parse(&[
+            "run",
+            "--incremental",
+            "merge",
+            "--full-every",
+            "4",
+            "--full-fraction",
+            "0.25",
+            "--",
+            "prog",
+        ])
+        .unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(a.incremental.as_deref(), Some("merge"));
+        assert_eq!(a.full_every, Some(4));
+        assert_eq!(a.full_fraction, Some(0.25));
+        for bad in [
+            &["run", "--incremental", "yes", "--", "p"][..],
+            &["run", "--full-every", "0", "--", "p"],
+            &["run", "--full-fraction", "0", "--", "p"],
+            &["run", "--full-fraction", "-1", "--", "p"],
+        ] {
+            assert_eq!(parse(bad).err().map(|e| e.exit_code()), Some(2), "{bad:?}");
+        }
     }
 
     #[test]
@@ -358,6 +427,7 @@ mod tests {
             "inspect",
             "verify",
             "ls",
+            "merge",
         ] {
             let e = parse(&[cmd, "--help"]).err().unwrap();
             assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp, "{cmd}");

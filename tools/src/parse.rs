@@ -48,6 +48,8 @@ pub struct Committed {
     pub engine: Option<String>,
     /// Pages the program copied before the writer stored them.
     pub copied: Option<u64>,
+    /// `full` or `delta` (shims with incremental checkpoints).
+    pub kind: Option<String>,
 }
 
 /// Parses the shim's one-line reply (without or with its newline):
@@ -76,7 +78,7 @@ pub fn parse_reply(line: &str) -> Result<Reply, String> {
     let garbage = || format!("unexpected reply from the shim: {line:?}");
     let rest = line.strip_prefix("ok ").ok_or_else(garbage)?;
     let (mut bytes, mut pause_us, mut total_us, mut resident) = (None, None, None, None);
-    let (mut flush_us, mut engine, mut copied) = (None, None, None);
+    let (mut flush_us, mut engine, mut copied, mut kind) = (None, None, None, None);
     let mut head = rest;
     while let Some((before, field)) = head.rsplit_once(' ') {
         let Some((key, value)) = field.split_once('=') else {
@@ -92,8 +94,13 @@ pub fn parse_reply(line: &str) -> Result<Reply, String> {
             "resident" => &mut resident,
             "flush_us" => &mut flush_us,
             "copied" => &mut copied,
-            "engine" => {
-                engine = Some(value.to_string());
+            "engine" | "kind" => {
+                let text = if key == "engine" {
+                    &mut engine
+                } else {
+                    &mut kind
+                };
+                *text = Some(value.to_string());
                 head = before;
                 continue;
             }
@@ -123,6 +130,7 @@ pub fn parse_reply(line: &str) -> Result<Reply, String> {
                 flush_us,
                 engine,
                 copied,
+                kind,
             }))
         }
         _ => Err(garbage()),
@@ -285,7 +293,7 @@ mod tests {
     fn ok_reply_is_parsed() {
         let r = parse_reply(
             "ok path=/data/img/app/ckpt-00000002.snap bytes=1052672 pause_us=1830 \
-             total_us=48211 resident=4194304 flush_us=46381 copied=12 engine=fork\n",
+             total_us=48211 resident=4194304 flush_us=46381 copied=12 engine=fork kind=delta\n",
         );
         assert_eq!(
             r,
@@ -298,6 +306,7 @@ mod tests {
                 flush_us: Some(46381),
                 engine: Some("fork".into()),
                 copied: Some(12),
+                kind: Some("delta".into()),
             }))
         );
     }

@@ -606,6 +606,9 @@ fn write_image(path: &Path, seq: u64, mapped: &Path) {
         clock_boottime_ns: 0,
         build_ids: vec![],
         vdso: Default::default(),
+        parent: None,
+        inherited: Vec::new(),
+        merged_from: None,
     };
     let (meta, meta_crc) = encode_metadata(&meta);
     let mut h = Header::new(
