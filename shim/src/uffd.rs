@@ -1171,12 +1171,7 @@ fn spawn_server() -> sys::Result<()> {
 extern "C" fn server_main(_: u64) -> ! {
     let (uffd, stop) = (UFFD.load(Acquire), STOP[0].load(Relaxed));
     let mut msgs = [[0u64; 4]; 32];
-    // During a flush the server polls without sleeping for a while after each fault: a program
-    // thread that writes unsaved pages keeps faulting, and waking a sleeping server costs it
-    // far more (~65 us across CPUs) than the copy itself.
-    let mut spin_until = 0u64;
     loop {
-        let spinning = spin_until != 0 && sys::monotonic_ns() < spin_until;
         let mut pfd = [
             libc::pollfd {
                 fd: uffd,
@@ -1190,21 +1185,7 @@ extern "C" fn server_main(_: u64) -> ! {
             },
         ];
         // SAFETY: two valid pollfds.
-        let ready = unsafe {
-            sc!(
-                libc::SYS_poll,
-                pfd.as_mut_ptr(),
-                2,
-                if spinning { 0 } else { -1i64 }
-            )
-        };
-        if ready == 0 {
-            if !spinning {
-                spin_until = 0;
-            }
-            core::hint::spin_loop();
-            continue;
-        }
+        unsafe { sc!(libc::SYS_poll, pfd.as_mut_ptr(), 2, -1i64) };
         if pfd[1].revents != 0 {
             // Only ever asked while not held (see teardown and end).
             serve(uffd, &mut msgs);
@@ -1222,17 +1203,11 @@ extern "C" fn server_main(_: u64) -> ! {
             }
             continue;
         }
-        let faults = serve(uffd, &mut msgs);
+        serve(uffd, &mut msgs);
         BUSY.store(0, SeqCst);
         sys::futex_wake(&BUSY);
-        if faults > 0 && !TABLE.load(Relaxed).is_null() {
-            spin_until = sys::monotonic_ns() + SPIN_NS;
-        }
     }
 }
-
-/// How long the fault server keeps polling after a fault during a flush.
-const SPIN_NS: u64 = 200_000;
 
 /// Keeps the fault server from starting a batch and waits for the one it is in to end: while
 /// the writer takes the snapshot, no page may be unprotected behind its back.
@@ -1267,10 +1242,9 @@ fn stop_server() {
 /// only has its page unprotected: [`begin`] protects again every page written by then. After,
 /// the page is saved first. A fault whose page cannot be unprotected yet (an event is pending)
 /// is kept in `retry` and tried again after the next read, which completes the events.
-fn serve(uffd: i32, msgs: &mut [[u64; 4]; 32]) -> usize {
+fn serve(uffd: i32, msgs: &mut [[u64; 4]; 32]) {
     let mut retry = [0u64; 32];
     let mut nretry = 0usize;
-    let mut faults = 0usize;
     loop {
         // SAFETY: msgs is writable for its size; uffd_msg is 32 bytes.
         let n = unsafe { sc!(libc::SYS_read, uffd, msgs.as_mut_ptr(), 32 * 32) };
@@ -1288,7 +1262,6 @@ fn serve(uffd: i32, msgs: &mut [[u64; 4]; 32]) -> usize {
             let ev = m[0] & 0xff;
             match (ev, t) {
                 (EVENT_PAGEFAULT, _) => {
-                    faults += 1;
                     let addr = m[2] & !(PAGE - 1);
                     match (m[1] & PAGEFAULT_FLAG_WP != 0, t) {
                         (true, Some(t)) => {
@@ -1329,7 +1302,7 @@ fn serve(uffd: i32, msgs: &mut [[u64; 4]; 32]) -> usize {
             }
         }
         if n == 0 && nretry == 0 {
-            return faults;
+            return;
         }
         if n == 0 {
             // Only faults waiting for an event to be read by someone: let the kernel move on.
