@@ -39,7 +39,7 @@ pub use error::ImageError;
 /// (after the old address space is gone) runs entirely inside it:
 ///
 /// ```text
-/// 0x6e00_0000  restorer blob: text, data, bss (linked here)   | shim: uffd engine's page lists
+/// 0x6e00_0000  restorer blob: text, data, bss (linked here)   | shim: (nothing)
 /// 0x7000_0000                                                 | shim: writer scratch heap
 /// 0x7400_0000  restorer plan arena                            |
 /// 0x7c00_0000  restorer phase-2 stack                         | shim: writer stack
@@ -50,9 +50,6 @@ pub mod layout {
     pub const RESERVED_START: u64 = 0x6e00_0000;
     pub const RESERVED_END: u64 = 0x7e00_0000;
     pub const BLOB_BASE: u64 = 0x6e00_0000;
-    /// The shim's uffd engine keeps what it learns before a pause here (see shim/src/uffd.rs).
-    pub const LISTS_START: u64 = 0x6e00_0000;
-    pub const LISTS_END: u64 = 0x7000_0000;
     pub const SCRATCH_START: u64 = 0x7000_0000;
     pub const SCRATCH_END: u64 = 0x7c00_0000;
     pub const ARENA_START: u64 = 0x7400_0000;

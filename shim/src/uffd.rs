@@ -3,16 +3,15 @@
 //!
 //! Write-protecting memory is a page-table walk (about 40 ms per GiB of 4 KiB pages here), too
 //! long for the pause, so most of it happens before: [`prepare`], while the program runs,
-//! registers the regions to store with a userfaultfd in write-protect mode, notes which pages
-//! hold data (P0), protects them and starts the *fault server*, which for now only lifts the
-//! protection of each page the program writes and notes it (U). Ranges unmapped, discarded or
-//! moved meanwhile are noted too (E). In the pause, [`begin`] records which pages hold data at
-//! that instant (`PAGEMAP_SCAN`: present or swapped, not the shared zero page) and protects
-//! again only what may have lost its protection: pages with data that were not in P0, U, E,
-//! and regions mapped since; the pause then grows with what changed, not with memory. Pages
-//! without data at that instant are holes in the image whatever happens to them later, so they
-//! need no protection (`UFFD_FEATURE_WP_UNPOPULATED` would fill the page tables of every untouched
-//! range with markers). From the release on:
+//! registers the regions to store with a userfaultfd in write-protect mode, protects them and
+//! starts the *fault server*, which for now only lifts the protection of each page the program
+//! writes. In the pause, [`begin`] records which pages hold data at that instant and which lost
+//! their protection since, in one `PAGEMAP_SCAN` (present or swapped, not the shared zero page;
+//! `PAGE_IS_WRITTEN` is a clear write-protect bit: written since, or new), and protects those
+//! again; the pause then grows with what changed, not with memory. Pages without data at that
+//! instant are holes in the image whatever happens to them later, so they need no protection
+//! (`UFFD_FEATURE_WP_UNPOPULATED` would fill the page tables of every untouched range with
+//! markers). From the release on:
 //!
 //! - the writer reads page data from memory (through /proc/self/mem, so a concurrently unmapped
 //!   range is an error code, not a crash), writes it with O_DIRECT, marks the pages stored and
@@ -39,8 +38,8 @@
 //!
 //! Memory the fault server and the savers write must never be write-protected: the shim's own
 //! data (its statics are copied during the pause instead of protected), the page states and the
-//! copy store (mapped after the snapshot's memory map was read), and the server's stack and the
-//! lists U and P0 (reserved range). The server is held between batches while the pause decides
+//! copy store (mapped after the snapshot's memory map was read), and the server's stack
+//! (reserved range). The server is held between batches while the pause decides
 //! what to protect ([`hold_server`]): no page loses its protection behind the pause's back.
 #![allow(unsafe_code)]
 
@@ -48,7 +47,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 
-use snapshim_image::layout::{LISTS_END, LISTS_START, STACK_START};
+use snapshim_image::layout::STACK_START;
 
 use crate::capture::{self, MapsEntry, PM_FILE, PM_PRESENT, PM_SWAP};
 use crate::sys::{self, sc};
@@ -78,6 +77,7 @@ const EVENT_UNMAP: u64 = 0x16;
 const PAGEFAULT_FLAG_WP: u64 = 1 << 1;
 
 const PAGEMAP_SCAN: u64 = 0xc060_6610;
+const PAGE_IS_WRITTEN: u64 = 1 << 1;
 const PAGE_IS_PRESENT: u64 = 1 << 3;
 const PAGE_IS_SWAPPED: u64 = 1 << 4;
 const PAGE_IS_PFNZERO: u64 = 1 << 5;
@@ -181,28 +181,12 @@ static STOP: [AtomicI32; 2] = [AtomicI32::new(-1), AtomicI32::new(-1)];
 /// and the server says whether it is inside a batch (futex word): see [`hold_server`].
 static HOLD: AtomicU32 = AtomicU32::new(0);
 static BUSY: AtomicU32 = AtomicU32::new(0);
-/// Regions registered and write-protected ahead of the pause: start, end, and the index of their
-/// first page in the P0 bitmap, with SKIPPED set when nothing is known about their protection
-/// (a thread on its way out lifted it, or protecting failed). Changed under `PRE_LOCK`.
+/// Regions registered and write-protected ahead of the pause, `[start, end)`; `start` is set to
+/// 0 for a region whose protection a thread on its way out lifted. Changed under `PRE_LOCK`.
 const PRE_MAX: usize = 1024;
-static PRE: [[AtomicU64; 3]; PRE_MAX] =
-    [const { [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)] }; PRE_MAX];
+static PRE: [[AtomicU64; 2]; PRE_MAX] = [const { [AtomicU64::new(0), AtomicU64::new(0)] }; PRE_MAX];
 static PRE_N: AtomicU32 = AtomicU32::new(0);
 static PRE_LOCK: AtomicU32 = AtomicU32::new(0);
-const SKIPPED: u64 = 1 << 63;
-/// What the pause needs to know which pages are still protected since [`prepare`], kept in the
-/// reserved range (so no image ever contains it):
-/// - U, at `LISTS_START`: pages the fault server unprotected, `U_CAP` at most;
-/// - P0, after it: one bit per page of the PRE regions, set for pages with data just before
-///   prepare() protected them.
-const U_CAP: usize = 1 << 18;
-const P0_START: u64 = LISTS_START + (U_CAP as u64) * 8;
-static U_N: AtomicU32 = AtomicU32::new(0);
-/// Ranges whose pages may have been replaced since [`prepare`] (unmapped, discarded, moved):
-/// protection there is unknown. Past the capacity, the pause protects everything again.
-const E_CAP: usize = 1024;
-static E: [[AtomicU64; 2]; E_CAP] = [const { [AtomicU64::new(0), AtomicU64::new(0)] }; E_CAP];
-static E_N: AtomicU32 = AtomicU32::new(0);
 /// Threads that ran their exit hook and may be on their way out: TID and an address on the
 /// stack they run on.
 static EXITING: [AtomicI32; 64] = [const { AtomicI32::new(0) }; 64];
@@ -433,17 +417,11 @@ pub struct Wanted {
 // Before the pause
 
 /// Starts a snapshot while the program still runs: opens the userfaultfd, starts the fault
-/// server, registers the regions the snapshot will (probably) store, notes which of their pages
-/// hold data (P0) and write-protects them. Until [`begin`], the server only lifts the protection
-/// of each page the program writes, and notes it (U).
+/// server, registers the regions the snapshot will (probably) store and write-protects them.
+/// Until [`begin`], the server only lifts the protection of each page the program writes.
 ///
-/// Write-protecting memory costs a page-table walk, about 40 ms per GiB of 4 KiB pages here:
-/// done now, the pause only has to protect what may have lost its protection since, which it
-/// knows without reading the page tables: pages with data now that were not in P0, pages in U,
-/// ranges unmapped, discarded or moved since (E, from the server's events and the shim's own
-/// wrappers), regions of threads that ended, and regions mapped since. `maps`/`wanted` are read
-/// without stopping the program: they may be out of date by the pause, which is why [`begin`]
-/// trusts only its own map.
+/// `maps`/`wanted` are read without stopping the program: they may be out of date by the pause,
+/// which is why [`begin`] trusts only its own map and the page tables.
 ///
 /// On error nothing is left behind.
 pub fn prepare(maps: &[MapsEntry], wanted: &[Wanted]) -> Result<(), String> {
@@ -457,94 +435,34 @@ pub fn prepare(maps: &[MapsEntry], wanted: &[Wanted]) -> Result<(), String> {
     UFFD.store(uffd, Release);
     STOP[0].store(stop[0], Relaxed);
     STOP[1].store(stop[1], Relaxed);
-    U_N.store(0, Relaxed);
-    E_N.store(0, Relaxed);
-    if let Err(e) = sys::mmap_fixed(
-        LISTS_START,
-        LISTS_END - LISTS_START,
-        libc::PROT_READ | libc::PROT_WRITE,
-        libc::MAP_NORESERVE,
-    ) {
-        teardown();
-        return Err(alloc::format!("cannot map the page lists: errno {e}"));
-    }
     if let Err(e) = spawn_server() {
         teardown();
         return Err(alloc::format!("cannot start the fault server: errno {e}"));
     }
     let own = own_data_ranges(maps);
-    let p0_cap = (LISTS_END - P0_START) * 8;
     let mut n = 0usize;
-    let mut first = 0u64;
     for w in wanted {
         let e = &maps[w.entry];
         if w.file_backed || own.iter().any(|&(s, t)| e.start < t && e.end > s) || n == PRE_MAX {
             continue;
         }
         if register(uffd, e.start, e.end).is_ok() {
-            let pages = (e.end - e.start) / PAGE;
-            let known = if first + pages <= p0_cap {
-                first
-            } else {
-                SKIPPED
-            };
             PRE[n][0].store(e.start, Relaxed);
             PRE[n][1].store(e.end, Relaxed);
-            PRE[n][2].store(known, Relaxed);
-            first += if known == SKIPPED { 0 } else { pages };
             n += 1;
         }
-    }
-    // P0: which pages hold data before they are protected. A page that gets data between this
-    // scan and its protection is not in P0, so the pause protects it (again).
-    match sys::open(b"/proc/self/pagemap\0", libc::O_RDONLY | libc::O_CLOEXEC, 0) {
-        Ok(pm) => {
-            for r in &PRE[..n] {
-                let (start, end, f) = (r[0].load(Relaxed), r[1].load(Relaxed), r[2].load(Relaxed));
-                if f & SKIPPED != 0 {
-                    continue;
-                }
-                let ok = scan_pages(pm, start, end, |a, b| {
-                    let i0 = f + (a - start) / PAGE;
-                    set_bits(p0(), i0 as usize, (i0 + (b - a) / PAGE) as usize);
-                });
-                if ok.is_err() {
-                    r[2].store(SKIPPED, Relaxed);
-                }
-            }
-            sys::close(pm);
-        }
-        Err(_) => PRE[..n].iter().for_each(|r| r[2].store(SKIPPED, Relaxed)),
     }
     PRE_N.store(n as u32, Release);
     for r in &PRE[..n] {
         lock_pre();
         let (start, end) = (r[0].load(Relaxed), r[1].load(Relaxed));
         // The stack of a thread already on its way out stays writable (see thread_exiting).
-        if exiting_in(start, end) || protect(uffd, start, end - start, true).is_err() {
-            r[2].fetch_or(SKIPPED, Relaxed);
+        if start != 0 && !exiting_in(start, end) {
+            let _ = protect(uffd, start, end - start, true);
         }
         unlock_pre();
     }
     Ok(())
-}
-
-/// The P0 bitmap (see [`prepare`]).
-fn p0() -> &'static [AtomicU64] {
-    // SAFETY: the lists range is mapped read-write from prepare() to end()/teardown(), and only
-    // read through this while it is; zero-filled memory is valid AtomicU64s.
-    unsafe {
-        core::slice::from_raw_parts(
-            P0_START as *const AtomicU64,
-            ((LISTS_END - P0_START) / 8) as usize,
-        )
-    }
-}
-
-/// The U list (see [`prepare`]).
-fn u_list() -> &'static [AtomicU64] {
-    // SAFETY: as for p0().
-    unsafe { core::slice::from_raw_parts(LISTS_START as *const AtomicU64, U_CAP) }
 }
 
 fn bit(words: &[AtomicU64], i: usize) -> bool {
@@ -560,20 +478,6 @@ fn set_bits(words: &[AtomicU64], mut i0: usize, i1: usize) {
         words[w].fetch_or(bits, Relaxed);
         i0 += n;
     }
-}
-
-/// Notes that the pages of `[start, end)` may have been replaced before the pause.
-fn note_changed(start: u64, end: u64) {
-    let i = E_N.fetch_add(1, AcqRel) as usize;
-    if i < E_CAP {
-        E[i][0].store(start, Relaxed);
-        E[i][1].store(end, Relaxed);
-    }
-}
-
-/// Whether a snapshot is being prepared (between [`prepare`] and [`begin`]).
-fn preparing() -> bool {
-    PRE_N.load(Acquire) != 0 && TABLE.load(Acquire).is_null()
 }
 
 /// Whether a thread that ran its exit hook, and still exists, runs on `[start, end)`.
@@ -609,18 +513,7 @@ pub fn teardown() {
             sys::close(f);
         }
     }
-    unmap_lists();
     unlock_pre();
-}
-
-/// Gives the lists range back to the reservation.
-fn unmap_lists() {
-    let _ = sys::mmap_fixed(
-        LISTS_START,
-        LISTS_END - LISTS_START,
-        libc::PROT_NONE,
-        libc::MAP_NORESERVE,
-    );
 }
 
 /// Whether `fd` is one of the engine's own descriptors (not the program's, not in an image).
@@ -647,8 +540,6 @@ pub fn after_restore() {
     BUSY.store(0, Relaxed);
     PRE_N.store(0, Relaxed);
     PRE_LOCK.store(0, Relaxed);
-    U_N.store(0, Relaxed);
-    E_N.store(0, Relaxed);
     FLUSHING.store(0, Relaxed);
     TABLE.store(core::ptr::null_mut(), Relaxed);
     SAVERS.store(0, Relaxed);
@@ -662,8 +553,9 @@ pub fn after_restore() {
 
 /// Takes the snapshot during the pause, after [`prepare`]: registers the `wanted` regions not
 /// registered yet, records which pages hold data (`PAGEMAP_SCAN`: present or swapped, not the
-/// shared zero page) and write-protects again those that may have lost their protection since
-/// [`prepare`] (see there), copies the pages of regions that cannot be protected, and switches the fault server to saving pages. The program must be
+/// shared zero page) and write-protects again those whose protection is off (written since
+/// [`prepare`], or new: the same scan says which), copies the pages of regions that cannot be
+/// protected, and switches the fault server to saving pages. The program must be
 /// parked. On error the snapshot is given up ([`teardown`]).
 pub fn begin(maps: &[MapsEntry], wanted: &[Wanted]) -> Result<&'static Table, String> {
     let mem_fd = sys::open(b"/proc/self/mem\0", libc::O_RDONLY | libc::O_CLOEXEC, 0);
@@ -784,21 +676,21 @@ fn setup(
     };
     crate::checkpoint::mark(3);
 
-    // Which pages hold data at this instant; protect those not known to be protected since
-    // prepare(), then the pages and ranges that lost their protection since.
-    let all_again = U_N.load(Acquire) as usize > U_CAP || E_N.load(Acquire) as usize > E_CAP;
+    // Which pages hold data at this instant; protect again those whose protection is off.
     let mut count = 0u64;
     let mut pm = Vec::new();
     let mut scan_ok = true;
     for (r, w) in table.regions.iter().zip(wanted) {
         if r.registered && scan_ok {
             let mut failed = 0;
-            let scanned = scan_pages(pm_fd, r.start, r.end, |a, b| {
+            let scanned = scan_pages(pm_fd, r.start, r.end, |a, b, written| {
                 let i0 = r.first + ((a - r.start) / PAGE) as usize;
                 table.set_present(i0, i0 + ((b - a) / PAGE) as usize);
                 count += (b - a) / PAGE;
-                if let Err(e) = protect_unknown(uffd, a, b, all_again) {
-                    failed = e;
+                if written {
+                    if let Err(e) = protect_now(uffd, a, b - a) {
+                        failed = e;
+                    }
                 }
             });
             match scanned {
@@ -843,36 +735,6 @@ fn setup(
                         r.start,
                         r.end
                     ),
-                ));
-            }
-        }
-    }
-
-    if !all_again {
-        let lost = u_list()[..U_N.load(Acquire) as usize]
-            .iter()
-            .map(|u| {
-                let a = u.load(Relaxed);
-                (a, a + PAGE)
-            })
-            .chain(
-                E[..E_N.load(Acquire) as usize]
-                    .iter()
-                    .map(|e| (e[0].load(Relaxed), e[1].load(Relaxed))),
-            );
-        for (start, end) in lost {
-            let mut failed = 0;
-            table.pieces(start, end, |r, _, from, to| {
-                if r.registered {
-                    if let Err(e) = protect_now(uffd, from, to - from) {
-                        failed = e;
-                    }
-                }
-            });
-            if failed != 0 {
-                return Err(give_up(
-                    &table,
-                    alloc::format!("cannot write-protect in {start:#x}-{end:#x}: errno {failed}"),
                 ));
             }
         }
@@ -956,60 +818,6 @@ fn setup(
     Ok(table)
 }
 
-/// Write-protects the pages of `[a, b)` (all with data) that [`prepare`] did not protect: those
-/// outside its regions, in a region whose protection is unknown, or not in P0. With `all`,
-/// every page.
-fn protect_unknown(uffd: i32, a: u64, b: u64, all: bool) -> Result<(), i32> {
-    let n = (PRE_N.load(Acquire) as usize).min(PRE_MAX);
-    let pre = &PRE[..n];
-    let mut x = a;
-    while x < b {
-        let i = pre.partition_point(|r| r[1].load(Relaxed) <= x);
-        let covering = pre.get(i).filter(|r| r[0].load(Relaxed) <= x);
-        let Some(r) = covering.filter(|r| !all && r[2].load(Relaxed) & SKIPPED == 0) else {
-            // Unknown up to the end of this region, or to the next region.
-            let to = match covering {
-                Some(r) => r[1].load(Relaxed),
-                None => pre.get(i).map_or(b, |r| r[0].load(Relaxed)),
-            }
-            .min(b);
-            protect_now(uffd, x, to - x)?;
-            x = to;
-            continue;
-        };
-        let (start, end, first) = (r[0].load(Relaxed), r[1].load(Relaxed), r[2].load(Relaxed));
-        let to = end.min(b);
-        let p0 = p0();
-        let mut run: Option<u64> = None;
-        let mut page = x;
-        while page < to {
-            let idx = (first + (page - start) / PAGE) as usize;
-            // A whole word of known pages: skip 64 at once.
-            if idx.is_multiple_of(64) && page + 64 * PAGE <= to && p0[idx / 64].load(Relaxed) == !0
-            {
-                if let Some(s) = run.take() {
-                    protect_now(uffd, s, page - s)?;
-                }
-                page += 64 * PAGE;
-                continue;
-            }
-            if bit(p0, idx) {
-                if let Some(s) = run.take() {
-                    protect_now(uffd, s, page - s)?;
-                }
-            } else if run.is_none() {
-                run = Some(page);
-            }
-            page += PAGE;
-        }
-        if let Some(s) = run {
-            protect_now(uffd, s, to - s)?;
-        }
-        x = to;
-    }
-    Ok(())
-}
-
 /// Write-protects during the pause. The kernel refuses (EAGAIN) only while an unmap, remove or
 /// remap event is unread, which cannot be the case with every program thread parked (each such
 /// event is read before its system call returns); a bound keeps a surprise from hanging the
@@ -1046,11 +854,10 @@ fn unregister(uffd: i32, start: u64, end: u64) -> sys::Result<i64> {
     ioctl(uffd, UFFDIO_UNREGISTER, range.as_mut_ptr() as *mut u8)
 }
 
-/// Calls `f(start, end)` for every range of `[start, end)` whose pages hold data (present or
-/// swapped, not the shared zero page), with the PAGEMAP_SCAN ioctl. (It cannot say which pages
-/// lost their write protection: `PAGE_IS_WRITTEN` is only reported for asynchronous
-/// write-protect regions, checked on this kernel.)
-fn scan_pages(fd: i32, start: u64, end: u64, mut f: impl FnMut(u64, u64)) -> sys::Result<()> {
+/// Calls `f(start, end, written)` for every range of `[start, end)` whose pages hold data
+/// (present or swapped, not the shared zero page), with the PAGEMAP_SCAN ioctl; `written` says
+/// the range's write-protect bit is clear (written since it was protected, or never protected).
+fn scan_pages(fd: i32, start: u64, end: u64, mut f: impl FnMut(u64, u64, bool)) -> sys::Result<()> {
     let mut vec = [[0u64; 3]; 256];
     let mut from = start;
     while from < end {
@@ -1066,14 +873,14 @@ fn scan_pages(fd: i32, start: u64, end: u64, mut f: impl FnMut(u64, u64)) -> sys
             category_inverted: PAGE_IS_PFNZERO,
             category_mask: PAGE_IS_PFNZERO,
             category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_WRITTEN,
         };
         let n = ioctl(fd, PAGEMAP_SCAN, &mut arg as *mut PmScanArg as *mut u8)? as usize;
         let mut last = from;
         for r in &vec[..n.min(vec.len())] {
             let (a, b) = (r[0].max(from), r[1].min(end));
             if a < b {
-                f(a, b);
+                f(a, b, r[2] & PAGE_IS_WRITTEN != 0);
                 last = last.max(b);
             }
         }
@@ -1263,20 +1070,10 @@ fn serve(uffd: i32, msgs: &mut [[u64; 4]; 32]) {
             match (ev, t) {
                 (EVENT_PAGEFAULT, _) => {
                     let addr = m[2] & !(PAGE - 1);
-                    match (m[1] & PAGEFAULT_FLAG_WP != 0, t) {
-                        (true, Some(t)) => {
-                            if let Some((idx, _)) = t.state_index(addr) {
-                                t.save_page(idx, addr);
-                            }
+                    if let (true, Some(t)) = (m[1] & PAGEFAULT_FLAG_WP != 0, t) {
+                        if let Some((idx, _)) = t.state_index(addr) {
+                            t.save_page(idx, addr);
                         }
-                        (_, None) => {
-                            // Before the snapshot: the pause protects this page again.
-                            let i = U_N.fetch_add(1, AcqRel) as usize;
-                            if i < U_CAP {
-                                u_list()[i].store(addr, Relaxed);
-                            }
-                        }
-                        _ => {}
                     }
                     if npending < pending.len() {
                         pending[npending] = addr;
@@ -1286,11 +1083,6 @@ fn serve(uffd: i32, msgs: &mut [[u64; 4]; 32]) {
                 (EVENT_UNMAP, Some(t)) => t.check_released(m[1], m[2], LOST_UNMAP),
                 (EVENT_REMOVE, Some(t)) => t.check_released(m[1], m[2], LOST_REMOVE),
                 (EVENT_REMAP, Some(t)) => t.check_released(m[1], m[1] + m[3], LOST_REMAP),
-                (EVENT_UNMAP | EVENT_REMOVE, None) => note_changed(m[1], m[2]),
-                (EVENT_REMAP, None) => {
-                    note_changed(m[1], m[1] + m[3]);
-                    note_changed(m[2], m[2] + m[3]);
-                }
                 _ => {}
             }
         }
@@ -1339,14 +1131,10 @@ fn with_table(f: impl FnOnce(&Table)) {
 }
 
 /// Saves the snapshot's pages in `[addr, addr + len)` that are not stored yet, then lifts their
-/// protection. Called by program threads right before they unmap, move or discard memory. Before
-/// a pause, notes the range as changed (MADV_FREE, for one, raises no event); otherwise does
+/// protection. Called by program threads right before they unmap, move or discard memory. Does
 /// nothing unless a flush is on.
 pub fn save_range(addr: u64, len: u64) {
     if len != 0 {
-        if preparing() {
-            note_changed(addr, addr.saturating_add(len));
-        }
         with_table(|t| t.save(addr, addr.saturating_add(len)));
     }
 }
@@ -1369,7 +1157,8 @@ pub fn thread_exiting() {
     let uffd = UFFD.load(Acquire);
     for r in &PRE[..n] {
         let (start, end) = (r[0].load(Relaxed), r[1].load(Relaxed));
-        if (start..end).contains(&here) && r[2].fetch_or(SKIPPED, Relaxed) & SKIPPED == 0 {
+        if start != 0 && (start..end).contains(&here) {
+            r[0].store(0, Relaxed);
             let _ = protect(uffd, start, end - start, false);
         }
     }
@@ -1405,7 +1194,6 @@ pub fn end(t: &'static Table) {
             sys::close(f);
         }
     }
-    unmap_lists();
     unlock_pre();
     sys::close(t.mem_fd);
     // SAFETY: the copy store mapped in begin(); nobody uses it any more.
