@@ -21,6 +21,7 @@ mod capture;
 mod checkpoint;
 mod config;
 mod interpose;
+mod kapi;
 mod park;
 #[path = "alloc.rs"]
 mod shim_alloc;

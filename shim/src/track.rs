@@ -34,55 +34,13 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 
 use crate::capture::MapsEntry;
+use crate::kapi::*;
 use crate::sys::{self, sc};
 
-const UFFD_API: u64 = 0xaa;
-const UFFDIO_API: u64 = 0xc018_aa3f;
-const UFFDIO_REGISTER: u64 = 0xc020_aa00;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFD_USER_MODE_ONLY: i64 = 1;
 const FEATURE_WP_ASYNC: u64 = 1 << 15;
 
-const PAGEMAP_SCAN: u64 = 0xc060_6610;
-const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
-pub const PAGE_IS_PRESENT: u64 = 1 << 3;
-pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
-pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
-
 const PAGE: u64 = 4096;
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    start: u64,
-    len: u64,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
 
 /// `SNAPSHIM_INCREMENTAL`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,11 +86,6 @@ static PARENT_CRC: AtomicU32 = AtomicU32::new(0);
 static CHAIN_LEN: AtomicU64 = AtomicU64::new(0);
 static CHAIN_BYTES: AtomicU64 = AtomicU64::new(0);
 static FULL_BYTES: AtomicU64 = AtomicU64::new(0);
-
-fn ioctl(fd: i32, req: u64, arg: *mut u8) -> sys::Result<i64> {
-    // SAFETY: callers pass a request and a pointer to its matching, live argument struct.
-    sys::check(unsafe { sc!(libc::SYS_ioctl, fd, req, arg) })
-}
 
 /// Opens the tracking userfaultfd: a normal one, else one for user-mode faults only (which is
 /// all WP_ASYNC needs: the kernel's own writes resolve asynchronously too).
@@ -263,8 +216,6 @@ fn scan(
     }
     Ok(())
 }
-
-const UFFDIO_UNREGISTER: u64 = 0x8010_aa01;
 
 /// Called by the `mremap` wrapper before pages move: takes the range off the tracking
 /// userfaultfd. The kernel refuses to move a range spanning several mappings if any of them is

@@ -50,18 +50,11 @@ use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, O
 use snapshim_image::layout::STACK_START;
 
 use crate::capture::{self, MapsEntry, PM_FILE, PM_PRESENT, PM_SWAP};
+use crate::kapi::*;
 use crate::sys::{self, sc};
 
 // ---------------------------------------------------------------------------------------------
-// Kernel interface (linux/userfaultfd.h, linux/fs.h)
-
-const UFFD_API: u64 = 0xaa;
-const UFFDIO_API: u64 = 0xc018_aa3f;
-const UFFDIO_REGISTER: u64 = 0xc020_aa00;
-const UFFDIO_UNREGISTER: u64 = 0x8010_aa01;
-const UFFDIO_WRITEPROTECT: u64 = 0xc018_aa06;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+// The engine's userfaultfd features and messages (shared definitions: kapi.rs)
 
 const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 const FEATURE_EVENT_REMAP: u64 = 1 << 2;
@@ -75,50 +68,6 @@ const EVENT_REMAP: u64 = 0x14;
 const EVENT_REMOVE: u64 = 0x15;
 const EVENT_UNMAP: u64 = 0x16;
 const PAGEFAULT_FLAG_WP: u64 = 1 << 1;
-
-const PAGEMAP_SCAN: u64 = 0xc060_6610;
-const PAGE_IS_WRITTEN: u64 = 1 << 1;
-const PAGE_IS_PRESENT: u64 = 1 << 3;
-const PAGE_IS_SWAPPED: u64 = 1 << 4;
-const PAGE_IS_PFNZERO: u64 = 1 << 5;
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    start: u64,
-    len: u64,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioWriteprotect {
-    start: u64,
-    len: u64,
-    mode: u64,
-}
-
-#[repr(C)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
 
 const PAGE: u64 = 4096;
 /// Most memory copied during the pause instead of protected before the fork engine is used.
@@ -341,11 +290,6 @@ const LOST_UNMAP: u8 = 1;
 const LOST_REMOVE: u8 = 2;
 const LOST_REMAP: u8 = 3;
 const LOST_STORE_FULL: u8 = 4;
-
-fn ioctl(fd: i32, req: u64, arg: *mut u8) -> sys::Result<i64> {
-    // SAFETY: callers pass a request and a pointer to its matching, live argument struct.
-    sys::check(unsafe { sc!(libc::SYS_ioctl, fd, req, arg) })
-}
 
 fn open_uffd() -> sys::Result<i32> {
     // SAFETY: userfaultfd takes only flags.
