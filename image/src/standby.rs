@@ -12,6 +12,7 @@
 //! `snapshim-restore: resuming after N us; ...` line, written by the restorer's last phase just
 //! before the program runs (N counts from the activation), or `error TEXT`. Then it closes.
 
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use crate::ImageError;
@@ -71,6 +72,28 @@ pub fn dir_socket_name(dir: &Path) -> Vec<u8> {
 /// Abstract socket name (without its leading NUL) of the standby with process ID `pid`.
 pub fn pid_socket_name(pid: u32) -> Vec<u8> {
     format!("snapshim-standby-pid:{pid}").into_bytes()
+}
+
+/// PID and uid of the process at the other end of a Unix socket: each side checks the other's
+/// user.
+pub fn peer(fd: RawFd) -> Option<(i32, u32)> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a struct ucred of the length given.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut libc::ucred as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (r == 0).then_some((cred.pid, cred.uid))
 }
 
 #[cfg(test)]

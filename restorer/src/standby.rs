@@ -46,7 +46,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use snapshim_image::standby::{dir_socket_name, pid_socket_name, watched_dir, ACTIVATE};
+use snapshim_image::standby::{dir_socket_name, peer, pid_socket_name, watched_dir, ACTIVATE};
 use snapshim_image::{Chain, Image, ImageError, Metadata};
 
 use crate::{
@@ -396,9 +396,9 @@ pub fn run(target: &Path, mut opt: Options) -> Result<Never, String> {
     );
     // The namespaces' trial run forks: now, before the first worker thread exists.
     if opt.namespace != Namespace::Off
-        && ns::unreproducible_ids(&sb.staged.meta(), ns::pid_max()).is_none()
+        && ns::unreproducible_ids(sb.staged.meta(), ns::pid_max()).is_none()
     {
-        ns::try_ahead(&sb.staged.meta());
+        ns::try_ahead(sb.staged.meta());
     }
     // Anything committed while the first image was being checked.
     sb.reconcile(None)?;
@@ -544,27 +544,6 @@ fn listen(dir: &Path) -> Result<[UnixListener; 2], String> {
     let by_pid = bind(&pid_socket_name(std::process::id()))
         .map_err(|e| format!("cannot listen for activation: {e}"))?;
     Ok([by_dir, by_pid])
-}
-
-/// PID and uid of the process at the other end of a Unix socket.
-fn peer(fd: RawFd) -> Option<(i32, u32)> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED fills a struct ucred of the length given.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut libc::ucred as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    (r == 0).then_some((cred.pid, cred.uid))
 }
 
 /// Accepts one pending connection, if any, and returns it if it is an activation request from

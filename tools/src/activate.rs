@@ -7,14 +7,14 @@
 //! touched, and the answer says which image was used and when the program resumed.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixStream};
 use std::path::Path;
 use std::time::Instant;
 
 use snapshim_image::standby::{
-    dir_socket_name, pid_socket_name, watched_dir, ACTIVATE, RESUMED_PREFIX,
+    dir_socket_name, peer, pid_socket_name, watched_dir, ACTIVATE, RESUMED_PREFIX,
 };
 
 use crate::{ActivateArgs, Failure, Result};
@@ -105,25 +105,4 @@ pub fn activate(a: ActivateArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// PID and uid of the process at the other end of a Unix socket.
-fn peer(fd: RawFd) -> Option<(i32, u32)> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED fills a struct ucred of the length given.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            &mut cred as *mut libc::ucred as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    (r == 0).then_some((cred.pid, cred.uid))
 }
