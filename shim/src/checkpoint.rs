@@ -482,6 +482,7 @@ fn quiesce() -> Result<usize, String> {
     park::NEXT_SLOT.store(0, Relaxed);
     park::PARKED.store(0, Relaxed);
     park::RESUMED.store(0, Relaxed);
+    park::NOTED.store(0, Relaxed);
     park::ACTIVE.store(1, SeqCst);
     let deadline = sys::monotonic_ns() + 10_000_000_000;
     let mut signaled: Vec<i32> = Vec::new();
@@ -582,6 +583,8 @@ fn after_restore(nthreads: usize) {
     crate::shim_alloc::SCRATCH_ACTIVE.store(false, SeqCst);
     crate::uffd::after_restore();
     crate::interpose::note_image_mappings();
+    park::NOTED.store(1, Release);
+    sys::futex_wake(&park::NOTED);
     park::record_restored_helper();
     loop {
         let r = park::RESUMED.load(Acquire);

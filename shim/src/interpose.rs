@@ -395,8 +395,8 @@ fn is_noted_image(dev: u64, inode: u64) -> bool {
 
 /// In a restored process: notes the memory mapped from its image. That memory was anonymous in
 /// the original process, where discarding a page gave zeros; a private file mapping gives the
-/// file's page back instead (see [`anonymize_image_pages`]). Threads run already while this is
-/// read: a discard in the first moments after a restore may still see the image's pages.
+/// file's page back instead (see [`anonymize_image_pages`]). Restored threads wait in their
+/// quiesce handler until this is done (`park::NOTED`).
 pub fn note_image_mappings() {
     let Ok(maps) = crate::capture::read_maps() else {
         return;

@@ -132,6 +132,11 @@ pub static PARKED: AtomicU32 = AtomicU32::new(0);
 pub static RELEASE: AtomicU32 = AtomicU32::new(0);
 /// Threads that have finished their post-restore fix-ups (futex word).
 pub static RESUMED: AtomicU32 = AtomicU32::new(0);
+/// Set by the helper of a restored process once it has noted which memory is mapped from the
+/// image (`interpose::note_image_mappings`); restored threads wait for it before they return to
+/// the program, so a discard of such memory gives zeros from the first instruction on. Cleared
+/// before every snapshot, so it is 0 in every image (futex word).
+pub static NOTED: AtomicU32 = AtomicU32::new(0);
 /// Offset of glibc's cached TID (`struct pthread.tid`) from the thread pointer, or -1.
 pub static TID_OFFSET: AtomicI32 = AtomicI32::new(-1);
 /// glibc's rseq area offset from the thread pointer and its registered size (0: none).
@@ -270,6 +275,9 @@ pub extern "C" fn quiesce_handler(_sig: i32, _info: *mut libc::siginfo_t, _uc: *
                 restore_thread(slot);
                 RESUMED.fetch_add(1, Release);
                 sys::futex_wake(&RESUMED);
+                while NOTED.load(Acquire) == 0 {
+                    sys::futex_wait(&NOTED, 0, Some(100_000_000));
+                }
             }
         } else {
             // Too many threads: the helper sees NEXT_SLOT overflow and abandons the snapshot.
