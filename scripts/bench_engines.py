@@ -14,7 +14,7 @@ timeline. Printed per configuration (medians over --runs):
   image     image file size
 and the ratio of the stop engine's pause to each engine's.
 
-Usage: scripts/bench_engines.py [--sizes 256,1024,4096] [--kinds dense,sparse,write] [--runs 3]
+Usage: scripts/bench_engines.py [--sizes 256,1024,4096] [--kinds dense,sparse,write,read] [--runs 3]
 """
 import argparse, os, re, shutil, signal, statistics, subprocess, sys, tempfile, time
 
@@ -116,7 +116,7 @@ def med(xs):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="256,1024,4096")
-    ap.add_argument("--kinds", default="dense,sparse,write")
+    ap.add_argument("--kinds", default="dense,sparse,write,read")
     ap.add_argument("--engines", default=",".join(e for e, _ in ENGINES))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", default=os.path.join(ROOT, "target", "bench"),

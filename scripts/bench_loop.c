@@ -2,6 +2,8 @@
  *   KIND dense:  every page written at start; each iteration reads 64 pages and writes 4
  *        sparse: one page in 16 written at start; each iteration writes 4 of those
  *        write:  every page written at start; each iteration writes 64 consecutive pages
+ *        read:   every page written at start; each iteration reads 64 pages, one in 64
+ *                iterations also writes one (a mostly-reading program)
  * It measures itself: iterations per 10 ms bucket and every gap over 0.2 ms between two
  * iterations (CLOCK_MONOTONIC, the clock the driver uses). On SIGUSR1 it writes both to
  * TIMELINE and exits. READY on stderr once its memory is populated. */
@@ -28,6 +30,8 @@ int main(int argc, char **argv) {
 	size_t pages = (strtoull(argv[1], 0, 10) << 20) / 4096;
 	const char *kind = argv[2];
 	int sparse = !strcmp(kind, "sparse"), write_heavy = !strcmp(kind, "write");
+	int mostly_read = !strcmp(kind, "read");
+	uint64_t iter = 0;
 	unsigned char *m = malloc(pages * 4096 + 4096);
 	static uint32_t buckets[MAX_BUCKETS];
 	static uint64_t gap_at[MAX_GAPS], gap_ns[MAX_GAPS];
@@ -40,7 +44,8 @@ int main(int argc, char **argv) {
 	fprintf(stderr, "READY\n");
 	uint64_t x = 88172645463325252ull, sum = 0, start = now(), prev = start, sweep = 0;
 	while (!stop) {
-		for (int k = 0; k < (write_heavy ? 64 : 4); k++) {
+		int writes = write_heavy ? 64 : mostly_read ? (iter++ % 64 == 0) : 4;
+		for (int k = 0; k < writes; k++) {
 			size_t p;
 			if (write_heavy) {
 				p = sweep++ % pages;
@@ -51,7 +56,7 @@ int main(int argc, char **argv) {
 			}
 			m[p * 4096 + (k * 64) % 4096] += 1;
 		}
-		if (!sparse && !write_heavy)
+		if (!sparse && !write_heavy) /* dense and read */
 			for (int k = 0; k < 64; k++) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; sum += m[(x % pages) * 4096]; }
 		uint64_t t = now();
 		size_t b = (t - start) / BUCKET_NS;
