@@ -200,7 +200,7 @@ fn write_stats(s: &Stats) {
     let json = alloc::format!(
         "{{\"image\": \"{}\", \"engine\": \"{}\", \"bytes\": {}, \"resident_bytes\": {}, \
          \"pause_us\": {}, \"flush_us\": {}, \"total_us\": {}, \"pages_copied_before_write\": {}, \
-         \"delta\": {}, \"pause_phases_us\": {{{phases}}}}}\n",
+         \"pages_copied_ahead\": {}, \"delta\": {}, \"pause_phases_us\": {{{phases}}}}}\n",
         s.path.replace('\\', "\\\\").replace('"', "\\\""),
         s.engine.name(),
         s.bytes,
@@ -209,6 +209,7 @@ fn write_stats(s: &Stats) {
         s.flush_ns / 1000,
         s.total_ns / 1000,
         s.copied,
+        s.copied_ahead,
         s.delta
     );
     let path = std::path::Path::new(&s.path).with_extension("json");
@@ -245,6 +246,9 @@ pub struct Stats {
     /// Pages the program copied before the writer had stored them (approximate: its minor
     /// faults during the flush).
     pub copied: u64,
+    /// Of those, pages the writer copied ahead of the program (uffd engine, see
+    /// uffd::help_from_end).
+    pub copied_ahead: u64,
     pub total_ns: u64,
     pub resident: u64,
     pub engine: Engine,
@@ -267,8 +271,9 @@ pub enum Outcome {
 struct Job {
     cfg: &'static Config,
     engine: Engine,
-    /// Pages copied before the writer stored them (uffd engine).
+    /// Pages copied before the writer stored them (uffd engine), and of those by the writer.
     copied: u64,
+    copied_ahead: u64,
     /// The uffd engine's snapshot was not exact (see Outcome::Retry).
     retry: bool,
     /// Asked for a delta image; cleared by the writer when it takes a full one instead.
@@ -344,6 +349,7 @@ fn take(cfg: &'static Config, mut engine: Engine, delta: bool) -> Outcome {
         cfg,
         engine,
         copied: 0,
+        copied_ahead: 0,
         retry: false,
         delta,
         t0,
@@ -401,6 +407,7 @@ fn take(cfg: &'static Config, mut engine: Engine, delta: bool) -> Outcome {
             pause_ns: job.pause_ns,
             flush_ns: now - released_at,
             copied,
+            copied_ahead: job.copied_ahead,
             total_ns: now - started,
             resident: job.resident,
             engine: job.engine,
@@ -696,6 +703,7 @@ fn write_image(job: &mut Job) -> Result<String, String> {
             let r = writer::write_live(cfg, &cap, &t, table, layout);
             crate::uffd::end(table);
             job.copied = table.copied.load(Relaxed);
+            job.copied_ahead = table.ahead.load(Relaxed);
             let r = match (r, table.lost()) {
                 (Ok(bytes), None) => writer::commit(&t, job.seq, cfg.keep).map(|()| bytes),
                 (Ok(_), Some(lost)) => {

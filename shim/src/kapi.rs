@@ -9,6 +9,7 @@ pub const UFFDIO_API: u64 = 0xc018_aa3f;
 pub const UFFDIO_REGISTER: u64 = 0xc020_aa00;
 pub const UFFDIO_UNREGISTER: u64 = 0x8010_aa01;
 pub const UFFDIO_WRITEPROTECT: u64 = 0xc018_aa06;
+pub const UFFDIO_WAKE: u64 = 0x8010_aa02;
 pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 pub const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 

@@ -137,6 +137,23 @@ extern "C" fn init() {
         .and_then(|s| s.parse().ok())
         .filter(|f: &f64| *f > 0.0)
         .unwrap_or(0.5);
+    if let Some(v) = env("SNAPSHIM_FAULT_AROUND") {
+        match v.parse::<u64>() {
+            Ok(kib) if kib >= 4 => uffd::set_fault_around(kib << 10),
+            _ => warn(&format!(
+                "SNAPSHIM_FAULT_AROUND={v} is not a size in KiB (4 or more); using {}",
+                uffd::DEFAULT_AROUND >> 10
+            )),
+        }
+    }
+    match env("SNAPSHIM_COPY_AHEAD").as_deref() {
+        None | Some("auto") => uffd::set_copy_ahead(uffd::CopyAhead::Auto),
+        Some("off") | Some("0") => uffd::set_copy_ahead(uffd::CopyAhead::Off),
+        Some("always") => uffd::set_copy_ahead(uffd::CopyAhead::Always),
+        Some(other) => warn(&format!(
+            "SNAPSHIM_COPY_AHEAD={other} is not a choice (auto, off, always); using auto"
+        )),
+    }
     interpose::HUGEPAGES.store(env("SNAPSHIM_HUGEPAGES").is_some_and(|v| v != "0"), Relaxed);
     let quiesce = libc::SIGRTMAX() - 1;
     let cfg = config::init(config::Config {

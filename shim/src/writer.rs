@@ -20,7 +20,7 @@
 
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::Ordering::{AcqRel, Relaxed};
+use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 
@@ -362,8 +362,18 @@ impl PageWriter {
     /// Waits for the write in flight, if any; finishes it synchronously if it came back short
     /// or refused.
     fn wait(&mut self) -> sys::Result<()> {
-        let Some((buf, len, off)) = self.inflight.take() else {
-            return Ok(());
+        self.reap(true).map(|_| ())
+    }
+
+    /// Whether a write is still in flight; one that has ended is finished as by [`wait`].
+    fn in_flight(&mut self) -> sys::Result<bool> {
+        Ok(self.inflight.is_some() && !self.reap(false)?)
+    }
+
+    /// Finishes the write in flight, waiting for it if `block`. Returns whether it is over.
+    fn reap(&mut self, block: bool) -> sys::Result<bool> {
+        let Some((buf, len, off)) = self.inflight else {
+            return Ok(true);
         };
         let mut ev = IoEvent {
             data: 0,
@@ -371,24 +381,38 @@ impl PageWriter {
             res: 0,
             res2: 0,
         };
+        let now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let timeout = if block {
+            core::ptr::null()
+        } else {
+            &now as *const libc::timespec
+        };
         loop {
-            // SAFETY: room for one event; no timeout.
+            // SAFETY: room for one event; the timeout is null (wait) or a zero timespec.
             let n = unsafe {
                 sc!(
                     libc::SYS_io_getevents,
                     self.aio,
-                    1,
+                    block as u64,
                     1,
                     &mut ev as *mut IoEvent,
-                    0u64
+                    timeout
                 )
             };
             match n {
                 1 => break,
+                0 if !block => return Ok(false),
                 n if n == -(libc::EINTR as i64) => continue,
-                n => return Err(-n as i32),
+                n => {
+                    self.inflight = None;
+                    return Err(-n as i32);
+                }
             }
         }
+        self.inflight = None;
         // SAFETY: the buffer given to submit(), which the caller kept alive until now.
         let data = unsafe { core::slice::from_raw_parts(buf, len) };
         match ev.res {
@@ -400,6 +424,7 @@ impl PageWriter {
             r if r < 0 => Err(-r as i32),
             r => pwrite_all(self.direct, &data[r as usize..], off + r as u64),
         }
+        .map(|()| true)
     }
 }
 
@@ -770,6 +795,13 @@ pub fn write_live(
     use crate::uffd;
     let io = |what: &'static str| move |e: i32| errmsg(what, &t.tmp, e);
     let mut pages = PageWriter::open(t);
+    // Give the file its largest size first: an O_DIRECT write that extends a file is done
+    // synchronously by ext4 and others, so without this no write would overlap the next
+    // window's reading. Cut to the real size once written. (Best effort: without fallocate the
+    // writes are merely not overlapped.)
+    let most = image::PAGE_SIZE + table.present_pages * 4096;
+    // SAFETY: fallocate on our own descriptor.
+    let preallocated = unsafe { sc!(libc::SYS_fallocate, t.fd, 0, 0, most) } == 0;
     let aligned = core::alloc::Layout::from_size_align(WINDOW, 4096).expect("valid layout");
     // SAFETY: non-zero size; the scratch allocator honours the alignment. Freed with the scratch
     // region when the writer ends.
@@ -781,7 +813,6 @@ pub fn write_live(
     // the device while a write from one is in flight, see PageWriter::submit).
     let bufs = bufs.map(|b| unsafe { core::slice::from_raw_parts_mut(b, WINDOW) });
     let mut cur = 0usize;
-    let mem_fd = uffd::mem_fd(table);
     let mut off = image::PAGE_SIZE;
     let mut runs: Vec<PageRun> = Vec::new();
     let close = |run: &mut Option<OpenRun>, runs: &mut Vec<PageRun>| {
@@ -795,6 +826,11 @@ pub fn write_live(
         }
     };
     let mut result = Ok(());
+    let mut back = (
+        table.regions.len().saturating_sub(1),
+        table.regions.last().map_or(0, |r| r.end),
+    );
+    let mut helped_out = false;
     'regions: for (pr, w) in table.regions.iter().zip(&layout.wanted) {
         let mut run: Option<OpenRun> = None;
         let mut a = pr.start;
@@ -805,25 +841,49 @@ pub fn write_live(
             let present = |k: usize| table.present(i0 + k);
             // The device may still be writing the other buffer; this one is free.
             let buf = &mut *bufs[cur];
-            // Read the span from the first to the last page with data, in one go.
-            let first = (0..n).find(|&k| present(k));
-            let last = (0..n).rev().find(|&k| present(k));
-            let mut readable = 0usize; // pages of the span actually read
-            if let (Some(f), Some(l)) = (first, last) {
-                let span = &mut buf[f * 4096..(l + 1) * 4096];
-                let mut done = 0;
-                while done < span.len() {
-                    match sys::pread(mem_fd, &mut span[done..], a + (f * 4096 + done) as u64) {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => done += k,
-                    }
+            // Read the pages with data that nobody has copied, in one call: each run of them
+            // lands where its first page stands among the window's pages with data, so packing
+            // below only ever moves a page down, over pages already dealt with.
+            const NO_POS: u16 = u16::MAX;
+            // Page -> its place in buf, and its page in the read's order (NO_POS: not read).
+            let mut place = [(NO_POS, NO_POS); WINDOW / 4096];
+            let mut local = [(0u64, 0u64); WINDOW / 8192 + 1];
+            let mut remote = [(0u64, 0u64); WINDOW / 8192 + 1];
+            let (mut nio, mut order, mut slot) = (0usize, 0u16, 0u16);
+            for (k, place) in place.iter_mut().enumerate().take(n) {
+                if !present(k) {
+                    continue;
                 }
-                readable = f + done / 4096;
+                if table.state(i0 + k).load(Acquire) == 0 {
+                    let addr = a + k as u64 * 4096;
+                    let at = buf.as_ptr() as u64 + slot as u64 * 4096;
+                    let last = nio.wrapping_sub(1);
+                    if nio > 0
+                        && remote[last].0 + remote[last].1 == addr
+                        && local[last].0 + local[last].1 == at
+                    {
+                        remote[last].1 += 4096;
+                        local[last].1 += 4096;
+                    } else {
+                        remote[nio] = (addr, 4096);
+                        local[nio] = (at, 4096);
+                        nio += 1;
+                    }
+                    *place = (slot, order);
+                    order += 1;
+                }
+                slot += 1;
             }
+            let done = if nio > 0 {
+                // SAFETY: the local ranges are distinct pages of buf (slot < n pages).
+                unsafe { sys::read_mem_v(&local[..nio], &remote[..nio]) }.unwrap_or(0)
+            } else {
+                0
+            };
             // Pages to store are packed in place towards the start of the buffer (a page only
             // ever moves down, over pages already dealt with).
             let mut out_len = 0usize;
-            for k in 0..n {
+            for (k, &(at, order)) in place.iter().enumerate().take(n) {
                 let s = table.state(i0 + k).fetch_or(uffd::STORED_BIT, AcqRel);
                 let addr = a + k as u64 * 4096;
                 if !present(k) || uffd::is_no_data(s) {
@@ -831,9 +891,10 @@ pub fn write_live(
                     continue;
                 } else if let Some(c) = uffd::copy_of(table, s) {
                     buf[out_len..out_len + 4096].copy_from_slice(c);
-                } else if k < readable {
-                    if out_len != k * 4096 {
-                        buf.copy_within(k * 4096..(k + 1) * 4096, out_len);
+                } else if order != NO_POS && (order as usize + 1) * 4096 <= done {
+                    let at = at as usize * 4096;
+                    if out_len != at {
+                        buf.copy_within(at..at + 4096, out_len);
                     }
                 } else {
                     // Gone before it was read or saved (glibc unmapped it behind our back).
@@ -870,6 +931,18 @@ pub fn write_live(
             if pr.registered {
                 uffd::unprotect(table, a, wend - a);
             }
+            // While the device writes the last window, copy from the far end if the program is
+            // writing all over unsaved memory: the fault server alone is its bottleneck then.
+            while uffd::hot() && !helped_out {
+                match pages.in_flight() {
+                    Ok(true) => helped_out = !uffd::help_from_end(table, &mut back, wend),
+                    Ok(false) => break,
+                    Err(e) => {
+                        result = Err(io("write")(e));
+                        break 'regions;
+                    }
+                }
+            }
             if out_len > 0 {
                 if let Err(e) = pages.submit(&buf[..out_len], off) {
                     result = Err(io("write")(e));
@@ -887,5 +960,11 @@ pub fn write_live(
     }
     drop(pages);
     result?;
-    finish(cfg, cap, t.fd, layout.regions, runs, Vec::new(), off).map_err(|(what, e)| io(what)(e))
+    let size = finish(cfg, cap, t.fd, layout.regions, runs, Vec::new(), off)
+        .map_err(|(what, e)| io(what)(e))?;
+    if preallocated {
+        // SAFETY: ftruncate on our own descriptor.
+        sys::check(unsafe { sc!(libc::SYS_ftruncate, t.fd, size) }).map_err(io("truncate"))?;
+    }
+    Ok(size)
 }

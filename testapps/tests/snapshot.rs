@@ -50,8 +50,11 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn pattern(engine: &str) -> Result<AppSpec> {
-    let spec = AppSpec::named(APP)?.env("SNAPSHIM_COW", engine);
+fn pattern(engine: &str, env: &[(&str, &str)]) -> Result<AppSpec> {
+    let mut spec = AppSpec::named(APP)?.env("SNAPSHIM_COW", engine);
+    for &(k, v) in env {
+        spec = spec.env(k, v);
+    }
     Ok(if engine != "stop" {
         spec.arg(FORK_GENERATIONS)
     } else {
@@ -60,8 +63,8 @@ fn pattern(engine: &str) -> Result<AppSpec> {
 }
 
 /// The image's statistics (`ckpt-N.json`, written by the shim beside it) must name `engine`: the
-/// test proves nothing about an engine that did not write the image.
-fn check_engine(img: &Snapshot, engine: &str) -> Result<()> {
+/// test proves nothing about an engine that did not write the image. Returns them.
+fn check_engine(img: &Snapshot, engine: &str) -> Result<String> {
     let stats = img.path().with_extension("json");
     let text = fs::read_to_string(&stats).context(format!(
         "read {} (the shim's statistics for {})",
@@ -76,22 +79,38 @@ fn check_engine(img: &Snapshot, engine: &str) -> Result<()> {
         );
     }
     eprintln!("[{APP}/{engine}] {}", text.trim());
-    Ok(())
+    Ok(text)
+}
+
+/// A number field of the statistics.
+fn stat(stats: &str, field: &str) -> u64 {
+    let key = format!("\"{field}\": ");
+    stats
+        .find(&key)
+        .map(|i| &stats[i + key.len()..])
+        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Checkpoints at random moments, each in its own fifth of the checkpoint window (together they
 /// cover all of it), kill -9, restore: the restored process must pass its own checks of every
 /// page and print exactly what an uninterrupted run prints.
 fn snapshots_are_exact(engine: &str) -> Result<()> {
+    snapshots_are_exact_with(engine, &[]).map(|_| ())
+}
+
+/// [`snapshots_are_exact`] with more settings; returns each image's statistics.
+fn snapshots_are_exact_with(engine: &str, env: &[(&str, &str)]) -> Result<Vec<String>> {
     let _alone = one_at_a_time();
+    let mut stats = Vec::new();
     for run in 0..RUNS_PER_ENGINE {
-        let app = Session::new(pattern(engine)?)?.spawn()?.wait_ready()?;
+        let app = Session::new(pattern(engine, env)?)?.spawn()?.wait_ready()?;
         let session = app.session().clone();
         let at = (run as f64 + session.random_unit()) / RUNS_PER_ENGINE as f64;
         let app = app.pause(session.checkpoint_window()?.mul_f64(at));
         let outcome = (|| {
             let img = app.checkpoint()?;
-            check_engine(&img, engine)?;
+            stats.push(check_engine(&img, engine)?);
             app.kill()?;
             img.restore()?
                 .finish()?
@@ -99,12 +118,12 @@ fn snapshots_are_exact(engine: &str) -> Result<()> {
         })();
         outcome.map_err(|e| {
             Failure::new(format!(
-                "SNAPSHIM_COW={engine}, run {} of {RUNS_PER_ENGINE}: {e}",
+                "SNAPSHIM_COW={engine} {env:?}, run {} of {RUNS_PER_ENGINE}: {e}",
                 run + 1
             ))
         })?;
     }
-    Ok(())
+    Ok(stats)
 }
 
 #[test]
@@ -124,6 +143,25 @@ fn uffd_engine_snapshots_are_exact() -> Result<()> {
     snapshots_are_exact("uffd")
 }
 
+/// The uffd engine's fault server saving one page per fault (by default it saves whole blocks
+/// around a fault once faults come often).
+#[test]
+fn uffd_engine_page_at_a_time_snapshots_are_exact() -> Result<()> {
+    snapshots_are_exact_with("uffd", &[("SNAPSHIM_FAULT_AROUND", "4")]).map(|_| ())
+}
+
+/// The writer copying blocks ahead of the program from the far end of memory while the device
+/// writes (by default only when the program writes all over unsaved memory; here always). The
+/// statistics must show it did, or this test proves nothing about that path.
+#[test]
+fn uffd_engine_copying_ahead_snapshots_are_exact() -> Result<()> {
+    let stats = snapshots_are_exact_with("uffd", &[("SNAPSHIM_COPY_AHEAD", "always")])?;
+    if stats.iter().all(|s| stat(s, "pages_copied_ahead") == 0) {
+        bail!("no run had the writer copy ahead of the program: {stats:#?}");
+    }
+    Ok(())
+}
+
 /// Three checkpoints in a row of one running process (each waits for its commit, so with `fork`
 /// the program runs on between the instants and while the images are written), then kill -9.
 /// The last image must restore to the uninterrupted output; then the first one, set aside (a hard
@@ -133,7 +171,7 @@ fn uffd_engine_snapshots_are_exact() -> Result<()> {
 #[test]
 fn three_checkpoints_in_a_row_each_restore() -> Result<()> {
     let _alone = one_at_a_time();
-    let app = Session::new(pattern("fork")?)?.spawn()?.wait_ready()?;
+    let app = Session::new(pattern("fork", &[])?)?.spawn()?.wait_ready()?;
     let session = app.session().clone();
     let app = app.pause(Duration::from_millis(
         (100.0 + 200.0 * session.random_unit()) as u64,
@@ -216,7 +254,7 @@ fn pattern_verifier_detects_a_torn_page() -> Result<()> {
 #[test]
 fn a_torn_image_makes_the_restored_app_fail() -> Result<()> {
     let _alone = one_at_a_time();
-    let app = Session::new(pattern("fork")?)?.spawn()?.wait_ready()?;
+    let app = Session::new(pattern("fork", &[])?)?.spawn()?.wait_ready()?;
     let session = app.session().clone();
     let app = app.pause(Duration::from_millis(100));
     let a = app.checkpoint()?;
