@@ -200,7 +200,8 @@ fn write_stats(s: &Stats) {
     let json = alloc::format!(
         "{{\"image\": \"{}\", \"engine\": \"{}\", \"bytes\": {}, \"resident_bytes\": {}, \
          \"pause_us\": {}, \"flush_us\": {}, \"total_us\": {}, \"pages_copied_before_write\": {}, \
-         \"pages_copied_ahead\": {}, \"delta\": {}, \"pause_phases_us\": {{{phases}}}}}\n",
+         \"pages_copied_ahead\": {}, \"delta\": {}, \"pause_started_monotonic_ns\": {}, \
+         \"pause_phases_us\": {{{phases}}}}}\n",
         s.path.replace('\\', "\\\\").replace('"', "\\\""),
         s.engine.name(),
         s.bytes,
@@ -210,7 +211,8 @@ fn write_stats(s: &Stats) {
         s.total_ns / 1000,
         s.copied,
         s.copied_ahead,
-        s.delta
+        s.delta,
+        MARKS[0].load(Relaxed)
     );
     let path = std::path::Path::new(&s.path).with_extension("json");
     use std::io::Write;
