@@ -85,9 +85,11 @@ pub fn parse_maps(text: &str) -> Vec<MapsEntry> {
     v
 }
 
-/// Whether a mapping is the shim's own (the reserved range) or the kernel's vsyscall page.
+/// Whether a mapping is the shim's own (the reserved range, the uffd engine's copy store) or
+/// the kernel's vsyscall page.
 pub fn is_excluded(e: &MapsEntry) -> bool {
     (e.start < RESERVED_END && e.end > RESERVED_START)
+        || crate::uffd::is_own_mapping(e.start, e.end)
         || e.name == "[vsyscall]"
         || e.end > 0x7fff_ffff_f000
 }

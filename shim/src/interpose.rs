@@ -27,7 +27,7 @@ pub static QUIESCE_SIG: core::sync::atomic::AtomicI32 = core::sync::atomic::Atom
 /// SNAPSHIM_HUGEPAGES=1: advise large anonymous memory MADV_HUGEPAGE.
 pub static HUGEPAGES: AtomicBool = AtomicBool::new(false);
 /// Allocations at least this large are advised.
-const HUGE_MIN: usize = 32 << 20;
+pub const HUGE_MIN: usize = 32 << 20;
 
 /// Advises the whole 2 MiB extents of a large allocation to use transparent huge pages:
 /// write-protecting or forking huge-page memory costs one entry per 2 MiB instead of 512.

@@ -188,6 +188,14 @@ impl Around {
 /// copies blocks from the far end while the device writes ([`help_from_end`]).
 static HOT_UNTIL: AtomicU64 = AtomicU64::new(0);
 
+/// The copy store mapped by [`prepare`] (address, pages), until [`setup`] takes it: mapped while
+/// the program runs, with its first [`WARM_STORE`] bytes filled in, so the first copies of a
+/// flush do not wait for fresh memory (on this VM a fresh 2 MiB page took up to 10 ms). Not part
+/// of any image ([`is_own_mapping`]).
+static STORE: AtomicU64 = AtomicU64::new(0);
+static STORE_PAGES: AtomicU64 = AtomicU64::new(0);
+const WARM_STORE: u64 = 32 << 20;
+
 /// Set while a flush is on: the savers and the thread-exit hook act only then.
 static FLUSHING: AtomicU32 = AtomicU32::new(0);
 /// The current flush's table. Null before the snapshot: the fault server then only lifts
@@ -291,6 +299,7 @@ impl Table {
             self.save_page(idx, addr);
             return (addr, PAGE);
         }
+        let w = if huge(r.start, r.end) { HUGE } else { w };
         let from = (addr & !(w - 1)).max(r.start);
         let to = ((addr | (w - 1)) + 1).min(r.end);
         if self.save_block(r, from, to).is_none() {
@@ -507,6 +516,30 @@ fn protect_inner(uffd: i32, start: u64, len: u64, on: bool, once: bool) -> sys::
     }
 }
 
+const HUGE: u64 = 2 << 20;
+
+/// Whether `[start, end)` is memory the shim advised to use transparent huge pages
+/// (`SNAPSHIM_HUGEPAGES=1`, allocations of 32 MiB or more). Lifting the protection of part of a
+/// huge page splits it into 512 page-table entries, which makes every later protection and scan
+/// of it slower: such memory is unprotected and saved 2 MiB at a time.
+fn huge(start: u64, end: u64) -> bool {
+    crate::interpose::HUGEPAGES.load(Relaxed) && end - start >= crate::interpose::HUGE_MIN as u64
+}
+
+/// Before the snapshot, the range to unprotect for a write fault at `addr`: its page, or its
+/// 2 MiB block in huge-page memory ([`huge`]; the pause protects again whatever was written).
+fn pre_block(addr: u64) -> (u64, u64) {
+    let n = (PRE_N.load(Acquire) as usize).min(PRE_MAX);
+    for r in &PRE[..n] {
+        let (start, end) = (r[0].load(Relaxed), r[1].load(Relaxed));
+        if start != 0 && (start..end).contains(&addr) && huge(start, end) {
+            let from = (addr & !(HUGE - 1)).max(start);
+            return (from, ((addr | (HUGE - 1)) + 1).min(end) - from);
+        }
+    }
+    (addr, PAGE)
+}
+
 /// Wakes the threads waiting on faults in the range without lifting anything: they fault again.
 fn wake(uffd: i32, start: u64, len: u64) {
     let mut r = [start, len];
@@ -550,6 +583,24 @@ pub fn prepare(maps: &[MapsEntry], wanted: &[Wanted]) -> Result<(), String> {
         return Err(alloc::format!("cannot start the fault server: errno {e}"));
     }
     let own = own_data_ranges(maps);
+    let pages: u64 = wanted
+        .iter()
+        .filter(|w| !w.file_backed)
+        .map(|w| (maps[w.entry].end - maps[w.entry].start) / PAGE)
+        .sum();
+    if let Ok((addr, cap)) = map_store(store_cap(pages)) {
+        // SAFETY: filling in the start of the mapping just made (a hint: may fail harmlessly).
+        unsafe {
+            sc!(
+                libc::SYS_madvise,
+                addr,
+                WARM_STORE.min(cap * PAGE),
+                libc::MADV_POPULATE_WRITE
+            )
+        };
+        STORE_PAGES.store(cap, Relaxed);
+        STORE.store(addr, Release);
+    }
     let mut n = 0usize;
     for w in wanted {
         let e = &maps[w.entry];
@@ -573,6 +624,48 @@ pub fn prepare(maps: &[MapsEntry], wanted: &[Wanted]) -> Result<(), String> {
         unlock_pre();
     }
     Ok(())
+}
+
+/// Copy-store slots for `pages` pages with data: at most one copy per page, plus slack for the
+/// slots a saver loses when the writer or another saver publishes a page first.
+fn store_cap(pages: u64) -> u64 {
+    (pages + pages / 4 + 4096).clamp(1, NO_DATA as u64 - 1)
+}
+
+/// Maps a copy store of `cap` pages: never registered, in no image; untouched slots cost nothing
+/// (MAP_NORESERVE). Huge pages where the system allows them: a copy into a fresh 4 KiB page
+/// costs about 3.5 µs here, most of it allocating the page; into a huge page, 1.3 µs.
+fn map_store(cap: u64) -> sys::Result<(u64, u64)> {
+    // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing.
+    let addr = sys::check(unsafe {
+        sc!(
+            libc::SYS_mmap,
+            0,
+            cap * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1i64,
+            0
+        )
+    })? as u64;
+    // SAFETY: advice on the mapping just made (a hint: nothing fails without it).
+    unsafe { sc!(libc::SYS_madvise, addr, cap * PAGE, libc::MADV_HUGEPAGE) };
+    Ok((addr, cap))
+}
+
+/// Unmaps the copy store [`prepare`] made, if nobody took it.
+fn drop_store() {
+    let addr = STORE.swap(0, AcqRel);
+    if addr != 0 {
+        // SAFETY: the store prepare mapped, used by nobody (setup did not take it).
+        unsafe { sc!(libc::SYS_munmap, addr, STORE_PAGES.load(Relaxed) * PAGE) };
+    }
+}
+
+/// Whether `[start, end)` overlaps the copy store [`prepare`] made (not the program's memory).
+pub fn is_own_mapping(start: u64, end: u64) -> bool {
+    let s = STORE.load(Acquire);
+    s != 0 && start < s + STORE_PAGES.load(Relaxed) * PAGE && end > s
 }
 
 fn bit(words: &[AtomicU64], i: usize) -> bool {
@@ -615,6 +708,7 @@ fn unlock_pre() {
 pub fn teardown() {
     lock_pre();
     PRE_N.store(0, Release);
+    drop_store();
     release_server();
     stop_server();
     for fd in [&UFFD, &STOP[0], &STOP[1]] {
@@ -653,6 +747,9 @@ pub fn after_restore() {
     FLUSHING.store(0, Relaxed);
     TABLE.store(core::ptr::null_mut(), Relaxed);
     SAVERS.store(0, Relaxed);
+    // The snapshot may have been taken while prepare's copy store was mapped: not any more.
+    STORE.store(0, Relaxed);
+    STORE_PAGES.store(0, Relaxed);
     for e in EXITING.iter() {
         e.store(0, Relaxed);
     }
@@ -863,37 +960,25 @@ fn setup(maps: &[MapsEntry], wanted: &[Wanted], pm_fd: i32) -> Result<&'static T
             ),
         ));
     }
-    // The copy store: at most one copy per present page, plus slack for the slots a saver
-    // loses when the writer or another saver publishes a page first. Mapped now, after the
-    // snapshot's map was read, so it is in no image, and never registered; untouched slots cost
-    // nothing (MAP_NORESERVE).
-    let cap = (count + count / 4 + 4096).clamp(1, NO_DATA as u64 - 1);
-    // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing.
-    let copies = sys::check(unsafe {
-        sc!(
-            libc::SYS_mmap,
-            0,
-            cap * PAGE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1i64,
-            0
-        )
-    });
-    let copies = match copies {
-        Ok(c) => c as u64,
-        Err(e) => {
-            return Err(give_up(
-                &table,
-                alloc::format!("cannot map the copy store: errno {e}"),
-            ))
+    // The copy store (see map_store), usually the one prepare made.
+    let need = store_cap(count);
+    let premapped = STORE_PAGES.load(Relaxed);
+    let (copies, cap) = if STORE.load(Acquire) != 0 && premapped >= need {
+        let addr = STORE.swap(0, AcqRel);
+        (addr, premapped)
+    } else {
+        // Memory mapped since prepare: the store made then is too small.
+        drop_store();
+        match map_store(need) {
+            Ok(s) => s,
+            Err(e) => {
+                return Err(give_up(
+                    &table,
+                    alloc::format!("cannot map the copy store: errno {e}"),
+                ))
+            }
         }
     };
-    // Huge pages where the system allows them: a copy into a fresh 4 KiB page costs about 3.5 µs
-    // here, most of it allocating the page; into a huge page, 1.3 µs (a hint: nothing fails
-    // without it).
-    // SAFETY: advice on the mapping just made.
-    unsafe { sc!(libc::SYS_madvise, copies, cap * PAGE, libc::MADV_HUGEPAGE) };
     table.copies = copies;
     table.copies_cap = cap as u32;
     table.present_pages = count;
@@ -1189,6 +1274,7 @@ fn serve(uffd: i32, msgs: &mut [[u64; 4]; 32], around: &mut Around) {
                             around.busy(t0, sys::monotonic_ns());
                             r
                         }
+                        (true, None) => pre_block(addr),
                         _ => (addr, PAGE),
                     };
                     if npending < pending.len() {
