@@ -799,9 +799,16 @@ pub fn write_live(
     // synchronously by ext4 and others, so without this no write would overlap the next
     // window's reading. Cut to the real size once written. (Best effort: without fallocate the
     // writes are merely not overlapped.)
+    // Not on tmpfs, where it would only fill the file with zeroed pages first: writes there are
+    // memory copies, done in the call anyway.
     let most = image::PAGE_SIZE + table.present_pages * 4096;
-    // SAFETY: fallocate on our own descriptor.
-    let preallocated = unsafe { sc!(libc::SYS_fallocate, t.fd, 0, 0, most) } == 0;
+    // SAFETY: fstatfs writes into fs; fallocate on our own descriptor.
+    let preallocated = unsafe {
+        let mut fs: libc::statfs = core::mem::zeroed();
+        sc!(libc::SYS_fstatfs, t.fd, &mut fs as *mut libc::statfs) == 0
+            && fs.f_type != libc::TMPFS_MAGIC
+            && sc!(libc::SYS_fallocate, t.fd, 0, 0, most) == 0
+    };
     let aligned = core::alloc::Layout::from_size_align(WINDOW, 4096).expect("valid layout");
     // SAFETY: non-zero size; the scratch allocator honours the alignment. Freed with the scratch
     // region when the writer ends.
