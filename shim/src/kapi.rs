@@ -63,3 +63,61 @@ pub fn ioctl(fd: i32, req: u64, arg: *mut u8) -> sys::Result<i64> {
     // SAFETY: callers pass a request and a pointer to its matching, live argument struct.
     sys::check(unsafe { sc!(libc::SYS_ioctl, fd, req, arg) })
 }
+
+/// What a `PAGEMAP_SCAN` asks for besides the range: `struct pm_scan_arg`'s flags and
+/// categories.
+pub struct ScanQuery {
+    pub flags: u64,
+    pub inverted: u64,
+    pub mask: u64,
+    pub anyof: u64,
+    pub ret: u64,
+}
+
+/// Calls `f(start, end, categories)` for each range of `[start, end)` that `PAGEMAP_SCAN` on
+/// `fd` (this process's pagemap) reports for `q`.
+///
+/// When the output vector fills, the kernel stops early and `walk_end` says where; it can lie
+/// before ranges already returned (DESIGN §4), so the next call starts at the later of the two
+/// and ranges are clipped to what was not reported yet.
+pub fn pagemap_scan(
+    fd: i32,
+    start: u64,
+    end: u64,
+    q: &ScanQuery,
+    mut f: impl FnMut(u64, u64, u64),
+) -> sys::Result<()> {
+    let mut vec = [[0u64; 3]; 512];
+    let mut from = start;
+    while from < end {
+        let mut arg = PmScanArg {
+            size: core::mem::size_of::<PmScanArg>() as u64,
+            flags: q.flags,
+            start: from,
+            end,
+            walk_end: 0,
+            vec: vec.as_mut_ptr() as u64,
+            vec_len: vec.len() as u64,
+            max_pages: 0,
+            category_inverted: q.inverted,
+            category_mask: q.mask,
+            category_anyof_mask: q.anyof,
+            return_mask: q.ret,
+        };
+        let n = ioctl(fd, PAGEMAP_SCAN, &mut arg as *mut PmScanArg as *mut u8)? as usize;
+        let mut last = from;
+        for r in &vec[..n.min(vec.len())] {
+            let (a, b) = (r[0].max(from), r[1].min(end));
+            if a < b {
+                f(a, b, r[2]);
+                last = last.max(b);
+            }
+        }
+        let next = arg.walk_end.max(last);
+        if next <= from {
+            break;
+        }
+        from = next;
+    }
+    Ok(())
+}

@@ -166,55 +166,26 @@ fn probe_scan() -> Result<(), String> {
 
 /// Calls `f(start, end, categories)` for each range of `[start, end)` the scan returns.
 /// `flags` 0: report present pages (a probe); else the written pages, protected again.
-///
-/// When the output vector fills, the kernel stops early and `walk_end` says where; it can lie
-/// before ranges already returned (DESIGN §4), so the next call starts at the later of the two
-/// and ranges are clipped to what was not reported yet.
 fn scan(
     fd: i32,
     start: u64,
     end: u64,
     flags: u64,
-    mut f: impl FnMut(u64, u64, u64),
+    f: impl FnMut(u64, u64, u64),
 ) -> sys::Result<()> {
-    let mut vec = [[0u64; 3]; 512];
-    let mut from = start;
-    while from < end {
-        let (mask, anyof) = if flags == 0 {
-            (0, PAGE_IS_PRESENT)
-        } else {
-            (PAGE_IS_WRITTEN, 0)
-        };
-        let mut arg = PmScanArg {
-            size: core::mem::size_of::<PmScanArg>() as u64,
-            flags,
-            start: from,
-            end,
-            walk_end: 0,
-            vec: vec.as_mut_ptr() as u64,
-            vec_len: vec.len() as u64,
-            max_pages: 0,
-            category_inverted: 0,
-            category_mask: mask,
-            category_anyof_mask: anyof,
-            return_mask: PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO,
-        };
-        let n = ioctl(fd, PAGEMAP_SCAN, &mut arg as *mut PmScanArg as *mut u8)? as usize;
-        let mut last = from;
-        for r in &vec[..n.min(vec.len())] {
-            let (a, b) = (r[0].max(from), r[1].min(end));
-            if a < b {
-                f(a, b, r[2]);
-                last = last.max(b);
-            }
-        }
-        let next = arg.walk_end.max(last);
-        if next <= from {
-            break;
-        }
-        from = next;
-    }
-    Ok(())
+    let (mask, anyof) = if flags == 0 {
+        (0, PAGE_IS_PRESENT)
+    } else {
+        (PAGE_IS_WRITTEN, 0)
+    };
+    let q = ScanQuery {
+        flags,
+        inverted: 0,
+        mask,
+        anyof,
+        ret: PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO,
+    };
+    pagemap_scan(fd, start, end, &q, f)
 }
 
 /// Called by the `mremap` wrapper before pages move: takes the range off the tracking

@@ -1052,40 +1052,16 @@ fn unregister(uffd: i32, start: u64, end: u64) -> sys::Result<i64> {
 /// (present or swapped, not the shared zero page), with the PAGEMAP_SCAN ioctl; `written` says
 /// the range's write-protect bit is clear (written since it was protected, or never protected).
 fn scan_pages(fd: i32, start: u64, end: u64, mut f: impl FnMut(u64, u64, bool)) -> sys::Result<()> {
-    let mut vec = [[0u64; 3]; 256];
-    let mut from = start;
-    while from < end {
-        let mut arg = PmScanArg {
-            size: core::mem::size_of::<PmScanArg>() as u64,
-            flags: 0,
-            start: from,
-            end,
-            walk_end: 0,
-            vec: vec.as_mut_ptr() as u64,
-            vec_len: vec.len() as u64,
-            max_pages: 0,
-            category_inverted: PAGE_IS_PFNZERO,
-            category_mask: PAGE_IS_PFNZERO,
-            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_WRITTEN,
-        };
-        let n = ioctl(fd, PAGEMAP_SCAN, &mut arg as *mut PmScanArg as *mut u8)? as usize;
-        let mut last = from;
-        for r in &vec[..n.min(vec.len())] {
-            let (a, b) = (r[0].max(from), r[1].min(end));
-            if a < b {
-                f(a, b, r[2] & PAGE_IS_WRITTEN != 0);
-                last = last.max(b);
-            }
-        }
-        // When the vector fills, walk_end can lie before ranges already returned.
-        let next = arg.walk_end.max(last);
-        if next <= from {
-            break;
-        }
-        from = next;
-    }
-    Ok(())
+    let q = ScanQuery {
+        flags: 0,
+        inverted: PAGE_IS_PFNZERO,
+        mask: PAGE_IS_PFNZERO,
+        anyof: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        ret: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_WRITTEN,
+    };
+    pagemap_scan(fd, start, end, &q, |a, b, cats| {
+        f(a, b, cats & PAGE_IS_WRITTEN != 0)
+    })
 }
 
 /// The shim's own writable memory: its statics are written by the fault server and by savers
