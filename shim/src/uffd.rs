@@ -255,36 +255,27 @@ impl Table {
     /// page's data could not be read (it is gone).
     fn save_page(&self, idx: usize, addr: u64) -> bool {
         let st = &self.states[idx];
-        let s = st.load(Acquire);
-        if s & (STORED | COPIED) != 0 {
+        if st.load(Acquire) & (STORED | COPIED) != 0 {
             return true;
         }
         if !self.present(idx) {
-            let _ = st.compare_exchange(s, s | COPIED | NO_DATA, AcqRel, Acquire);
+            let _ = st.compare_exchange(0, COPIED | NO_DATA, AcqRel, Acquire);
             return true;
         }
-        let slot = self.next_copy.fetch_add(1, Relaxed);
-        if slot >= self.copies_cap {
-            // Cannot happen: only present pages are copied, each at most once.
-            self.mark_lost(addr, LOST_STORE_FULL);
-            return false;
-        }
-        // SAFETY: the slot is ours alone (fetch_add) and inside the copy store.
-        let dst = unsafe { core::slice::from_raw_parts_mut(self.copy_ptr(slot), PAGE as usize) };
-        if !matches!(sys::read_mem(dst, addr), Ok(4096)) {
-            if st.load(Acquire) & (STORED | COPIED) == 0 {
-                self.mark_lost(addr, LOST_UNREADABLE);
-                return false;
+        match self.copy_run(idx, addr, 1) {
+            Ok(_) => true,
+            Err(LOST_STORE_FULL) => {
+                // Cannot happen: only present pages are copied, once each, and the store has
+                // slack for the slots lost to races.
+                self.mark_lost(addr, LOST_STORE_FULL);
+                false
             }
-            return true;
+            Err(how) if st.load(Acquire) & (STORED | COPIED) == 0 => {
+                self.mark_lost(addr, how);
+                false
+            }
+            Err(_) => true,
         }
-        if st
-            .compare_exchange(s, s | COPIED | slot, AcqRel, Acquire)
-            .is_ok()
-        {
-            self.copied.fetch_add(1, Relaxed);
-        }
-        true
     }
 
     /// A write fault at `addr` during the flush: saves the pages of the block of `w` bytes (a
@@ -300,8 +291,7 @@ impl Table {
             return (addr, PAGE);
         }
         let w = if huge(r.start, r.end) { HUGE } else { w };
-        let from = (addr & !(w - 1)).max(r.start);
-        let to = ((addr | (w - 1)) + 1).min(r.end);
+        let (from, to) = block_of(addr, w, r.start, r.end);
         if self.save_block(r, from, to).is_none() {
             self.save_page(idx, addr);
             return (addr, PAGE);
@@ -332,7 +322,7 @@ impl Table {
             while e < n && unsaved(e) && self.present(i0 + e) {
                 e += 1;
             }
-            copied += self.copy_run(i0 + k, from + k as u64 * PAGE, e - k)?;
+            copied += self.copy_run(i0 + k, from + k as u64 * PAGE, e - k).ok()?;
             k = e;
         }
         Some(copied)
@@ -341,11 +331,12 @@ impl Table {
     /// Copies the `n` pages from `addr` (states from `i0`), present at the snapshot and unsaved
     /// when looked at, into consecutive slots with one read, and publishes each copy unless the
     /// writer or another saver got there first (its slot is then left unused). Returns the
-    /// copies published, or None if the store is full or the range could not be read whole.
-    fn copy_run(&self, i0: usize, addr: u64, n: usize) -> Option<u64> {
+    /// copies published, or why none could be: the store is full (`LOST_STORE_FULL`) or the
+    /// range could not be read whole (`LOST_UNREADABLE`).
+    fn copy_run(&self, i0: usize, addr: u64, n: usize) -> Result<u64, u8> {
         let slot = self.next_copy.fetch_add(n as u32, Relaxed);
         if slot as u64 + n as u64 > self.copies_cap as u64 {
-            return None;
+            return Err(LOST_STORE_FULL);
         }
         // SAFETY: slots [slot, slot + n) are ours alone (fetch_add) and inside the copy store.
         let dst =
@@ -353,7 +344,7 @@ impl Table {
         let mut done = 0;
         while done < dst.len() {
             match sys::read_mem(&mut dst[done..], addr + done as u64) {
-                Ok(0) | Err(_) => return None,
+                Ok(0) | Err(_) => return Err(LOST_UNREADABLE),
                 Ok(k) => done += k,
             }
         }
@@ -370,7 +361,7 @@ impl Table {
             }
         }
         self.copied.fetch_add(won, Relaxed);
-        Some(won)
+        Ok(won)
     }
 
     /// Calls `f(region, index of the first page's state, from, to)` for each part of
@@ -518,6 +509,14 @@ fn protect_inner(uffd: i32, start: u64, len: u64, on: bool, once: bool) -> sys::
 
 const HUGE: u64 = 2 << 20;
 
+/// The aligned block of `w` bytes (a power of two) holding `addr`, cut to `[start, end)`.
+fn block_of(addr: u64, w: u64, start: u64, end: u64) -> (u64, u64) {
+    (
+        (addr & !(w - 1)).max(start),
+        ((addr | (w - 1)) + 1).min(end),
+    )
+}
+
 /// Whether `[start, end)` is memory the shim advised to use transparent huge pages
 /// (`SNAPSHIM_HUGEPAGES=1`, allocations of 32 MiB or more). Lifting the protection of part of a
 /// huge page splits it into 512 page-table entries, which makes every later protection and scan
@@ -533,8 +532,8 @@ fn pre_block(addr: u64) -> (u64, u64) {
     for r in &PRE[..n] {
         let (start, end) = (r[0].load(Relaxed), r[1].load(Relaxed));
         if start != 0 && (start..end).contains(&addr) && huge(start, end) {
-            let from = (addr & !(HUGE - 1)).max(start);
-            return (from, ((addr | (HUGE - 1)) + 1).min(end) - from);
+            let (from, to) = block_of(addr, HUGE, start, end);
+            return (from, to - from);
         }
     }
     (addr, PAGE)
@@ -1455,7 +1454,7 @@ pub fn help_from_end(t: &Table, back: &mut (usize, u64), front: u64) -> bool {
         }
         if let Some(n) = t.save_block(r, from, end) {
             t.ahead.fetch_add(n, Relaxed);
-            let _ = protect(t.uffd, from, end - from, false);
+            unprotect(t, from, end - from);
         }
         *back = (ri, from);
         return true;
