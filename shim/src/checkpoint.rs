@@ -283,6 +283,8 @@ struct Job {
     t0: u64,
     seq: u64,
     nthreads: usize,
+    /// The image's temporary file, created before the pause; the writer takes it.
+    target: Option<writer::Target>,
     /// The image path, or the error.
     result: [u8; 1024],
     result_len: usize,
@@ -329,6 +331,19 @@ fn take(cfg: &'static Config, mut engine: Engine, delta: bool) -> Outcome {
             engine = Engine::Fork;
         }
     }
+    // The image file is created before the pause: creating a file costs 0.1-0.5 ms on ext4
+    // here, which the program need not wait for.
+    let seq = SEQ.load(Relaxed) + 1;
+    let target = match writer::create_target(cfg, seq) {
+        Ok(t) => t,
+        Err(msg) => {
+            if engine == Engine::Uffd {
+                crate::uffd::teardown();
+            }
+            unmap_stack();
+            return Outcome::Failed(msg);
+        }
+    };
     let t0 = sys::monotonic_ns();
     for m in MARKS.iter() {
         m.store(0, Relaxed);
@@ -341,11 +356,11 @@ fn take(cfg: &'static Config, mut engine: Engine, delta: bool) -> Outcome {
             if engine == Engine::Uffd {
                 crate::uffd::teardown();
             }
+            writer::abandon(&target);
             unmap_stack();
             return Outcome::Failed(msg);
         }
     };
-    let seq = SEQ.load(Relaxed) + 1;
     SEQ.store(seq, Relaxed);
     let mut job = Job {
         cfg,
@@ -357,6 +372,7 @@ fn take(cfg: &'static Config, mut engine: Engine, delta: bool) -> Outcome {
         t0,
         seq,
         nthreads,
+        target: Some(target),
         result: [0; 1024],
         result_len: 0,
         ok: false,
@@ -659,8 +675,15 @@ fn settle(job: &mut Job, t: &writer::Target, r: Result<u64, String>) -> Result<(
 /// early as the engine allows. Returns the image path.
 fn write_image(job: &mut Job) -> Result<String, String> {
     let cfg = job.cfg;
+    let t = job.target.take().ok_or("no image file")?;
     mark(1);
-    let mut cap = writer::capture(cfg, job.nthreads)?;
+    let mut cap = match writer::capture(cfg, job.nthreads, t.fd) {
+        Ok(cap) => cap,
+        Err(msg) => {
+            writer::abandon(&t);
+            return Err(msg);
+        }
+    };
     mark(2);
     if cfg.incremental != crate::track::Mode::Off {
         // Delta or full, the tracking scan re-protects what was written: the next delta
@@ -677,7 +700,6 @@ fn write_image(job: &mut Job) -> Result<String, String> {
         }
     }
     job.resident = cap.process.resident_bytes;
-    let t = writer::create_target(cfg, job.seq)?;
     let path = t.path.display().to_string();
     // The uffd engine sets up during the pause; where it cannot, this checkpoint uses fork.
     let live = if job.engine == Engine::Uffd {

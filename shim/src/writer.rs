@@ -104,14 +104,16 @@ pub struct Delta {
     pub tracked: Vec<crate::track::Tracked>,
 }
 
-pub fn capture(cfg: &Config, nthreads: usize) -> Result<Captured, String> {
+/// Captures the process's state (every other thread parked). `image_fd`, the image being
+/// written, is not part of it.
+pub fn capture(cfg: &Config, nthreads: usize, image_fd: i32) -> Result<Captured, String> {
     // Mappings of images and of vanished files are stored like anonymous memory.
     let maps = capture::mark_unmappable_files(
         &capture::read_maps()
             .map_err(|e| alloc::format!("cannot read /proc/self/maps: errno {e}"))?,
     );
     let mut fds = capture::fds();
-    fds.retain(|f| f.fd != crate::track::own_fd());
+    fds.retain(|f| f.fd != crate::track::own_fd() && f.fd != image_fd);
     let process = capture::process(cfg);
     let boottime_ns = sys::clock_ns(libc::CLOCK_BOOTTIME);
     let n = nthreads.min(park::MAX_THREADS);
