@@ -200,7 +200,7 @@ fn write_stats(s: &Stats) {
     let json = alloc::format!(
         "{{\"image\": \"{}\", \"engine\": \"{}\", \"bytes\": {}, \"resident_bytes\": {}, \
          \"pause_us\": {}, \"flush_us\": {}, \"total_us\": {}, \"pages_copied_before_write\": {}, \
-         \"pages_copied_ahead\": {}, \"delta\": {}, \"pause_started_monotonic_ns\": {}, \
+         \"pages_copied_ahead\": {}, \"huge_pages_split\": {}, \"delta\": {}, \"pause_started_monotonic_ns\": {}, \
          \"pause_phases_us\": {{{phases}}}}}\n",
         s.path.replace('\\', "\\\\").replace('"', "\\\""),
         s.engine.name(),
@@ -211,6 +211,7 @@ fn write_stats(s: &Stats) {
         s.total_ns / 1000,
         s.copied,
         s.copied_ahead,
+        s.huge_split,
         s.delta,
         MARKS[0].load(Relaxed)
     );
@@ -251,6 +252,8 @@ pub struct Stats {
     /// Of those, pages the writer copied ahead of the program (uffd engine, see
     /// uffd::help_from_end).
     pub copied_ahead: u64,
+    /// Huge pages split to serve a write fault quickly (uffd engine, see uffd::Table::may_split).
+    pub huge_split: u64,
     pub total_ns: u64,
     pub resident: u64,
     pub engine: Engine,
@@ -276,6 +279,7 @@ struct Job {
     /// Pages copied before the writer stored them (uffd engine), and of those by the writer.
     copied: u64,
     copied_ahead: u64,
+    huge_split: u64,
     /// The uffd engine's snapshot was not exact (see Outcome::Retry).
     retry: bool,
     /// Asked for a delta image; cleared by the writer when it takes a full one instead.
@@ -367,6 +371,7 @@ fn take(cfg: &'static Config, mut engine: Engine, delta: bool) -> Outcome {
         engine,
         copied: 0,
         copied_ahead: 0,
+        huge_split: 0,
         retry: false,
         delta,
         t0,
@@ -426,6 +431,7 @@ fn take(cfg: &'static Config, mut engine: Engine, delta: bool) -> Outcome {
             flush_ns: now - released_at,
             copied,
             copied_ahead: job.copied_ahead,
+            huge_split: job.huge_split,
             total_ns: now - started,
             resident: job.resident,
             engine: job.engine,
@@ -728,6 +734,7 @@ fn write_image(job: &mut Job) -> Result<String, String> {
             crate::uffd::end(table);
             job.copied = table.copied.load(Relaxed);
             job.copied_ahead = table.ahead.load(Relaxed);
+            job.huge_split = crate::uffd::huge_pages_split(table);
             let r = match (r, table.lost()) {
                 (Ok(bytes), None) => writer::commit(&t, job.seq, cfg.keep).map(|()| bytes),
                 (Ok(_), Some(lost)) => {

@@ -118,6 +118,10 @@ pub struct Table {
     /// First address whose snapshot data was lost (+1), 0 if none.
     lost: AtomicU64,
     lost_how: AtomicU8,
+    /// Huge pages split by serving a write fault in them with a small block (see
+    /// [`Table::may_split`]): their 2 MiB-aligned addresses.
+    split: [AtomicU64; MAX_SPLITS],
+    nsplit: AtomicU32,
 }
 
 /// The largest block saved around a write fault during a flush (`SNAPSHIM_FAULT_AROUND`, a
@@ -291,13 +295,40 @@ impl Table {
             self.save_page(idx, addr);
             return (addr, PAGE);
         }
-        let w = if huge(r.start, r.end) { HUGE } else { w };
+        let w = if huge(r.start, r.end) && (w >= HUGE || !self.may_split(addr)) {
+            HUGE
+        } else {
+            w
+        };
         let (from, to) = block_of(addr, w, r.start, r.end);
         if self.save_block(r, from, to).is_none() {
             self.save_page(idx, addr);
             return (addr, PAGE);
         }
         (from, to - from)
+    }
+
+    /// Whether a write fault at `addr`, in memory the shim advised to use huge pages, may be
+    /// served with a block smaller than its huge page. Saving the whole huge page first costs
+    /// the faulting thread 0.3-0.6 ms here (a 2 MiB copy), and right after the pause every
+    /// thread's first writes fault at once, so the program would feel them as a longer pause;
+    /// a small block costs 20-50 µs but splits the huge page's mapping into 512 entries (as the
+    /// kernel's own copy-on-write of a huge page does), which makes each later snapshot's scan
+    /// about 4 µs longer until the huge page is whole again (see [`end`]). So: the first
+    /// [`MAX_SPLITS`] huge pages written after the pause are split, later ones saved whole.
+    fn may_split(&self, addr: u64) -> bool {
+        let hp = addr & !(HUGE - 1);
+        let n = (self.nsplit.load(Relaxed) as usize).min(MAX_SPLITS);
+        if self.split[..n].iter().any(|s| s.load(Relaxed) == hp) {
+            return true;
+        }
+        if n == MAX_SPLITS {
+            return false;
+        }
+        // Only the fault server calls this: no other thread adds entries.
+        self.split[n].store(hp, Relaxed);
+        self.nsplit.store(n as u32 + 1, Relaxed);
+        true
     }
 
     /// Saves every page of `[from, to)` (inside region `r`) that is present and unsaved, a run
@@ -509,6 +540,8 @@ fn protect_inner(uffd: i32, start: u64, len: u64, on: bool, once: bool) -> sys::
 }
 
 const HUGE: u64 = 2 << 20;
+/// Huge pages a flush may split to serve write faults quickly (see [`Table::may_split`]).
+const MAX_SPLITS: usize = 32;
 
 /// The aligned block of `w` bytes (a power of two) holding `addr`, cut to `[start, end)`.
 fn block_of(addr: u64, w: u64, start: u64, end: u64) -> (u64, u64) {
@@ -521,7 +554,8 @@ fn block_of(addr: u64, w: u64, start: u64, end: u64) -> (u64, u64) {
 /// Whether `[start, end)` is memory the shim advised to use transparent huge pages
 /// (`SNAPSHIM_HUGEPAGES=1`, allocations of 32 MiB or more). Lifting the protection of part of a
 /// huge page splits it into 512 page-table entries, which makes every later protection and scan
-/// of it slower: such memory is unprotected and saved 2 MiB at a time.
+/// of it slower: such memory is unprotected and saved 2 MiB at a time, but for the few huge
+/// pages [`Table::may_split`] splits (and [`recollapse`] makes whole again).
 fn huge(start: u64, end: u64) -> bool {
     crate::interpose::HUGEPAGES.load(Relaxed) && end - start >= crate::interpose::HUGE_MIN as u64
 }
@@ -867,6 +901,8 @@ fn setup(maps: &[MapsEntry], wanted: &[Wanted], pm_fd: i32) -> Result<&'static T
         present_pages: 0,
         lost: AtomicU64::new(0),
         lost_how: AtomicU8::new(0),
+        split: [const { AtomicU64::new(0) }; MAX_SPLITS],
+        nsplit: AtomicU32::new(0),
     };
     let give_up = |t: &Table, msg: String| {
         unmap_slice(t.states);
@@ -1384,6 +1420,7 @@ pub fn end(t: &'static Table) {
         }
     }
     unlock_pre();
+    recollapse(t);
     // SAFETY: the copy store mapped in begin(); nobody uses it any more.
     unsafe { sc!(libc::SYS_munmap, t.copies, t.copies_cap as u64 * PAGE) };
     unmap_slice(t.states);
@@ -1391,6 +1428,31 @@ pub fn end(t: &'static Table) {
     for e in EXITING.iter() {
         e.store(0, Relaxed);
     }
+}
+
+/// Makes whole again the huge pages split during the flush (see [`Table::may_split`]), so the
+/// next snapshot scans one entry for each instead of 512. The kernel copies each into a fresh
+/// huge page, as khugepaged would (0.2-0.5 ms each, meanwhile a thread writing in that 2 MiB
+/// waits). Only now: no page may still be write-protected. Where it fails (the memory was
+/// unmapped meanwhile, the kernel has no free huge page) the mapping stays split.
+fn recollapse(t: &Table) {
+    let n = (t.nsplit.load(Relaxed) as usize).min(MAX_SPLITS);
+    for s in &t.split[..n] {
+        // SAFETY: advice on the program's memory; MADV_COLLAPSE keeps its contents.
+        unsafe {
+            sc!(
+                libc::SYS_madvise,
+                s.load(Relaxed),
+                HUGE,
+                libc::MADV_COLLAPSE
+            )
+        };
+    }
+}
+
+/// Huge pages the flush split (see [`Table::may_split`]).
+pub fn huge_pages_split(t: &Table) -> u64 {
+    (t.nsplit.load(Relaxed) as usize).min(MAX_SPLITS) as u64
 }
 
 /// The copy of a page, if the state says there is one with data.

@@ -11,6 +11,8 @@
 //!
 //! - `fork_engine_snapshots_are_exact`, `stop_engine_snapshots_are_exact`: five random
 //!   checkpoints each (`SNAPSHIM_COW`), kill -9, restore, byte-identical output.
+//! - `uffd_engine_huge_page_snapshots_are_exact`: the same with the app's memory in huge pages
+//!   (`SNAPSHIM_HUGEPAGES=1`), some of which the flush splits to serve writes quickly.
 //! - `three_checkpoints_in_a_row_each_restore`: the last and the first of three images of one
 //!   process both restore to the same output.
 //! - `pattern_verifier_detects_a_torn_page` (no shim) and
@@ -158,6 +160,28 @@ fn uffd_engine_copying_ahead_snapshots_are_exact() -> Result<()> {
     let stats = snapshots_are_exact_with("uffd", &[("SNAPSHIM_COPY_AHEAD", "always")])?;
     if stats.iter().all(|s| stat(s, "pages_copied_ahead") == 0) {
         bail!("no run had the writer copy ahead of the program: {stats:#?}");
+    }
+    Ok(())
+}
+
+/// The app's memory advised to use transparent huge pages (`SNAPSHIM_HUGEPAGES=1`: its 256 MiB
+/// region). The fault server saves such memory a whole 2 MiB huge page per fault, but serves the
+/// first writes after the pause with small blocks, splitting those huge pages (and makes them
+/// whole again after the flush). The statistics must show a split, or this test proves nothing
+/// about that path. Needs transparent huge pages (`madvise` or `always`) besides userfaultfd.
+#[test]
+fn uffd_engine_huge_page_snapshots_are_exact() -> Result<()> {
+    let thp = "/sys/kernel/mm/transparent_hugepage/enabled";
+    let mode = fs::read_to_string(thp).unwrap_or_default();
+    if !mode.contains("[always]") && !mode.contains("[madvise]") {
+        bail!(
+            "this test needs transparent huge pages; {thp} says {:?}",
+            mode.trim()
+        );
+    }
+    let stats = snapshots_are_exact_with("uffd", &[("SNAPSHIM_HUGEPAGES", "1")])?;
+    if stats.iter().all(|s| stat(s, "huge_pages_split") == 0) {
+        bail!("no run split a huge page to serve a write: {stats:#?}");
     }
     Ok(())
 }
