@@ -325,6 +325,17 @@ fn take(cfg: &'static Config, mut engine: Engine, delta: bool) -> Outcome {
     ) {
         return Outcome::Failed(alloc::format!("cannot map the writer stack: errno {e}"));
     }
+    // The image file is created before the pause (creating a file costs 0.1-0.5 ms on ext4
+    // here, which the program need not wait for), and before the uffd engine protects memory:
+    // what the program writes between that and the pause is protected again in the pause.
+    let seq = SEQ.load(Relaxed) + 1;
+    let target = match writer::create_target(cfg, seq) {
+        Ok(t) => t,
+        Err(msg) => {
+            unmap_stack();
+            return Outcome::Failed(msg);
+        }
+    };
     if engine == Engine::Uffd {
         let prepared = capture::read_maps()
             .map_err(|e| alloc::format!("cannot read the memory map: errno {e}"))
@@ -335,19 +346,6 @@ fn take(cfg: &'static Config, mut engine: Engine, delta: bool) -> Outcome {
             engine = Engine::Fork;
         }
     }
-    // The image file is created before the pause: creating a file costs 0.1-0.5 ms on ext4
-    // here, which the program need not wait for.
-    let seq = SEQ.load(Relaxed) + 1;
-    let target = match writer::create_target(cfg, seq) {
-        Ok(t) => t,
-        Err(msg) => {
-            if engine == Engine::Uffd {
-                crate::uffd::teardown();
-            }
-            unmap_stack();
-            return Outcome::Failed(msg);
-        }
-    };
     let t0 = sys::monotonic_ns();
     for m in MARKS.iter() {
         m.store(0, Relaxed);
