@@ -192,10 +192,11 @@ impl Around {
 /// copies blocks from the far end while the device writes ([`help_from_end`]).
 static HOT_UNTIL: AtomicU64 = AtomicU64::new(0);
 
-/// The copy store mapped by [`prepare`] (address, pages), until [`setup`] takes it: mapped while
-/// the program runs, with its first [`WARM_STORE`] bytes filled in, so the first copies of a
-/// flush do not wait for fresh memory (on this VM a fresh 2 MiB page took up to 10 ms). Not part
-/// of any image ([`is_own_mapping`]).
+/// The copy store (address, pages) while no flush uses it: mapped by [`prepare`] while the
+/// program runs, with its first [`WARM_STORE`] bytes filled in, so the first copies of a flush
+/// do not wait for fresh memory (on this VM a fresh 2 MiB page took up to 10 ms); taken by
+/// [`setup`]; kept by [`end`] for the next flush ([`keep_store`]). Not part of any image
+/// ([`is_own_mapping`]).
 static STORE: AtomicU64 = AtomicU64::new(0);
 static STORE_PAGES: AtomicU64 = AtomicU64::new(0);
 const WARM_STORE: u64 = 32 << 20;
@@ -622,8 +623,9 @@ pub fn prepare(maps: &[MapsEntry], wanted: &[Wanted]) -> Result<(), String> {
         .filter(|w| !w.file_backed)
         .map(|w| (maps[w.entry].end - maps[w.entry].start) / PAGE)
         .sum();
-    if let Ok((addr, cap)) = map_store(store_cap(pages)) {
-        // SAFETY: filling in the start of the mapping just made (a hint: may fail harmlessly).
+    if let Ok((addr, cap)) = keep_or_map_store(store_cap(pages)) {
+        // SAFETY: filling in the start of the store, ours (a hint: may fail harmlessly). Pages
+        // an earlier flush used and the kernel did not take back are there already.
         unsafe {
             sc!(
                 libc::SYS_madvise,
@@ -687,16 +689,69 @@ fn map_store(cap: u64) -> sys::Result<(u64, u64)> {
     Ok((addr, cap))
 }
 
-/// Unmaps the copy store [`prepare`] made, if nobody took it.
+/// The copy store an earlier flush left ([`end`]), grown to `cap` pages if it is smaller (the
+/// pages it has stay), or a new one.
+fn keep_or_map_store(cap: u64) -> sys::Result<(u64, u64)> {
+    let addr = STORE.swap(0, AcqRel);
+    let have = STORE_PAGES.load(Relaxed);
+    if addr == 0 {
+        return map_store(cap);
+    }
+    if have >= cap {
+        return Ok((addr, have));
+    }
+    // SAFETY: growing our own store, which nobody uses between flushes; it may move.
+    match sys::check(unsafe {
+        sc!(
+            libc::SYS_mremap,
+            addr,
+            have * PAGE,
+            cap * PAGE,
+            libc::MREMAP_MAYMOVE
+        )
+    }) {
+        Ok(moved) => {
+            // SAFETY: advice on our own mapping (a hint).
+            unsafe { sc!(libc::SYS_madvise, moved, cap * PAGE, libc::MADV_HUGEPAGE) };
+            Ok((moved as u64, cap))
+        }
+        Err(_) => {
+            // SAFETY: the old store, ours, used by nobody.
+            unsafe { sc!(libc::SYS_munmap, addr, have * PAGE) };
+            map_store(cap)
+        }
+    }
+}
+
+/// After a flush: keeps the copy store for the next one. Fresh memory is slow on this VM (the
+/// kernel zeroing pages the hypervisor must back again took most of the time a dense program
+/// waited on copies); the pages used are given back lazily (MADV_FREE: the kernel takes them
+/// when it needs memory, else the next flush writes into them without a fault).
+fn keep_store(addr: u64, cap: u64, used: u64) {
+    // SAFETY: our own store, no longer used by this flush.
+    unsafe {
+        sc!(
+            libc::SYS_madvise,
+            addr,
+            used.min(cap) * PAGE,
+            libc::MADV_FREE
+        )
+    };
+    drop_store();
+    STORE_PAGES.store(cap, Relaxed);
+    STORE.store(addr, Release);
+}
+
+/// Unmaps the copy store, unless a flush has it.
 fn drop_store() {
     let addr = STORE.swap(0, AcqRel);
     if addr != 0 {
-        // SAFETY: the store prepare mapped, used by nobody (setup did not take it).
+        // SAFETY: the store, mapped by us and used by nobody (no flush has it).
         unsafe { sc!(libc::SYS_munmap, addr, STORE_PAGES.load(Relaxed) * PAGE) };
     }
 }
 
-/// Whether `[start, end)` overlaps the copy store [`prepare`] made (not the program's memory).
+/// Whether `[start, end)` overlaps the copy store (not the program's memory).
 pub fn is_own_mapping(start: u64, end: u64) -> bool {
     let s = STORE.load(Acquire);
     s != 0 && start < s + STORE_PAGES.load(Relaxed) * PAGE && end > s
@@ -999,22 +1054,14 @@ fn setup(maps: &[MapsEntry], wanted: &[Wanted], pm_fd: i32) -> Result<&'static T
         ));
     }
     // The copy store (see map_store), usually the one prepare made.
-    let need = store_cap(count);
-    let premapped = STORE_PAGES.load(Relaxed);
-    let (copies, cap) = if STORE.load(Acquire) != 0 && premapped >= need {
-        let addr = STORE.swap(0, AcqRel);
-        (addr, premapped)
-    } else {
-        // Memory mapped since prepare: the store made then is too small.
-        drop_store();
-        match map_store(need) {
-            Ok(s) => s,
-            Err(e) => {
-                return Err(give_up(
-                    &table,
-                    alloc::format!("cannot map the copy store: errno {e}"),
-                ))
-            }
+    // (Grown if memory was mapped since prepare and the store made then is too small.)
+    let (copies, cap) = match keep_or_map_store(store_cap(count)) {
+        Ok(s) => s,
+        Err(e) => {
+            return Err(give_up(
+                &table,
+                alloc::format!("cannot map the copy store: errno {e}"),
+            ))
         }
     };
     table.copies = copies;
@@ -1421,8 +1468,11 @@ pub fn end(t: &'static Table) {
     }
     unlock_pre();
     recollapse(t);
-    // SAFETY: the copy store mapped in begin(); nobody uses it any more.
-    unsafe { sc!(libc::SYS_munmap, t.copies, t.copies_cap as u64 * PAGE) };
+    keep_store(
+        t.copies,
+        t.copies_cap as u64,
+        t.next_copy.load(Relaxed) as u64,
+    );
     unmap_slice(t.states);
     unmap_slice(t.present);
     for e in EXITING.iter() {

@@ -13,8 +13,9 @@
 //!   checkpoints each (`SNAPSHIM_COW`), kill -9, restore, byte-identical output.
 //! - `uffd_engine_huge_page_snapshots_are_exact`: the same with the app's memory in huge pages
 //!   (`SNAPSHIM_HUGEPAGES=1`), some of which the flush splits to serve writes quickly.
-//! - `three_checkpoints_in_a_row_each_restore`: the last and the first of three images of one
-//!   process both restore to the same output.
+//! - `three_checkpoints_in_a_row_each_restore` (`fork`) and
+//!   `uffd_three_checkpoints_in_a_row_each_restore`: the last and the first of three images of
+//!   one process both restore to the same output.
 //! - `pattern_verifier_detects_a_torn_page` (no shim) and
 //!   `a_torn_image_makes_the_restored_app_fail` (an image spliced from two instants): the app's
 //!   verification does fail when it should, so the tests above can fail too.
@@ -36,8 +37,8 @@ const APP: &str = "pattern";
 const RUNS_PER_ENGINE: usize = 5;
 
 /// Generations for the `fork` runs. A `fork` checkpoint lets the program run on until the image
-/// is committed (about 1 s for this app's 265 MiB here: the writer runs at SCHED_IDLE, on the
-/// core the program leaves free), and `snapshim checkpoint` fails if the program exits first, so
+/// is committed (about 1 s for this app's 265 MiB here: the writer runs on the core the
+/// program leaves free), and `snapshim checkpoint` fails if the program exits first, so
 /// the program must outlive the latest checkpoint (half its run, see
 /// `Session::checkpoint_window`) by that much: 768 generations, about 4 s. A `stop` checkpoint
 /// parks the program until the image is written: the default 384 (about 2 s) do.
@@ -45,8 +46,8 @@ const FORK_GENERATIONS: &str = "768";
 
 /// One 256 MiB app at a time. Random checkpoint moments are drawn from the length of a reference
 /// run; with two apps competing for the two cores here that length varies by a factor of two
-/// (and a `fork` writer, at SCHED_IDLE, gets no core at all), so a checkpoint could come after
-/// the app already ended.
+/// (and a `fork` writer shares a core with them), so a checkpoint could come after the app
+/// already ended.
 fn one_at_a_time() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
@@ -194,14 +195,25 @@ fn uffd_engine_huge_page_snapshots_are_exact() -> Result<()> {
 /// cuts out.txt back to the first image's length and the program redoes everything after it.
 #[test]
 fn three_checkpoints_in_a_row_each_restore() -> Result<()> {
+    three_checkpoints_in_a_row("fork")
+}
+
+/// The same with `uffd`: the second and third flushes copy into the store the first one left
+/// (pages given back lazily, slots reused), which must not leak one flush's copies into another.
+#[test]
+fn uffd_three_checkpoints_in_a_row_each_restore() -> Result<()> {
+    three_checkpoints_in_a_row("uffd")
+}
+
+fn three_checkpoints_in_a_row(engine: &str) -> Result<()> {
     let _alone = one_at_a_time();
-    let app = Session::new(pattern("fork", &[])?)?.spawn()?.wait_ready()?;
+    let app = Session::new(pattern(engine, &[])?)?.spawn()?.wait_ready()?;
     let session = app.session().clone();
     let app = app.pause(Duration::from_millis(
         (100.0 + 200.0 * session.random_unit()) as u64,
     ));
     let first = app.checkpoint()?;
-    check_engine(&first, "fork")?;
+    check_engine(&first, engine)?;
     let aside_dir = session.dir().join("aside");
     fs::create_dir(&aside_dir).context(format!("create {}", aside_dir.display()))?;
     let aside = aside_dir.join(first.path().file_name().expect("an image has a name"));
@@ -210,7 +222,7 @@ fn three_checkpoints_in_a_row_each_restore() -> Result<()> {
         .context(format!("set {} aside", first.path().display()))?;
     let second = app.checkpoint()?;
     let third = app.checkpoint()?;
-    check_engine(&third, "fork")?;
+    check_engine(&third, engine)?;
     app.kill()?;
     if first.path() == second.path() || second.path() == third.path() {
         bail!(
