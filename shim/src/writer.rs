@@ -250,16 +250,21 @@ const DIRECT_MIN: usize = 256 << 10;
 /// costs a device round trip each, ~50 us here).
 ///
 /// [`PageWriter::submit`] starts a large O_DIRECT write with Linux AIO and returns: the caller
-/// prepares the next buffer while the device writes this one. One write is in flight at most.
+/// prepares the next buffer while the device writes. Up to [`IN_FLIGHT`] writes are in flight,
+/// so the device has the next one queued when one ends, whatever the writer is doing then
+/// (with one, the device waited for the writer between writes: the live flush wrote 0.9-1.3
+/// GiB/s to a disk that takes 1.7 GiB/s).
 struct PageWriter {
     fd: i32,
     /// The image opened with O_DIRECT, or -1.
     direct: i32,
     /// The AIO context, or 0 (then writes are synchronous).
     aio: u64,
-    /// The write in flight: its buffer, length and offset (to redo it on a refusal).
-    inflight: Option<(*const u8, usize, u64)>,
+    /// The writes in flight: buffer, length and offset (to redo one on a refusal).
+    inflight: [Option<(*const u8, usize, u64)>; IN_FLIGHT],
 }
+
+const IN_FLIGHT: usize = 2;
 
 /// `struct iocb` and `struct io_event` (linux/aio_abi.h, x86_64).
 #[repr(C)]
@@ -298,7 +303,7 @@ impl PageWriter {
         let mut aio = 0u64;
         if direct.is_ok() {
             // SAFETY: io_setup writes the new context into aio.
-            if unsafe { sc!(libc::SYS_io_setup, 2, &mut aio as *mut u64) } != 0 {
+            if unsafe { sc!(libc::SYS_io_setup, IN_FLIGHT as u64, &mut aio as *mut u64) } != 0 {
                 aio = 0;
             }
         }
@@ -306,7 +311,7 @@ impl PageWriter {
             fd: t.fd,
             direct: direct.unwrap_or(-1),
             aio,
-            inflight: None,
+            inflight: [None; IN_FLIGHT],
         }
     }
 
@@ -329,15 +334,18 @@ impl PageWriter {
         self.direct = -1;
     }
 
-    /// Starts writing `data` at `off`, after the previous write has ended. `data` must stay
-    /// untouched until the next `submit`, `write` or `wait`.
+    /// Starts writing `data` at `off`, once fewer than [`IN_FLIGHT`] writes are in flight.
+    /// `data` must stay untouched until [`PageWriter::wait_for`] it or [`PageWriter::wait`].
     fn submit(&mut self, data: &[u8], off: u64) -> sys::Result<()> {
-        self.wait()?;
         if self.aio == 0 || self.direct < 0 || data.len() < DIRECT_MIN {
             return self.write(data, off);
         }
+        while self.in_flight() >= IN_FLIGHT {
+            self.reap(true)?;
+        }
+        let i = self.inflight.iter().position(|w| w.is_none()).unwrap_or(0);
         let mut cb = Iocb {
-            data: 0,
+            data: i as u64,
             key: 0,
             rw_flags: 0,
             opcode: IOCB_CMD_PWRITE,
@@ -352,31 +360,47 @@ impl PageWriter {
         };
         let mut cbs = [&mut cb as *mut Iocb];
         // SAFETY: one valid iocb whose buffer the caller keeps alive and unchanged until the
-        // write is reaped (wait); the kernel copies the iocb itself during the call.
+        // write is reaped; the kernel copies the iocb itself during the call.
         let r = unsafe { sc!(libc::SYS_io_submit, self.aio, 1, cbs.as_mut_ptr()) };
         if r == 1 {
-            self.inflight = Some((data.as_ptr(), data.len(), off));
+            self.inflight[i] = Some((data.as_ptr(), data.len(), off));
             return Ok(());
         }
         self.write(data, off)
     }
 
-    /// Waits for the write in flight, if any; finishes it synchronously if it came back short
-    /// or refused.
+    /// Waits for every write in flight; finishes any that came back short or refused
+    /// synchronously.
     fn wait(&mut self) -> sys::Result<()> {
-        self.reap(true).map(|_| ())
+        while self.in_flight() > 0 {
+            self.reap(true)?;
+        }
+        Ok(())
     }
 
-    /// Whether a write is still in flight; one that has ended is finished as by [`wait`].
-    fn in_flight(&mut self) -> sys::Result<bool> {
-        Ok(self.inflight.is_some() && !self.reap(false)?)
+    /// Waits until the buffer at `buf` is no longer being written.
+    fn wait_for(&mut self, buf: *const u8) -> sys::Result<()> {
+        while self.inflight.iter().flatten().any(|w| w.0 == buf) {
+            self.reap(true)?;
+        }
+        Ok(())
     }
 
-    /// Finishes the write in flight, waiting for it if `block`. Returns whether it is over.
+    /// Writes in flight, after finishing those that have ended.
+    fn busy(&mut self) -> sys::Result<usize> {
+        while self.in_flight() > 0 && self.reap(false)? {}
+        Ok(self.in_flight())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.inflight.iter().flatten().count()
+    }
+
+    /// Finishes one write that has ended, waiting for one if `block`. Returns whether one did.
     fn reap(&mut self, block: bool) -> sys::Result<bool> {
-        let Some((buf, len, off)) = self.inflight else {
-            return Ok(true);
-        };
+        if self.in_flight() == 0 {
+            return Ok(false);
+        }
         let mut ev = IoEvent {
             data: 0,
             obj: 0,
@@ -409,12 +433,18 @@ impl PageWriter {
                 0 if !block => return Ok(false),
                 n if n == -(libc::EINTR as i64) => continue,
                 n => {
-                    self.inflight = None;
+                    self.inflight = [None; IN_FLIGHT];
                     return Err(-n as i32);
                 }
             }
         }
-        self.inflight = None;
+        let Some((buf, len, off)) = self
+            .inflight
+            .get_mut(ev.data as usize)
+            .and_then(|w| w.take())
+        else {
+            return Ok(true);
+        };
         // SAFETY: the buffer given to submit(), which the caller kept alive until now.
         let data = unsafe { core::slice::from_raw_parts(buf, len) };
         match ev.res {
@@ -812,14 +842,15 @@ pub fn write_live(
             && sc!(libc::SYS_fallocate, t.fd, 0, 0, most) == 0
     };
     let aligned = core::alloc::Layout::from_size_align(WINDOW, 4096).expect("valid layout");
-    // SAFETY: non-zero size; the scratch allocator honours the alignment. Freed with the scratch
-    // region when the writer ends.
-    let bufs = unsafe { [alloc::alloc::alloc(aligned), alloc::alloc::alloc(aligned)] };
+    // One buffer per write in flight and one being filled. SAFETY: non-zero size; the scratch
+    // allocator honours the alignment. Freed with the scratch region when the writer ends.
+    let bufs: [*mut u8; IN_FLIGHT + 1] =
+        core::array::from_fn(|_| unsafe { alloc::alloc::alloc(aligned) });
     if bufs.iter().any(|b| b.is_null()) {
         return Err("out of scratch memory for the writer's buffers".into());
     }
-    // SAFETY: two distinct live allocations of WINDOW bytes, used only by this thread (and by
-    // the device while a write from one is in flight, see PageWriter::submit).
+    // SAFETY: distinct live allocations of WINDOW bytes, used only by this thread (and by the
+    // device while a write from one is in flight, see PageWriter::submit).
     let bufs = bufs.map(|b| unsafe { core::slice::from_raw_parts_mut(b, WINDOW) });
     let mut cur = 0usize;
     let mut off = image::PAGE_SIZE;
@@ -848,7 +879,11 @@ pub fn write_live(
             let n = ((wend - a) / 4096) as usize;
             let i0 = pr.first + ((a - pr.start) / 4096) as usize;
             let present = |k: usize| table.present(i0 + k);
-            // The device may still be writing the other buffer; this one is free.
+            // The device may still be writing the other buffers; this one it is done with.
+            if let Err(e) = pages.wait_for(bufs[cur].as_ptr()) {
+                result = Err(io("write")(e));
+                break 'regions;
+            }
             let buf = &mut *bufs[cur];
             // Read the pages with data that nobody has copied, in one call: each run of them
             // lands where its first page stands among the window's pages with data, so packing
@@ -940,12 +975,15 @@ pub fn write_live(
             if pr.registered {
                 uffd::unprotect(table, a, wend - a);
             }
-            // While the device writes the last window, copy from the far end if the program is
-            // writing all over unsaved memory: the fault server alone is its bottleneck then.
+            // While the device has as many writes as it takes, copy from the far end if the
+            // program is writing all over unsaved memory: the fault server alone is its
+            // bottleneck then.
             while uffd::hot() && !helped_out {
-                match pages.in_flight() {
-                    Ok(true) => helped_out = !uffd::help_from_end(table, &mut back, wend),
-                    Ok(false) => break,
+                match pages.busy() {
+                    Ok(n) if n >= IN_FLIGHT => {
+                        helped_out = !uffd::help_from_end(table, &mut back, wend)
+                    }
+                    Ok(_) => break,
                     Err(e) => {
                         result = Err(io("write")(e));
                         break 'regions;
@@ -958,7 +996,7 @@ pub fn write_live(
                     break 'regions;
                 }
                 off += out_len as u64;
-                cur ^= 1;
+                cur = (cur + 1) % bufs.len();
             }
             a = wend;
         }
