@@ -630,7 +630,7 @@ pub fn prepare(maps: &[MapsEntry], wanted: &[Wanted]) -> Result<(), String> {
             sc!(
                 libc::SYS_madvise,
                 addr,
-                WARM_STORE.min(cap * PAGE),
+                warm_bytes().min(cap * PAGE),
                 libc::MADV_POPULATE_WRITE
             )
         };
@@ -689,6 +689,37 @@ fn map_store(cap: u64) -> sys::Result<(u64, u64)> {
     Ok((addr, cap))
 }
 
+/// How much of the copy store [`prepare`] fills in, while the program runs: as much as the
+/// program has anonymous memory resident (what a flush copies when the program writes all over
+/// it), within half the memory the system has available, and at least [`WARM_STORE`]. Copies
+/// into fresh memory made the program wait on the kernel zeroing pages (most of a dense
+/// program's wait on this VM); filling them in before the pause delays the snapshot instead.
+fn warm_bytes() -> u64 {
+    let mut buf = Vec::new();
+    let field = |text: &str, key: &str, i: usize| -> Option<u64> {
+        let line = if key.is_empty() {
+            text
+        } else {
+            text.lines().find(|l| l.starts_with(key))?
+        };
+        line.split_whitespace().nth(i)?.parse().ok()
+    };
+    let anon = match sys::read_file(b"/proc/self/statm\0", &mut buf) {
+        Ok(_) => {
+            let t = String::from_utf8_lossy(&buf);
+            let resident = field(&t, "", 1).unwrap_or(0);
+            let shared = field(&t, "", 2).unwrap_or(0);
+            resident.saturating_sub(shared) * PAGE
+        }
+        Err(_) => 0,
+    };
+    let avail = match sys::read_file(b"/proc/meminfo\0", &mut buf) {
+        Ok(_) => field(&String::from_utf8_lossy(&buf), "MemAvailable:", 1).unwrap_or(0) << 10,
+        Err(_) => 0,
+    };
+    anon.min(avail / 2).max(WARM_STORE)
+}
+
 /// The copy store an earlier flush left ([`end`]), grown to `cap` pages if it is smaller (the
 /// pages it has stay), or a new one.
 fn keep_or_map_store(cap: u64) -> sys::Result<(u64, u64)> {
@@ -733,7 +764,7 @@ fn keep_store(addr: u64, cap: u64, used: u64) {
         sc!(
             libc::SYS_madvise,
             addr,
-            used.min(cap) * PAGE,
+            (used * PAGE).max(warm_bytes()).min(cap * PAGE),
             libc::MADV_FREE
         )
     };
