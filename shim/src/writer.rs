@@ -505,6 +505,17 @@ fn write_pages_and_meta(
             }
             let file_backed = matches!(kind, RegionKind::File { .. });
             let readable = e.prot & libc::PROT_READ as u32 != 0;
+            // A parked thread's stack and thread block can still change for a moment: it is
+            // counted as parked just before it goes to sleep, and the kernel rewrites its rseq
+            // area if it is preempted meanwhile. Their pages are copied before the checksum, so
+            // the image holds what it checksums (seen once in ~100 `stop` checkpoints of the
+            // threads app: a thread block changed between the checksum and the write).
+            let holds = |a: u64| (e.start..e.end).contains(&a);
+            let copied = readable
+                && cap
+                    .threads
+                    .iter()
+                    .any(|t| !t.helper && (holds(t.ctx_rsp) || holds(t.fs_base)));
             // A page is stored if it holds data that is neither zero nor the file's own.
             let wanted = |i: usize| {
                 let f = pm[i];
@@ -527,7 +538,14 @@ fn write_pages_and_meta(
                 let mut crc = crc32fast::Hasher::new();
                 while i < n && wanted(i) {
                     let addr = e.start + i as u64 * 4096;
-                    if readable {
+                    if copied {
+                        // SAFETY: a present page of a readable mapping, read once.
+                        page_buf.copy_from_slice(unsafe {
+                            core::slice::from_raw_parts(addr as *const u8, 4096)
+                        });
+                        crc.update(&page_buf);
+                        pwrite_all(fd, &page_buf, off).map_err(|e| ("write", e))?;
+                    } else if readable {
                         // SAFETY: a present page of a readable mapping that nothing changes
                         // while it is written (see write_out).
                         crc.update(unsafe { core::slice::from_raw_parts(addr as *const u8, 4096) });
@@ -542,7 +560,7 @@ fn write_pages_and_meta(
                     i += 1;
                 }
                 let addr = e.start + first as u64 * 4096;
-                if readable {
+                if readable && !copied {
                     // SAFETY: as above, for the whole run.
                     let data = unsafe {
                         core::slice::from_raw_parts(addr as *const u8, (off - start_off) as usize)
