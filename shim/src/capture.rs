@@ -586,14 +586,15 @@ pub fn process(cfg: &crate::config::Config) -> Process {
     p.xsave_features = snapshim_image::xsave_features();
     p.clock_monotonic_ns = sys::monotonic_ns();
     p.clock_realtime_ns = sys::clock_ns(libc::CLOCK_REALTIME);
-    if sys::read_file(b"/proc/self/statm\0", &mut buf).is_ok() {
-        let t = String::from_utf8_lossy(&buf);
-        p.resident_bytes = t
-            .split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-            * 4096;
-    }
+    p.resident_bytes = statm().map_or(0, |(resident, _)| resident * 4096);
     p
+}
+
+/// This process's resident and shared (file-backed or shmem) pages, from /proc/self/statm.
+pub fn statm() -> Option<(u64, u64)> {
+    let mut buf = Vec::new();
+    sys::read_file(b"/proc/self/statm\0", &mut buf).ok()?;
+    let t = String::from_utf8_lossy(&buf);
+    let mut f = t.split_whitespace().skip(1).map(|v| v.parse::<u64>().ok());
+    Some((f.next()??, f.next()??))
 }

@@ -199,6 +199,8 @@ static HOT_UNTIL: AtomicU64 = AtomicU64::new(0);
 /// ([`is_own_mapping`]).
 static STORE: AtomicU64 = AtomicU64::new(0);
 static STORE_PAGES: AtomicU64 = AtomicU64::new(0);
+/// Bytes of the store [`prepare`] filled in (see [`warm_bytes`]).
+static STORE_FILLED: AtomicU64 = AtomicU64::new(0);
 const WARM_STORE: u64 = 32 << 20;
 
 /// Set while a flush is on: the savers and the thread-exit hook act only then.
@@ -624,16 +626,11 @@ pub fn prepare(maps: &[MapsEntry], wanted: &[Wanted]) -> Result<(), String> {
         .map(|w| (maps[w.entry].end - maps[w.entry].start) / PAGE)
         .sum();
     if let Ok((addr, cap)) = keep_or_map_store(store_cap(pages)) {
+        let warm = warm_bytes().min(cap * PAGE);
         // SAFETY: filling in the start of the store, ours (a hint: may fail harmlessly). Pages
         // an earlier flush used and the kernel did not take back are there already.
-        unsafe {
-            sc!(
-                libc::SYS_madvise,
-                addr,
-                warm_bytes().min(cap * PAGE),
-                libc::MADV_POPULATE_WRITE
-            )
-        };
+        unsafe { sc!(libc::SYS_madvise, addr, warm, libc::MADV_POPULATE_WRITE) };
+        STORE_FILLED.store(warm, Relaxed);
         STORE_PAGES.store(cap, Relaxed);
         STORE.store(addr, Release);
     }
@@ -695,26 +692,19 @@ fn map_store(cap: u64) -> sys::Result<(u64, u64)> {
 /// into fresh memory made the program wait on the kernel zeroing pages (most of a dense
 /// program's wait on this VM); filling them in before the pause delays the snapshot instead.
 fn warm_bytes() -> u64 {
+    let anon = capture::statm().map_or(0, |(resident, shared)| {
+        resident.saturating_sub(shared) * PAGE
+    });
     let mut buf = Vec::new();
-    let field = |text: &str, key: &str, i: usize| -> Option<u64> {
-        let line = if key.is_empty() {
-            text
-        } else {
-            text.lines().find(|l| l.starts_with(key))?
-        };
-        line.split_whitespace().nth(i)?.parse().ok()
-    };
-    let anon = match sys::read_file(b"/proc/self/statm\0", &mut buf) {
-        Ok(_) => {
-            let t = String::from_utf8_lossy(&buf);
-            let resident = field(&t, "", 1).unwrap_or(0);
-            let shared = field(&t, "", 2).unwrap_or(0);
-            resident.saturating_sub(shared) * PAGE
-        }
-        Err(_) => 0,
-    };
     let avail = match sys::read_file(b"/proc/meminfo\0", &mut buf) {
-        Ok(_) => field(&String::from_utf8_lossy(&buf), "MemAvailable:", 1).unwrap_or(0) << 10,
+        Ok(_) => {
+            String::from_utf8_lossy(&buf)
+                .lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+                << 10
+        }
         Err(_) => 0,
     };
     anon.min(avail / 2).max(WARM_STORE)
@@ -756,7 +746,7 @@ fn keep_or_map_store(cap: u64) -> sys::Result<(u64, u64)> {
 
 /// After a flush: keeps the copy store for the next one. Fresh memory is slow on this VM (the
 /// kernel zeroing pages the hypervisor must back again took most of the time a dense program
-/// waited on copies); the pages used are given back lazily (MADV_FREE: the kernel takes them
+/// waited on copies); the pages used or filled in are given back lazily (MADV_FREE: the kernel takes them
 /// when it needs memory, else the next flush writes into them without a fault).
 fn keep_store(addr: u64, cap: u64, used: u64) {
     // SAFETY: our own store, no longer used by this flush.
@@ -764,7 +754,9 @@ fn keep_store(addr: u64, cap: u64, used: u64) {
         sc!(
             libc::SYS_madvise,
             addr,
-            (used * PAGE).max(warm_bytes()).min(cap * PAGE),
+            (used * PAGE)
+                .max(STORE_FILLED.load(Relaxed))
+                .min(cap * PAGE),
             libc::MADV_FREE
         )
     };
@@ -872,6 +864,7 @@ pub fn after_restore() {
     // The snapshot may have been taken while prepare's copy store was mapped: not any more.
     STORE.store(0, Relaxed);
     STORE_PAGES.store(0, Relaxed);
+    STORE_FILLED.store(0, Relaxed);
     for e in EXITING.iter() {
         e.store(0, Relaxed);
     }
