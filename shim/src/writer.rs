@@ -505,14 +505,15 @@ fn write_pages_and_meta(
             }
             let file_backed = matches!(kind, RegionKind::File { .. });
             let readable = e.prot & libc::PROT_READ as u32 != 0;
-            // A parked thread's stack and thread block can still change for a moment: it is
-            // counted as parked just before it goes to sleep, and the kernel rewrites its rseq
-            // area if it is preempted meanwhile. Their pages are copied before the checksum, so
-            // the image holds what it checksums (seen once in ~100 `stop` checkpoints of the
-            // threads app: a thread block changed between the checksum and the write).
+            // Pages written page by page from a copy, checksummed as copied: an unreadable
+            // mapping's (read through /proc/self/mem), and a parked thread's stack and thread
+            // block, which can still change for a moment: the thread is counted as parked just
+            // before it goes to sleep, and the kernel rewrites its rseq area if it is preempted
+            // meanwhile (seen once in ~100 `stop` checkpoints of the threads app: a thread block
+            // changed between the checksum and the write).
             let holds = |a: u64| (e.start..e.end).contains(&a);
-            let copied = readable
-                && cap
+            let copied = !readable
+                || cap
                     .threads
                     .iter()
                     .any(|t| !t.helper && (holds(t.ctx_rsp) || holds(t.fs_base)));
@@ -538,21 +539,21 @@ fn write_pages_and_meta(
                 let mut crc = crc32fast::Hasher::new();
                 while i < n && wanted(i) {
                     let addr = e.start + i as u64 * 4096;
-                    if copied {
-                        // SAFETY: a present page of a readable mapping, read once.
-                        page_buf.copy_from_slice(unsafe {
-                            core::slice::from_raw_parts(addr as *const u8, 4096)
-                        });
-                        crc.update(&page_buf);
-                        pwrite_all(fd, &page_buf, off).map_err(|e| ("write", e))?;
-                    } else if readable {
+                    if !copied {
                         // SAFETY: a present page of a readable mapping that nothing changes
                         // while it is written (see write_out).
                         crc.update(unsafe { core::slice::from_raw_parts(addr as *const u8, 4096) });
                     } else {
-                        // Unreadable mapping: /proc/self/mem ignores protection.
-                        page_buf.fill(0);
-                        let _ = sys::pread(mem_fd, &mut page_buf, addr);
+                        if readable {
+                            // SAFETY: a present page of a readable mapping, read once.
+                            page_buf.copy_from_slice(unsafe {
+                                core::slice::from_raw_parts(addr as *const u8, 4096)
+                            });
+                        } else {
+                            // /proc/self/mem ignores protection.
+                            page_buf.fill(0);
+                            let _ = sys::pread(mem_fd, &mut page_buf, addr);
+                        }
                         crc.update(&page_buf);
                         pwrite_all(fd, &page_buf, off).map_err(|e| ("write", e))?;
                     }
@@ -560,7 +561,7 @@ fn write_pages_and_meta(
                     i += 1;
                 }
                 let addr = e.start + first as u64 * 4096;
-                if readable && !copied {
+                if !copied {
                     // SAFETY: as above, for the whole run.
                     let data = unsafe {
                         core::slice::from_raw_parts(addr as *const u8, (off - start_off) as usize)
