@@ -28,9 +28,15 @@ use serde::{Deserialize, Serialize};
 pub mod elf;
 mod error;
 pub mod identity;
+pub mod objects;
 pub mod settings;
 pub mod standby;
 pub use error::ImageError;
+pub use objects::{
+    CharDevice, Directory, FdKind, FdState, FileIdentity, Inherited, IntervalTimer, MmFields,
+    PageRun, PageSpan, Pipe, Process, Region, RegionKind, RegularFile, Rlimit, SigAction,
+    ThreadState, Unsupported,
+};
 
 /// Addresses shared by the shim and the restorer.
 ///
@@ -326,21 +332,6 @@ pub struct ParentRef {
     pub file: String,
 }
 
-/// `pages` pages from `addr`.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PageSpan {
-    pub addr: u64,
-    pub pages: u64,
-}
-
-impl PageSpan {
-    /// The address after the span (saturating: only checked spans are meaningful).
-    pub fn end(&self) -> u64 {
-        self.addr
-            .saturating_add(self.pages.saturating_mul(PAGE_SIZE))
-    }
-}
-
 /// The build-id of one mapped file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BuildId {
@@ -611,59 +602,6 @@ impl Metadata {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
-pub struct Process {
-    pub pid: i32,
-    /// Name used for the image directory (SNAPSHIM_NAME or the executable's file name).
-    pub name: String,
-    pub exe: String,
-    pub cmdline: Vec<String>,
-    pub cwd: String,
-    pub umask: u32,
-    pub personality: u32,
-    /// (resource, soft, hard)
-    pub rlimits: Vec<(u32, u64, u64)>,
-    pub mm: MmFields,
-    /// Raw auxiliary vector, pairs of (type, value), ending with AT_NULL.
-    pub auxv: Vec<u64>,
-    pub sigactions: Vec<SigAction>,
-    /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF as (interval_us, value_us).
-    pub itimers: Vec<(u64, u64)>,
-    /// XCR0 of the CPU that took the image: the XSAVE features in every signal frame.
-    pub xsave_features: u64,
-    pub clock_monotonic_ns: u64,
-    pub clock_realtime_ns: u64,
-    /// Statistics of the checkpoint that wrote this image.
-    pub pause_ns: u64,
-    pub resident_bytes: u64,
-}
-
-/// The mm fields `prctl(PR_SET_MM_MAP)` takes.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-pub struct MmFields {
-    pub start_code: u64,
-    pub end_code: u64,
-    pub start_data: u64,
-    pub end_data: u64,
-    pub start_brk: u64,
-    pub brk: u64,
-    pub start_stack: u64,
-    pub arg_start: u64,
-    pub arg_end: u64,
-    pub env_start: u64,
-    pub env_end: u64,
-}
-
-/// One signal disposition as the kernel holds it (`struct kernel_sigaction`).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SigAction {
-    pub signo: u32,
-    pub handler: u64,
-    pub flags: u64,
-    pub restorer: u64,
-    pub mask: u64,
-}
-
 /// Where the shim that wrote the image lives, and what the restorer needs to re-enter it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct ShimInfo {
@@ -673,127 +611,6 @@ pub struct ShimInfo {
     /// The range the shim keeps free for the restorer (never part of an image).
     pub reserved_start: u64,
     pub reserved_end: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ThreadState {
-    pub tid: i32,
-    pub fs_base: u64,
-    /// Stack pointer saved by the shim when the thread parked (callee-saved registers and the
-    /// return address sit there; the kernel's signal frame with the full register state is above).
-    pub ctx_rsp: u64,
-    pub robust_head: u64,
-    pub robust_len: u64,
-    pub altstack_sp: u64,
-    pub altstack_flags: i32,
-    pub altstack_size: u64,
-    /// Mask in force while parked (inside the shim's handler).
-    pub sigmask: u64,
-    pub name: String,
-    /// The shim's own helper thread.
-    pub helper: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Region {
-    pub start: u64,
-    pub end: u64,
-    /// PROT_* bits.
-    pub prot: u32,
-    pub shared: bool,
-    pub kind: RegionKind,
-    /// The name /proc/self/maps shows (path, `[heap]`, `[stack]`, ...).
-    pub name: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub enum RegionKind {
-    /// Anonymous memory; stored pages are in the image, the rest are zero.
-    Anon,
-    /// A mapping of a file. Private: pages not in the image are the file's. Shared: the file
-    /// holds the content and nothing is stored.
-    File {
-        path: String,
-        offset: u64,
-        identity: FileIdentity,
-    },
-    /// Kernel-provided mappings that are moved, not stored.
-    Vdso,
-    Vvar,
-    VvarVclock,
-}
-
-/// What a referenced file was when the image was taken, to detect that it changed.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
-pub struct FileIdentity {
-    pub size: u64,
-    pub mtime_ns: i64,
-    pub inode: u64,
-}
-
-/// A run of whole pages stored contiguously in the file.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PageRun {
-    pub addr: u64,
-    pub pages: u64,
-    pub file_off: u64,
-    pub crc: u32,
-}
-
-impl PageRun {
-    /// Bytes of page data (saturating: only [`Image::open`]-checked runs are meaningful).
-    pub fn len(&self) -> u64 {
-        self.pages.saturating_mul(PAGE_SIZE)
-    }
-    /// The address after the run's last byte (saturating, as [`PageRun::len`]).
-    pub fn end(&self) -> u64 {
-        self.addr.saturating_add(self.len())
-    }
-    pub fn is_empty(&self) -> bool {
-        self.pages == 0
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct FdState {
-    pub fd: i32,
-    /// O_* status flags from fdinfo (access mode, O_APPEND, O_NONBLOCK, ...).
-    pub flags: u32,
-    pub cloexec: bool,
-    pub kind: FdKind,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub enum FdKind {
-    /// A regular file: reopened at `offset`; if open for writing it is cut back to `size`.
-    Regular {
-        path: String,
-        offset: u64,
-        size: u64,
-        identity: FileIdentity,
-    },
-    Directory {
-        path: String,
-    },
-    /// A character device opened by path (/dev/null, /dev/zero, /dev/urandom, ...).
-    CharDevice {
-        path: String,
-    },
-    /// Both ends of this pipe are in the process; `data` was buffered in it.
-    Pipe {
-        id: u64,
-        read_end: bool,
-        data: Vec<u8>,
-    },
-    /// Connected to something outside the process (a terminal, a pipe from the shell): on
-    /// restore the restorer's own descriptor of the same number is used.
-    Inherited {
-        desc: String,
-    },
-    /// Not restorable yet (socket, eventfd, ...): reopened as /dev/null, and said so.
-    Unsupported {
-        desc: String,
-    },
 }
 
 /// An opened, header- and metadata-checked image.

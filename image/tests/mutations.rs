@@ -19,8 +19,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use snapshim_image::layout::{RESERVED_END, RESERVED_START, USER_END};
 use snapshim_image::{
-    encode_metadata, FdKind, FdState, FileIdentity, Header, Image, ImageError, Metadata, MmFields,
-    PageRun, Process, Region, RegionKind, ShimInfo, ThreadState, PAGE_SIZE, VERSION_MINOR,
+    encode_metadata, CharDevice, FdKind, FdState, FileIdentity, Header, Image, ImageError,
+    Inherited, IntervalTimer, Metadata, MmFields, PageRun, Pipe, Process, Region, RegionKind,
+    RegularFile, Rlimit, ShimInfo, ThreadState, Unsupported, PAGE_SIZE, VERSION_MINOR,
 };
 
 // --- memory accounting -------------------------------------------------------------------------
@@ -383,28 +384,28 @@ fn generate(rng: &mut Rng) -> Sample {
             fd: 0,
             flags: 0,
             cloexec: false,
-            kind: FdKind::CharDevice {
+            kind: FdKind::CharDevice(CharDevice {
                 path: "/dev/null".into(),
-            },
+            }),
         },
         FdState {
             fd: 1,
             flags: 0o2001,
             cloexec: false,
-            kind: FdKind::Regular {
+            kind: FdKind::Regular(RegularFile {
                 path: "/home/u/out.txt".into(),
                 offset: 120,
                 size: 120,
                 identity: FileIdentity::default(),
-            },
+            }),
         },
         FdState {
             fd: 2,
             flags: 2,
             cloexec: false,
-            kind: FdKind::Inherited {
+            kind: FdKind::Inherited(Inherited {
                 desc: "/dev/pts/0".into(),
-            },
+            }),
         },
     ];
     if rng.chance(60) {
@@ -415,11 +416,11 @@ fn generate(rng: &mut Rng) -> Sample {
                 fd,
                 flags: 0,
                 cloexec: true,
-                kind: FdKind::Pipe {
+                kind: FdKind::Pipe(Pipe {
                     id: 9,
                     read_end,
                     data: data.clone(),
-                },
+                }),
             });
         }
     }
@@ -428,9 +429,9 @@ fn generate(rng: &mut Rng) -> Sample {
             fd: 9,
             flags: 2,
             cloexec: false,
-            kind: FdKind::Unsupported {
+            kind: FdKind::Unsupported(Unsupported {
                 desc: "socket:[1234]".into(),
-            },
+            }),
         });
     }
     let shim_rx = &regions[shim];
@@ -442,14 +443,18 @@ fn generate(rng: &mut Rng) -> Sample {
             cmdline: vec!["app".into(), "--in".into(), "x y".into()],
             cwd: "/home/u".into(),
             umask: 0o22,
-            rlimits: vec![(7, 1024, 4096)],
+            rlimits: vec![Rlimit {
+                resource: 7,
+                soft: 1024,
+                hard: 4096,
+            }],
             mm: MmFields {
                 start_brk: regions[2].start,
                 brk: regions[2].end,
                 ..Default::default()
             },
             auxv: vec![6, 4096, 0, 0],
-            itimers: vec![(0, 0); 3],
+            itimers: vec![IntervalTimer::default(); 3],
             xsave_features: 7,
             ..Default::default()
         },

@@ -48,7 +48,10 @@ use std::process::ExitCode;
 use snapshim_image::layout::{
     ARENA_END, ARENA_START, RESERVED_END, RESERVED_START, STACK_END, STACK_START, VDSO_PARK,
 };
-use snapshim_image::{Chain, FdKind, Image, Metadata, RegionKind, SourcedRun};
+use snapshim_image::{
+    Chain, CharDevice, Directory, FdKind, Image, Inherited, Metadata, Pipe, RegionKind,
+    RegularFile, SourcedRun, Unsupported,
+};
 
 use plan::*;
 
@@ -750,9 +753,9 @@ fn prepare_fds(meta: &Metadata) -> Result<FdPlan, String> {
             move_high(file.into_raw_fd(), high_base)
         };
         let high = match &f.kind {
-            FdKind::Regular {
+            FdKind::Regular(RegularFile {
                 path, offset, size, ..
-            } => {
+            }) => {
                 let fd = open(path, 0)?;
                 if acc != libc::O_RDONLY {
                     // SAFETY: fstat/ftruncate on our descriptor.
@@ -777,9 +780,9 @@ fn prepare_fds(meta: &Metadata) -> Result<FdPlan, String> {
                 unsafe { libc::lseek(fd, *offset as i64, libc::SEEK_SET) };
                 fd
             }
-            FdKind::Directory { path } => open(path, libc::O_DIRECTORY)?,
-            FdKind::CharDevice { path } => open(path, 0)?,
-            FdKind::Pipe { id, read_end, data } => {
+            FdKind::Directory(Directory { path }) => open(path, libc::O_DIRECTORY)?,
+            FdKind::CharDevice(CharDevice { path }) => open(path, 0)?,
+            FdKind::Pipe(Pipe { id, read_end, data }) => {
                 let pair = match pipes.iter().find(|p| p.0 == *id) {
                     Some(p) => *p,
                     None => {
@@ -812,7 +815,7 @@ fn prepare_fds(meta: &Metadata) -> Result<FdPlan, String> {
                 unsafe { libc::fcntl(fd, libc::F_SETFL, status) };
                 fd
             }
-            FdKind::Inherited { desc } => {
+            FdKind::Inherited(Inherited { desc }) => {
                 // SAFETY: F_GETFD only checks that the number is open here.
                 if f.fd <= 2 && unsafe { libc::fcntl(f.fd, libc::F_GETFD) } >= 0 {
                     inherit.push(f.fd);
@@ -821,7 +824,7 @@ fn prepare_fds(meta: &Metadata) -> Result<FdPlan, String> {
                 eprintln!("snapshim-restore: warning: descriptor {} ({desc}) led outside the program; it is /dev/null now", f.fd);
                 open("/dev/null", 0)?
             }
-            FdKind::Unsupported { desc } => {
+            FdKind::Unsupported(Unsupported { desc }) => {
                 eprintln!("snapshim-restore: warning: descriptor {} ({desc}) cannot be restored yet; it is /dev/null now", f.fd);
                 open("/dev/null", 0)?
             }
@@ -1007,14 +1010,15 @@ fn write_plan(
     let rlimits: Vec<PRlimit> = p
         .rlimits
         .iter()
-        .map(|&(r, c, m)| PRlimit {
-            resource: r as u64,
-            cur: c,
-            max: m,
+        .map(|r| PRlimit {
+            resource: r.resource as u64,
+            cur: r.soft,
+            max: r.hard,
         })
         .collect();
     let mut itimers = [[0i64; 4]; 3];
-    for (i, &(interval, value)) in p.itimers.iter().take(3).enumerate() {
+    for (i, t) in p.itimers.iter().take(3).enumerate() {
+        let (interval, value) = (t.interval_us, t.value_us);
         // A periodic timer caught just as it expired reads 0 left; setitimer would take a zero
         // value as "disarm", so it fires at once instead.
         let value = if interval != 0 && value == 0 {

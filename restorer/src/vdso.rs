@@ -219,8 +219,8 @@ fn free_place(meta: &Metadata, after: u64, len: u64) -> Option<u64> {
         .process
         .rlimits
         .iter()
-        .find(|r| r.0 == libc::RLIMIT_STACK)
-        .map_or(8 << 20, |r| r.1)
+        .find(|r| r.resource == libc::RLIMIT_STACK)
+        .map_or(8 << 20, |r| r.soft)
         .clamp(8 << 20, 1 << 30);
     let mut taken: Vec<(u64, u64)> = meta
         .regions

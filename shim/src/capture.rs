@@ -8,7 +8,8 @@ use alloc::vec::Vec;
 
 use snapshim_image::layout::{RESERVED_END, RESERVED_START};
 use snapshim_image::{
-    BuildId, FdKind, FdState, FileIdentity, MmFields, Process, SigAction, VdsoImage, VdsoSymbol,
+    BuildId, CharDevice, Directory, FdKind, FdState, FileIdentity, Inherited, IntervalTimer,
+    MmFields, Pipe, Process, RegularFile, Rlimit, SigAction, Unsupported, VdsoImage, VdsoSymbol,
 };
 
 use crate::sys::{self, sc};
@@ -410,35 +411,35 @@ pub fn fds() -> Vec<FdState> {
         let fmt = st.st_mode & libc::S_IFMT;
         let deleted = target.ends_with(" (deleted)");
         let kind = if fmt == libc::S_IFREG && !deleted {
-            FdKind::Regular {
+            FdKind::Regular(RegularFile {
                 path: target,
                 offset: pos,
                 size: st.st_size as u64,
                 identity: identity_of(&st),
-            }
+            })
         } else if fmt == libc::S_IFDIR && !deleted {
-            FdKind::Directory { path: target }
+            FdKind::Directory(Directory { path: target })
         } else if fmt == libc::S_IFCHR {
             if target.starts_with("/dev/pts/")
                 || target.starts_with("/dev/tty")
                 || target == "/dev/console"
             {
-                FdKind::Inherited { desc: target }
+                FdKind::Inherited(Inherited { desc: target })
             } else {
-                FdKind::CharDevice { path: target }
+                FdKind::CharDevice(CharDevice { path: target })
             }
         } else if fmt == libc::S_IFIFO && target.starts_with("pipe:") {
             let read_end = flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32;
             pipes.push((st.st_ino, fd, read_end));
-            FdKind::Pipe {
+            FdKind::Pipe(Pipe {
                 id: st.st_ino,
                 read_end,
                 data: Vec::new(),
-            }
+            })
         } else if fd <= 2 {
-            FdKind::Inherited { desc: target }
+            FdKind::Inherited(Inherited { desc: target })
         } else {
-            FdKind::Unsupported { desc: target }
+            FdKind::Unsupported(Unsupported { desc: target })
         };
         out.push(FdState {
             fd,
@@ -449,17 +450,17 @@ pub fn fds() -> Vec<FdState> {
     }
     // A pipe is ours only if both ends are here; else it goes to something outside.
     for st in out.iter_mut() {
-        if let FdKind::Pipe { id, read_end, .. } = st.kind {
+        if let FdKind::Pipe(Pipe { id, read_end, .. }) = st.kind {
             let other = pipes.iter().find(|p| p.0 == id && p.2 != read_end);
             match other {
                 None => {
-                    st.kind = FdKind::Inherited {
+                    st.kind = FdKind::Inherited(Inherited {
                         desc: alloc::format!("pipe:[{id}]"),
-                    }
+                    })
                 }
                 Some(&(_, wfd, _)) if read_end => {
                     let data = drain_and_refill(st.fd, wfd);
-                    st.kind = FdKind::Pipe { id, read_end, data };
+                    st.kind = FdKind::Pipe(Pipe { id, read_end, data });
                 }
                 Some(_) => {}
             }
@@ -524,7 +525,11 @@ pub fn process(cfg: &crate::config::Config) -> Process {
         })
         .is_ok()
         {
-            p.rlimits.push((res, lim.rlim_cur, lim.rlim_max));
+            p.rlimits.push(Rlimit {
+                resource: res,
+                soft: lim.rlim_cur,
+                hard: lim.rlim_max,
+            });
         }
     }
     let mut buf = Vec::new();
@@ -578,10 +583,10 @@ pub fn process(cfg: &crate::config::Config) -> Process {
         let mut v = [0i64; 4];
         // SAFETY: getitimer writes a struct itimerval (4 longs).
         unsafe { sc!(libc::SYS_getitimer, which, v.as_mut_ptr()) };
-        p.itimers.push((
-            (v[0] * 1_000_000 + v[1]) as u64,
-            (v[2] * 1_000_000 + v[3]) as u64,
-        ));
+        p.itimers.push(IntervalTimer {
+            interval_us: (v[0] * 1_000_000 + v[1]) as u64,
+            value_us: (v[2] * 1_000_000 + v[3]) as u64,
+        });
     }
     p.xsave_features = snapshim_image::xsave_features();
     p.clock_monotonic_ns = sys::monotonic_ns();

@@ -763,7 +763,9 @@ pub fn stdout_length_at_checkpoint(image: &Path) -> Result<u64> {
     let img = snapshim_image::Image::open(image)
         .map_err(|e| Failure::new(format!("cannot read {}: {e}", image.display())))?;
     match img.meta.fds.iter().find(|f| f.fd == 1).map(|f| &f.kind) {
-        Some(snapshim_image::FdKind::Regular { size, .. }) => Ok(*size),
+        Some(snapshim_image::FdKind::Regular(snapshim_image::RegularFile { size, .. })) => {
+            Ok(*size)
+        }
         Some(other) => bail!(
             "{} records stdout (fd 1) as {other:?}, not as the regular file out.txt",
             image.display()

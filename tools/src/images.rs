@@ -6,8 +6,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use snapshim_image::{
-    FdKind, FdState, Header, Image, Metadata, Region, RegionKind, SigAction, IMAGE_SUFFIX, LATEST,
-    PAGE_SIZE,
+    CharDevice, Directory, FdKind, FdState, Header, Image, Inherited, Metadata, Pipe, Region,
+    RegionKind, RegularFile, SigAction, Unsupported, IMAGE_SUFFIX, LATEST, PAGE_SIZE,
 };
 
 use crate::parse::{format_ms, format_time, human_bytes, signal_name};
@@ -237,20 +237,22 @@ fn fd_flags(f: &FdState) -> String {
 
 fn fd_kind(k: &FdKind) -> String {
     match k {
-        FdKind::Regular {
+        FdKind::Regular(RegularFile {
             path, offset, size, ..
-        } => format!("file {path} (offset {offset}, size {size})"),
-        FdKind::Directory { path } => format!("directory {path}"),
-        FdKind::CharDevice { path } => format!("device {path}"),
-        FdKind::Pipe { id, read_end, data } => format!(
+        }) => format!("file {path} (offset {offset}, size {size})"),
+        FdKind::Directory(Directory { path }) => format!("directory {path}"),
+        FdKind::CharDevice(CharDevice { path }) => format!("device {path}"),
+        FdKind::Pipe(Pipe { id, read_end, data }) => format!(
             "pipe {id}, {} end, {} buffered",
             if *read_end { "read" } else { "write" },
             human_bytes(data.len() as u64)
         ),
-        FdKind::Inherited { desc } => {
+        FdKind::Inherited(Inherited { desc }) => {
             format!("{desc}, outside the program (restore passes on its own descriptor)")
         }
-        FdKind::Unsupported { desc } => format!("NOT RESTORED (reopened as /dev/null): {desc}"),
+        FdKind::Unsupported(Unsupported { desc }) => {
+            format!("NOT RESTORED (reopened as /dev/null): {desc}")
+        }
     }
 }
 
@@ -605,9 +607,9 @@ mod tests {
             fd: 1,
             flags: (libc::O_WRONLY | libc::O_APPEND) as u32,
             cloexec: true,
-            kind: FdKind::CharDevice {
+            kind: FdKind::CharDevice(CharDevice {
                 path: "/dev/null".into(),
-            },
+            }),
         };
         assert_eq!(fd_flags(&f), "wronly,append,cloexec");
     }

@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use snapshim_image::{
-    encode_metadata, FdKind, FdState, FileIdentity, Header, Metadata, PageRun, Process, Region,
-    RegionKind, ShimInfo, SigAction, ThreadState, PAGE_SIZE,
+    encode_metadata, CharDevice, FdKind, FdState, FileIdentity, Header, Metadata, PageRun, Process,
+    Region, RegionKind, RegularFile, ShimInfo, SigAction, ThreadState, Unsupported, PAGE_SIZE,
 };
 
 const SNAPSHIM: &str = env!("CARGO_BIN_EXE_snapshim");
@@ -579,28 +579,28 @@ fn write_image(path: &Path, seq: u64, mapped: &Path) {
                 fd: 0,
                 flags: libc::O_RDONLY as u32,
                 cloexec: false,
-                kind: FdKind::CharDevice {
+                kind: FdKind::CharDevice(CharDevice {
                     path: "/dev/null".into(),
-                },
+                }),
             },
             FdState {
                 fd: 1,
                 flags: (libc::O_WRONLY | libc::O_APPEND) as u32,
                 cloexec: false,
-                kind: FdKind::Regular {
+                kind: FdKind::Regular(RegularFile {
                     path: "/home/u/out.txt".into(),
                     offset: 120,
                     size: 120,
                     identity: FileIdentity::default(),
-                },
+                }),
             },
             FdState {
                 fd: 5,
                 flags: libc::O_RDWR as u32,
                 cloexec: true,
-                kind: FdKind::Unsupported {
+                kind: FdKind::Unsupported(Unsupported {
                     desc: "socket:[1234]".into(),
-                },
+                }),
             },
         ],
         clock_boottime_ns: 0,
