@@ -15,9 +15,12 @@
 mod activate;
 mod checkpoint;
 mod images;
+mod inspect;
 mod launch;
+mod ls;
 mod merge;
 mod parse;
+mod proc;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -251,9 +254,9 @@ fn main() -> ExitCode {
         Command::Checkpoint(a) => checkpoint::checkpoint(a),
         Command::Restore(a) => launch::restore(a),
         Command::Activate(a) => activate::activate(a),
-        Command::Inspect(a) => images::inspect(&a.image),
+        Command::Inspect(a) => inspect::inspect(&a.image),
         Command::Verify(a) => images::verify(&a.image),
-        Command::Ls(a) => images::ls(a.dir),
+        Command::Ls(a) => ls::ls(a.dir),
         Command::Merge(a) => merge::merge(&a.image, a.quiet),
     };
     match result {
