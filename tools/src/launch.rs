@@ -113,7 +113,7 @@ fn absolute(path: &Path) -> Result<PathBuf> {
 
 /// A file installed next to the `snapshim` executable (as cargo builds them into
 /// target/release/), or the path in `env_var` if that is set.
-fn companion(file: &str, env_var: &str) -> Result<PathBuf> {
+pub fn companion(file: &str, env_var: &str) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os(env_var).filter(|p| !p.is_empty()) {
         let p = absolute(Path::new(&p))?;
         if !p.is_file() {

@@ -13,6 +13,7 @@
 //! 1 the operation failed, 2 bad usage (clap's code for usage errors).
 
 mod activate;
+mod check;
 mod checkpoint;
 mod images;
 mod inspect;
@@ -81,6 +82,7 @@ enum Command {
     Verify(VerifyArgs),
     Ls(LsArgs),
     Merge(MergeArgs),
+    Check(CheckArgs),
 }
 
 /// Run a program with snapshim loaded (LD_PRELOAD), replacing this process
@@ -213,6 +215,16 @@ pub struct LsArgs {
     pub dir: Option<PathBuf>,
 }
 
+/// Say which kernel features snapshim can use here, and what each one enables
+///
+/// Exit status 0 when checkpoint and restore will work on this machine as this user.
+#[derive(Args)]
+pub struct CheckArgs {
+    /// Print the report as JSON (schema in docs/usage.md)
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// Fold a chain of delta images into one full image
 ///
 /// The named image (or the directory's `latest`), if it is a delta, is replaced by a full image
@@ -258,6 +270,7 @@ fn main() -> ExitCode {
         Command::Verify(a) => images::verify(&a.image),
         Command::Ls(a) => ls::ls(a.dir),
         Command::Merge(a) => merge::merge(&a.image, a.quiet),
+        Command::Check(a) => check::check(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -941,3 +941,56 @@ fn usage_errors_exit_2() {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
     }
 }
+
+// --- snapshim check -----------------------------------------------------------------------------
+
+#[test]
+fn check_reports_every_feature_as_json_with_a_schema() {
+    let f = fixtures();
+    let out = Command::new(SNAPSHIM)
+        .args(["check", "--json"])
+        .env("SNAPSHIM_LIB", &f.lib)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["schema"], 1);
+    let features = report["features"].as_array().unwrap();
+    let names: Vec<&str> = features
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    for name in [
+        "libsnapshim.so",
+        "snapshim-restore",
+        "userfaultfd write-protect",
+        "userfaultfd WP_ASYNC",
+        "PAGEMAP_SCAN",
+        "user namespaces",
+        "PID namespaces",
+        "time namespaces",
+    ] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+    // The exit status is the verdict.
+    assert_eq!(out.status.success(), report["ok"].as_bool().unwrap());
+}
+
+#[test]
+fn check_fails_in_one_line_when_the_shim_is_missing() {
+    let out = Command::new(SNAPSHIM)
+        .arg("check")
+        .env("SNAPSHIM_LIB", "/nonexistent/libsnapshim.so")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "snapshim: checkpoint or restore cannot work here: missing libsnapshim.so"
+        ),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("NO   libsnapshim.so"), "{stdout}");
+}
