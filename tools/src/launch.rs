@@ -29,6 +29,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         .split_first()
         .ok_or_else(|| Failure::usage("no program to run"))?;
     let exe = find_program(prog)
+        .and_then(|exe| crate::enterable::check(&exe).map(|()| exe))
         .map_err(|why| Failure::op(format!("cannot run {}: {why}", Path::new(prog).display())))?;
 
     // The name the shim will use: SNAPSHIM_NAME, else the executable's file name (after

@@ -15,6 +15,7 @@
 mod activate;
 mod check;
 mod checkpoint;
+mod enterable;
 mod images;
 mod inspect;
 mod launch;

@@ -994,3 +994,76 @@ fn check_fails_in_one_line_when_the_shim_is_missing() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("NO   libsnapshim.so"), "{stdout}");
 }
+
+// --- snapshim run refuses what the shim cannot enter -------------------------------------------
+
+/// Runs `snapshim run -- PROG` and returns (exit code, stderr).
+fn run_refused(prog: &Path) -> (Option<i32>, String) {
+    let dir = TempDir::new("refuse-dir");
+    let out = Command::new(SNAPSHIM)
+        .args(["run", "--dir"])
+        .arg(&dir.0)
+        .arg("--")
+        .arg(prog)
+        .env("SNAPSHIM_LIB", &fixtures().lib)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn run_refuses_a_static_binary_and_a_script_it_interprets() {
+    let dir = TempDir::new("static");
+    let src = dir.0.join("s.c");
+    std::fs::write(&src, "int main(void) { return 0; }\n").unwrap();
+    let exe = dir.0.join("static-prog");
+    cc(&["-static", "-O1"], &src, &exe);
+    let (code, stderr) = run_refused(&exe);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("is statically linked") && stderr.contains("cannot enter it"),
+        "{stderr}"
+    );
+    let script = dir.0.join("script");
+    std::fs::write(&script, format!("#!{}\n", exe.display())).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (code, stderr) = run_refused(&script);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} is statically linked", exe.display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn run_refuses_a_program_set_user_id_to_someone_else() {
+    if !nix_is_root() {
+        // CI runs as root: there, not being root is a broken set-up, not a reason to pass.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test needs root (to give a file away with the set-user-ID bit)"
+        );
+        eprintln!("skipped: needs root to give a file away with the set-user-ID bit");
+        return;
+    }
+    let dir = TempDir::new("setuid");
+    let exe = dir.0.join("suid-true");
+    std::fs::copy(&fixtures().host, &exe).unwrap();
+    std::os::unix::fs::chown(&exe, Some(65534), None).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let (code, stderr) = run_refused(&exe);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is set-user-ID (user 65534)") && stderr.contains("ignores LD_PRELOAD"),
+        "{stderr}"
+    );
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
