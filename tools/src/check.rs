@@ -15,9 +15,6 @@ use serde::Serialize;
 
 use crate::{CheckArgs, Failure, Result};
 
-/// The version of the `--json` output's schema (docs/usage.md describes it).
-const SCHEMA: u32 = 1;
-
 /// One probed feature.
 #[derive(Debug, Serialize)]
 pub struct Feature {
@@ -44,7 +41,7 @@ pub fn check(a: CheckArgs) -> Result<()> {
     let ok = features.iter().all(|f| f.available || !f.required);
     if a.json {
         let report = Report {
-            schema: SCHEMA,
+            schema: crate::json::SCHEMA,
             ok,
             features: &features,
         };

@@ -70,13 +70,27 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
             write_end.as_raw_fd(),
         )?),
     };
-    let show_progress = !a.quiet && std::io::stderr().is_terminal();
+    let show_progress = !a.quiet && !a.json && std::io::stderr().is_terminal();
     let line = wait_for_reply(pid, read_end, a.timeout, show_progress);
     drop(sender);
     drop(write_end);
     let line = line?;
     match parse::parse_reply(&line) {
         Ok(Reply::Committed(c)) => {
+            if a.json {
+                return crate::json::print_ok(serde_json::json!({
+                    "pid": pid,
+                    "image": c.path,
+                    "bytes": c.bytes,
+                    "resident_bytes": c.resident,
+                    "pause_us": c.pause_us,
+                    "flush_us": c.flush_us,
+                    "total_us": c.total_us,
+                    "engine": c.engine,
+                    "kind": c.kind,
+                    "pages_copied_before_write": c.copied,
+                }));
+            }
             if a.quiet {
                 println!("{}", c.path);
             } else {

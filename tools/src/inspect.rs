@@ -18,10 +18,85 @@ fn open(arg: &Path) -> Result<Image> {
     Image::open(&path).map_err(|e| Failure::op(format!("{}: {e}", path.display())))
 }
 
-pub fn inspect(arg: &Path) -> Result<()> {
+pub fn inspect(arg: &Path, json: bool) -> Result<()> {
     let img = open(arg)?;
+    if json {
+        return crate::json::print_ok(document(&img));
+    }
     print!("{}", describe(&img));
     Ok(())
+}
+
+/// The `--json` document: what [`describe`] shows, with numbers as numbers.
+fn document(img: &Image) -> serde_json::Value {
+    use serde_json::json;
+    let (h, m, p) = (&img.header, &img.meta, &img.meta.process);
+    let stored = stored_per_region(m);
+    let regions: Vec<_> = m
+        .regions
+        .iter()
+        .zip(&stored)
+        .map(|(r, bytes)| {
+            json!({
+                "start": r.start, "end": r.end, "prot": prot_string(r.prot), "shared": r.shared,
+                "kind": kind_string(&r.kind), "stored_bytes": bytes, "name": r.name,
+            })
+        })
+        .collect();
+    let threads: Vec<_> = m
+        .threads
+        .iter()
+        .map(|t| json!({ "tid": t.tid, "name": t.name, "helper": t.helper }))
+        .collect();
+    let fds: Vec<_> = m
+        .fds
+        .iter()
+        .map(|f| {
+            json!({
+                "fd": f.fd, "flags": fd_flags(f), "kind": f.kind.name(), "what": fd_kind(&f.kind),
+            })
+        })
+        .collect();
+    let handlers: Vec<_> = p
+        .sigactions
+        .iter()
+        .filter(|s| s.handler != 0)
+        .map(|s| {
+            json!({
+                "signal": signal_name(s.signo as i32),
+                "handler": if s.handler == 1 { json!("ignored") } else { json!(s.handler) },
+                "flags": sa_flags(s.flags),
+            })
+        })
+        .collect();
+    let build_ids: Vec<_> = m
+        .build_ids
+        .iter()
+        .map(|b| json!({ "path": b.path, "id": snapshim_image::elf::hex(&b.id) }))
+        .collect();
+    json!({
+        "image": img.path,
+        "format": format!("{}.{}", h.major, h.minor),
+        "file_bytes": img.file_len,
+        "id": format!("{:016x}", h.image_id),
+        "delta": m.parent.is_some(),
+        "parent": m.parent.as_ref().map(|r| json!({
+            "id": format!("{:016x}", r.image_id), "file": r.file,
+            "inherited_pages": m.inherited.iter().map(|s| s.pages).sum::<u64>(),
+        })),
+        "merged_from": m.merged_from.as_ref().map(|mf| json!({ "files": mf.files })),
+        "created_ns": h.created_ns,
+        "program": { "name": p.name, "pid": p.pid, "exe": p.exe, "cmdline": p.cmdline, "cwd": p.cwd },
+        "stored_bytes": img.stored_bytes(),
+        "resident_bytes": p.resident_bytes,
+        "pause_us": (p.pause_ns != 0).then_some(p.pause_ns / 1000),
+        "shim": m.shim.path,
+        "regions": regions,
+        "build_ids": build_ids,
+        "threads": threads,
+        "fds": fds,
+        "signal_handlers": handlers,
+    })
 }
 
 /// The whole `inspect` report.

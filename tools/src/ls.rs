@@ -11,7 +11,7 @@ use crate::inspect::utc_offset;
 use crate::parse::{format_time, human_bytes};
 use crate::{Failure, Result};
 
-pub fn ls(dir: Option<PathBuf>) -> Result<()> {
+pub fn ls(dir: Option<PathBuf>, json: bool) -> Result<()> {
     let dir = dir.unwrap_or_else(crate::launch::default_dir);
     let list_err = |e: std::io::Error| Failure::op(format!("cannot list {}: {e}", dir.display()));
     if !std::fs::metadata(&dir).map_err(list_err)?.is_dir() {
@@ -32,6 +32,10 @@ pub fn ls(dir: Option<PathBuf>) -> Result<()> {
             .collect();
         subdirs.sort();
         image_dirs = subdirs;
+    }
+    if json {
+        let dirs: Vec<_> = image_dirs.iter().map(|d| dir_document(d)).collect();
+        return crate::json::print_ok(serde_json::json!({ "dirs": dirs }));
     }
     if image_dirs.is_empty() {
         println!("no snapshim images in {}", dir.display());
@@ -112,6 +116,51 @@ fn list_dir(dir: &Path, out: &mut String) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// One image directory for `--json`: its images, oldest first, as [`list_dir`] shows them.
+fn dir_document(dir: &Path) -> serde_json::Value {
+    use serde_json::json;
+    let images = snapshim_image::list_images(dir).unwrap_or_default();
+    let latest = std::fs::canonicalize(dir.join(LATEST)).ok();
+    let size_of = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let list: Vec<_> = images
+        .iter()
+        .map(|img| {
+            let mut doc = json!({
+                "file": img.file_name().unwrap_or_default().to_string_lossy(),
+                "bytes": size_of(img),
+                "latest": latest.is_some() && std::fs::canonicalize(img).ok() == latest,
+            });
+            match read_header(img) {
+                Err(why) => doc["error"] = json!(why),
+                Ok(h) => {
+                    doc["created_ns"] = json!(h.created_ns);
+                    doc["id"] = json!(format!("{:016x}", h.image_id));
+                    let delta = h.flags & snapshim_image::FLAG_DELTA != 0;
+                    doc["kind"] = json!(if delta { "delta" } else { "full" });
+                    if delta {
+                        match snapshim_image::Chain::open(img) {
+                            Ok(c) => {
+                                let parent = c.images[1].path.file_name().unwrap_or_default();
+                                doc["parent"] = json!(parent.to_string_lossy());
+                                doc["chain_images"] = json!(c.images.len());
+                                doc["chain_bytes"] =
+                                    json!(c.paths().iter().map(|p| size_of(p)).sum::<u64>());
+                            }
+                            Err(e) => doc["error"] = json!(format!("chain broken: {e}")),
+                        }
+                    }
+                }
+            }
+            doc
+        })
+        .collect();
+    json!({
+        "dir": std::path::absolute(dir).unwrap_or(dir.to_path_buf()),
+        "latest": latest,
+        "images": list,
+    })
 }
 
 /// Reads and checks only the header page of an image.

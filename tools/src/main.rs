@@ -18,6 +18,7 @@ mod checkpoint;
 mod enterable;
 mod images;
 mod inspect;
+mod json;
 mod launch;
 mod ls;
 mod merge;
@@ -145,6 +146,9 @@ pub struct CheckpointArgs {
     /// Print only the image path
     #[arg(long, short)]
     pub quiet: bool,
+    /// Print the outcome as JSON (schema in docs/usage.md)
+    #[arg(long, conflicts_with = "quiet")]
+    pub json: bool,
     /// Process to checkpoint (a program under snapshim, or a running snapshim-restore)
     #[arg(value_parser = clap::value_parser!(i32).range(1..))]
     pub pid: i32,
@@ -195,6 +199,9 @@ pub struct ActivateArgs {
 /// Describe an image: the program, its memory regions, threads, files and signal handlers
 #[derive(Args)]
 pub struct InspectArgs {
+    /// Print the description as JSON (schema in docs/usage.md)
+    #[arg(long)]
+    pub json: bool,
     /// Image file, image directory (uses `latest`), or a base directory with one image directory
     #[arg(value_name = "IMAGE_OR_DIR")]
     pub image: PathBuf,
@@ -211,6 +218,9 @@ pub struct VerifyArgs {
 /// List image directories and their images
 #[derive(Args)]
 pub struct LsArgs {
+    /// Print the listing as JSON (schema in docs/usage.md)
+    #[arg(long)]
+    pub json: bool,
     /// Base directory or image directory [default: $SNAPSHIM_DIR, else ./snapshim-images]
     #[arg(value_name = "DIR")]
     pub dir: Option<PathBuf>,
@@ -262,20 +272,30 @@ fn name_arg(s: &str) -> std::result::Result<String, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `check` prints its own report, failed or not.
+    let json = match &cli.command {
+        Command::Checkpoint(a) => a.json,
+        Command::Inspect(a) => a.json,
+        Command::Ls(a) => a.json,
+        _ => false,
+    };
     let result = match cli.command {
         Command::Run(a) => launch::run(a),
         Command::Checkpoint(a) => checkpoint::checkpoint(a),
         Command::Restore(a) => launch::restore(a),
         Command::Activate(a) => activate::activate(a),
-        Command::Inspect(a) => inspect::inspect(&a.image),
+        Command::Inspect(a) => inspect::inspect(&a.image, a.json),
         Command::Verify(a) => images::verify(&a.image),
-        Command::Ls(a) => ls::ls(a.dir),
+        Command::Ls(a) => ls::ls(a.dir, a.json),
         Command::Merge(a) => merge::merge(&a.image, a.quiet),
         Command::Check(a) => check::check(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
+            if json {
+                println!("{}", json::failure(&f));
+            }
             for line in f.message.lines() {
                 eprintln!("snapshim: {line}");
             }

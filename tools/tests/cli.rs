@@ -1067,3 +1067,72 @@ fn nix_is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+// --- --json ------------------------------------------------------------------------------------
+
+fn json_of(out: &Output) -> serde_json::Value {
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(&out.stdout)));
+    // The schema version comes first, for a reader that checks it before anything else.
+    assert!(
+        text(&out.stdout)
+            .trim_start()
+            .starts_with("{\n  \"schema\": 1,"),
+        "{}",
+        text(&out.stdout)
+    );
+    doc
+}
+
+#[test]
+fn inspect_and_ls_speak_json() {
+    let (dir, app, _) = image_tree("json");
+    std::fs::write(app.join("ckpt-00000003.snap"), b"garbage").unwrap();
+    let out = snapshim(&["inspect", "--json", app.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let d = json_of(&out);
+    assert_eq!(d["ok"], true);
+    assert_eq!(d["id"], "123456789abcdef2");
+    assert_eq!(d["program"]["pid"], 4242);
+    assert_eq!(d["program"]["cmdline"][2], "my file.dat");
+    assert_eq!(d["stored_bytes"], 8192);
+    assert_eq!(d["pause_us"], 1500);
+    assert_eq!(d["regions"].as_array().unwrap().len(), 3);
+    assert_eq!(d["regions"][0]["stored_bytes"], 8192);
+    assert_eq!(d["fds"][1]["kind"], "file");
+    assert_eq!(d["fds"][2]["kind"], "unsupported");
+    assert_eq!(d["signal_handlers"][1]["handler"], "ignored");
+
+    let out = snapshim(&["ls", "--json", dir.0.join("base").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let d = json_of(&out);
+    let images = d["dirs"][0]["images"].as_array().unwrap();
+    assert_eq!(images.len(), 3);
+    assert_eq!(images[0]["file"], "ckpt-00000001.snap");
+    assert_eq!(images[0]["kind"], "full");
+    assert_eq!(images[0]["latest"], false);
+    assert_eq!(images[1]["latest"], true);
+    assert!(images[2]["error"].is_string(), "{d}");
+    assert_eq!(
+        d["dirs"][0]["latest"].as_str().unwrap(),
+        std::fs::canonicalize(app.join("ckpt-00000002.snap"))
+            .unwrap()
+            .to_str()
+            .unwrap()
+    );
+}
+
+#[test]
+fn a_failure_under_json_is_a_json_document_and_one_line() {
+    let out = snapshim(&["inspect", "--json", "/no/such/image"]);
+    assert_eq!(out.status.code(), Some(1));
+    let d = json_of(&out);
+    assert_eq!(d["ok"], false);
+    assert!(
+        d["error"].as_str().unwrap().contains("/no/such/image"),
+        "{d}"
+    );
+    assert_eq!(text(&out.stderr).lines().count(), 1);
+    let out = snapshim(&["checkpoint", "--json", "999999999"]);
+    assert_eq!(json_of(&out)["error"], "no process with PID 999999999");
+}
