@@ -409,7 +409,7 @@ fn kernel_reports_written_pages_as_the_tracker_assumes() -> Result<()> {
         Command::new(&bin)
     };
     let mut runs = vec![(" without privileges", unprivileged)];
-    if needs::root("the privileged half of this test")? {
+    if needs::root("for the privileged half; the unprivileged half ran")? {
         runs.push((" as root", Command::new(&bin)));
     }
     let outcome = runs.into_iter().try_for_each(|(how, mut cmd)| {
