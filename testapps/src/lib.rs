@@ -28,7 +28,9 @@
 //!
 //! Environment: `SNAPSHIM_TEST_SEED` replays random checkpoint moments, `SNAPSHIM_TEST_TIMEOUT`
 //! (seconds, default 120) bounds every wait, `SNAPSHIM_TEST_KEEP` keeps session directories.
-//! Other `SNAPSHIM_*` variables (an engine choice, say) reach the apps unchanged.
+//! Other `SNAPSHIM_*` variables (an engine choice, say) reach the apps unchanged. With `CI` set,
+//! a test whose needs (root, userfaultfd, ...) the machine does not meet fails instead of
+//! being skipped (see [`needs`]).
 #![deny(unsafe_code)]
 
 use std::fmt;
@@ -36,6 +38,7 @@ use std::fmt;
 pub mod apps;
 pub mod artifacts;
 pub mod diff;
+pub mod needs;
 pub mod process;
 pub mod rng;
 pub mod scenario;

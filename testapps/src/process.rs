@@ -153,6 +153,34 @@ pub fn wait_until(child: &mut Child, deadline: Instant) -> std::io::Result<Optio
     }
     // SAFETY: the syscall returned a fresh descriptor that nothing else owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    if pidfd_exited(&pidfd, deadline)? {
+        child.wait().map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// Waits until the process `pid`, which need not be our child, has exited (a zombie counts),
+/// until `deadline`. Returns whether it did. The caller must know that `pid` cannot be reaped
+/// and reused meanwhile (its parent reaps it only when the test lets it).
+pub fn wait_for_exit_of(pid: u32, deadline: Instant) -> std::io::Result<bool> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        let err = std::io::Error::last_os_error();
+        // Gone already (exited and reaped).
+        return match err.raw_os_error() {
+            Some(libc::ESRCH) => Ok(true),
+            _ => Err(err),
+        };
+    }
+    // SAFETY: the syscall returned a fresh descriptor that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    pidfd_exited(&pidfd, deadline)
+}
+
+/// Polls a pidfd until its process exits (true) or `deadline` passes (false).
+fn pidfd_exited(pidfd: &OwnedFd, deadline: Instant) -> std::io::Result<bool> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = left.as_millis().min(i32::MAX as u128) as i32;
@@ -164,16 +192,36 @@ pub fn wait_until(child: &mut Child, deadline: Instant) -> std::io::Result<Optio
         // SAFETY: one valid pollfd, count 1, and the descriptor stays open for the call.
         let n = unsafe { libc::poll(&mut pfd, 1, ms) };
         if n > 0 {
-            return child.wait().map(Some);
+            return Ok(true);
         }
         if n == 0 {
-            return Ok(None);
+            return Ok(false);
         }
         let err = std::io::Error::last_os_error();
         if err.kind() != std::io::ErrorKind::Interrupted {
             return Err(err);
         }
     }
+}
+
+/// The processes `pid` started and has not reaped yet (zombies included), from every one of its
+/// threads (`/proc/PID/task/TID/children`: a child is listed under the thread that forked it).
+/// Empty when `pid` is gone.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = procfs::process::Process::new(pid as i32).and_then(|p| p.tasks()) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .flat_map(|t| t.children().unwrap_or_default())
+        .collect()
+}
+
+/// The command name (`comm`, the executable's name cut to 15 bytes) of process `pid`; it stays
+/// readable while the process is a zombie.
+pub fn command_name(pid: u32) -> Option<String> {
+    let p = procfs::process::Process::new(pid as i32).ok()?;
+    p.stat().ok().map(|s| s.comm)
 }
 
 /// "exit status 3", "killed by signal 9 (SIGKILL)".

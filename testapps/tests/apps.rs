@@ -2,7 +2,8 @@
 //! exit status 0) and prints exactly the same thing on every uninterrupted run. Everything the
 //! end-to-end tests conclude rests on this.
 
-use snapshim_testapps::{bail, uninterrupted_run, AppSpec, Result, Session};
+use procfs::{CpuInfo, Current};
+use snapshim_testapps::{bail, uninterrupted_run, AppSpec, Context, Result, Session};
 
 /// More than any stdio buffer (C: 4 KiB, Python and the Rust app: 8 KiB), so at a checkpoint
 /// some output is already in the file and some still in memory.
@@ -68,9 +69,10 @@ fn fpu_uninterrupted_runs_are_deterministic() -> Result<()> {
 #[test]
 fn fpu_holds_the_widest_registers_this_cpu_has() -> Result<()> {
     let width = env!("SNAPSHIM_TESTAPPS_FPU_WIDTH");
-    let cpu_has_avx2 = std::fs::read_to_string("/proc/cpuinfo")?
-        .lines()
-        .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "avx2"));
+    let cpu_has_avx2 = CpuInfo::current()
+        .context("read /proc/cpuinfo")?
+        .flags(0)
+        .is_some_and(|flags| flags.contains(&"avx2"));
     if cpu_has_avx2 != (width == "ymm") {
         bail!(
             "the CPU {} AVX2 but fpu was built for {width}",

@@ -10,14 +10,19 @@
 
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use snapshim_image::{Chain, Image, FLAG_DELTA, PAGE_SIZE};
-use snapshim_testapps::process::{run_captured, timeout};
-use snapshim_testapps::{bail, AppSpec, Context, Failure, Result, Running, Session, Snapshot};
+use snapshim_testapps::process::{
+    children_of, command_name, run_captured, timeout, wait_for_exit_of,
+};
+use snapshim_testapps::scenario::NOBODY;
+use snapshim_testapps::{
+    bail, is_root, needs, AppSpec, Context, Failure, Result, Running, Session, Snapshot,
+};
 
 fn incr(env: &[(&str, &str)]) -> Result<AppSpec> {
     let mut spec = AppSpec::named("incr")?;
@@ -347,21 +352,34 @@ fn background_merge_folds_the_chain_while_the_program_runs() -> Result<()> {
     let app = session.spawn()?.wait_ready()?.pause_randomly()?;
     let imgs = checkpoints(&app, 3)?; // full, delta, delta: the chain is due, a merger starts
     let head = imgs[2].path().to_path_buf();
-    let deadline = Instant::now() + timeout();
-    let dir = session.image_dir();
-    loop {
-        let on_disk = snapshim_image::list_images(&dir).map_err(|e| Failure::new(e.to_string()))?;
-        if !is_delta(&head)? && on_disk == [head.clone()] {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "no merge within {:?}: {on_disk:?} on disk; the program said:\n{}",
-                timeout(),
+    // The shim starts the merger before it answers the checkpoint request, as a child of the
+    // program that it reaps only before its next checkpoint: it is listed until then, zombie or
+    // not, and its pid cannot be reused while we wait for it to end.
+    let merger = children_of(app.pid())
+        .into_iter()
+        .find(|&pid| command_name(pid).as_deref() == Some("snapshim"))
+        .ok_or_else(|| {
+            Failure::new(format!(
+                "no `snapshim merge` among the program's children after the third checkpoint; \
+                 the program said:\n{}",
                 app.stderr_so_far()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50)); // polling the directory, with a deadline
+            ))
+        })?;
+    let ended = wait_for_exit_of(merger, Instant::now() + timeout())
+        .context(format!("wait for the merger (pid {merger})"))?;
+    let dir = session.image_dir();
+    let on_disk = snapshim_image::list_images(&dir).map_err(|e| Failure::new(e.to_string()))?;
+    if !ended || is_delta(&head)? || on_disk != [head.clone()] {
+        bail!(
+            "{}: {on_disk:?} on disk, expected only {} as a full image; the program said:\n{}",
+            if ended {
+                "after the merger ended".to_string()
+            } else {
+                format!("the merger did not end within {:?}", timeout())
+            },
+            head.display(),
+            app.stderr_so_far()
+        );
     }
     let next = app.checkpoint()?;
     app.kill()?;
@@ -373,30 +391,36 @@ fn background_merge_folds_the_chain_while_the_program_runs() -> Result<()> {
         .assert_same_output_as_uninterrupted()
 }
 
-/// The kernel behaves as the tracker assumes (testapps/c/wpasync.c), as root and as nobody.
+/// The kernel behaves as the tracker assumes (testapps/c/wpasync.c), as nobody and as root
+/// (the tracker takes another path with privileges); the root half needs root.
 #[test]
 fn kernel_reports_written_pages_as_the_tracker_assumes() -> Result<()> {
+    use std::os::unix::process::CommandExt;
     let bin = snapshim_testapps::artifacts::c_app("wpasync");
-    for nobody in [false, true] {
-        let mut cmd = Command::new(&bin);
-        if nobody && snapshim_testapps::process::is_root() {
-            use std::os::unix::process::CommandExt;
-            let copy: PathBuf =
-                std::env::temp_dir().join(format!("snapshim-wpasync-{}", std::process::id()));
-            fs::copy(&bin, &copy).context("copy wpasync")?;
-            cmd = Command::new(&copy);
-            cmd.uid(65534).gid(65534);
-        }
+    // As root, nobody runs a copy in the temp directory: the build tree may not be reachable
+    // for nobody (e.g. under /root).
+    let copy = std::env::temp_dir().join(format!("snapshim-wpasync-{}", std::process::id()));
+    let unprivileged = if is_root() {
+        fs::copy(&bin, &copy).context("copy wpasync")?;
+        let mut cmd = Command::new(&copy);
+        cmd.uid(NOBODY).gid(NOBODY);
+        cmd
+    } else {
+        Command::new(&bin)
+    };
+    let mut runs = vec![(" without privileges", unprivileged)];
+    if needs::root("for the privileged half; the unprivileged half ran")? {
+        runs.push((" as root", Command::new(&bin)));
+    }
+    let outcome = runs.into_iter().try_for_each(|(how, mut cmd)| {
         let c = run_captured(&mut cmd, timeout())?;
         if !c.status.success() || !c.stdout.contains("PASS") {
-            bail!(
-                "wpasync{}:\n{}",
-                if nobody { " as nobody" } else { "" },
-                c.report()
-            );
+            bail!("wpasync{how}:\n{}", c.report());
         }
-    }
-    Ok(())
+        Ok(())
+    });
+    let _ = fs::remove_file(&copy);
+    outcome
 }
 
 /// A program restored from a chain starts a new chain (its tracking did not survive): its next

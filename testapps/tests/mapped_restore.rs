@@ -14,7 +14,9 @@ use std::fs;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
+use procfs::process::{MMapPath, MemoryMap, Process};
 use snapshim_image::{Image, RegionKind};
+use snapshim_testapps::process::children_of;
 use snapshim_testapps::{bail, AppSpec, Context, Failure, Result, Session};
 
 /// Long enough (about 5 s here) for a checkpoint of the restored process after PHASE 2 to be
@@ -26,41 +28,40 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The memory mappings of process `pid`, from /proc/PID/maps.
+fn maps_of(pid: u32) -> Result<Vec<MemoryMap>> {
+    Ok(Process::new(pid as i32)
+        .and_then(|p| p.maps())
+        .context(format!("read /proc/{pid}/maps"))?
+        .0)
+}
+
+/// Whether `m` maps the file at `path`.
+fn maps_file(m: &MemoryMap, path: &Path) -> bool {
+    matches!(&m.pathname, MMapPath::Path(p) if p == path)
+}
+
 /// The restored program: `snapshim-restore` itself, or, when it restored into new namespaces,
 /// the descendant that has the shim loaded (the restorer supervises a reaper, whose child is the
 /// program).
-fn program_pid(restorer: u32) -> u32 {
+fn program_pid(restorer: u32) -> Result<u32> {
+    let shim = Some(std::ffi::OsStr::new("libsnapshim.so"));
+    let is_shim = |m: &MemoryMap| matches!(&m.pathname, MMapPath::Path(p) if p.file_name() == shim);
     let mut queue = vec![restorer];
     while let Some(pid) = queue.pop() {
-        let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-        if maps.contains("libsnapshim.so") {
-            return pid;
+        if maps_of(pid)?.iter().any(is_shim) {
+            return Ok(pid);
         }
-        let children =
-            fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-        queue.extend(
-            children
-                .split_whitespace()
-                .filter_map(|c| c.parse::<u32>().ok()),
-        );
+        queue.extend(children_of(pid));
     }
-    restorer
+    bail!("neither snapshim-restore (pid {restorer}) nor a descendant has libsnapshim.so loaded")
 }
 
-/// Lines of /proc/PID/maps of the program restored by `restorer` that map `image` (by path;
-/// " (deleted)" once it is unlinked).
+/// How many mappings of the program restored by `restorer` map `image` (by path; " (deleted)"
+/// follows it once it is unlinked).
 fn mappings_of(restorer: u32, image: &Path) -> Result<usize> {
-    let pid = program_pid(restorer);
-    let maps = fs::read_to_string(format!("/proc/{pid}/maps"))
-        .context(format!("read /proc/{pid}/maps"))?;
-    let name = image.to_string_lossy();
-    Ok(maps
-        .lines()
-        .filter(|l| {
-            let path = l.split_whitespace().nth(5).unwrap_or("");
-            path == name
-        })
-        .count())
+    let maps = maps_of(program_pid(restorer)?)?;
+    Ok(maps.iter().filter(|m| maps_file(m, image)).count())
 }
 
 /// From `snapshim-restore --stats`: "...; R bytes of pages read, M mapped (prefetch P); ...".

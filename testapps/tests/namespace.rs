@@ -10,7 +10,7 @@
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 
-use snapshim_testapps::{bail, expect_clean_refusal, is_root, AppSpec, Failure, Result, Session};
+use snapshim_testapps::{bail, expect_clean_refusal, needs, AppSpec, Failure, Result, Session};
 
 /// The restorer's own warning when it goes on without namespaces.
 const FALLBACK_WARNING: &str = "warning: restoring without namespaces";
@@ -73,8 +73,7 @@ fn two_cycles_keep_the_ids_as_nobody() -> Result<()> {
 /// same image restored with `--no-namespace` must show the jump: the check can fail.
 #[test]
 fn clocks_go_on_from_the_checkpoint_on_a_machine_up_for_less_time() -> Result<()> {
-    if !is_root() {
-        eprintln!("skipped: `unshare --time` for the first machine needs root");
+    if !needs::root("`unshare --time` for the first machine")? {
         return Ok(());
     }
     let ids = AppSpec::named("ids")?;
@@ -172,12 +171,10 @@ fn no_namespace_restores_with_new_ids_and_no_warning() -> Result<()> {
 /// A system that refuses user namespaces, for real: the restorer runs in a user namespace whose
 /// `user.max_user_namespaces` is 0, without capabilities. It restores without namespaces after
 /// exactly one warning line; with `--require-exact-pids` it refuses with one line instead.
+/// Needs no root: `user.max_user_namespaces` is per user namespace, and the root of the one
+/// `unshare --user --map-root-user` makes may set it there.
 #[test]
 fn refused_namespaces_fall_back_with_one_warning() -> Result<()> {
-    if !is_root() {
-        eprintln!("skipped: limiting user namespaces with `unshare --user` is set up as root");
-        return Ok(());
-    }
     let wrapper = [
         "/usr/bin/unshare",
         "--user",

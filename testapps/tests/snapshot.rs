@@ -22,6 +22,10 @@
 //!
 //! The tests take a lock and run one at a time (see [`one_at_a_time`]).
 //!
+//! The `uffd` tests need a userfaultfd that catches kernel faults (root, or
+//! `vm.unprivileged_userfaultfd=1`): without one they fail under CI and are skipped, saying so,
+//! elsewhere (see `snapshim_testapps::needs`).
+//!
 //! Needs `cargo build --release --workspace` first.
 
 use std::fs;
@@ -31,7 +35,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use snapshim_image::{Image, PageRun, RegionKind, PAGE_SIZE};
-use snapshim_testapps::{bail, AppSpec, Context, Failure, Result, Session, Snapshot};
+use snapshim_testapps::{bail, needs, AppSpec, Context, Failure, Result, Session, Snapshot};
 
 const APP: &str = "pattern";
 const RUNS_PER_ENGINE: usize = 5;
@@ -139,10 +143,13 @@ fn stop_engine_snapshots_are_exact() -> Result<()> {
     snapshots_are_exact("stop")
 }
 
-/// Needs userfaultfd: root, or vm.unprivileged_userfaultfd=1. Elsewhere the shim falls back to
-/// fork, check_engine fails, and so does this test: run it where the engine exists.
+/// Needs userfaultfd (see `needs::userfaultfd`); were the shim to fall back to fork anyway,
+/// check_engine would fail the test.
 #[test]
 fn uffd_engine_snapshots_are_exact() -> Result<()> {
+    if !needs::userfaultfd()? {
+        return Ok(());
+    }
     snapshots_are_exact("uffd")
 }
 
@@ -150,6 +157,9 @@ fn uffd_engine_snapshots_are_exact() -> Result<()> {
 /// around a fault once faults come often).
 #[test]
 fn uffd_engine_page_at_a_time_snapshots_are_exact() -> Result<()> {
+    if !needs::userfaultfd()? {
+        return Ok(());
+    }
     snapshots_are_exact_with("uffd", &[("SNAPSHIM_FAULT_AROUND", "4")]).map(|_| ())
 }
 
@@ -158,6 +168,9 @@ fn uffd_engine_page_at_a_time_snapshots_are_exact() -> Result<()> {
 /// statistics must show it did, or this test proves nothing about that path.
 #[test]
 fn uffd_engine_copying_ahead_snapshots_are_exact() -> Result<()> {
+    if !needs::userfaultfd()? {
+        return Ok(());
+    }
     let stats = snapshots_are_exact_with("uffd", &[("SNAPSHIM_COPY_AHEAD", "always")])?;
     if stats.iter().all(|s| stat(s, "pages_copied_ahead") == 0) {
         bail!("no run had the writer copy ahead of the program: {stats:#?}");
@@ -172,13 +185,8 @@ fn uffd_engine_copying_ahead_snapshots_are_exact() -> Result<()> {
 /// about that path. Needs transparent huge pages (`madvise` or `always`) besides userfaultfd.
 #[test]
 fn uffd_engine_huge_page_snapshots_are_exact() -> Result<()> {
-    let thp = "/sys/kernel/mm/transparent_hugepage/enabled";
-    let mode = fs::read_to_string(thp).unwrap_or_default();
-    if !mode.contains("[always]") && !mode.contains("[madvise]") {
-        bail!(
-            "this test needs transparent huge pages; {thp} says {:?}",
-            mode.trim()
-        );
+    if !needs::userfaultfd()? || !needs::transparent_huge_pages()? {
+        return Ok(());
     }
     let stats = snapshots_are_exact_with("uffd", &[("SNAPSHIM_HUGEPAGES", "1")])?;
     if stats.iter().all(|s| stat(s, "huge_pages_split") == 0) {
@@ -202,6 +210,9 @@ fn three_checkpoints_in_a_row_each_restore() -> Result<()> {
 /// (pages given back lazily, slots reused), which must not leak one flush's copies into another.
 #[test]
 fn uffd_three_checkpoints_in_a_row_each_restore() -> Result<()> {
+    if !needs::userfaultfd()? {
+        return Ok(());
+    }
     three_checkpoints_in_a_row("uffd")
 }
 
@@ -391,7 +402,8 @@ fn splice_pages(a: &Path, b: &Path, out: &Path, count: u64) -> Result<usize> {
     changed_runs.dedup();
     for &i in &changed_runs {
         let run = &mut meta.runs[i];
-        run.crc = crc32(&bytes[run.file_off as usize..(run.file_off + run.len()) as usize]);
+        run.crc =
+            crc32fast::hash(&bytes[run.file_off as usize..(run.file_off + run.len()) as usize]);
     }
     let mut header = ib.header.clone();
     let (meta_bytes, meta_crc) = snapshim_image::encode_metadata(&meta);
@@ -409,27 +421,4 @@ fn stored_at(runs: &[PageRun], addr: u64) -> Option<(usize, u64)> {
     runs.iter()
         .position(|r| addr >= r.addr && addr < r.addr + r.len())
         .map(|i| (i, runs[i].file_off + (addr - runs[i].addr)))
-}
-
-/// CRC-32 (IEEE, as crc32fast computes it), bitwise through a table: fast enough for one image.
-fn crc32(data: &[u8]) -> u32 {
-    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        let mut t = [0u32; 256];
-        for (i, e) in t.iter_mut().enumerate() {
-            let mut c = i as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xedb8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-            }
-            *e = c;
-        }
-        t
-    });
-    !data.iter().fold(!0u32, |c, &b| {
-        table[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8)
-    })
 }
