@@ -21,7 +21,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use snapshim_testapps::{bail, is_root, AppSpec, Context, Result, Session, Snapshot};
+use snapshim_testapps::{bail, needs, AppSpec, Context, Result, Session, Snapshot};
 
 const APP: &str = "single";
 const ENGINES: [&str; 3] = ["uffd", "fork", "stop"];
@@ -177,12 +177,7 @@ fn run(cmd: &mut Command) -> Result<()> {
 
 #[test]
 fn a_full_disk_fails_the_checkpoint_and_loses_nothing() -> Result<()> {
-    if !is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "this test needs root (to mount a small tmpfs)"
-        );
-        eprintln!("skipped: needs root to mount a small tmpfs");
+    if !needs::root("to mount a small tmpfs as the image directory")? {
         return Ok(());
     }
     for engine in ENGINES {
