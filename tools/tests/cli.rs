@@ -125,6 +125,20 @@ impl Host {
     fn alive(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
+
+    /// Whether SIGUSR2 is pending for the host (started with `HOST_BLOCK_USR2`, which blocks it:
+    /// a SIGUSR2 sent to it stays pending, so "never signalled" needs no waiting).
+    fn usr2_pending(&self) -> bool {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
+        let bit = 1u64 << (libc::SIGUSR2 - 1);
+        status
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("SigPnd:")
+                    .or_else(|| l.strip_prefix("ShdPnd:"))
+            })
+            .any(|mask| u64::from_str_radix(mask.trim(), 16).unwrap() & bit != 0)
+    }
 }
 
 impl Drop for Host {
@@ -267,7 +281,7 @@ fn checkpoint_times_out() {
 
 #[test]
 fn checkpoint_never_signals_a_process_without_the_shim() {
-    let mut host = Host::start(false, &[]);
+    let mut host = Host::start(false, &[("HOST_BLOCK_USR2", "1")]);
     let out = checkpoint(host.pid, &[]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
@@ -277,8 +291,8 @@ fn checkpoint_never_signals_a_process_without_the_shim() {
             host.pid
         )
     );
-    std::thread::sleep(std::time::Duration::from_millis(100));
-    assert!(host.alive(), "the host was signalled");
+    assert!(!host.usr2_pending(), "the host was signalled");
+    assert!(host.alive());
 }
 
 #[test]
@@ -324,7 +338,7 @@ fn checkpoint_never_signals_a_shim_whose_checkpoints_are_off() {
     // Loaded, but handling SIGUSR1 instead of the SIGUSR2 the environment implies: as when
     // the real shim's set-up failed and it installed no handler.
     let usr1 = libc::SIGUSR1.to_string();
-    let mut host = Host::start(true, &[("FAKE_SIGNO", &usr1)]);
+    let mut host = Host::start(true, &[("FAKE_SIGNO", &usr1), ("HOST_BLOCK_USR2", "1")]);
     let out = checkpoint(host.pid, &[]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
@@ -335,7 +349,7 @@ fn checkpoint_never_signals_a_shim_whose_checkpoints_are_off() {
             host.pid
         )
     );
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(!host.usr2_pending(), "the host was signalled");
     assert!(host.alive());
 }
 
