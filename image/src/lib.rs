@@ -1002,6 +1002,7 @@ pub fn image_file_name(seq: u64) -> String {
 
 mod chain;
 pub use chain::{retain, retain_among, Chain, SourcedRun};
+pub mod verify;
 
 #[cfg(test)]
 mod tests;

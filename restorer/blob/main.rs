@@ -25,10 +25,14 @@
 //!    thread last.
 #![no_std]
 #![no_main]
-#![allow(clippy::missing_safety_doc, unsafe_op_in_unsafe_fn)]
+// The whole blob is one unsafe program talking to the kernel directly: inside an `unsafe fn`
+// the operations are not wrapped again (edition 2021's default).
+#![allow(unsafe_op_in_unsafe_fn)]
 
 use core::arch::asm;
 
+// Phase 1 uses every constant of the plan; the blob needs only the ones it acts on.
+#[allow(dead_code)]
 #[path = "../src/plan.rs"]
 mod plan;
 use plan::*;
@@ -38,6 +42,11 @@ fn panic(_: &core::panic::PanicInfo) -> ! {
     fail(b"internal error")
 }
 
+/// A raw system call with up to six arguments; returns the kernel's result (-errno on error).
+///
+/// # Safety
+/// The call must be sound for its arguments: pointers valid for what the kernel does with
+/// them, and no mapping unmapped or changed that the blob still uses.
 #[inline(always)]
 unsafe fn sc6(nr: u64, a: u64, b: u64, c: u64, d: u64, e: u64, f: u64) -> i64 {
     let r: i64;
@@ -118,9 +127,11 @@ fn dec(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
 
 fn fail(what: &[u8]) -> ! {
     write_err(&[b"snapshim-restore: restore failed after the old process image was dropped: ", what, b"\n"]);
-    // SAFETY: exit_group never returns.
-    unsafe { sc6(SYS_EXIT_GROUP, 127, 0, 0, 0, 0, 0) };
-    loop {}
+    // exit_group never returns; the loop only tells the compiler so.
+    loop {
+        // SAFETY: ends the process; no memory is involved.
+        unsafe { sc6(SYS_EXIT_GROUP, 127, 0, 0, 0, 0, 0) };
+    }
 }
 
 fn fail_at(what: &[u8], addr: u64, err: i64) -> ! {
@@ -131,6 +142,10 @@ fn fail_at(what: &[u8], addr: u64, err: i64) -> ! {
     fail(b"see above")
 }
 
+/// The plan's array of `n` items at `addr`.
+///
+/// # Safety
+/// `addr` points at `n` initialised `T` in the arena, which lives as long as the blob.
 unsafe fn slice<'a, T>(addr: u64, n: u64) -> &'a [T] {
     if n == 0 {
         &[]
@@ -140,6 +155,10 @@ unsafe fn slice<'a, T>(addr: u64, n: u64) -> &'a [T] {
 }
 
 /// Entry point (the ELF entry), called with the plan on the blob's own stack.
+///
+/// # Safety
+/// `p` is a complete plan written by phase 1, the blob is loaded at its link address, and
+/// this is the only thread.
 #[no_mangle]
 pub unsafe extern "C" fn blob_main(p: &Plan) -> ! {
     if p.magic != PLAN_MAGIC {
@@ -336,11 +355,16 @@ pub unsafe extern "C" fn blob_main(p: &Plan) -> ! {
 
 // The compiler may emit calls to these; there is no libc here. `rep` string instructions
 // cannot be turned back into calls to themselves.
+
+/// # Safety
+/// As C's `memcpy`: `n` bytes valid at `d` (writable) and `s`, not overlapping.
 #[no_mangle]
 pub unsafe extern "C" fn memcpy(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
     asm!("rep movsb", inout("rcx") n => _, inout("rdi") d => _, inout("rsi") s => _, options(nostack));
     d
 }
+/// # Safety
+/// As C's `memmove`: `n` bytes valid at `d` (writable) and `s`.
 #[no_mangle]
 pub unsafe extern "C" fn memmove(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
     if (d as usize) <= (s as usize) || (d as usize) >= (s as usize + n) {
@@ -350,11 +374,15 @@ pub unsafe extern "C" fn memmove(d: *mut u8, s: *const u8, n: usize) -> *mut u8 
          inout("rsi") s.add(n - 1) => _, options(nostack));
     d
 }
+/// # Safety
+/// As C's `memset`: `n` writable bytes at `d`.
 #[no_mangle]
 pub unsafe extern "C" fn memset(d: *mut u8, c: i32, n: usize) -> *mut u8 {
     asm!("rep stosb", inout("rcx") n => _, inout("rdi") d => _, in("al") c as u8, options(nostack));
     d
 }
+/// # Safety
+/// As C's `memcmp`: `n` readable bytes at `a` and at `b`.
 #[no_mangle]
 pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     let mut i = 0;
@@ -367,6 +395,8 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     }
     0
 }
+/// # Safety
+/// As [`memcmp`].
 #[no_mangle]
 pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     memcmp(a, b, n)

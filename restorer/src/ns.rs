@@ -33,9 +33,12 @@
 #![allow(unsafe_code)]
 
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
+use nix::fcntl::OFlag;
+use nix::mount::{mount, MsFlags};
+use nix::sched::CloneFlags;
 use snapshim_image::Metadata;
 
 /// What the restoring process (the program's own, in the new namespaces) needs to know.
@@ -71,10 +74,7 @@ pub fn unreproducible_ids(meta: &Metadata, pid_max: i64) -> Option<String> {
 
 /// `/proc/sys/kernel/pid_max`, or the kernel's default.
 pub fn pid_max() -> i64 {
-    std::fs::read_to_string("/proc/sys/kernel/pid_max")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(32768)
+    procfs::sys::kernel::pid_max().map_or(32768, i64::from)
 }
 
 /// Set once [`try_ahead`] found that the system allows the namespaces.
@@ -346,76 +346,59 @@ fn dry_run(clocks: &Clocks) -> Result<(), String> {
 /// clock offsets written before any child exists.
 fn unshare_all(clocks: &Clocks) -> Result<(), String> {
     if !privileged() {
-        // SAFETY: geteuid/getegid cannot fail.
-        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-        sys(
-            unsafe_unshare(libc::CLONE_NEWUSER),
-            "unshare(CLONE_NEWUSER)",
-        )?;
+        let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+        unshare(CloneFlags::CLONE_NEWUSER, "unshare(CLONE_NEWUSER)")?;
         write_proc("/proc/self/setgroups", "deny")?;
         write_proc("/proc/self/uid_map", &format!("{uid} {uid} 1"))?;
         write_proc("/proc/self/gid_map", &format!("{gid} {gid} 1"))?;
     }
-    sys(
-        unsafe_unshare(libc::CLONE_NEWPID | libc::CLONE_NEWTIME),
-        "unshare(CLONE_NEWPID | CLONE_NEWTIME)",
-    )?;
+    // nix has no name for CLONE_NEWTIME.
+    let pid_time = CloneFlags::CLONE_NEWPID | CloneFlags::from_bits_retain(libc::CLONE_NEWTIME);
+    unshare(pid_time, "unshare(CLONE_NEWPID | CLONE_NEWTIME)")?;
     write_proc("/proc/self/timens_offsets", &clocks.offsets)
 }
 
 /// The new PID namespace's init: its own mount namespace, and a /proc that shows that namespace.
 fn init_mounts() -> Result<(), String> {
-    sys(unsafe_unshare(libc::CLONE_NEWNS), "unshare(CLONE_NEWNS)")?;
+    unshare(CloneFlags::CLONE_NEWNS, "unshare(CLONE_NEWNS)")?;
     // Our mounts must not propagate back to the machine's mount namespace.
-    // SAFETY: mount with static NUL-terminated strings.
-    let r = unsafe {
-        libc::mount(
-            std::ptr::null(),
-            c"/".as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_SLAVE,
-            std::ptr::null(),
-        )
-    };
-    sys(r, "making / a slave mount")?;
-    // SAFETY: as above.
-    let r = unsafe {
-        libc::mount(
-            c"proc".as_ptr(),
-            c"/proc".as_ptr(),
-            c"proc".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            std::ptr::null(),
-        )
-    };
-    sys(r, "mounting /proc for the new PID namespace")
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+    .map_err(|e| failed("making / a slave mount", e))?;
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| failed("mounting /proc for the new PID namespace", e))
 }
 
 /// CAP_SYS_ADMIN and CAP_SYS_TIME here: then no user namespace is needed, and the program keeps
 /// the privileges it had (a user namespace would confine them to itself).
 fn privileged() -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
+    let eff = procfs::process::Process::myself()
+        .and_then(|p| p.status())
+        .map_or(0, |s| s.capeff);
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_SYS_TIME: u32 = 25;
     eff & (1 << CAP_SYS_ADMIN) != 0 && eff & (1 << CAP_SYS_TIME) != 0
 }
 
-fn unsafe_unshare(flags: i32) -> i32 {
-    // SAFETY: unshare only changes this process's namespaces; we are single-threaded.
-    unsafe { libc::unshare(flags) }
+/// unshare(2); only changes this process's namespaces (we are single-threaded).
+fn unshare(flags: CloneFlags, what: &str) -> Result<(), String> {
+    nix::sched::unshare(flags).map_err(|e| failed(what, e))
 }
 
-fn sys(r: i32, what: &str) -> Result<(), String> {
-    if r < 0 {
-        Err(format!("{what}: {}", errno()))
-    } else {
-        Ok(())
-    }
+/// "what: the system's message for the error".
+fn failed(what: &str, e: nix::errno::Errno) -> String {
+    format!("{what}: {}", std::io::Error::from(e))
 }
 
 fn errno() -> std::io::Error {
@@ -426,13 +409,11 @@ fn write_proc(path: &str, text: &str) -> Result<(), String> {
     std::fs::write(path, text).map_err(|e| format!("writing {path}: {e}"))
 }
 
+/// A pipe (read end, write end), both close-on-exec; the caller owns the raw numbers.
 fn pipe() -> Result<(RawFd, RawFd), String> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two descriptors.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!("cannot create a pipe: {}", errno()));
-    }
-    Ok((fds[0], fds[1]))
+    let (r, w) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| failed("cannot create a pipe", e))?;
+    Ok((r.into_raw_fd(), w.into_raw_fd()))
 }
 
 /// The program's process: a copy of this one (like fork) whose PID in the new namespace is

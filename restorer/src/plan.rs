@@ -1,5 +1,5 @@
 //! The plan: everything phase 2 needs, laid out by phase 1 in the arena (inside the reserved
-//! range) as plain `#[repr(C)]` data. Shared by `main.rs` and the freestanding blob
+//! range) as plain `#[repr(C)]` data. Shared by `restore.rs` and the freestanding blob
 //! (`blob/main.rs` includes this file), so it uses only `core` types; pointers are stored as
 //! `u64` addresses inside the arena.
 

@@ -256,6 +256,27 @@ fn free_place(meta: &Metadata, after: u64, len: u64) -> Option<u64> {
         .find(|&at| free(at))
 }
 
+/// This process's `[vvar]`, `[vvar_vclock]` and `[vdso]` mappings, from /proc/self/maps.
+pub fn current_kernel_mappings() -> Result<Vec<KernMap>, String> {
+    use procfs::process::{MMapPath, Process};
+    let maps = Process::myself()
+        .and_then(|p| p.maps())
+        .map_err(|e| format!("cannot read /proc/self/maps: {e}"))?;
+    Ok(maps
+        .into_iter()
+        .filter_map(|m| {
+            let name = match &m.pathname {
+                MMapPath::Vvar => "[vvar]",
+                MMapPath::Vdso => "[vdso]",
+                // procfs names the pseudo-paths it does not know without their brackets.
+                MMapPath::Other(o) if o == "vvar_vclock" => "[vvar_vclock]",
+                _ => return None,
+            };
+            Some((name.to_string(), m.address.0, m.address.1))
+        })
+        .collect())
+}
+
 /// The exports of this process's own vDSO, given its `[vdso]` mapping.
 pub fn exports_here(kern: &[KernMap]) -> Vec<Export> {
     let Some((_, start, end)) = kern.iter().find(|k| k.0 == "[vdso]") else {
@@ -342,6 +363,31 @@ mod tests {
             ("[vvar]".into(), at, at + vvar),
             ("[vdso]".into(), at + vvar, at + vvar + vdso),
         ]
+    }
+
+    /// The kernel's mappings as /proc/self/maps names them, read by hand.
+    #[test]
+    fn kernel_mappings_are_all_found() {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let by_hand: Vec<KernMap> = maps
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let name = *f.get(5)?;
+                let (a, b) = f[0].split_once('-')?;
+                ["[vvar]", "[vvar_vclock]", "[vdso]"]
+                    .contains(&name)
+                    .then(|| {
+                        (
+                            name.to_string(),
+                            u64::from_str_radix(a, 16).unwrap(),
+                            u64::from_str_radix(b, 16).unwrap(),
+                        )
+                    })
+            })
+            .collect();
+        assert!(by_hand.iter().any(|k| k.0 == "[vdso]"));
+        assert_eq!(current_kernel_mappings().unwrap(), by_hand);
     }
 
     #[test]
