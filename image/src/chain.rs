@@ -106,23 +106,9 @@ impl Chain {
     }
 
     /// Checks every page checksum of every image; a damaged ancestor is named.
+    /// (The one implementation, with cancellation: [`Chain::verify_pages_cancellable`].)
     pub fn verify_pages(&self) -> Result<u64, ImageError> {
-        let mut total = 0;
-        for (i, img) in self.images.iter().enumerate() {
-            total += img.verify_pages().map_err(|e| {
-                if i == 0 {
-                    e
-                } else {
-                    ImageError::Ancestor {
-                        path: img.path.clone(),
-                        head: self.head().path.clone(),
-                        what: "is damaged",
-                        source: Box::new(e),
-                    }
-                }
-            })?;
-        }
-        Ok(total)
+        crate::verify::uncancelled(self.verify_pages_cancellable(&crate::verify::NEVER))
     }
 
     /// Bytes of page data stored in all images of the chain.

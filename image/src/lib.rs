@@ -694,29 +694,9 @@ impl Image {
     }
 
     /// Reads every page run and checks its checksum. Returns the number of bytes checked.
+    /// (The one implementation, with cancellation: [`Image::verify_pages_cancellable`].)
     pub fn verify_pages(&self) -> Result<u64, ImageError> {
-        let mut buf = Vec::new();
-        let mut total = 0u64;
-        for (index, run) in self.meta.runs.iter().enumerate() {
-            let crc =
-                crc_with(&self.file, run.file_off, run.len(), &mut buf).map_err(|source| {
-                    ImageError::Io {
-                        op: "read page data of",
-                        path: self.path.clone(),
-                        source,
-                    }
-                })?;
-            if crc != run.crc {
-                return Err(ImageError::RunChecksum {
-                    index,
-                    addr: run.addr,
-                    end: run.end(),
-                    file_off: run.file_off,
-                });
-            }
-            total += run.len();
-        }
-        Ok(total)
+        verify::uncancelled(self.verify_pages_cancellable(&verify::NEVER))
     }
 
     /// Bytes of page data stored.

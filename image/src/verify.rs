@@ -29,6 +29,17 @@ pub enum VerifyError {
     Image(#[from] ImageError),
 }
 
+/// A cancel flag nobody sets, for checks that run to the end.
+pub(crate) static NEVER: AtomicBool = AtomicBool::new(false);
+
+/// The outcome of a check with [`NEVER`], which cannot be cancelled.
+pub(crate) fn uncancelled(r: Result<u64, VerifyError>) -> Result<u64, ImageError> {
+    r.map_err(|e| match e {
+        VerifyError::Image(e) => e,
+        VerifyError::Cancelled => unreachable!("nobody sets NEVER"),
+    })
+}
+
 impl Image {
     /// Reads every page run and checks its checksum, unless `cancel` is set first (checked
     /// before each chunk). Returns the number of bytes checked.

@@ -16,7 +16,6 @@ mod activate;
 mod check;
 mod checkpoint;
 mod enterable;
-mod images;
 mod inspect;
 mod json;
 mod launch;
@@ -24,6 +23,7 @@ mod ls;
 mod merge;
 mod parse;
 mod proc;
+mod verify;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -285,7 +285,7 @@ fn main() -> ExitCode {
         Command::Restore(a) => launch::restore(a),
         Command::Activate(a) => activate::activate(a),
         Command::Inspect(a) => inspect::inspect(&a.image, a.json),
-        Command::Verify(a) => images::verify(&a.image),
+        Command::Verify(a) => verify::verify(&a.image),
         Command::Ls(a) => ls::ls(a.dir, a.json),
         Command::Merge(a) => merge::merge(&a.image, a.quiet),
         Command::Check(a) => check::check(a),

@@ -22,10 +22,7 @@ pub fn verify(arg: &Path) -> Result<()> {
     let damaged =
         |e: snapshim_image::ImageError| Failure::op(format!("{}: {e}", img.path.display()));
     img.meta.validate().map_err(damaged)?;
-    let never = std::sync::atomic::AtomicBool::new(false);
-    let checked = chain
-        .verify_pages_cancellable(&never)
-        .map_err(|e| Failure::op(format!("{}: {e}", img.path.display())))?;
+    let checked = chain.verify_pages().map_err(damaged)?;
     let (problems, same_build) = check_mapped_files(&img.meta);
     if !problems.is_empty() {
         let lines: Vec<String> = problems
