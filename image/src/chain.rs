@@ -105,12 +105,6 @@ impl Chain {
         &self.images[0]
     }
 
-    /// Checks every page checksum of every image; a damaged ancestor is named.
-    /// (The one implementation, with cancellation: [`Chain::verify_pages_cancellable`].)
-    pub fn verify_pages(&self) -> Result<u64, ImageError> {
-        crate::verify::uncancelled(self.verify_pages_cancellable(&crate::verify::NEVER))
-    }
-
     /// Bytes of page data stored in all images of the chain.
     pub fn stored_bytes(&self) -> u64 {
         self.images.iter().map(|i| i.stored_bytes()).sum()

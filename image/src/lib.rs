@@ -693,12 +693,6 @@ impl Image {
         })
     }
 
-    /// Reads every page run and checks its checksum. Returns the number of bytes checked.
-    /// (The one implementation, with cancellation: [`Image::verify_pages_cancellable`].)
-    pub fn verify_pages(&self) -> Result<u64, ImageError> {
-        verify::uncancelled(self.verify_pages_cancellable(&verify::NEVER))
-    }
-
     /// Bytes of page data stored.
     pub fn stored_bytes(&self) -> u64 {
         self.meta.runs.iter().map(|r| r.len()).sum()

@@ -30,10 +30,10 @@ pub enum VerifyError {
 }
 
 /// A cancel flag nobody sets, for checks that run to the end.
-pub(crate) static NEVER: AtomicBool = AtomicBool::new(false);
+static NEVER: AtomicBool = AtomicBool::new(false);
 
 /// The outcome of a check with [`NEVER`], which cannot be cancelled.
-pub(crate) fn uncancelled(r: Result<u64, VerifyError>) -> Result<u64, ImageError> {
+fn uncancelled(r: Result<u64, VerifyError>) -> Result<u64, ImageError> {
     r.map_err(|e| match e {
         VerifyError::Image(e) => e,
         VerifyError::Cancelled => unreachable!("nobody sets NEVER"),
@@ -41,6 +41,11 @@ pub(crate) fn uncancelled(r: Result<u64, VerifyError>) -> Result<u64, ImageError
 }
 
 impl Image {
+    /// Reads every page run and checks its checksum. Returns the number of bytes checked.
+    pub fn verify_pages(&self) -> Result<u64, ImageError> {
+        uncancelled(self.verify_pages_cancellable(&NEVER))
+    }
+
     /// Reads every page run and checks its checksum, unless `cancel` is set first (checked
     /// before each chunk). Returns the number of bytes checked.
     pub fn verify_pages_cancellable(&self, cancel: &AtomicBool) -> Result<u64, VerifyError> {
@@ -102,6 +107,11 @@ impl Image {
 }
 
 impl Chain {
+    /// Checks every page checksum of every image; a damaged ancestor is named.
+    pub fn verify_pages(&self) -> Result<u64, ImageError> {
+        uncancelled(self.verify_pages_cancellable(&NEVER))
+    }
+
     /// [`Image::verify_pages_cancellable`] for every image of the chain; damage in an older
     /// image is reported as [`ImageError::Ancestor`], naming it.
     pub fn verify_pages_cancellable(&self, cancel: &AtomicBool) -> Result<u64, VerifyError> {
