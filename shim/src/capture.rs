@@ -311,66 +311,6 @@ fn fstat(fd: i32) -> Option<libc::stat> {
     Some(st)
 }
 
-/// Entries of a /proc directory (numbers only), with getdents64: opendir would call malloc.
-pub fn list_numeric_dir(path: &[u8]) -> sys::Result<Vec<i32>> {
-    let fd_of_listing = core::cell::Cell::new(-1);
-    let mut out: Vec<i32> = Vec::new();
-    list_dir(path, &fd_of_listing, |name| {
-        if let Some(v) = core::str::from_utf8(name).ok().and_then(|s| s.parse().ok()) {
-            out.push(v);
-        }
-    })?;
-    out.retain(|&v| v != fd_of_listing.get());
-    Ok(out)
-}
-
-/// The names in a directory, with raw system calls (no libc allocation).
-pub fn list_dir_names(path: &[u8]) -> sys::Result<Vec<String>> {
-    let mut out = Vec::new();
-    list_dir(path, &core::cell::Cell::new(-1), |name| {
-        out.push(String::from_utf8_lossy(name).into_owned())
-    })?;
-    Ok(out)
-}
-
-/// Calls `f` with each name in the directory `path` (NUL-terminated); `fd` gets the descriptor
-/// used for the listing.
-fn list_dir(
-    path: &[u8],
-    fd_out: &core::cell::Cell<i32>,
-    mut f: impl FnMut(&[u8]),
-) -> sys::Result<()> {
-    let fd = sys::open(
-        path,
-        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        0,
-    )?;
-    fd_out.set(fd);
-    let mut buf = [0u8; 8192];
-    loop {
-        // SAFETY: buf is writable for its length.
-        let n = unsafe { sc!(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
-        let n = match sys::check(n) {
-            Ok(0) => break,
-            Ok(n) => n as usize,
-            Err(e) => {
-                sys::close(fd);
-                return Err(e);
-            }
-        };
-        let mut off = 0;
-        while off < n {
-            let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
-            let name = &buf[off + 19..off + reclen];
-            let name = &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())];
-            f(name);
-            off += reclen;
-        }
-    }
-    sys::close(fd);
-    Ok(())
-}
-
 fn cpath(parts: &[&str]) -> Vec<u8> {
     let mut v = Vec::new();
     for p in parts {
@@ -383,7 +323,7 @@ fn cpath(parts: &[&str]) -> Vec<u8> {
 /// The file descriptor table.
 pub fn fds() -> Vec<FdState> {
     let mut out = Vec::new();
-    let Ok(list) = list_numeric_dir(b"/proc/self/fd\0") else {
+    let Ok(list) = sys::list_numeric_dir(b"/proc/self/fd\0") else {
         return out;
     };
     let mut info = Vec::new();
@@ -393,7 +333,7 @@ pub fn fds() -> Vec<FdState> {
             continue;
         }
         let mut nb = [0u8; 20];
-        let num = crate::interpose::itoa(fd as u64, &mut nb);
+        let num = sys::itoa(fd as u64, &mut nb);
         let target = sys::readlink(&cpath(&["/proc/self/fd/", num])).unwrap_or_default();
         let (mut pos, mut flags) = (0u64, 0u32);
         if sys::read_file(&cpath(&["/proc/self/fdinfo/", num]), &mut info).is_ok() {

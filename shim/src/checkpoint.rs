@@ -24,6 +24,7 @@ use snapshim_image::layout::{RESERVED_END, RESERVED_START, STACK_END, STACK_STAR
 use crate::capture;
 use crate::config::Config;
 use crate::park::{self, HELPER_SLOT, SLOTS};
+use crate::state::{mark, MARKS, PHASES};
 use crate::sys::{self, sc};
 use crate::writer::{self, Engine};
 
@@ -36,17 +37,6 @@ pub static DISABLED: AtomicU32 = AtomicU32::new(0);
 /// Who asked for a checkpoint and wants an answer: (pid << 32 | fd), 0 = free.
 const MAX_REQ: usize = 16;
 static REQUESTS: [AtomicU64; MAX_REQ] = [const { AtomicU64::new(0) }; MAX_REQ];
-/// Moments of the last pause (monotonic ns), for the statistics: see [`PHASES`].
-pub static MARKS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
-/// What ends at each mark: the pause is the sum of these phases.
-pub const PHASES: [&str; 8] = [
-    "start", "quiesce", "capture", "register", "scan", "copy", "protect", "release",
-];
-
-pub fn mark(i: usize) {
-    MARKS[i].store(sys::monotonic_ns(), Relaxed);
-}
-
 /// Sequence number of the last image this process (or the one it was restored from) wrote.
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -507,7 +497,7 @@ fn wait_child(pid: i32, report: i32) -> Result<u64, String> {
 fn quiesce() -> Result<usize, String> {
     let me = sys::gettid();
     let pid = sys::getpid();
-    let sig = crate::interpose::QUIESCE_SIG.load(Relaxed);
+    let sig = crate::state::QUIESCE_SIG.load(Relaxed);
     park::NEXT_SLOT.store(0, Relaxed);
     park::PARKED.store(0, Relaxed);
     park::RESUMED.store(0, Relaxed);
@@ -517,7 +507,7 @@ fn quiesce() -> Result<usize, String> {
     let mut signaled: Vec<i32> = Vec::new();
     let mut gone: Vec<i32> = Vec::new();
     loop {
-        let tasks = capture::list_numeric_dir(b"/proc/self/task\0")
+        let tasks = sys::list_numeric_dir(b"/proc/self/task\0")
             .map_err(|e| alloc::format!("cannot list threads: errno {e}"))?;
         let mut new = 0;
         for t in tasks {
@@ -609,7 +599,7 @@ fn release() {
 /// (it still holds the restorer, which the threads have left by now).
 fn after_restore(nthreads: usize) {
     // The snapshot was taken while the writer ran: its scratch heap was active, and is gone now.
-    crate::shim_alloc::SCRATCH_ACTIVE.store(false, SeqCst);
+    crate::sys::alloc::SCRATCH_ACTIVE.store(false, SeqCst);
     crate::uffd::after_restore();
     crate::interpose::note_image_mappings();
     park::NOTED.store(1, Release);
@@ -639,7 +629,7 @@ extern "C" fn writer_entry(arg: *mut core::ffi::c_void) {
     let job = unsafe { &mut *(arg as *mut Job) };
     park::record_thread(&HELPER_SLOT);
     park::rseq(true);
-    let r = match crate::shim_alloc::scratch_begin() {
+    let r = match crate::sys::alloc::scratch_begin() {
         Ok(()) => write_image(job),
         Err(e) => Err(alloc::format!("cannot map scratch memory: errno {e}")),
     };
@@ -655,7 +645,7 @@ extern "C" fn writer_entry(arg: *mut core::ffi::c_void) {
     job.result[..n].copy_from_slice(&text.as_bytes()[..n]);
     job.result_len = n;
     job.ok = ok;
-    crate::shim_alloc::scratch_end();
+    crate::sys::alloc::scratch_end();
     park::rseq(false);
 }
 
@@ -759,7 +749,7 @@ fn write_image(job: &mut Job) -> Result<String, String> {
                 return Err("cannot create a pipe for the writer process".into());
             }
             let (seq, keep) = (job.seq, cfg.keep);
-            let forked = writer::fork_child(|| {
+            let forked = sys::fork_child(|| {
                 sys::close(report[0]);
                 let mut r = writer::write_out(cfg, &cap, &t)
                     .and_then(|b| writer::commit(&t, seq, keep).map(|()| b));

@@ -18,16 +18,8 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 use libc::{c_int, sigset_t, size_t};
 use snapshim_image::layout::{RESERVED_END, RESERVED_START};
 
+use crate::state::{HUGEPAGES, HUGE_MIN, QUIESCE_SIG, TRIGGER_SIG};
 use crate::sys::{self, sc};
-
-/// Our two signals, once the shim is initialised (0 before).
-pub static TRIGGER_SIG: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(0);
-pub static QUIESCE_SIG: core::sync::atomic::AtomicI32 = core::sync::atomic::AtomicI32::new(0);
-
-/// SNAPSHIM_HUGEPAGES=1: advise large anonymous memory MADV_HUGEPAGE.
-pub static HUGEPAGES: AtomicBool = AtomicBool::new(false);
-/// Allocations at least this large are advised.
-pub const HUGE_MIN: usize = 32 << 20;
 
 /// Advises the whole 2 MiB extents of a large allocation to use transparent huge pages:
 /// write-protecting or forking huge-page memory costs one entry per 2 MiB instead of 512.
@@ -101,39 +93,14 @@ fn clash(sig: c_int) {
             "internal"
         };
         let mut msg = [0u8; 200];
-        let text = format_into(&mut msg, &[
+        let text = sys::format_into(&mut msg, &[
             "snapshim: the program sets a handler for signal ",
-            itoa(sig as u64, &mut [0u8; 20]),
+            sys::itoa(sig as u64, &mut [0u8; 20]),
             ", snapshim's ", which,
             " signal; the program's handler will not run (choose another with SNAPSHIM_SIGNAL)\n",
         ]);
         let _ = sys::write_all(2, text);
     }
-}
-
-/// Concatenates parts into buf without allocating (usable anywhere).
-pub fn format_into<'a>(buf: &'a mut [u8], parts: &[&str]) -> &'a [u8] {
-    let mut n = 0;
-    for p in parts {
-        let k = p.len().min(buf.len() - n);
-        buf[n..n + k].copy_from_slice(&p.as_bytes()[..k]);
-        n += k;
-    }
-    &buf[..n]
-}
-
-/// Decimal digits of v, without allocating.
-pub fn itoa(mut v: u64, buf: &mut [u8; 20]) -> &str {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    core::str::from_utf8(&buf[i..]).unwrap_or("?")
 }
 
 /// # Safety
@@ -264,7 +231,7 @@ fn hits_reserved(addr: usize, len: size_t) -> bool {
 
 /// A fixed mapping into the restorer's range is refused with ENOMEM (the range is in use).
 fn refuse_reserved(fixed: bool, addr: usize, len: size_t) -> bool {
-    let refuse = fixed && hits_reserved(addr, len) && crate::RESERVED.load(Relaxed);
+    let refuse = fixed && hits_reserved(addr, len) && crate::state::RESERVED.load(Relaxed);
     if refuse {
         set_errno(libc::ENOMEM);
     }

@@ -21,25 +21,20 @@ mod capture;
 mod checkpoint;
 mod config;
 mod interpose;
-mod kapi;
 mod park;
-#[path = "alloc.rs"]
-mod shim_alloc;
+mod state;
 mod sys;
 mod track;
 mod uffd;
 mod writer;
 
-use core::sync::atomic::{AtomicBool, Ordering::*};
+use core::sync::atomic::Ordering::*;
 use std::path::PathBuf;
 
 use snapshim_image::layout::{RESERVED_END, RESERVED_START};
 
 #[global_allocator]
-static GLOBAL: shim_alloc::ShimAlloc = shim_alloc::ShimAlloc;
-
-/// The reserved range is ours (mapped PROT_NONE at start-up).
-pub static RESERVED: AtomicBool = AtomicBool::new(false);
+static GLOBAL: sys::alloc::ShimAlloc = sys::alloc::ShimAlloc;
 
 #[cfg(not(test))]
 #[used]
@@ -154,7 +149,7 @@ extern "C" fn init() {
             "SNAPSHIM_COPY_AHEAD={other} is not a choice (auto, off, always); using auto"
         )),
     }
-    interpose::HUGEPAGES.store(env("SNAPSHIM_HUGEPAGES").is_some_and(|v| v != "0"), Relaxed);
+    state::HUGEPAGES.store(env("SNAPSHIM_HUGEPAGES").is_some_and(|v| v != "0"), Relaxed);
     let quiesce = libc::SIGRTMAX() - 1;
     let cfg = config::init(config::Config {
         image_dir: base.join(&name),
@@ -198,7 +193,7 @@ extern "C" fn init() {
         ));
         return;
     }
-    RESERVED.store(true, Relaxed);
+    state::RESERVED.store(true, Relaxed);
 
     // rseq: glibc 2.35+ registers an area per thread at a fixed offset from the thread pointer.
     extern "C" {
@@ -220,8 +215,8 @@ extern "C" fn init() {
     checkpoint::WAKE_R.store(fds[0], Relaxed);
     checkpoint::WAKE_W.store(fds[1], Relaxed);
 
-    interpose::TRIGGER_SIG.store(cfg.trigger_signal, Relaxed);
-    interpose::QUIESCE_SIG.store(cfg.quiesce_signal, Relaxed);
+    state::TRIGGER_SIG.store(cfg.trigger_signal, Relaxed);
+    state::QUIESCE_SIG.store(cfg.quiesce_signal, Relaxed);
     install(cfg.quiesce_signal, park::quiesce_handler);
     install(cfg.trigger_signal, checkpoint::trigger_handler);
 

@@ -34,7 +34,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 
 use crate::capture::MapsEntry;
-use crate::kapi::*;
+use crate::sys::kapi::*;
 use crate::sys::{self, sc};
 
 const UFFD_USER_MODE_ONLY: i64 = 1;
@@ -389,7 +389,7 @@ pub fn after_restore() {
 pub fn retain(cfg: &crate::config::Config) {
     let mut dir = cfg.image_dir.as_os_str().as_encoded_bytes().to_vec();
     dir.push(0);
-    let Ok(names) = crate::capture::list_dir_names(&dir) else {
+    let Ok(names) = sys::list_dir_names(&dir) else {
         return;
     };
     let mut images: Vec<std::path::PathBuf> = names
@@ -523,7 +523,7 @@ pub fn maybe_merge(cfg: &crate::config::Config, path: &str) {
         .chain([core::ptr::null()])
         .collect();
     let tool_c = &args[0];
-    let forked = crate::writer::fork_child(|| {
+    let forked = sys::fork_child(|| {
         // In the child: raw system calls only. Unblock signals (the helper blocks them all),
         // stdout to /dev/null, no descriptor of the program's left open.
         let none = 0u64;

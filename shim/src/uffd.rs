@@ -54,7 +54,7 @@ use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, O
 use snapshim_image::layout::STACK_START;
 
 use crate::capture::{self, MapsEntry, PM_FILE, PM_PRESENT, PM_SWAP};
-use crate::kapi::*;
+use crate::sys::kapi::*;
 use crate::sys::{self, sc};
 
 // ---------------------------------------------------------------------------------------------
@@ -560,7 +560,7 @@ fn block_of(addr: u64, w: u64, start: u64, end: u64) -> (u64, u64) {
 /// of it slower: such memory is unprotected and saved 2 MiB at a time, but for the few huge
 /// pages [`Table::may_split`] splits (and [`recollapse`] makes whole again).
 fn huge(start: u64, end: u64) -> bool {
-    crate::interpose::HUGEPAGES.load(Relaxed) && end - start >= crate::interpose::HUGE_MIN as u64
+    crate::state::HUGEPAGES.load(Relaxed) && end - start >= crate::state::HUGE_MIN as u64
 }
 
 /// Before the snapshot, the range to unprotect for a write fault at `addr`: its page, or its
@@ -988,7 +988,7 @@ fn setup(maps: &[MapsEntry], wanted: &[Wanted], pm_fd: i32) -> Result<&'static T
         unmap_slice(t.present);
         msg
     };
-    crate::checkpoint::mark(3);
+    crate::state::mark(3);
 
     // Which pages hold data at this instant; protect again those whose protection is off.
     let mut count = 0u64;
@@ -1054,7 +1054,7 @@ fn setup(maps: &[MapsEntry], wanted: &[Wanted], pm_fd: i32) -> Result<&'static T
         }
     }
 
-    crate::checkpoint::mark(4);
+    crate::state::mark(4);
     // Pages that must be copied during the pause (regions that cannot be protected: private
     // file mappings, such as the image a restored process runs from). Past a limit the pause
     // would be long: the fork engine does better then.
@@ -1113,11 +1113,11 @@ fn setup(maps: &[MapsEntry], wanted: &[Wanted], pm_fd: i32) -> Result<&'static T
     }
     table.copied.store(0, Relaxed);
     table.ahead.store(0, Relaxed);
-    crate::checkpoint::mark(5);
+    crate::state::mark(5);
     TABLE.store(table as *const Table as *mut Table, Release);
     FLUSHING.store(1, SeqCst);
     PRE_N.store(0, Release);
-    crate::checkpoint::mark(6);
+    crate::state::mark(6);
     Ok(table)
 }
 

@@ -762,21 +762,6 @@ pub fn commit(t: &Target, seq: u64, keep: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// Forks the writer child. Returns its PID in the parent; in the child runs `child` and exits.
-pub fn fork_child(child: impl FnOnce() -> i32) -> sys::Result<i32> {
-    // clone with no flags and exit signal 0: a copy-on-write copy of this process, whose exit
-    // nobody is told about but our wait4(__WCLONE).
-    // SAFETY: without CLONE_VM the child has its own copy of memory, this stack included.
-    let pid = sys::check(unsafe { sc!(libc::SYS_clone, 0, 0, 0, 0, 0) })? as i32;
-    if pid == 0 {
-        let status = child();
-        // SAFETY: ends the child without running any of the program's exit handlers.
-        unsafe { sc!(libc::SYS_exit_group, status) };
-        unreachable!();
-    }
-    Ok(pid)
-}
-
 /// The image's regions and, for each stored one, its index in the map and whether it is backed
 /// by a file (where pages equal to the file's are not stored).
 pub struct Layout {
