@@ -21,9 +21,10 @@ use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
 
 use snapshim_image::layout::{RESERVED_END, RESERVED_START, STACK_END, STACK_START};
 
-use crate::capture;
 use crate::config::Config;
-use crate::park::{self, HELPER_SLOT, SLOTS};
+use crate::objects::memory;
+use crate::objects::threads::{self, HELPER_SLOT, SLOTS};
+use crate::park;
 use crate::state::{mark, MARKS, PHASES};
 use crate::sys::{self, sc};
 use crate::writer::{self, Engine};
@@ -77,8 +78,8 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
         )
     };
     // glibc's cached TID is at the offset where both the main thread and this one hold their TID.
-    if let Some(&off) = tid_candidates.iter().find(|&&o| park::tid_at(o)) {
-        park::TID_OFFSET.store(off, Relaxed);
+    if let Some(&off) = tid_candidates.iter().find(|&&o| threads::tid_at(o)) {
+        threads::TID_OFFSET.store(off, Relaxed);
     }
     let wake = WAKE_R.load(Relaxed);
     let mut next_due = cfg
@@ -327,9 +328,9 @@ fn take(cfg: &'static Config, mut engine: Engine, delta: bool) -> Outcome {
         }
     };
     if engine == Engine::Uffd {
-        let prepared = capture::read_maps()
+        let prepared = memory::read_maps()
             .map_err(|e| alloc::format!("cannot read the memory map: errno {e}"))
-            .and_then(|maps| crate::uffd::prepare(&maps, &writer::wanted(&maps)));
+            .and_then(|maps| crate::uffd::prepare(&maps, &memory::wanted(&maps)));
         if let Err(msg) = prepared {
             let text = alloc::format!("snapshim: uffd engine unavailable ({msg}); using fork\n");
             let _ = sys::write_all(2, text.as_bytes());
@@ -498,7 +499,7 @@ fn quiesce() -> Result<usize, String> {
     let me = sys::gettid();
     let pid = sys::getpid();
     let sig = crate::state::QUIESCE_SIG.load(Relaxed);
-    park::NEXT_SLOT.store(0, Relaxed);
+    threads::NEXT_SLOT.store(0, Relaxed);
     park::PARKED.store(0, Relaxed);
     park::RESUMED.store(0, Relaxed);
     park::NOTED.store(0, Relaxed);
@@ -555,9 +556,9 @@ fn quiesce() -> Result<usize, String> {
             }
         }
     }
-    let n = park::NEXT_SLOT.load(Acquire) as usize;
-    if n > park::MAX_THREADS {
-        return Err(alloc::format!("more than {} threads", park::MAX_THREADS));
+    let n = threads::NEXT_SLOT.load(Acquire) as usize;
+    if n > threads::MAX_THREADS {
+        return Err(alloc::format!("more than {} threads", threads::MAX_THREADS));
     }
     Ok(n)
 }
@@ -567,7 +568,7 @@ fn gone_signaled(signaled: &[i32], gone: &[i32]) -> usize {
 }
 
 fn parked_tid(t: i32) -> bool {
-    let n = (park::NEXT_SLOT.load(Acquire) as usize).min(park::MAX_THREADS);
+    let n = (threads::NEXT_SLOT.load(Acquire) as usize).min(threads::MAX_THREADS);
     SLOTS[..n].iter().any(|s| s.tid.load(Relaxed) == t)
 }
 
@@ -601,10 +602,10 @@ fn after_restore(nthreads: usize) {
     // The snapshot was taken while the writer ran: its scratch heap was active, and is gone now.
     crate::sys::alloc::SCRATCH_ACTIVE.store(false, SeqCst);
     crate::uffd::after_restore();
-    crate::interpose::note_image_mappings();
+    memory::note_image_mappings();
     park::NOTED.store(1, Release);
     sys::futex_wake(&park::NOTED);
-    park::record_restored_helper();
+    threads::record_restored_helper();
     loop {
         let r = park::RESUMED.load(Acquire);
         if r as usize >= nthreads {
@@ -627,8 +628,8 @@ fn after_restore(nthreads: usize) {
 extern "C" fn writer_entry(arg: *mut core::ffi::c_void) {
     // SAFETY: arg is the helper's Job, alive for the whole call.
     let job = unsafe { &mut *(arg as *mut Job) };
-    park::record_thread(&HELPER_SLOT);
-    park::rseq(true);
+    threads::record_thread(&HELPER_SLOT);
+    threads::rseq(true);
     let r = match crate::sys::alloc::scratch_begin() {
         Ok(()) => write_image(job),
         Err(e) => Err(alloc::format!("cannot map scratch memory: errno {e}")),
@@ -646,7 +647,7 @@ extern "C" fn writer_entry(arg: *mut core::ffi::c_void) {
     job.result_len = n;
     job.ok = ok;
     crate::sys::alloc::scratch_end();
-    park::rseq(false);
+    threads::rseq(false);
 }
 
 /// After an in-process write and commit: keeps the image's size, or gives the temporary file up
@@ -697,7 +698,7 @@ fn write_image(job: &mut Job) -> Result<String, String> {
     let path = t.path.display().to_string();
     // The uffd engine sets up during the pause; where it cannot, this checkpoint uses fork.
     let live = if job.engine == Engine::Uffd {
-        let layout = writer::layout(&cap);
+        let layout = memory::layout(&cap.maps);
         match crate::uffd::begin(&cap.maps, &layout.wanted) {
             Ok(table) => Some((table, layout)),
             Err(msg) => {

@@ -13,7 +13,7 @@
 #![allow(unsafe_code)]
 
 use core::ffi::c_void;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
 
 use libc::{c_int, sigset_t, size_t};
 use snapshim_image::layout::{RESERVED_END, RESERVED_START};
@@ -338,108 +338,11 @@ const DISCARDING_ADVICE: [c_int; 4] = [
 pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) -> c_int {
     if DISCARDING_ADVICE.contains(&advice) {
         crate::uffd::save_range(addr as u64, len as u64);
-        anonymize_image_pages(addr as u64, len as u64);
+        crate::objects::memory::anonymize_image_pages(addr as u64, len as u64);
     }
     // SAFETY: forwarded unchanged.
     let r = unsafe { sc!(libc::SYS_madvise, addr, len, advice) };
     int_result(r)
-}
-
-/// Address ranges a restored process had mapped from its image when it resumed (at most these;
-/// they only shrink as the program replaces that memory), `[start, end)` pairs, 0 = unused.
-static IMAGE_RANGES: [[AtomicUsize; 2]; 64] =
-    [const { [AtomicUsize::new(0), AtomicUsize::new(0)] }; 64];
-/// The image files those ranges map, as (device, inode): an image may be deleted meanwhile.
-/// (A restore from a chain of delta images maps pages from each image of the chain: room for
-/// chains of up to 16.)
-static IMAGE_FILES: [[AtomicU64; 2]; 16] = [const { [AtomicU64::new(0), AtomicU64::new(0)] }; 16];
-
-fn is_noted_image(dev: u64, inode: u64) -> bool {
-    IMAGE_FILES
-        .iter()
-        .any(|f| f[1].load(Relaxed) == inode && inode != 0 && f[0].load(Relaxed) == dev)
-}
-
-/// In a restored process: notes the memory mapped from its image. That memory was anonymous in
-/// the original process, where discarding a page gave zeros; a private file mapping gives the
-/// file's page back instead (see [`anonymize_image_pages`]). Restored threads wait in their
-/// quiesce handler until this is done (`park::NOTED`).
-pub fn note_image_mappings() {
-    let Ok(maps) = crate::capture::read_maps() else {
-        return;
-    };
-    let mut images: alloc::vec::Vec<((u64, u64), bool)> = alloc::vec::Vec::new();
-    let mut n = 0;
-    for e in maps.iter().filter(|e| !e.shared && e.inode != 0) {
-        let key = (e.dev, e.inode);
-        let image = match images.iter().find(|v| v.0 == key) {
-            Some(v) => v.1,
-            None => {
-                let v = crate::capture::is_image_file(e.name.trim_end_matches(" (deleted)"));
-                images.push((key, v));
-                v
-            }
-        };
-        if image && !is_noted_image(e.dev, e.inode) {
-            if let Some(f) = IMAGE_FILES.iter().find(|f| f[1].load(Relaxed) == 0) {
-                f[0].store(e.dev, Relaxed);
-                f[1].store(e.inode, Relaxed);
-            }
-        }
-        if image && n < IMAGE_RANGES.len() {
-            IMAGE_RANGES[n][0].store(e.start as usize, Relaxed);
-            IMAGE_RANGES[n][1].store(e.end as usize, Relaxed);
-            n += 1;
-        } else if image {
-            // More ranges than slots: one slot covers the rest (a hint; the map decides).
-            IMAGE_RANGES[n - 1][1].store(e.end as usize, Relaxed);
-        }
-    }
-    for r in &IMAGE_RANGES[n..] {
-        r[0].store(0, Relaxed);
-        r[1].store(0, Relaxed);
-    }
-    if n == 0 {
-        for f in &IMAGE_FILES {
-            f[1].store(0, Relaxed);
-        }
-    }
-}
-
-/// Before pages of `[addr, addr + len)` are discarded: parts still mapped from the image a
-/// process was restored from become fresh anonymous memory with the same protection, so they
-/// read as zeros afterwards, as they did before the checkpoint.
-fn anonymize_image_pages(addr: u64, len: u64) {
-    let end = addr.saturating_add(len);
-    let hit = IMAGE_RANGES.iter().any(|r| {
-        let (s, e) = (r[0].load(Relaxed) as u64, r[1].load(Relaxed) as u64);
-        s < e && s < end && e > addr
-    });
-    if !hit {
-        return;
-    }
-    let Ok(maps) = crate::capture::read_maps() else {
-        return;
-    };
-    for e in maps
-        .iter()
-        .filter(|e| !e.shared && e.start < end && e.end > addr && is_noted_image(e.dev, e.inode))
-    {
-        let (s, t) = (e.start.max(addr & !4095), e.end.min((end + 4095) & !4095));
-        // SAFETY: replaces part of a private mapping of the image with anonymous memory at the
-        // same place; the program asked for this memory to be discarded.
-        unsafe {
-            sc!(
-                libc::SYS_mmap,
-                s,
-                t - s,
-                e.prot,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                -1i64,
-                0
-            )
-        };
-    }
 }
 
 /// A raw result as a C function returning int gives it (-1 and errno on failure).

@@ -17,10 +17,10 @@
 
 extern crate alloc;
 
-mod capture;
 mod checkpoint;
 mod config;
 mod interpose;
+mod objects;
 mod park;
 mod state;
 mod sys;
@@ -202,8 +202,8 @@ extern "C" fn init() {
     }
     // SAFETY: glibc exports both as constants set before any constructor runs.
     unsafe {
-        park::RSEQ_OFFSET.store(__rseq_offset as i64, Relaxed);
-        park::RSEQ_SIZE.store(__rseq_size, Relaxed);
+        objects::threads::RSEQ_OFFSET.store(__rseq_offset as i64, Relaxed);
+        objects::threads::RSEQ_SIZE.store(__rseq_size, Relaxed);
     }
 
     let mut fds = [0i32; 2];
@@ -226,7 +226,7 @@ extern "C" fn init() {
     // SAFETY: registers a plain function; no state is captured.
     unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
 
-    let candidates = park::tid_candidates();
+    let candidates = objects::threads::tid_candidates();
     // The helper must never run a handler of the program's: it inherits a fully blocked mask
     // from its first instruction (a signal could otherwise reach it before it blocks them).
     let (all, mut old) = (u64::MAX, 0u64);

@@ -30,3 +30,8 @@ pub const PHASES: [&str; 8] = [
 pub fn mark(i: usize) {
     MARKS[i].store(sys::monotonic_ns(), Relaxed);
 }
+
+/// The uffd engine's copy store (address, pages; 0: none): the shim's own memory, in no image.
+/// Set by the engine (`engine::uffd::store`), read by the memory capture.
+pub static COPY_STORE: AtomicU64 = AtomicU64::new(0);
+pub static COPY_STORE_PAGES: AtomicU64 = AtomicU64::new(0);

@@ -33,7 +33,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 
-use crate::capture::MapsEntry;
+use crate::objects::memory::{self, MapsEntry};
 use crate::sys::kapi::*;
 use crate::sys::{self, sc};
 
@@ -209,7 +209,7 @@ pub fn before_mremap(addr: u64, len: u64) {
     }
     // The kernel refuses a range with a mapping that cannot be registered (a regular file's):
     // one mapping at a time, then (the rare case of a restored program's memory).
-    if let Ok(maps) = crate::capture::read_maps() {
+    if let Ok(maps) = memory::read_maps() {
         for e in maps
             .iter()
             .filter(|e| e.start < end && e.end > start && trackable(e))
@@ -244,9 +244,9 @@ pub fn trackable(e: &MapsEntry) -> bool {
         && e.inode == 0
         && !e.whole
         && e.prot & libc::PROT_WRITE as u32 != 0
-        && !crate::capture::is_excluded(e)
+        && !memory::is_excluded(e)
         && {
-            let (kind, store) = crate::writer::classify(e);
+            let (kind, store) = memory::classify(e);
             store && matches!(kind, snapshim_image::RegionKind::Anon)
         }
 }

@@ -53,7 +53,8 @@ use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, O
 
 use snapshim_image::layout::STACK_START;
 
-use crate::capture::{self, MapsEntry, PM_FILE, PM_PRESENT, PM_SWAP};
+use crate::objects::memory::{self, MapsEntry, Wanted, PM_FILE, PM_PRESENT, PM_SWAP};
+use crate::objects::threads;
 use crate::sys::kapi::*;
 use crate::sys::{self, sc};
 
@@ -196,9 +197,8 @@ static HOT_UNTIL: AtomicU64 = AtomicU64::new(0);
 /// program runs, with its first [`WARM_STORE`] bytes filled in, so the first copies of a flush
 /// do not wait for fresh memory (on this VM a fresh 2 MiB page took up to 10 ms); taken by
 /// [`setup`]; kept by [`end`] for the next flush ([`keep_store`]). Not part of any image
-/// ([`is_own_mapping`]).
-static STORE: AtomicU64 = AtomicU64::new(0);
-static STORE_PAGES: AtomicU64 = AtomicU64::new(0);
+/// (`objects::memory::is_own_mapping`).
+use crate::state::{COPY_STORE as STORE, COPY_STORE_PAGES as STORE_PAGES};
 /// Bytes of the store [`prepare`] filled in (see [`warm_bytes`]).
 static STORE_FILLED: AtomicU64 = AtomicU64::new(0);
 const WARM_STORE: u64 = 32 << 20;
@@ -587,12 +587,6 @@ fn protect(uffd: i32, start: u64, len: u64, on: bool) -> sys::Result<i64> {
     protect_inner(uffd, start, len, on, false)
 }
 
-/// What a region of the captured map needs: stored, and if so whether it can be registered.
-pub struct Wanted {
-    pub entry: usize,
-    pub file_backed: bool,
-}
-
 // ---------------------------------------------------------------------------------------------
 // Before the pause
 
@@ -692,7 +686,7 @@ fn map_store(cap: u64) -> sys::Result<(u64, u64)> {
 /// into fresh memory made the program wait on the kernel zeroing pages (most of a dense
 /// program's wait on this VM); filling them in before the pause delays the snapshot instead.
 fn warm_bytes() -> u64 {
-    let anon = capture::statm().map_or(0, |(resident, shared)| {
+    let anon = memory::statm().map_or(0, |(resident, shared)| {
         resident.saturating_sub(shared) * PAGE
     });
     let mut buf = Vec::new();
@@ -772,12 +766,6 @@ fn drop_store() {
         // SAFETY: the store, mapped by us and used by nobody (no flush has it).
         unsafe { sc!(libc::SYS_munmap, addr, STORE_PAGES.load(Relaxed) * PAGE) };
     }
-}
-
-/// Whether `[start, end)` overlaps the copy store (not the program's memory).
-pub fn is_own_mapping(start: u64, end: u64) -> bool {
-    let s = STORE.load(Acquire);
-    s != 0 && start < s + STORE_PAGES.load(Relaxed) * PAGE && end > s
 }
 
 fn bit(words: &[AtomicU64], i: usize) -> bool {
@@ -1022,7 +1010,7 @@ fn setup(maps: &[MapsEntry], wanted: &[Wanted], pm_fd: i32) -> Result<&'static T
                 Err(_) => scan_ok = false, // no PAGEMAP_SCAN here: read the pagemap instead
             }
         }
-        if let Err(e) = capture::pagemap_of(pm_fd, &maps[w.entry], &mut pm) {
+        if let Err(e) = memory::pagemap_of(pm_fd, &maps[w.entry], &mut pm) {
             return Err(give_up(
                 &table,
                 alloc::format!("cannot read the pagemap: errno {e}"),
@@ -1178,8 +1166,8 @@ fn scan_pages(fd: i32, start: u64, end: u64, mut f: impl FnMut(u64, u64, bool)) 
 fn own_data_ranges(maps: &[MapsEntry]) -> Vec<(u64, u64)> {
     let probes = [
         &FLUSHING as *const AtomicU32 as u64,
-        &crate::park::SLOTS as *const _ as u64,
-        &crate::park::HELPER_SLOT as *const _ as u64,
+        &threads::SLOTS as *const _ as u64,
+        &threads::HELPER_SLOT as *const _ as u64,
         &SERVER_TID as *const AtomicU32 as u64,
         &PRE as *const _ as u64,
     ];
@@ -1191,9 +1179,9 @@ fn own_data_ranges(maps: &[MapsEntry]) -> Vec<(u64, u64)> {
 
 /// Stack regions of threads that ran their exit hook (they may exit during the flush).
 fn exiting_stacks() -> Vec<u64> {
-    let n = (crate::park::NEXT_SLOT.load(Acquire) as usize).min(crate::park::MAX_THREADS);
+    let n = (threads::NEXT_SLOT.load(Acquire) as usize).min(threads::MAX_THREADS);
     let mut v = Vec::new();
-    for s in &crate::park::SLOTS[..n] {
+    for s in &threads::SLOTS[..n] {
         let tid = s.tid.load(Relaxed);
         if EXITING.iter().any(|e| e.load(Relaxed) == tid) {
             v.push(s.ctx_rsp.load(Relaxed));

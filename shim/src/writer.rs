@@ -20,7 +20,7 @@
 
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+use core::sync::atomic::Ordering::{AcqRel, Acquire};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 
@@ -30,9 +30,11 @@ use snapshim_image::{
     RegionKind, ShimInfo, ThreadState, VdsoImage,
 };
 
-use crate::capture::{self, MapsEntry, PM_FILE, PM_PRESENT, PM_SWAP};
 use crate::config::Config;
-use crate::park::{self, Slot, HELPER_SLOT, SLOTS};
+use crate::objects::memory::{self, MapsEntry, PM_FILE, PM_PRESENT, PM_SWAP};
+use crate::objects::threads::{self, HELPER_SLOT, SLOTS};
+use crate::objects::{self, process};
+use crate::park;
 use crate::sys::{self, sc};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,19 +110,22 @@ pub struct Delta {
 /// written, is not part of it.
 pub fn capture(cfg: &Config, nthreads: usize, image_fd: i32) -> Result<Captured, String> {
     // Mappings of images and of vanished files are stored like anonymous memory.
-    let maps = capture::mark_unmappable_files(
-        &capture::read_maps()
+    let maps = memory::mark_unmappable_files(
+        &memory::read_maps()
             .map_err(|e| alloc::format!("cannot read /proc/self/maps: errno {e}"))?,
     );
-    let mut fds = capture::fds();
+    let mut fds = objects::fds(crate::uffd::is_own_fd);
     fds.retain(|f| f.fd != crate::track::own_fd() && f.fd != image_fd);
-    let process = capture::process(cfg);
+    let process = process::capture(cfg);
     let boottime_ns = sys::clock_ns(libc::CLOCK_BOOTTIME);
-    let n = nthreads.min(park::MAX_THREADS);
-    let mut threads: Vec<ThreadState> = SLOTS[..n].iter().map(|s| thread_state(s, false)).collect();
-    threads.push(thread_state(&HELPER_SLOT, true));
-    let build_ids = capture::build_ids(&maps);
-    let vdso = capture::vdso(&maps);
+    let n = nthreads.min(threads::MAX_THREADS);
+    let mut threads: Vec<ThreadState> = SLOTS[..n]
+        .iter()
+        .map(|s| threads::thread_state(s, false))
+        .collect();
+    threads.push(threads::thread_state(&HELPER_SLOT, true));
+    let build_ids = memory::build_ids(&maps);
+    let vdso = memory::vdso(&maps);
     Ok(Captured {
         maps,
         fds,
@@ -132,26 +137,6 @@ pub fn capture(cfg: &Config, nthreads: usize, image_fd: i32) -> Result<Captured,
         image_id: random_id(),
         delta: None,
     })
-}
-
-fn thread_state(s: &Slot, helper: bool) -> ThreadState {
-    let mut name = [0u8; 16];
-    name[..8].copy_from_slice(&s.name[0].load(Relaxed).to_le_bytes());
-    name[8..].copy_from_slice(&s.name[1].load(Relaxed).to_le_bytes());
-    let len = name.iter().position(|&c| c == 0).unwrap_or(16);
-    ThreadState {
-        tid: s.tid.load(Relaxed),
-        fs_base: s.fs_base.load(Relaxed),
-        ctx_rsp: s.ctx_rsp.load(Relaxed),
-        robust_head: s.robust_head.load(Relaxed),
-        robust_len: s.robust_len.load(Relaxed),
-        altstack_sp: s.altstack_sp.load(Relaxed),
-        altstack_flags: s.altstack_flags.load(Relaxed),
-        altstack_size: s.altstack_size.load(Relaxed),
-        sigmask: s.sigmask.load(Relaxed),
-        name: String::from_utf8_lossy(&name[..len]).into_owned(),
-        helper,
-    }
 }
 
 fn errmsg(what: &str, path: &std::path::Path, e: i32) -> String {
@@ -487,8 +472,8 @@ fn write_pages_and_meta(
     let mut pm = Vec::new();
     let mut page_buf = alloc::vec![0u8; 4096];
     let mut inherited: Vec<PageSpan> = Vec::new();
-    for e in cap.maps.iter().filter(|e| !capture::is_excluded(e)) {
-        let (kind, store) = classify(e);
+    for e in cap.maps.iter().filter(|e| !memory::is_excluded(e)) {
+        let (kind, store) = memory::classify(e);
         // A delta knows the written pages of a tracked region: it stores those with data and
         // inherits the others from its parent (track.rs).
         let tracked = cap.delta.as_ref().and_then(|d| {
@@ -501,7 +486,7 @@ fn write_pages_and_meta(
         }
         if store {
             if tracked.is_none() {
-                capture::pagemap_of(pm_fd, e, &mut pm).map_err(|e| ("read the pagemap for", e))?;
+                memory::pagemap_of(pm_fd, e, &mut pm).map_err(|e| ("read the pagemap for", e))?;
             }
             let file_backed = matches!(kind, RegionKind::File { .. });
             let readable = e.prot & libc::PROT_READ as u32 != 0;
@@ -576,7 +561,7 @@ fn write_pages_and_meta(
                 });
             }
         }
-        regions.push(region(e, kind));
+        regions.push(memory::region(e, kind));
     }
 
     finish(cfg, cap, fd, regions, runs, inherited, off)
@@ -612,52 +597,6 @@ fn delta_pages(
         next = b;
     }
     inherit(next, e.end);
-}
-
-/// What a region of the map is, and whether its pages go into the image.
-pub fn classify(e: &MapsEntry) -> (RegionKind, bool) {
-    let kind = match e.name.as_str() {
-        "[vdso]" => RegionKind::Vdso,
-        "[vvar]" => RegionKind::Vvar,
-        "[vvar_vclock]" => RegionKind::VvarVclock,
-        n if maps_file(e) => {
-            let identity = capture::stat_path(n)
-                .map(|st| capture::identity_of(&st))
-                .unwrap_or_default();
-            RegionKind::File {
-                path: n.into(),
-                offset: e.offset,
-                identity,
-            }
-        }
-        _ => RegionKind::Anon,
-    };
-    (kind, stores(e))
-}
-
-/// Whether `e` maps a file that can be found again by its path.
-fn maps_file(e: &MapsEntry) -> bool {
-    e.inode != 0 && e.name.starts_with('/') && !e.name.ends_with(" (deleted)")
-}
-
-/// Whether an image stores pages of `e`: anonymous memory and private file mappings, not the
-/// kernel's vDSO and vvar pages.
-fn stores(e: &MapsEntry) -> bool {
-    match e.name.as_str() {
-        "[vdso]" | "[vvar]" | "[vvar_vclock]" => false,
-        _ => !maps_file(e) || !e.shared,
-    }
-}
-
-pub fn region(e: &MapsEntry, kind: RegionKind) -> Region {
-    Region {
-        start: e.start,
-        end: e.end,
-        prot: e.prot,
-        shared: e.shared,
-        kind,
-        name: e.name.clone(),
-    }
 }
 
 /// Writes metadata and header after the page data (which ends at `off`). Returns the file size.
@@ -762,45 +701,6 @@ pub fn commit(t: &Target, seq: u64, keep: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// The image's regions and, for each stored one, its index in the map and whether it is backed
-/// by a file (where pages equal to the file's are not stored).
-pub struct Layout {
-    pub regions: Vec<Region>,
-    pub wanted: Vec<crate::uffd::Wanted>,
-}
-
-pub fn layout(cap: &Captured) -> Layout {
-    let mut regions = Vec::new();
-    let mut wanted = Vec::new();
-    for (i, e) in cap.maps.iter().enumerate() {
-        if capture::is_excluded(e) {
-            continue;
-        }
-        let (kind, store) = classify(e);
-        if store {
-            wanted.push(crate::uffd::Wanted {
-                entry: i,
-                file_backed: matches!(kind, RegionKind::File { .. }),
-            });
-        }
-        regions.push(region(e, kind));
-    }
-    Layout { regions, wanted }
-}
-
-/// The regions of `maps` whose pages an image would store (as [`layout`] finds them).
-pub fn wanted(maps: &[MapsEntry]) -> Vec<crate::uffd::Wanted> {
-    maps.iter()
-        .enumerate()
-        .filter(|(_, e)| !capture::is_excluded(e))
-        .filter(|(_, e)| stores(e))
-        .map(|(i, e)| crate::uffd::Wanted {
-            entry: i,
-            file_backed: maps_file(e),
-        })
-        .collect()
-}
-
 /// Whether a page is all zero bytes (word by word: this runs for every page stored).
 fn is_zero(page: &[u8]) -> bool {
     page.chunks_exact(64)
@@ -826,7 +726,7 @@ pub fn write_live(
     cap: &Captured,
     t: &Target,
     table: &crate::uffd::Table,
-    layout: Layout,
+    layout: memory::Layout,
 ) -> Result<u64, String> {
     use crate::uffd;
     let io = |what: &'static str| move |e: i32| errmsg(what, &t.tmp, e);

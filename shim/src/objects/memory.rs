@@ -1,17 +1,18 @@
-//! Reading the process's state while every other thread is parked: memory map, page presence,
-//! file descriptors, and the per-process kernel state. Runs in the writer, so it allocates only
-//! from the scratch region and reads /proc with raw system calls.
+//! Memory, capture side: the memory map (`/proc/self/maps`, the truth about memory), which of
+//! its regions an image describes and which pages it stores — the ONE description, used by
+//! every engine and by the flush — page presence from `/proc/self/pagemap`, the mapped files'
+//! identities and build-ids, the vDSO, and the memory a restored process still maps from its
+//! image. Runs in the writer (scratch allocation, raw system calls) unless said otherwise.
 #![allow(unsafe_code)]
 
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering::*};
 
 use snapshim_image::layout::{RESERVED_END, RESERVED_START};
-use snapshim_image::{
-    BuildId, CharDevice, Directory, FdKind, FdState, FileIdentity, Inherited, IntervalTimer,
-    MmFields, Pipe, Process, RegularFile, Rlimit, SigAction, Unsupported, VdsoImage, VdsoSymbol,
-};
+use snapshim_image::{BuildId, FileIdentity, Region, RegionKind, VdsoImage, VdsoSymbol};
 
+use crate::state;
 use crate::sys::{self, sc};
 
 /// One line of /proc/self/maps.
@@ -90,7 +91,7 @@ pub fn parse_maps(text: &str) -> Vec<MapsEntry> {
 /// the kernel's vsyscall page.
 pub fn is_excluded(e: &MapsEntry) -> bool {
     (e.start < RESERVED_END && e.end > RESERVED_START)
-        || crate::uffd::is_own_mapping(e.start, e.end)
+        || is_own_mapping(e.start, e.end)
         || e.name == "[vsyscall]"
         || e.end > 0x7fff_ffff_f000
 }
@@ -285,6 +286,12 @@ pub fn pagemap(fd: i32, start: u64, end: u64, out: &mut Vec<u64>) -> sys::Result
     Ok(())
 }
 
+/// Whether `[start, end)` overlaps the copy store (not the program's memory).
+pub fn is_own_mapping(start: u64, end: u64) -> bool {
+    let s = state::COPY_STORE.load(Acquire);
+    s != 0 && start < s + state::COPY_STORE_PAGES.load(Relaxed) * 4096 && end > s
+}
+
 pub fn identity_of(st: &libc::stat) -> FileIdentity {
     FileIdentity {
         size: st.st_size as u64,
@@ -303,236 +310,190 @@ pub fn stat_path(path: &str) -> Option<libc::stat> {
     Some(st)
 }
 
-fn fstat(fd: i32) -> Option<libc::stat> {
-    // SAFETY: zeroed stat is valid.
-    let mut st: libc::stat = unsafe { core::mem::zeroed() };
-    // SAFETY: st is a valid out-pointer.
-    sys::check(unsafe { sc!(libc::SYS_fstat, fd, &mut st as *mut libc::stat) }).ok()?;
-    Some(st)
-}
-
-fn cpath(parts: &[&str]) -> Vec<u8> {
-    let mut v = Vec::new();
-    for p in parts {
-        v.extend_from_slice(p.as_bytes());
-    }
-    v.push(0);
-    v
-}
-
-/// The file descriptor table.
-pub fn fds() -> Vec<FdState> {
-    let mut out = Vec::new();
-    let Ok(list) = sys::list_numeric_dir(b"/proc/self/fd\0") else {
-        return out;
+/// What a region of the map is, and whether its pages go into the image.
+pub fn classify(e: &MapsEntry) -> (RegionKind, bool) {
+    let kind = match e.name.as_str() {
+        "[vdso]" => RegionKind::Vdso,
+        "[vvar]" => RegionKind::Vvar,
+        "[vvar_vclock]" => RegionKind::VvarVclock,
+        n if maps_file(e) => {
+            let identity = stat_path(n).map(|st| identity_of(&st)).unwrap_or_default();
+            RegionKind::File {
+                path: n.into(),
+                offset: e.offset,
+                identity,
+            }
+        }
+        _ => RegionKind::Anon,
     };
-    let mut info = Vec::new();
-    let mut pipes: Vec<(u64, i32, bool)> = Vec::new(); // (inode, fd, read end)
-    for fd in list {
-        if crate::uffd::is_own_fd(fd) {
+    (kind, stores(e))
+}
+
+/// Whether `e` maps a file that can be found again by its path.
+fn maps_file(e: &MapsEntry) -> bool {
+    e.inode != 0 && e.name.starts_with('/') && !e.name.ends_with(" (deleted)")
+}
+
+/// Whether an image stores pages of `e`: anonymous memory and private file mappings, not the
+/// kernel's vDSO and vvar pages.
+fn stores(e: &MapsEntry) -> bool {
+    match e.name.as_str() {
+        "[vdso]" | "[vvar]" | "[vvar_vclock]" => false,
+        _ => !maps_file(e) || !e.shared,
+    }
+}
+
+pub fn region(e: &MapsEntry, kind: RegionKind) -> Region {
+    Region {
+        start: e.start,
+        end: e.end,
+        prot: e.prot,
+        shared: e.shared,
+        kind,
+        name: e.name.clone(),
+    }
+}
+
+/// The image's regions and, for each stored one, its index in the map and whether it is backed
+/// by a file (where pages equal to the file's are not stored).
+pub struct Layout {
+    pub regions: Vec<Region>,
+    pub wanted: Vec<Wanted>,
+}
+
+pub fn layout(maps: &[MapsEntry]) -> Layout {
+    let mut regions = Vec::new();
+    let mut wanted = Vec::new();
+    for (i, e) in maps.iter().enumerate() {
+        if is_excluded(e) {
             continue;
         }
-        let mut nb = [0u8; 20];
-        let num = sys::itoa(fd as u64, &mut nb);
-        let target = sys::readlink(&cpath(&["/proc/self/fd/", num])).unwrap_or_default();
-        let (mut pos, mut flags) = (0u64, 0u32);
-        if sys::read_file(&cpath(&["/proc/self/fdinfo/", num]), &mut info).is_ok() {
-            for line in String::from_utf8_lossy(&info).lines() {
-                if let Some(v) = line.strip_prefix("pos:") {
-                    pos = v.trim().parse().unwrap_or(0);
-                } else if let Some(v) = line.strip_prefix("flags:") {
-                    flags = u32::from_str_radix(v.trim(), 8).unwrap_or(0);
-                }
-            }
+        let (kind, store) = classify(e);
+        if store {
+            wanted.push(Wanted {
+                entry: i,
+                file_backed: matches!(kind, RegionKind::File { .. }),
+            });
         }
-        let cloexec = flags & libc::O_CLOEXEC as u32 != 0;
-        let flags = flags & !(libc::O_CLOEXEC as u32);
-        let Some(st) = fstat(fd) else { continue };
-        let fmt = st.st_mode & libc::S_IFMT;
-        let deleted = target.ends_with(" (deleted)");
-        let kind = if fmt == libc::S_IFREG && !deleted {
-            FdKind::Regular(RegularFile {
-                path: target,
-                offset: pos,
-                size: st.st_size as u64,
-                identity: identity_of(&st),
-            })
-        } else if fmt == libc::S_IFDIR && !deleted {
-            FdKind::Directory(Directory { path: target })
-        } else if fmt == libc::S_IFCHR {
-            if target.starts_with("/dev/pts/")
-                || target.starts_with("/dev/tty")
-                || target == "/dev/console"
-            {
-                FdKind::Inherited(Inherited { desc: target })
-            } else {
-                FdKind::CharDevice(CharDevice { path: target })
-            }
-        } else if fmt == libc::S_IFIFO && target.starts_with("pipe:") {
-            let read_end = flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32;
-            pipes.push((st.st_ino, fd, read_end));
-            FdKind::Pipe(Pipe {
-                id: st.st_ino,
-                read_end,
-                data: Vec::new(),
-            })
-        } else if fd <= 2 {
-            FdKind::Inherited(Inherited { desc: target })
-        } else {
-            FdKind::Unsupported(Unsupported { desc: target })
-        };
-        out.push(FdState {
-            fd,
-            flags,
-            cloexec,
-            kind,
-        });
+        regions.push(region(e, kind));
     }
-    // A pipe is ours only if both ends are here; else it goes to something outside.
-    for st in out.iter_mut() {
-        if let FdKind::Pipe(Pipe { id, read_end, .. }) = st.kind {
-            let other = pipes.iter().find(|p| p.0 == id && p.2 != read_end);
-            match other {
-                None => {
-                    st.kind = FdKind::Inherited(Inherited {
-                        desc: alloc::format!("pipe:[{id}]"),
-                    })
-                }
-                Some(&(_, wfd, _)) if read_end => {
-                    let data = drain_and_refill(st.fd, wfd);
-                    st.kind = FdKind::Pipe(Pipe { id, read_end, data });
-                }
-                Some(_) => {}
-            }
-        }
-    }
-    out
+    Layout { regions, wanted }
 }
 
-/// Takes the bytes buffered in a pipe (both ends are ours, every other thread is parked) and
-/// puts them straight back, keeping a copy for the image.
-fn drain_and_refill(rfd: i32, wfd: i32) -> Vec<u8> {
-    let mut avail: i32 = 0;
-    // SAFETY: FIONREAD writes an int.
-    unsafe { sc!(libc::SYS_ioctl, rfd, libc::FIONREAD, &mut avail as *mut i32) };
-    if avail <= 0 {
-        return Vec::new();
-    }
-    let mut data = alloc::vec![0u8; avail as usize];
-    let mut got = 0;
-    while got < data.len() {
-        match sys::read(rfd, &mut data[got..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got += n,
-        }
-    }
-    data.truncate(got);
-    let _ = sys::write_all(wfd, &data);
-    data
-}
-
-/// Per-process kernel state.
-pub fn process(cfg: &crate::config::Config) -> Process {
-    let mut p = Process {
-        pid: sys::getpid(),
-        name: cfg.name.clone(),
-        exe: cfg.exe.clone(),
-        cmdline: cfg.cmdline.clone(),
-        cwd: sys::readlink(b"/proc/self/cwd\0").unwrap_or_default(),
-        ..Default::default()
-    };
-    // SAFETY: umask has no memory effects; set back at once (every other thread is parked).
-    unsafe {
-        let old = sc!(libc::SYS_umask, 0o22);
-        sc!(libc::SYS_umask, old);
-        p.umask = old as u32;
-        p.personality = sc!(libc::SYS_personality, 0xffff_ffffu32) as u32;
-    }
-    for res in 0..16u32 {
-        let mut lim = libc::rlimit64 {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: prlimit64 with a null new limit writes the old one.
-        if sys::check(unsafe {
-            sc!(
-                libc::SYS_prlimit64,
-                0,
-                res,
-                0,
-                &mut lim as *mut libc::rlimit64
-            )
+/// The regions of `maps` whose pages an image would store (as [`layout`] finds them).
+pub fn wanted(maps: &[MapsEntry]) -> Vec<Wanted> {
+    maps.iter()
+        .enumerate()
+        .filter(|(_, e)| !is_excluded(e))
+        .filter(|(_, e)| stores(e))
+        .map(|(i, e)| Wanted {
+            entry: i,
+            file_backed: maps_file(e),
         })
-        .is_ok()
-        {
-            p.rlimits.push(Rlimit {
-                resource: res,
-                soft: lim.rlim_cur,
-                hard: lim.rlim_max,
-            });
+        .collect()
+}
+
+/// What a region of the captured map needs: stored, and if so whether it can be registered.
+pub struct Wanted {
+    pub entry: usize,
+    pub file_backed: bool,
+}
+
+/// Address ranges a restored process had mapped from its image when it resumed (at most these;
+/// they only shrink as the program replaces that memory), `[start, end)` pairs, 0 = unused.
+static IMAGE_RANGES: [[AtomicUsize; 2]; 64] =
+    [const { [AtomicUsize::new(0), AtomicUsize::new(0)] }; 64];
+/// The image files those ranges map, as (device, inode): an image may be deleted meanwhile.
+/// (A restore from a chain of delta images maps pages from each image of the chain: room for
+/// chains of up to 16.)
+static IMAGE_FILES: [[AtomicU64; 2]; 16] = [const { [AtomicU64::new(0), AtomicU64::new(0)] }; 16];
+
+fn is_noted_image(dev: u64, inode: u64) -> bool {
+    IMAGE_FILES
+        .iter()
+        .any(|f| f[1].load(Relaxed) == inode && inode != 0 && f[0].load(Relaxed) == dev)
+}
+
+/// In a restored process: notes the memory mapped from its image. That memory was anonymous in
+/// the original process, where discarding a page gave zeros; a private file mapping gives the
+/// file's page back instead (see [`anonymize_image_pages`]). Restored threads wait in their
+/// quiesce handler until this is done (`pipeline::park::NOTED`).
+pub fn note_image_mappings() {
+    let Ok(maps) = read_maps() else {
+        return;
+    };
+    let mut images: Vec<((u64, u64), bool)> = Vec::new();
+    let mut n = 0;
+    for e in maps.iter().filter(|e| !e.shared && e.inode != 0) {
+        let key = (e.dev, e.inode);
+        let image = match images.iter().find(|v| v.0 == key) {
+            Some(v) => v.1,
+            None => {
+                let v = is_image_file(e.name.trim_end_matches(" (deleted)"));
+                images.push((key, v));
+                v
+            }
+        };
+        if image && !is_noted_image(e.dev, e.inode) {
+            if let Some(f) = IMAGE_FILES.iter().find(|f| f[1].load(Relaxed) == 0) {
+                f[0].store(e.dev, Relaxed);
+                f[1].store(e.inode, Relaxed);
+            }
+        }
+        if image && n < IMAGE_RANGES.len() {
+            IMAGE_RANGES[n][0].store(e.start as usize, Relaxed);
+            IMAGE_RANGES[n][1].store(e.end as usize, Relaxed);
+            n += 1;
+        } else if image {
+            // More ranges than slots: one slot covers the rest (a hint; the map decides).
+            IMAGE_RANGES[n - 1][1].store(e.end as usize, Relaxed);
         }
     }
-    let mut buf = Vec::new();
-    if sys::read_file(b"/proc/self/stat\0", &mut buf).is_ok() {
-        let text = String::from_utf8_lossy(&buf);
-        if let Some(i) = text.rfind(')') {
-            let f: Vec<u64> = text[i + 1..]
-                .split_whitespace()
-                .map(|t| t.parse().unwrap_or(0))
-                .collect();
-            let g = |field: usize| f.get(field - 3).copied().unwrap_or(0);
-            p.mm = MmFields {
-                start_code: g(26),
-                end_code: g(27),
-                start_stack: g(28),
-                start_data: g(45),
-                end_data: g(46),
-                start_brk: g(47),
-                arg_start: g(48),
-                arg_end: g(49),
-                env_start: g(50),
-                env_end: g(51),
-                // SAFETY: brk(0) only reports the current break.
-                brk: unsafe { sc!(libc::SYS_brk, 0) } as u64,
-            };
+    for r in &IMAGE_RANGES[n..] {
+        r[0].store(0, Relaxed);
+        r[1].store(0, Relaxed);
+    }
+    if n == 0 {
+        for f in &IMAGE_FILES {
+            f[1].store(0, Relaxed);
         }
     }
-    if sys::read_file(b"/proc/self/auxv\0", &mut buf).is_ok() {
-        p.auxv = buf
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+}
+
+/// Before pages of `[addr, addr + len)` are discarded: parts still mapped from the image a
+/// process was restored from become fresh anonymous memory with the same protection, so they
+/// read as zeros afterwards, as they did before the checkpoint.
+pub fn anonymize_image_pages(addr: u64, len: u64) {
+    let end = addr.saturating_add(len);
+    let hit = IMAGE_RANGES.iter().any(|r| {
+        let (s, e) = (r[0].load(Relaxed) as u64, r[1].load(Relaxed) as u64);
+        s < e && s < end && e > addr
+    });
+    if !hit {
+        return;
     }
-    for sig in 1..=64u32 {
-        if sig == libc::SIGKILL as u32 || sig == libc::SIGSTOP as u32 {
-            continue;
-        }
-        let mut k = [0u64; 4]; // handler, flags, restorer, mask
-                               // SAFETY: rt_sigaction with a null new action writes the 32-byte kernel sigaction.
-        if sys::check(unsafe { sc!(libc::SYS_rt_sigaction, sig, 0, k.as_mut_ptr(), 8) }).is_ok() {
-            p.sigactions.push(SigAction {
-                signo: sig,
-                handler: k[0],
-                flags: k[1],
-                restorer: k[2],
-                mask: k[3],
-            });
-        }
+    let Ok(maps) = read_maps() else {
+        return;
+    };
+    for e in maps
+        .iter()
+        .filter(|e| !e.shared && e.start < end && e.end > addr && is_noted_image(e.dev, e.inode))
+    {
+        let (s, t) = (e.start.max(addr & !4095), e.end.min((end + 4095) & !4095));
+        // SAFETY: replaces part of a private mapping of the image with anonymous memory at the
+        // same place; the program asked for this memory to be discarded.
+        unsafe {
+            sc!(
+                libc::SYS_mmap,
+                s,
+                t - s,
+                e.prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1i64,
+                0
+            )
+        };
     }
-    for which in 0..3 {
-        let mut v = [0i64; 4];
-        // SAFETY: getitimer writes a struct itimerval (4 longs).
-        unsafe { sc!(libc::SYS_getitimer, which, v.as_mut_ptr()) };
-        p.itimers.push(IntervalTimer {
-            interval_us: (v[0] * 1_000_000 + v[1]) as u64,
-            value_us: (v[2] * 1_000_000 + v[3]) as u64,
-        });
-    }
-    p.xsave_features = snapshim_image::xsave_features();
-    p.clock_monotonic_ns = sys::monotonic_ns();
-    p.clock_realtime_ns = sys::clock_ns(libc::CLOCK_REALTIME);
-    p.resident_bytes = statm().map_or(0, |(resident, _)| resident * 4096);
-    p
 }
 
 /// This process's resident and shared (file-backed or shmem) pages, from /proc/self/statm.
