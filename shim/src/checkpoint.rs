@@ -118,8 +118,8 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
         // Incremental mode: the policy picks a delta or a full image; the synchronous uffd
         // engine cannot register what the tracking userfaultfd holds, so full images use fork.
         let delta = crate::track::next_is_delta(cfg);
-        let engine = match cfg.engine.resolve() {
-            Engine::Uffd if cfg.incremental != crate::track::Mode::Off => Engine::Fork,
+        let engine = match writer::resolve(cfg.engine) {
+            Engine::Uffd if cfg.incremental != crate::config::Incremental::Off => Engine::Fork,
             Engine::Uffd if !crate::uffd::available() => {
                 let _ = sys::write_all(
                     2,
@@ -139,11 +139,11 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
             outcome = take(cfg, Engine::Fork, false);
         }
         match &outcome {
-            Outcome::Done(s) if cfg.incremental != crate::track::Mode::Off => {
+            Outcome::Done(s) if cfg.incremental != crate::config::Incremental::Off => {
                 crate::track::committed(s.seq, &s.path, s.bytes, s.delta);
                 // Keep the newest images and every image they depend on.
                 crate::track::retain(cfg);
-                if s.delta && cfg.incremental == crate::track::Mode::Merge {
+                if s.delta && cfg.incremental == crate::config::Incremental::Merge {
                     crate::track::maybe_merge(cfg, &s.path);
                 }
             }
@@ -680,7 +680,7 @@ fn write_image(job: &mut Job) -> Result<String, String> {
         }
     };
     mark(2);
-    if cfg.incremental != crate::track::Mode::Off {
+    if cfg.incremental != crate::config::Incremental::Off {
         // Delta or full, the tracking scan re-protects what was written: the next delta
         // starts from this instant (track.rs).
         job.delta = crate::track::prepare(&mut cap, job.delta);

@@ -29,7 +29,6 @@ mod uffd;
 mod writer;
 
 use core::sync::atomic::Ordering::*;
-use std::path::PathBuf;
 
 use snapshim_image::layout::{RESERVED_END, RESERVED_START};
 
@@ -57,120 +56,27 @@ extern "C" fn init() {
         .filter(|s| !s.is_empty())
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .collect();
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    let base = env("SNAPSHIM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("snapshim-images"));
-    let base = if base.is_absolute() {
-        base
-    } else {
-        std::env::current_dir().unwrap_or_default().join(base)
-    };
-    let name = env("SNAPSHIM_NAME").unwrap_or_else(|| {
-        exe.rsplit('/')
-            .next()
-            .unwrap_or("program")
-            .trim_end_matches(" (deleted)")
-            .to_string()
-    });
-    let trigger = match env("SNAPSHIM_SIGNAL") {
-        None => libc::SIGUSR2,
-        Some(s) => match config::parse_signal(&s) {
-            Some(n) => n,
-            None => {
-                warn(&format!(
-                    "SNAPSHIM_SIGNAL={s} is not a signal snapshim can use; checkpoints are off"
-                ));
-                return;
+    let settings = match config::Settings::parse(|k| std::env::var(k).ok()) {
+        Ok((s, warnings)) => {
+            for w in warnings {
+                warn(&w);
             }
-        },
-    };
-    let interval_ms = match env("SNAPSHIM_INTERVAL") {
-        None => None,
-        Some(s) => match config::parse_interval(&s) {
-            Some(ms) => Some(ms),
-            None => {
-                warn(&format!(
-                    "SNAPSHIM_INTERVAL={s} is not a duration (like 30s, 10m); ignored"
-                ));
-                None
-            }
-        },
-    };
-    let keep = env("SNAPSHIM_KEEP")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    let engine = match env("SNAPSHIM_COW").as_deref() {
-        None | Some("auto") => writer::Engine::Auto,
-        Some("fork") => writer::Engine::Fork,
-        Some("stop") => writer::Engine::Stop,
-        Some("uffd") => writer::Engine::Uffd,
-        Some(other) => {
-            warn(&format!(
-                "SNAPSHIM_COW={other} is not an engine (auto, uffd, fork, stop); using auto"
-            ));
-            writer::Engine::Auto
+            s
+        }
+        Err(why) => {
+            warn(&why);
+            return;
         }
     };
-    let incremental = match env("SNAPSHIM_INCREMENTAL").as_deref() {
-        None | Some("0") | Some("off") => track::Mode::Off,
-        Some("1") | Some("on") => track::Mode::On,
-        Some("merge") => track::Mode::Merge,
-        Some(other) => {
-            warn(&format!(
-                "SNAPSHIM_INCREMENTAL={other} is not a mode (off, on, merge); using off"
-            ));
-            track::Mode::Off
-        }
-    };
-    track::init(incremental);
-    let full_every = env("SNAPSHIM_FULL_EVERY")
-        .and_then(|s| s.parse().ok())
-        .filter(|&n: &u64| n >= 1)
-        .unwrap_or(8);
-    let full_fraction = env("SNAPSHIM_FULL_FRACTION")
-        .and_then(|s| s.parse().ok())
-        .filter(|f: &f64| *f > 0.0)
-        .unwrap_or(0.5);
-    if let Some(v) = env("SNAPSHIM_FAULT_AROUND") {
-        match v.parse::<u64>() {
-            Ok(kib) if kib >= 4 => uffd::set_fault_around(kib << 10),
-            _ => warn(&format!(
-                "SNAPSHIM_FAULT_AROUND={v} is not a size in KiB (4 or more); using {}",
-                uffd::DEFAULT_AROUND >> 10
-            )),
-        }
+    track::init(settings.incremental);
+    if let Some(bytes) = settings.fault_around {
+        uffd::set_fault_around(bytes);
     }
-    match env("SNAPSHIM_COPY_AHEAD").as_deref() {
-        None | Some("auto") => uffd::set_copy_ahead(uffd::CopyAhead::Auto),
-        Some("off") | Some("0") => uffd::set_copy_ahead(uffd::CopyAhead::Off),
-        Some("always") => uffd::set_copy_ahead(uffd::CopyAhead::Always),
-        Some(other) => warn(&format!(
-            "SNAPSHIM_COPY_AHEAD={other} is not a choice (auto, off, always); using auto"
-        )),
+    if let Some(c) = settings.copy_ahead {
+        uffd::set_copy_ahead(c);
     }
-    state::HUGEPAGES.store(env("SNAPSHIM_HUGEPAGES").is_some_and(|v| v != "0"), Relaxed);
-    let quiesce = libc::SIGRTMAX() - 1;
-    let cfg = config::init(config::Config {
-        image_dir: base.join(&name),
-        name,
-        trigger_signal: trigger,
-        quiesce_signal: if quiesce == trigger {
-            quiesce - 1
-        } else {
-            quiesce
-        },
-        interval_ms,
-        keep,
-        engine,
-        incremental,
-        full_every,
-        full_fraction,
-        twin_full: env("SNAPSHIM_TWIN_FULL").is_some_and(|v| v != "0"),
-        exe,
-        cmdline,
-        shim_path: shim_path(),
-    });
+    state::HUGEPAGES.store(settings.hugepages, Relaxed);
+    let cfg = config::init(config::Config::new(&settings, exe, cmdline, shim_path()));
 
     // The restorer's range: refuse to start checkpointing if something is already there.
     // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.

@@ -33,6 +33,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 
+use crate::config::Incremental as Mode;
 use crate::objects::memory::{self, MapsEntry};
 use crate::sys::kapi::*;
 use crate::sys::{self, sc};
@@ -41,18 +42,6 @@ const UFFD_USER_MODE_ONLY: i64 = 1;
 const FEATURE_WP_ASYNC: u64 = 1 << 15;
 
 const PAGE: u64 = 4096;
-
-/// `SNAPSHIM_INCREMENTAL`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Every image is a full one.
-    Off,
-    /// Delta images between full ones; the program takes a full image when the policy says so.
-    On,
-    /// Delta images; when the policy calls for a full image, a background `snapshim merge`
-    /// folds the chain into one instead, while the program runs.
-    Merge,
-}
 
 /// Whether deltas may exist in the image directory (retention must follow chains).
 static CHAINS: AtomicU8 = AtomicU8::new(0);

@@ -53,6 +53,7 @@ use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, O
 
 use snapshim_image::layout::STACK_START;
 
+use crate::config::CopyAhead;
 use crate::objects::memory::{self, MapsEntry, Wanted, PM_FILE, PM_PRESENT, PM_SWAP};
 use crate::objects::threads;
 use crate::sys::kapi::*;
@@ -127,8 +128,7 @@ pub struct Table {
 
 /// The largest block saved around a write fault during a flush (`SNAPSHIM_FAULT_AROUND`, a
 /// power of two from one page to 2 MiB; see [`Around`]).
-static AROUND: AtomicU64 = AtomicU64::new(DEFAULT_AROUND);
-pub const DEFAULT_AROUND: u64 = 2 << 20;
+static AROUND: AtomicU64 = AtomicU64::new(snapshim_image::settings::DEFAULT_FAULT_AROUND);
 
 /// Sets the largest fault-around block (rounded down to a power of two, one page to 2 MiB).
 pub fn set_fault_around(bytes: u64) {
@@ -1532,15 +1532,6 @@ pub fn is_no_data(s: u32) -> bool {
 }
 pub const STORED_BIT: u32 = STORED;
 
-/// `SNAPSHIM_COPY_AHEAD`: whether the writer copies ahead of the program while the device
-/// writes: when the program writes all over unsaved memory (`auto`), never (`off`), or always
-/// (`always`, a testing aid: every flush takes that path).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum CopyAhead {
-    Auto,
-    Off,
-    Always,
-}
 static COPY_AHEAD: AtomicU8 = AtomicU8::new(0);
 
 pub fn set_copy_ahead(c: CopyAhead) {

@@ -39,8 +39,6 @@ use crate::sys::{self, sc};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
-    /// The best one available: `Uffd` where this process may use userfaultfd, else `Fork`.
-    Auto,
     Stop,
     Fork,
     Uffd,
@@ -49,20 +47,21 @@ pub enum Engine {
 impl Engine {
     pub fn name(self) -> &'static str {
         match self {
-            Engine::Auto => "auto",
             Engine::Stop => "stop",
             Engine::Fork => "fork",
             Engine::Uffd => "uffd",
         }
     }
+}
 
-    /// The engine `self` means in this process now.
-    pub fn resolve(self) -> Engine {
-        match self {
-            Engine::Auto if crate::uffd::available() => Engine::Uffd,
-            Engine::Auto => Engine::Fork,
-            e => e,
-        }
+/// The engine `c` means in this process now.
+pub fn resolve(c: crate::config::Cow) -> Engine {
+    use crate::config::Cow;
+    match c {
+        Cow::Auto if crate::uffd::available() => Engine::Uffd,
+        Cow::Auto | Cow::Fork => Engine::Fork,
+        Cow::Stop => Engine::Stop,
+        Cow::Uffd => Engine::Uffd,
     }
 }
 
