@@ -120,7 +120,7 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
         let delta = crate::track::next_is_delta(cfg);
         let engine = match writer::resolve(cfg.engine) {
             Engine::Uffd if cfg.incremental != crate::config::Incremental::Off => Engine::Fork,
-            Engine::Uffd if !crate::uffd::available() => {
+            Engine::Uffd if !crate::engine::uffd::available() => {
                 let _ = sys::write_all(
                     2,
                     b"snapshim: SNAPSHIM_COW=uffd: this process may not use userfaultfd \
@@ -330,7 +330,7 @@ fn take(cfg: &'static Config, mut engine: Engine, delta: bool) -> Outcome {
     if engine == Engine::Uffd {
         let prepared = memory::read_maps()
             .map_err(|e| alloc::format!("cannot read the memory map: errno {e}"))
-            .and_then(|maps| crate::uffd::prepare(&maps, &memory::wanted(&maps)));
+            .and_then(|maps| crate::engine::uffd::prepare(&maps, &memory::wanted(&maps)));
         if let Err(msg) = prepared {
             let text = alloc::format!("snapshim: uffd engine unavailable ({msg}); using fork\n");
             let _ = sys::write_all(2, text.as_bytes());
@@ -347,7 +347,7 @@ fn take(cfg: &'static Config, mut engine: Engine, delta: bool) -> Outcome {
         Err(msg) => {
             release();
             if engine == Engine::Uffd {
-                crate::uffd::teardown();
+                crate::engine::uffd::teardown();
             }
             writer::abandon(&target);
             unmap_stack();
@@ -513,7 +513,7 @@ fn quiesce() -> Result<usize, String> {
         let mut new = 0;
         for t in tasks {
             if t != me
-                && t != crate::uffd::server_tid()
+                && t != crate::engine::uffd::server_tid()
                 && !signaled.contains(&t)
                 && !gone.contains(&t)
                 && !is_zombie(t)
@@ -601,7 +601,7 @@ fn release() {
 fn after_restore(nthreads: usize) {
     // The snapshot was taken while the writer ran: its scratch heap was active, and is gone now.
     crate::sys::alloc::SCRATCH_ACTIVE.store(false, SeqCst);
-    crate::uffd::after_restore();
+    crate::engine::uffd::after_restore();
     memory::note_image_mappings();
     park::NOTED.store(1, Release);
     sys::futex_wake(&park::NOTED);
@@ -699,7 +699,7 @@ fn write_image(job: &mut Job) -> Result<String, String> {
     // The uffd engine sets up during the pause; where it cannot, this checkpoint uses fork.
     let live = if job.engine == Engine::Uffd {
         let layout = memory::layout(&cap.maps);
-        match crate::uffd::begin(&cap.maps, &layout.wanted) {
+        match crate::engine::uffd::begin(&cap.maps, &layout.wanted) {
             Ok(table) => Some((table, layout)),
             Err(msg) => {
                 let text =
@@ -720,10 +720,10 @@ fn write_image(job: &mut Job) -> Result<String, String> {
             // The image is written after the pause: it can say how long the pause was.
             cap.process.pause_ns = job.pause_ns;
             let r = writer::write_live(cfg, &cap, &t, table, layout);
-            crate::uffd::end(table);
+            crate::engine::uffd::end(table);
             job.copied = table.copied.load(Relaxed);
             job.copied_ahead = table.ahead.load(Relaxed);
-            job.huge_split = crate::uffd::huge_pages_split(table);
+            job.huge_split = crate::engine::uffd::huge_pages_split(table);
             let r = match (r, table.lost()) {
                 (Ok(bytes), None) => writer::commit(&t, job.seq, cfg.keep).map(|()| bytes),
                 (Ok(_), Some(lost)) => {

@@ -278,7 +278,7 @@ pub unsafe extern "C" fn mmap(
         return libc::MAP_FAILED;
     }
     if flags & libc::MAP_FIXED != 0 {
-        crate::uffd::save_range(addr as u64, len as u64); // the old pages go
+        crate::engine::uffd::save_range(addr as u64, len as u64); // the old pages go
     }
     // SAFETY: forwarded unchanged; the kernel validates everything.
     let r = unsafe {
@@ -318,7 +318,7 @@ pub unsafe extern "C" fn mmap64(
 /// As `munmap(2)`.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn munmap(addr: *mut c_void, len: size_t) -> c_int {
-    crate::uffd::save_range(addr as u64, len as u64);
+    crate::engine::uffd::save_range(addr as u64, len as u64);
     // SAFETY: forwarded unchanged.
     let r = unsafe { sc!(libc::SYS_munmap, addr, len) };
     int_result(r)
@@ -337,7 +337,7 @@ const DISCARDING_ADVICE: [c_int; 4] = [
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) -> c_int {
     if DISCARDING_ADVICE.contains(&advice) {
-        crate::uffd::save_range(addr as u64, len as u64);
+        crate::engine::uffd::save_range(addr as u64, len as u64);
         crate::objects::memory::anonymize_image_pages(addr as u64, len as u64);
     }
     // SAFETY: forwarded unchanged.
@@ -371,10 +371,10 @@ pub unsafe extern "C" fn mremap(
         return libc::MAP_FAILED;
     }
     // The pages move (or shrink away), and a fixed target's old pages go.
-    crate::uffd::save_range(old as u64, old_len as u64);
+    crate::engine::uffd::save_range(old as u64, old_len as u64);
     crate::track::before_mremap(old as u64, old_len as u64);
     if new_addr != 0 {
-        crate::uffd::save_range(new_addr as u64, new_len as u64);
+        crate::engine::uffd::save_range(new_addr as u64, new_len as u64);
     }
     // SAFETY: forwarded unchanged.
     let r = unsafe {
@@ -428,7 +428,7 @@ pub unsafe extern "C" fn calloc(n: size_t, size: size_t) -> *mut c_void {
 /// # Safety
 /// `p` is null or a live pointer from glibc's allocator.
 unsafe fn save_mmapped_chunk(p: *mut c_void) {
-    if p.is_null() || !crate::uffd::flushing() {
+    if p.is_null() || !crate::engine::uffd::flushing() {
         return;
     }
     // glibc's chunk header: prev_size, then size with flag bit 1 = IS_MMAPPED; a mapped chunk's
@@ -440,7 +440,7 @@ unsafe fn save_mmapped_chunk(p: *mut c_void) {
     };
     if size & 2 != 0 {
         let start = (p as usize - 2 * core::mem::size_of::<usize>()) - prev;
-        crate::uffd::save_range(start as u64, (prev + (size & !7)) as u64);
+        crate::engine::uffd::save_range(start as u64, (prev + (size & !7)) as u64);
     }
 }
 
@@ -543,7 +543,7 @@ fn real_pthread_create() -> Option<PthreadCreate> {
 }
 
 extern "C" fn on_thread_exit(_: *mut c_void) {
-    crate::uffd::thread_exiting();
+    crate::engine::uffd::thread_exiting();
 }
 
 /// The new thread's first frame: registers the exit hook, then runs the program's routine.

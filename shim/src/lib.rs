@@ -19,13 +19,13 @@ extern crate alloc;
 
 mod checkpoint;
 mod config;
+mod engine;
 mod interpose;
 mod objects;
 mod park;
 mod state;
 mod sys;
 mod track;
-mod uffd;
 mod writer;
 
 use core::sync::atomic::Ordering::*;
@@ -70,10 +70,10 @@ extern "C" fn init() {
     };
     track::init(settings.incremental);
     if let Some(bytes) = settings.fault_around {
-        uffd::set_fault_around(bytes);
+        engine::uffd::set_fault_around(bytes);
     }
     if let Some(c) = settings.copy_ahead {
-        uffd::set_copy_ahead(c);
+        engine::uffd::set_copy_ahead(c);
     }
     state::HUGEPAGES.store(settings.hugepages, Relaxed);
     let cfg = config::init(config::Config::new(&settings, exe, cmdline, shim_path()));

@@ -58,7 +58,7 @@ impl Engine {
 pub fn resolve(c: crate::config::Cow) -> Engine {
     use crate::config::Cow;
     match c {
-        Cow::Auto if crate::uffd::available() => Engine::Uffd,
+        Cow::Auto if crate::engine::uffd::available() => Engine::Uffd,
         Cow::Auto | Cow::Fork => Engine::Fork,
         Cow::Stop => Engine::Stop,
         Cow::Uffd => Engine::Uffd,
@@ -113,7 +113,7 @@ pub fn capture(cfg: &Config, nthreads: usize, image_fd: i32) -> Result<Captured,
         &memory::read_maps()
             .map_err(|e| alloc::format!("cannot read /proc/self/maps: errno {e}"))?,
     );
-    let mut fds = objects::fds(crate::uffd::is_own_fd);
+    let mut fds = objects::fds(crate::engine::uffd::is_own_fd);
     fds.retain(|f| f.fd != crate::track::own_fd() && f.fd != image_fd);
     let process = process::capture(cfg);
     let boottime_ns = sys::clock_ns(libc::CLOCK_BOOTTIME);
@@ -724,10 +724,10 @@ pub fn write_live(
     cfg: &Config,
     cap: &Captured,
     t: &Target,
-    table: &crate::uffd::Table,
+    table: &crate::engine::uffd::Table,
     layout: memory::Layout,
 ) -> Result<u64, String> {
-    use crate::uffd;
+    use crate::engine::uffd;
     let io = |what: &'static str| move |e: i32| errmsg(what, &t.tmp, e);
     let mut pages = PageWriter::open(t);
     // Give the file its largest size first: an O_DIRECT write that extends a file is done

@@ -1,0 +1,3 @@
+//! Copy-on-write engines.
+
+pub mod uffd;
