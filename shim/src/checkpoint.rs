@@ -114,10 +114,10 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
             .map(|r| r.swap(0, AcqRel))
             .filter(|&v| v != 0)
             .collect();
-        crate::track::reap_merger(cfg);
+        crate::incremental::merger::reap_merger(cfg);
         // Incremental mode: the policy picks a delta or a full image; the synchronous uffd
         // engine cannot register what the tracking userfaultfd holds, so full images use fork.
-        let delta = crate::track::next_is_delta(cfg);
+        let delta = crate::incremental::policy::next_is_delta(cfg);
         let engine = match writer::resolve(cfg.engine) {
             Engine::Uffd if cfg.incremental != crate::config::Incremental::Off => Engine::Fork,
             Engine::Uffd if !crate::engine::uffd::available() => {
@@ -140,14 +140,14 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
         }
         match &outcome {
             Outcome::Done(s) if cfg.incremental != crate::config::Incremental::Off => {
-                crate::track::committed(s.seq, &s.path, s.bytes, s.delta);
+                crate::incremental::policy::committed(s.seq, &s.path, s.bytes, s.delta);
                 // Keep the newest images and every image they depend on.
-                crate::track::retain(cfg);
+                writer::retain(cfg);
                 if s.delta && cfg.incremental == crate::config::Incremental::Merge {
-                    crate::track::maybe_merge(cfg, &s.path);
+                    crate::incremental::merger::maybe_merge(cfg, &s.path);
                 }
             }
-            Outcome::Failed(_) | Outcome::Retry(_) => crate::track::forget(),
+            Outcome::Failed(_) | Outcome::Retry(_) => crate::incremental::policy::forget(),
             _ => {}
         }
         let line = match &outcome {
@@ -388,7 +388,7 @@ fn take(cfg: &'static Config, mut engine: Engine, delta: bool) -> Outcome {
         )
     };
     if restored == 1 {
-        crate::track::after_restore();
+        crate::incremental::after_restore();
         after_restore(nthreads);
         return Outcome::Restored;
     }
@@ -683,11 +683,15 @@ fn write_image(job: &mut Job) -> Result<String, String> {
     if cfg.incremental != crate::config::Incremental::Off {
         // Delta or full, the tracking scan re-protects what was written: the next delta
         // starts from this instant (track.rs).
-        job.delta = crate::track::prepare(&mut cap, job.delta);
+        cap.delta = crate::incremental::policy::prepare(&cap.maps, job.delta);
+        job.delta = cap.delta.is_some();
         if job.delta {
             // Few written pages are written out during the pause (into the page cache: about
             // as fast as copying them), many by a forked writer (see track::pause_write).
-            job.engine = if crate::track::pause_write(&cap) && !cfg.twin_full {
+            job.engine = if cap.delta.as_ref().is_some_and(|d| {
+                crate::incremental::policy::pause_write(d, cap.process.resident_bytes)
+            }) && !cfg.twin_full
+            {
                 Engine::Stop
             } else {
                 Engine::Fork
@@ -725,7 +729,7 @@ fn write_image(job: &mut Job) -> Result<String, String> {
             job.copied_ahead = table.ahead.load(Relaxed);
             job.huge_split = crate::engine::uffd::huge_pages_split(table);
             let r = match (r, table.lost()) {
-                (Ok(bytes), None) => writer::commit(&t, job.seq, cfg.keep).map(|()| bytes),
+                (Ok(bytes), None) => writer::commit(cfg, &t, job.seq).map(|()| bytes),
                 (Ok(_), Some(lost)) => {
                     job.retry = true;
                     Err(lost)
@@ -739,7 +743,7 @@ fn write_image(job: &mut Job) -> Result<String, String> {
             let r = writer::write_out_with(cfg, &cap, &t, !job.delta);
             job.pause_ns = sys::monotonic_ns() - job.t0;
             release();
-            let r = r.and_then(|bytes| writer::commit(&t, job.seq, cfg.keep).map(|()| bytes));
+            let r = r.and_then(|bytes| writer::commit(cfg, &t, job.seq).map(|()| bytes));
             settle(job, &t, r).map(|()| path)
         }
         _ => {
@@ -749,14 +753,14 @@ fn write_image(job: &mut Job) -> Result<String, String> {
                 writer::abandon(&t);
                 return Err("cannot create a pipe for the writer process".into());
             }
-            let (seq, keep) = (job.seq, cfg.keep);
+            let seq = job.seq;
             let forked = sys::fork_child(|| {
                 sys::close(report[0]);
                 let mut r = writer::write_out(cfg, &cap, &t)
-                    .and_then(|b| writer::commit(&t, seq, keep).map(|()| b));
+                    .and_then(|b| writer::commit(cfg, &t, seq).map(|()| b));
                 if r.is_ok() && cap.delta.is_some() && cfg.twin_full {
                     // Testing aid: a full image of the same instant, beside the delta.
-                    if let Err(msg) = crate::track::write_twin(cfg, &cap, seq) {
+                    if let Err(msg) = writer::write_twin(cfg, &cap, seq) {
                         r = Err(msg);
                     }
                 }

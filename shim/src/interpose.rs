@@ -372,7 +372,7 @@ pub unsafe extern "C" fn mremap(
     }
     // The pages move (or shrink away), and a fixed target's old pages go.
     crate::engine::uffd::save_range(old as u64, old_len as u64);
-    crate::track::before_mremap(old as u64, old_len as u64);
+    crate::incremental::before_mremap(old as u64, old_len as u64);
     if new_addr != 0 {
         crate::engine::uffd::save_range(new_addr as u64, new_len as u64);
     }

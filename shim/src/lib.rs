@@ -20,12 +20,12 @@ extern crate alloc;
 mod checkpoint;
 mod config;
 mod engine;
+mod incremental;
 mod interpose;
 mod objects;
 mod park;
 mod state;
 mod sys;
-mod track;
 mod writer;
 
 use core::sync::atomic::Ordering::*;
@@ -68,7 +68,6 @@ extern "C" fn init() {
             return;
         }
     };
-    track::init(settings.incremental);
     if let Some(bytes) = settings.fault_around {
         engine::uffd::set_fault_around(bytes);
     }

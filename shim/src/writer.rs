@@ -26,8 +26,8 @@ use std::path::PathBuf;
 
 use snapshim_image::layout::{RESERVED_END, RESERVED_START};
 use snapshim_image::{
-    self as image, BuildId, FdState, Metadata, PageRun, PageSpan, ParentRef, Process, Region,
-    RegionKind, ShimInfo, ThreadState, VdsoImage,
+    self as image, BuildId, FdState, Metadata, PageRun, PageSpan, Process, Region, RegionKind,
+    ShimInfo, ThreadState, VdsoImage,
 };
 
 use crate::config::Config;
@@ -79,7 +79,7 @@ pub struct Captured {
     /// The identity the image gets (chosen during the pause, so the helper knows it).
     pub image_id: u64,
     /// Set for a delta image (incremental checkpoints, see track.rs).
-    pub delta: Option<Delta>,
+    pub delta: Option<crate::incremental::Delta>,
 }
 
 impl Captured {
@@ -99,12 +99,6 @@ impl Captured {
     }
 }
 
-/// What makes an image a delta: its parent, and the regions whose written pages are known.
-pub struct Delta {
-    pub parent: ParentRef,
-    pub tracked: Vec<crate::track::Tracked>,
-}
-
 /// Captures the process's state (every other thread parked). `image_fd`, the image being
 /// written, is not part of it.
 pub fn capture(cfg: &Config, nthreads: usize, image_fd: i32) -> Result<Captured, String> {
@@ -114,7 +108,7 @@ pub fn capture(cfg: &Config, nthreads: usize, image_fd: i32) -> Result<Captured,
             .map_err(|e| alloc::format!("cannot read /proc/self/maps: errno {e}"))?,
     );
     let mut fds = objects::fds(crate::engine::uffd::is_own_fd);
-    fds.retain(|f| f.fd != crate::track::own_fd() && f.fd != image_fd);
+    fds.retain(|f| f.fd != crate::incremental::own_fd() && f.fd != image_fd);
     let process = process::capture(cfg);
     let boottime_ns = sys::clock_ns(libc::CLOCK_BOOTTIME);
     let n = nthreads.min(threads::MAX_THREADS);
@@ -570,7 +564,7 @@ fn write_pages_and_meta(
 /// written pages that hold data, 0 for the rest) and appends the unwritten pages to `inherited`.
 fn delta_pages(
     e: &MapsEntry,
-    t: &crate::track::Tracked,
+    t: &crate::incremental::Tracked,
     pm: &mut Vec<u64>,
     inherited: &mut Vec<PageSpan>,
 ) {
@@ -588,7 +582,7 @@ fn delta_pages(
     };
     for &(a, b, cat) in &t.written {
         inherit(next, a);
-        if crate::track::Tracked::has_data(cat) {
+        if crate::incremental::Tracked::has_data(cat) {
             for i in (a - e.start) / 4096..(b - e.start) / 4096 {
                 pm[i as usize] = PM_PRESENT;
             }
@@ -674,7 +668,8 @@ fn random_id() -> u64 {
 }
 
 /// fsync, rename into place, fsync the directory, repoint `latest`, drop images beyond `keep`.
-pub fn commit(t: &Target, seq: u64, keep: u64) -> Result<(), String> {
+pub fn commit(cfg: &Config, t: &Target, seq: u64) -> Result<(), String> {
+    let keep = cfg.keep;
     // SAFETY: fsync on our own descriptor.
     sys::check(unsafe { sc!(libc::SYS_fsync, t.fd) }).map_err(|e| errmsg("fsync", &t.tmp, e))?;
     std::fs::rename(&t.tmp, &t.path)
@@ -688,9 +683,9 @@ pub fn commit(t: &Target, seq: u64, keep: u64) -> Result<(), String> {
     if let Ok(d) = std::fs::File::open(&t.dir) {
         let _ = d.sync_all();
     }
-    if crate::track::chain_retention() {
+    if cfg.chains() {
         // Deltas depend on older images: the helper applies retention after the commit
-        // (track::retain; it reads directories, which needs libc's allocator: not here, where
+        // (retain; it reads directories, which needs libc's allocator: not here, where
         // this may be a forked writer).
     } else if keep > 0 && seq > keep {
         let old = t.dir.join(image::image_file_name(seq - keep));
@@ -917,4 +912,41 @@ pub fn write_live(
         sys::check(unsafe { sc!(libc::SYS_ftruncate, t.fd, size) }).map_err(io("truncate"))?;
     }
     Ok(size)
+}
+
+/// Retention with chains (after a committed image, outside the pause): keeps the newest
+/// `SNAPSHIM_KEEP` images and every image they depend on. The directory is listed with raw
+/// system calls: the shim does not use the allocator it interposes.
+pub fn retain(cfg: &Config) {
+    let mut dir = cfg.image_dir.as_os_str().as_encoded_bytes().to_vec();
+    dir.push(0);
+    let Ok(names) = sys::list_dir_names(&dir) else {
+        return;
+    };
+    let mut images: Vec<std::path::PathBuf> = names
+        .iter()
+        .filter(|n| n.ends_with(snapshim_image::IMAGE_SUFFIX) && !n.starts_with('.'))
+        .map(|n| cfg.image_dir.join(n))
+        .collect();
+    images.sort();
+    snapshim_image::retain_among(&cfg.image_dir, images, cfg.keep as usize);
+}
+
+/// `SNAPSHIM_TWIN_FULL`: in the forked writer of a delta, after the delta is committed, writes a
+/// full image of the same instant as `ckpt-N.twin` (renamed into place, `latest` untouched), so
+/// tests can check that the chain restores exactly what a full image does.
+pub fn write_twin(cfg: &Config, cap: &Captured, seq: u64) -> Result<(), String> {
+    let full = cap.as_full();
+    let name = alloc::format!("ckpt-{seq:08}.twin");
+    let t = create_named_target(cfg, &name)?;
+    let r = write_out(cfg, &full, &t).and_then(|_| {
+        std::fs::rename(&t.tmp, &t.path)
+            .map_err(|e| alloc::format!("cannot rename {}: {e}", t.tmp.display()))
+    });
+    if r.is_err() {
+        abandon(&t);
+    } else {
+        sys::close(t.fd);
+    }
+    r
 }
