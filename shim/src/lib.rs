@@ -9,7 +9,7 @@
 //! 4. start the helper thread, which waits on a pipe and does all the work (`checkpoint.rs`).
 //!
 //! What may run where: signal handlers use atomics and raw system calls only (`park.rs`,
-//! `checkpoint::trigger_handler`); the writer runs while every other thread is parked and so
+//! `pipeline::trigger::trigger_handler`); the writer runs while every other thread is parked and so
 //! never calls the program's malloc or takes a lock the program might hold.
 #![allow(unsafe_code)]
 // Unit tests leave out the constructor, so most of the crate is unreachable from them.
@@ -17,16 +17,14 @@
 
 extern crate alloc;
 
-mod checkpoint;
 mod config;
 mod engine;
 mod incremental;
 mod interpose;
 mod objects;
-mod park;
+mod pipeline;
 mod state;
 mod sys;
-mod writer;
 
 use core::sync::atomic::Ordering::*;
 
@@ -117,16 +115,16 @@ extern "C" fn init() {
         warn("cannot create the wake-up pipe; checkpoints are off");
         return;
     }
-    checkpoint::WAKE_R.store(fds[0], Relaxed);
-    checkpoint::WAKE_W.store(fds[1], Relaxed);
+    pipeline::trigger::WAKE_R.store(fds[0], Relaxed);
+    pipeline::trigger::WAKE_W.store(fds[1], Relaxed);
 
     state::TRIGGER_SIG.store(cfg.trigger_signal, Relaxed);
     state::QUIESCE_SIG.store(cfg.quiesce_signal, Relaxed);
-    install(cfg.quiesce_signal, park::quiesce_handler);
-    install(cfg.trigger_signal, checkpoint::trigger_handler);
+    install(cfg.quiesce_signal, pipeline::park::quiesce_handler);
+    install(cfg.trigger_signal, pipeline::trigger::trigger_handler);
 
     extern "C" fn in_child() {
-        checkpoint::DISABLED.store(1, Relaxed);
+        pipeline::trigger::DISABLED.store(1, Relaxed);
     }
     // SAFETY: registers a plain function; no state is captured.
     unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
@@ -150,7 +148,7 @@ extern "C" fn init() {
     let spawned = std::thread::Builder::new()
         .name("snapshim".into())
         .stack_size(512 << 10)
-        .spawn(move || checkpoint::helper_main(cfg, candidates));
+        .spawn(move || pipeline::helper_main(cfg, candidates));
     // SAFETY: puts back this thread's own mask.
     unsafe {
         sys::syscall6(

@@ -1,187 +1,22 @@
-//! Writing an image: capture what the kernel holds (during the pause), then page data, metadata
-//! and header into a temporary file, then the atomic commit.
-//!
-//! Engines (`SNAPSHIM_COW`):
-//! - `uffd` (see uffd.rs): memory is write-protected with a userfaultfd during the pause and
-//!   written by this thread while the program runs; pages the program is about to change are
-//!   copied first. The default (`auto`) where the process may use userfaultfd.
-//! - `stop`: the program stays parked until every page is written; the pause grows with memory.
-//! - `fork`: during the pause the writer captures descriptors and process state, then forks a
-//!   child with a raw `clone` whose exit signal is 0 (the program never sees a SIGCHLD, and its
-//!   `wait(-1)` cannot reap it). The kernel makes the child's memory a copy-on-write view frozen
-//!   at that instant; the program is released at once and the child writes the image from its
-//!   view. The pause is the page-table copy (about 18 ms per GiB of 4 KiB pages, almost nothing
-//!   for huge pages); the program pays a page copy on its first write to each page while the
-//!   child lives. Works for every user.
-//!
-//! Both run on the writer stack with the scratch allocator; the forked child never returns into
-//! program code: it ends with `exit_group`.
+//! Flush: page data, metadata and header into the image's temporary file, from memory nothing
+//! changes meanwhile (`write_out`: every thread parked, or in the forked writer) or while the
+//! program runs (`write_live`: the uffd engine, which copies what the program is about to
+//! change).
 #![allow(unsafe_code)]
 
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering::{AcqRel, Acquire};
-use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
 
 use snapshim_image::layout::{RESERVED_END, RESERVED_START};
-use snapshim_image::{
-    self as image, BuildId, FdState, Metadata, PageRun, PageSpan, Process, Region, RegionKind,
-    ShimInfo, ThreadState, VdsoImage,
-};
+use snapshim_image::{self as image, Metadata, PageRun, PageSpan, Region, RegionKind, ShimInfo};
 
+use super::capture::Captured;
+use super::commit::{cpath, errmsg, Target};
+use super::park;
 use crate::config::Config;
 use crate::objects::memory::{self, MapsEntry, PM_FILE, PM_PRESENT, PM_SWAP};
-use crate::objects::threads::{self, HELPER_SLOT, SLOTS};
-use crate::objects::{self, process};
-use crate::park;
 use crate::sys::{self, sc};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
-    Stop,
-    Fork,
-    Uffd,
-}
-
-impl Engine {
-    pub fn name(self) -> &'static str {
-        match self {
-            Engine::Stop => "stop",
-            Engine::Fork => "fork",
-            Engine::Uffd => "uffd",
-        }
-    }
-}
-
-/// The engine `c` means in this process now.
-pub fn resolve(c: crate::config::Cow) -> Engine {
-    use crate::config::Cow;
-    match c {
-        Cow::Auto if crate::engine::uffd::available() => Engine::Uffd,
-        Cow::Auto | Cow::Fork => Engine::Fork,
-        Cow::Stop => Engine::Stop,
-        Cow::Uffd => Engine::Uffd,
-    }
-}
-
-/// What only the running process can tell: read during the pause.
-pub struct Captured {
-    pub maps: Vec<MapsEntry>,
-    fds: Vec<FdState>,
-    pub process: Process,
-    threads: Vec<ThreadState>,
-    /// CLOCK_BOOTTIME read right after `process.clock_monotonic_ns`.
-    boottime_ns: u64,
-    /// Format 1.2: build-ids of the mapped files, and the vDSO (see capture.rs).
-    build_ids: Vec<BuildId>,
-    vdso: VdsoImage,
-    /// The identity the image gets (chosen during the pause, so the helper knows it).
-    pub image_id: u64,
-    /// Set for a delta image (incremental checkpoints, see track.rs).
-    pub delta: Option<crate::incremental::Delta>,
-}
-
-impl Captured {
-    /// The same snapshot as a full image (for `SNAPSHIM_TWIN_FULL`, see track.rs).
-    pub fn as_full(&self) -> Captured {
-        Captured {
-            maps: self.maps.clone(),
-            fds: self.fds.clone(),
-            process: self.process.clone(),
-            threads: self.threads.clone(),
-            boottime_ns: self.boottime_ns,
-            build_ids: self.build_ids.clone(),
-            vdso: self.vdso.clone(),
-            image_id: random_id(),
-            delta: None,
-        }
-    }
-}
-
-/// Captures the process's state (every other thread parked). `image_fd`, the image being
-/// written, is not part of it.
-pub fn capture(cfg: &Config, nthreads: usize, image_fd: i32) -> Result<Captured, String> {
-    // Mappings of images and of vanished files are stored like anonymous memory.
-    let maps = memory::mark_unmappable_files(
-        &memory::read_maps()
-            .map_err(|e| alloc::format!("cannot read /proc/self/maps: errno {e}"))?,
-    );
-    let mut fds = objects::fds(crate::engine::uffd::is_own_fd);
-    fds.retain(|f| f.fd != crate::incremental::own_fd() && f.fd != image_fd);
-    let process = process::capture(cfg);
-    let boottime_ns = sys::clock_ns(libc::CLOCK_BOOTTIME);
-    let n = nthreads.min(threads::MAX_THREADS);
-    let mut threads: Vec<ThreadState> = SLOTS[..n]
-        .iter()
-        .map(|s| threads::thread_state(s, false))
-        .collect();
-    threads.push(threads::thread_state(&HELPER_SLOT, true));
-    let build_ids = memory::build_ids(&maps);
-    let vdso = memory::vdso(&maps);
-    Ok(Captured {
-        maps,
-        fds,
-        process,
-        threads,
-        boottime_ns,
-        build_ids,
-        vdso,
-        image_id: random_id(),
-        delta: None,
-    })
-}
-
-fn errmsg(what: &str, path: &std::path::Path, e: i32) -> String {
-    alloc::format!(
-        "cannot {what} {}: {}",
-        path.display(),
-        std::io::Error::from_raw_os_error(e)
-    )
-}
-
-/// The temporary file an image is written to, and where it goes when committed.
-pub struct Target {
-    pub dir: PathBuf,
-    pub tmp: PathBuf,
-    pub path: PathBuf,
-    pub fd: i32,
-}
-
-pub fn create_target(cfg: &Config, seq: u64) -> Result<Target, String> {
-    create_named_target(cfg, &image::image_file_name(seq))
-}
-
-/// A target named `name` in the image directory.
-pub fn create_named_target(cfg: &Config, name: &str) -> Result<Target, String> {
-    let dir = cfg.image_dir.clone();
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| alloc::format!("cannot create image directory {}: {e}", dir.display()))?;
-    let path = dir.join(name);
-    let tmp = dir.join(alloc::format!(".{name}.tmp"));
-    let fd = sys::open(
-        &cpath(&tmp),
-        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
-        0o600,
-    )
-    .map_err(|e| errmsg("create image file", &tmp, e))?;
-    Ok(Target { dir, tmp, path, fd })
-}
-
-fn cpath(p: &std::path::Path) -> Vec<u8> {
-    let mut c = p.as_os_str().as_encoded_bytes().to_vec();
-    c.push(0);
-    c
-}
-
-/// Gives up a target: the temporary file goes, the previous image stays as it was.
-pub fn abandon(t: &Target) {
-    sys::close(t.fd);
-    let _ = std::fs::remove_file(&t.tmp);
-}
 
 /// Writes page data, metadata and header from this process's memory, which nothing may change
 /// meanwhile (every thread parked, or this is the forked child). Returns the image's size.
@@ -660,41 +495,6 @@ fn pwrite_all(fd: i32, mut data: &[u8], mut off: u64) -> sys::Result<()> {
     Ok(())
 }
 
-fn random_id() -> u64 {
-    let mut v = 0u64;
-    // SAFETY: getrandom writes 8 bytes into v.
-    unsafe { sc!(libc::SYS_getrandom, &mut v as *mut u64, 8, 0) };
-    v
-}
-
-/// fsync, rename into place, fsync the directory, repoint `latest`, drop images beyond `keep`.
-pub fn commit(cfg: &Config, t: &Target, seq: u64) -> Result<(), String> {
-    let keep = cfg.keep;
-    // SAFETY: fsync on our own descriptor.
-    sys::check(unsafe { sc!(libc::SYS_fsync, t.fd) }).map_err(|e| errmsg("fsync", &t.tmp, e))?;
-    std::fs::rename(&t.tmp, &t.path)
-        .map_err(|e| alloc::format!("cannot rename {} into place: {e}", t.tmp.display()))?;
-    let link_tmp = t.dir.join(".latest.tmp");
-    let _ = std::fs::remove_file(&link_tmp);
-    let name = t.path.file_name().unwrap_or_default();
-    std::os::unix::fs::symlink(name, &link_tmp)
-        .and_then(|()| std::fs::rename(&link_tmp, t.dir.join(image::LATEST)))
-        .map_err(|e| alloc::format!("cannot update {}/latest: {e}", t.dir.display()))?;
-    if let Ok(d) = std::fs::File::open(&t.dir) {
-        let _ = d.sync_all();
-    }
-    if cfg.chains() {
-        // Deltas depend on older images: the helper applies retention after the commit
-        // (retain; it reads directories, which needs libc's allocator: not here, where
-        // this may be a forked writer).
-    } else if keep > 0 && seq > keep {
-        let old = t.dir.join(image::image_file_name(seq - keep));
-        let _ = std::fs::remove_file(&old);
-        let _ = std::fs::remove_file(old.with_extension("json"));
-    }
-    Ok(())
-}
-
 /// Whether a page is all zero bytes (word by word: this runs for every page stored).
 fn is_zero(page: &[u8]) -> bool {
     page.chunks_exact(64)
@@ -912,41 +712,4 @@ pub fn write_live(
         sys::check(unsafe { sc!(libc::SYS_ftruncate, t.fd, size) }).map_err(io("truncate"))?;
     }
     Ok(size)
-}
-
-/// Retention with chains (after a committed image, outside the pause): keeps the newest
-/// `SNAPSHIM_KEEP` images and every image they depend on. The directory is listed with raw
-/// system calls: the shim does not use the allocator it interposes.
-pub fn retain(cfg: &Config) {
-    let mut dir = cfg.image_dir.as_os_str().as_encoded_bytes().to_vec();
-    dir.push(0);
-    let Ok(names) = sys::list_dir_names(&dir) else {
-        return;
-    };
-    let mut images: Vec<std::path::PathBuf> = names
-        .iter()
-        .filter(|n| n.ends_with(snapshim_image::IMAGE_SUFFIX) && !n.starts_with('.'))
-        .map(|n| cfg.image_dir.join(n))
-        .collect();
-    images.sort();
-    snapshim_image::retain_among(&cfg.image_dir, images, cfg.keep as usize);
-}
-
-/// `SNAPSHIM_TWIN_FULL`: in the forked writer of a delta, after the delta is committed, writes a
-/// full image of the same instant as `ckpt-N.twin` (renamed into place, `latest` untouched), so
-/// tests can check that the chain restores exactly what a full image does.
-pub fn write_twin(cfg: &Config, cap: &Captured, seq: u64) -> Result<(), String> {
-    let full = cap.as_full();
-    let name = alloc::format!("ckpt-{seq:08}.twin");
-    let t = create_named_target(cfg, &name)?;
-    let r = write_out(cfg, &full, &t).and_then(|_| {
-        std::fs::rename(&t.tmp, &t.path)
-            .map_err(|e| alloc::format!("cannot rename {}: {e}", t.tmp.display()))
-    });
-    if r.is_err() {
-        abandon(&t);
-    } else {
-        sys::close(t.fd);
-    }
-    r
 }
