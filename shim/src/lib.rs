@@ -30,7 +30,8 @@ use core::sync::atomic::Ordering::*;
 
 use snapshim_image::layout::{RESERVED_END, RESERVED_START};
 
-#[global_allocator]
+// Unit tests run with the standard allocator: the test harness is not the program.
+#[cfg_attr(not(test), global_allocator)]
 static GLOBAL: sys::alloc::ShimAlloc = sys::alloc::ShimAlloc;
 
 #[cfg(not(test))]
