@@ -3,14 +3,24 @@
 //! process resumable from them by `snapshim-restore`.
 //!
 //! Start-up (`.init_array`, before `main`):
-//! 1. read the configuration from the environment (never again afterwards);
+//! 1. read the settings from the environment (never again afterwards: `config.rs`);
 //! 2. reserve the restorer's address range (`PROT_NONE`) so the program never maps there;
 //! 3. install the trigger and quiesce handlers, with every signal masked while they run;
-//! 4. start the helper thread, which waits on a pipe and does all the work (`checkpoint.rs`).
+//! 4. start the helper thread, which waits on a pipe and does all the work (`pipeline/`).
 //!
-//! What may run where: signal handlers use atomics and raw system calls only (`park.rs`,
-//! `pipeline::trigger::trigger_handler`); the writer runs while every other thread is parked and so
-//! never calls the program's malloc or takes a lock the program might hold.
+//! The modules, top to bottom (each imports only from those below it):
+//! - `interpose/`: the libc functions the shim exports in place of glibc's;
+//! - `pipeline/`: the helper thread and the checkpoint's stages, trigger to commit;
+//! - `engine/`: the copy-on-write engines (stop, fork, uffd) and the one place one is chosen;
+//! - `incremental/`: dirty-page tracking, the delta-or-full policy, the background merger;
+//! - `objects/`: the capture side of each kind of kernel object (memory, files, threads...);
+//! - `config.rs`, `state.rs`: the settings, and the values set at start-up that lower layers
+//!   read;
+//! - `sys/`: raw system calls, kernel ABI definitions, the shim's own allocator.
+//!
+//! What may run where: signal handlers use atomics and raw system calls only
+//! (`pipeline/park.rs`, `pipeline/trigger.rs`); the writer runs while every other thread is
+//! parked and so never calls the program's malloc or takes a lock the program might hold.
 #![allow(unsafe_code)]
 // Unit tests leave out the constructor, so most of the crate is unreachable from them.
 #![cfg_attr(test, allow(dead_code))]

@@ -36,55 +36,20 @@ pub struct MapsEntry {
 }
 
 pub fn parse_maps(text: &str) -> Vec<MapsEntry> {
-    let mut v = Vec::new();
-    for line in text.lines() {
-        let mut it = line.splitn(6, ' ');
-        let (Some(range), Some(perms), Some(off), Some(dev), Some(inode)) =
-            (it.next(), it.next(), it.next(), it.next(), it.next())
-        else {
-            continue;
-        };
-        let name = it.next().unwrap_or("").trim_start().to_string();
-        let Some((a, b)) = range.split_once('-') else {
-            continue;
-        };
-        let (Ok(start), Ok(end)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
-            continue;
-        };
-        let p = perms.as_bytes();
-        let mut prot = 0;
-        if p.first() == Some(&b'r') {
-            prot |= libc::PROT_READ as u32;
-        }
-        if p.get(1) == Some(&b'w') {
-            prot |= libc::PROT_WRITE as u32;
-        }
-        if p.get(2) == Some(&b'x') {
-            prot |= libc::PROT_EXEC as u32;
-        }
-        v.push(MapsEntry {
-            start,
-            end,
-            prot,
-            shared: p.get(3) == Some(&b's'),
-            offset: u64::from_str_radix(off, 16).unwrap_or(0),
-            dev: dev
-                .split_once(':')
-                .and_then(|(ma, mi)| {
-                    let (ma, mi) = (
-                        u32::from_str_radix(ma, 16).ok()?,
-                        u32::from_str_radix(mi, 16).ok()?,
-                    );
-                    Some(libc::makedev(ma, mi))
-                })
-                .unwrap_or(0),
-            inode: inode.parse().unwrap_or(0),
-            name,
+    snapshim_image::maps::lines(text)
+        .map(|l| MapsEntry {
+            start: l.start,
+            end: l.end,
+            prot: l.prot,
+            shared: l.shared,
+            offset: l.offset,
+            dev: l.dev,
+            inode: l.inode,
+            name: l.name.to_string(),
             whole: false,
             build_id: Vec::new(),
-        });
-    }
-    v
+        })
+        .collect()
 }
 
 /// Whether a mapping is the shim's own (the reserved range, the uffd engine's copy store) or

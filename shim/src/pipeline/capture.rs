@@ -21,17 +21,17 @@ pub struct Captured {
     pub threads: Vec<ThreadState>,
     /// CLOCK_BOOTTIME read right after `process.clock_monotonic_ns`.
     pub boottime_ns: u64,
-    /// Format 1.2: build-ids of the mapped files, and the vDSO (see capture.rs).
+    /// Format 1.2: build-ids of the mapped files, and the vDSO (see objects/memory.rs).
     pub build_ids: Vec<BuildId>,
     pub vdso: VdsoImage,
     /// The identity the image gets (chosen during the pause, so the helper knows it).
     pub image_id: u64,
-    /// Set for a delta image (incremental checkpoints, see track.rs).
+    /// Set for a delta image (incremental checkpoints, see incremental/).
     pub delta: Option<crate::incremental::Delta>,
 }
 
 impl Captured {
-    /// The same snapshot as a full image (for `SNAPSHIM_TWIN_FULL`, see track.rs).
+    /// The same snapshot as a full image (for `SNAPSHIM_TWIN_FULL`, see commit::write_twin).
     pub fn as_full(&self) -> Captured {
         Captured {
             maps: self.maps.clone(),

@@ -303,7 +303,7 @@ fn write_pages_and_meta(
     for e in cap.maps.iter().filter(|e| !memory::is_excluded(e)) {
         let (kind, store) = memory::classify(e);
         // A delta knows the written pages of a tracked region: it stores those with data and
-        // inherits the others from its parent (track.rs).
+        // inherits the others from its parent (incremental/).
         let tracked = cap.delta.as_ref().and_then(|d| {
             d.tracked
                 .iter()
@@ -457,20 +457,15 @@ pub fn finish(
         inherited,
         merged_from: None,
     };
-    let data_len = off - image::PAGE_SIZE;
-    let (meta_bytes, meta_crc) = image::encode_metadata(&meta);
-    pwrite_all(fd, &meta_bytes, off).map_err(|e| ("write", e))?;
-    let mut h = image::Header::new(cap.image_id, sys::clock_ns(libc::CLOCK_REALTIME));
-    if let Some(p) = &meta.parent {
-        h.flags |= image::FLAG_DELTA;
-        h.parent_id = p.image_id;
-    }
-    h.data_len = data_len;
-    h.meta_off = off;
-    h.meta_len = meta_bytes.len() as u64;
-    h.meta_crc = meta_crc;
-    pwrite_all(fd, &h.encode(), 0).map_err(|e| ("write", e))?;
-    Ok(off + meta_bytes.len() as u64)
+    let tail = image::write::tail(
+        &meta,
+        cap.image_id,
+        sys::clock_ns(libc::CLOCK_REALTIME),
+        off,
+    );
+    pwrite_all(fd, &tail.meta, tail.meta_off).map_err(|e| ("write", e))?;
+    pwrite_all(fd, &tail.header, 0).map_err(|e| ("write", e))?;
+    Ok(tail.file_len())
 }
 
 fn is_zero_page(addr: u64) -> bool {
@@ -512,7 +507,7 @@ struct OpenRun {
     crc: crc32fast::Hasher,
 }
 
-/// The userfaultfd engine's flush, while the program runs (see uffd.rs): page data window by
+/// The userfaultfd engine's flush, while the program runs (see engine/uffd/): page data window by
 /// window from memory or from the copies made before the program could change it, then
 /// metadata and header. Returns the image's size.
 pub fn write_live(

@@ -97,7 +97,7 @@ pub static RELEASE: AtomicU32 = AtomicU32::new(0);
 /// Threads that have finished their post-restore fix-ups (futex word).
 pub static RESUMED: AtomicU32 = AtomicU32::new(0);
 /// Set by the helper of a restored process once it has noted which memory is mapped from the
-/// image (`interpose::note_image_mappings`); restored threads wait for it before they return to
+/// image (`objects::memory::note_image_mappings`); restored threads wait for it before they return to
 /// the program, so a discard of such memory gives zeros from the first instruction on. Cleared
 /// before every snapshot, so it is 0 in every image (futex word).
 pub static NOTED: AtomicU32 = AtomicU32::new(0);
