@@ -469,3 +469,84 @@ pub fn statm() -> Option<(u64, u64)> {
     let mut f = t.split_whitespace().skip(1).map(|v| v.parse::<u64>().ok());
     Some((f.next()??, f.next()??))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(start: u64, end: u64, perms: &str, inode: u64, name: &str) -> MapsEntry {
+        let line = alloc::format!("{start:x}-{end:x} {perms} 00002000 08:01 {inode} {name}");
+        let v = parse_maps(&line);
+        assert_eq!(v.len(), 1, "{line}");
+        v.into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn maps_lines_become_entries() {
+        let v = parse_maps(
+            "400000-401000 r-xp 00000000 08:01 1234   /bin/prog\n\
+             garbage\n\
+             7f00-8f00 rw-s 00001000 00:05 9 /dev/zero (deleted)\n",
+        );
+        assert_eq!(v.len(), 2);
+        assert_eq!(
+            (v[0].start, v[0].end, v[0].inode),
+            (0x400000, 0x401000, 1234)
+        );
+        assert_eq!(v[0].prot, (libc::PROT_READ | libc::PROT_EXEC) as u32);
+        assert_eq!(v[0].dev, libc::makedev(8, 1));
+        assert_eq!(v[0].name, "/bin/prog");
+        assert!(!v[0].whole && v[0].build_id.is_empty());
+        assert!(v[1].shared);
+        assert_eq!(v[1].offset, 0x1000);
+        assert_eq!(v[1].name, "/dev/zero (deleted)");
+    }
+
+    #[test]
+    fn regions_are_classified_once_for_every_user() {
+        let anon = entry(0x10000, 0x20000, "rw-p", 0, "");
+        let heap = entry(0x20000, 0x30000, "rw-p", 0, "[heap]");
+        let lib = entry(0x30000, 0x31000, "r--p", 7, "/nonexistent/lib.so");
+        let shared_file = entry(0x31000, 0x32000, "rw-s", 8, "/nonexistent/shm");
+        let deleted = entry(0x32000, 0x33000, "rw-s", 9, "/gone (deleted)");
+        let vdso = entry(0x40000, 0x42000, "r-xp", 0, "[vdso]");
+        let vvar = entry(0x42000, 0x44000, "r--p", 0, "[vvar]");
+        let reserved = entry(RESERVED_START, RESERVED_START + 0x1000, "---p", 0, "");
+        let vsyscall = entry(
+            0xffffffffff600000,
+            0xffffffffff601000,
+            "--xp",
+            0,
+            "[vsyscall]",
+        );
+
+        assert_eq!(classify(&anon), (RegionKind::Anon, true));
+        assert_eq!(classify(&heap), (RegionKind::Anon, true));
+        let (kind, store) = classify(&lib);
+        assert!(store, "private file mappings store their changed pages");
+        assert!(
+            matches!(&kind, RegionKind::File { path, offset, .. } if path == "/nonexistent/lib.so" && *offset == 0x2000)
+        );
+        let (kind, store) = classify(&shared_file);
+        assert!(!store, "a shared file mapping is the file");
+        assert!(matches!(kind, RegionKind::File { .. }));
+        assert_eq!(classify(&deleted), (RegionKind::Anon, true));
+        assert_eq!(classify(&vdso), (RegionKind::Vdso, false));
+        assert_eq!(classify(&vvar), (RegionKind::Vvar, false));
+        assert!(is_excluded(&reserved) && is_excluded(&vsyscall));
+        assert!(!is_excluded(&anon) && !is_excluded(&vdso));
+
+        let maps = [anon, reserved, lib, shared_file, vdso, heap];
+        let l = layout(&maps);
+        let starts: Vec<u64> = l.regions.iter().map(|r| r.start).collect();
+        assert_eq!(starts, [0x10000, 0x30000, 0x31000, 0x40000, 0x20000]);
+        let stored: Vec<(usize, bool)> =
+            l.wanted.iter().map(|w| (w.entry, w.file_backed)).collect();
+        assert_eq!(stored, [(0, false), (2, true), (5, false)]);
+        let w: Vec<(usize, bool)> = wanted(&maps)
+            .iter()
+            .map(|w| (w.entry, w.file_backed))
+            .collect();
+        assert_eq!(w, stored, "wanted and layout agree");
+    }
+}

@@ -708,3 +708,48 @@ pub fn write_live(
     }
     Ok(size)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::incremental::Tracked;
+    use crate::sys::kapi::{PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN};
+
+    #[test]
+    fn a_delta_stores_written_pages_with_data_and_inherits_the_rest() {
+        let e = memory::parse_maps("10000-20000 rw-p 00000000 00:00 0")
+            .pop()
+            .unwrap();
+        let written = PAGE_IS_WRITTEN;
+        let t = Tracked {
+            start: 0x10000,
+            end: 0x20000,
+            written: alloc::vec![
+                (0x11000, 0x13000, written | PAGE_IS_PRESENT),
+                (0x13000, 0x14000, written | PAGE_IS_SWAPPED),
+                (
+                    0x15000,
+                    0x16000,
+                    written | PAGE_IS_PRESENT | PAGE_IS_PFNZERO
+                ),
+                (0x1f000, 0x20000, written),
+            ],
+        };
+        let (mut pm, mut inherited) = (alloc::vec![7u64; 3], Vec::new());
+        delta_pages(&e, &t, &mut pm, &mut inherited);
+        let stored: Vec<usize> = (0..pm.len()).filter(|&i| pm[i] == PM_PRESENT).collect();
+        assert_eq!(pm.len(), 16);
+        assert_eq!(stored, [1, 2, 3]);
+        assert!(pm.iter().all(|&f| f == 0 || f == PM_PRESENT));
+        let spans: Vec<(u64, u64)> = inherited.iter().map(|s| (s.addr, s.pages)).collect();
+        assert_eq!(spans, [(0x10000, 1), (0x14000, 1), (0x16000, 9)]);
+    }
+
+    #[test]
+    fn zero_pages_are_recognised() {
+        let mut page = alloc::vec![0u8; 4096];
+        assert!(is_zero(&page));
+        page[4095] = 1;
+        assert!(!is_zero(&page));
+    }
+}

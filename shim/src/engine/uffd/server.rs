@@ -335,3 +335,51 @@ pub fn help_from_end(t: &Table, back: &mut (usize, u64), front: u64) -> bool {
         return true;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    /// One test, because the largest block is a process-wide setting.
+    #[test]
+    fn fault_around_blocks_grow_with_a_busy_server_and_shrink_when_idle() {
+        set_fault_around(snapshim_image::settings::DEFAULT_FAULT_AROUND);
+        let mut a = Around::new();
+        assert_eq!(a.block(), 16 << 10);
+        // The first report closes the interval since 0: idle, blocks stay at the smallest.
+        a.busy(100 * MS, 100 * MS);
+        assert_eq!(a.block(), 16 << 10);
+        // Busy 5 of 10 ms: doubles; within an interval nothing changes.
+        a.busy(101 * MS, 106 * MS);
+        assert_eq!(a.block(), 16 << 10);
+        a.busy(109 * MS, 110 * MS);
+        assert_eq!(a.block(), 32 << 10);
+        // Busy 1 of 10 ms (a tenth, not more): stays.
+        a.busy(119 * MS, 120 * MS);
+        assert_eq!(a.block(), 32 << 10);
+        // Busy well under a fortieth: halves, never below 16 KiB.
+        a.busy(130 * MS, 130 * MS + 100_000);
+        assert_eq!(a.block(), 16 << 10);
+        a.busy(140 * MS, 140 * MS);
+        assert_eq!(a.block(), 16 << 10);
+        // Always busy: up to the largest block, 2 MiB, and the program counts as hot.
+        let mut t = 140 * MS;
+        for _ in 0..20 {
+            a.busy(t, t + 10 * MS);
+            t += 10 * MS;
+        }
+        assert_eq!(a.block(), 2 << 20);
+        assert_eq!(HOT_UNTIL.load(Relaxed), t + 20 * MS);
+        // SNAPSHIM_FAULT_AROUND caps the block, rounded down to a power of two in [4 KiB, 2 MiB].
+        set_fault_around(100 << 10);
+        assert_eq!(a.block(), 64 << 10);
+        set_fault_around(1);
+        assert_eq!(a.block(), 4 << 10);
+        set_fault_around(1 << 30);
+        assert_eq!(a.block(), 2 << 20);
+        set_fault_around(snapshim_image::settings::DEFAULT_FAULT_AROUND);
+        HOT_UNTIL.store(0, Relaxed);
+    }
+}

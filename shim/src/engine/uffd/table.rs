@@ -403,3 +403,35 @@ pub fn unprotect(t: &Table, start: u64, len: u64) {
 pub fn mark_lost(t: &Table, addr: u64) {
     t.mark_lost(addr, LOST_UNREADABLE);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_of_is_aligned_and_cut_to_the_region() {
+        assert_eq!(
+            block_of(0x12345, 0x4000, 0x10000, 0x20000),
+            (0x10000, 0x14000)
+        );
+        assert_eq!(
+            block_of(0x1f000, 0x4000, 0x10000, 0x1e000 + 0x2000),
+            (0x1c000, 0x20000)
+        );
+        assert_eq!(
+            block_of(0x10000, 0x200000, 0x10000, 0x30000),
+            (0x10000, 0x30000)
+        );
+        assert_eq!(block_of(0x10000, 0x1000, 0, u64::MAX), (0x10000, 0x11000));
+    }
+
+    #[test]
+    fn bits_are_set_a_word_at_a_time() {
+        let words: Vec<AtomicU64> = (0..4).map(|_| AtomicU64::new(0)).collect();
+        set_bits(&words, 3, 130);
+        for i in 0..256 {
+            assert_eq!(bit(&words, i), (3..130).contains(&i), "bit {i}");
+        }
+        assert_eq!(words[1].load(Relaxed), u64::MAX);
+    }
+}
