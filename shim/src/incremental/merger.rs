@@ -4,17 +4,15 @@
 #![allow(unsafe_code)]
 
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use core::sync::atomic::{AtomicI32, AtomicU64, Ordering::Relaxed};
 
-use super::policy::{chain_too_long, parent, CHAIN_BYTES, CHAIN_LEN};
+use super::policy::{chain_too_long, parent, CHAIN_BYTES, CHAIN_LEN, MERGE_FAILED};
 use crate::config::Config;
 use crate::sys::{self, sc};
 
 /// The running merger's PID (0: none), the sequence number it merges, and the chain counters
 /// when it started (what the merge takes off the chain).
 static MERGER: AtomicI32 = AtomicI32::new(0);
-/// A merger failed: from then on the program takes the full images itself (said once).
-static MERGE_FAILED: AtomicU8 = AtomicU8::new(0);
 /// The sequence number of the image being merged.
 static MERGE_SEQ: AtomicU64 = AtomicU64::new(0);
 static MERGE_LEN: AtomicU64 = AtomicU64::new(0);
@@ -177,9 +175,4 @@ pub fn reap_merger(cfg: &Config) {
         );
         let _ = sys::write_all(2, text.as_bytes());
     }
-}
-
-/// Whether a merger failed: the program then takes the full images itself.
-pub fn failed() -> bool {
-    MERGE_FAILED.load(Relaxed) != 0
 }

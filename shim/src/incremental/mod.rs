@@ -30,21 +30,12 @@
 //! mapped from its image, anything the kernel refuses to register) are stored in every delta
 //! exactly as in a full image.
 
-use alloc::vec::Vec;
-
-use snapshim_image::ParentRef;
-
 pub mod dirty;
 pub mod merger;
 pub mod policy;
 
 pub use dirty::{before_mremap, own_fd, Tracked};
-
-/// What makes an image a delta: its parent, and the regions whose written pages are known.
-pub struct Delta {
-    pub parent: ParentRef,
-    pub tracked: Vec<Tracked>,
-}
+pub use policy::Delta;
 
 /// In a restored process: the userfaultfd is gone with the old process; a new one is opened
 /// at the next checkpoint, which is a full image.

@@ -4,8 +4,11 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 
+use alloc::vec::Vec;
+
+use snapshim_image::ParentRef;
+
 use super::dirty::{available, scan_all, Tracked};
-use super::{merger, Delta};
 use crate::config::{Config, Incremental as Mode};
 use crate::objects::memory::MapsEntry;
 use crate::sys;
@@ -20,6 +23,16 @@ pub(super) static CHAIN_LEN: AtomicU64 = AtomicU64::new(0);
 pub(super) static CHAIN_BYTES: AtomicU64 = AtomicU64::new(0);
 static FULL_BYTES: AtomicU64 = AtomicU64::new(0);
 
+/// What makes an image a delta: its parent, and the regions whose written pages are known.
+pub struct Delta {
+    pub parent: ParentRef,
+    pub tracked: Vec<Tracked>,
+}
+
+/// A background merger failed: from then on the program takes the full images itself (see
+/// merger.rs).
+pub(super) static MERGE_FAILED: AtomicU8 = AtomicU8::new(0);
+
 /// What the policy says the next checkpoint is.
 pub fn next_is_delta(cfg: &Config) -> bool {
     if cfg.incremental == Mode::Off || PARENT_SEQ.load(Relaxed) == 0 || !available() {
@@ -32,7 +45,7 @@ pub fn next_is_delta(cfg: &Config) -> bool {
     if !parent.exists() {
         return false;
     }
-    if cfg.incremental == Mode::Merge && !merger::failed() {
+    if cfg.incremental == Mode::Merge && MERGE_FAILED.load(Relaxed) == 0 {
         // Full images come from the background merger.
         return true;
     }

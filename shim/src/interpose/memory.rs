@@ -10,7 +10,6 @@ use core::sync::atomic::Ordering::*;
 use libc::{c_int, size_t};
 use snapshim_image::layout::{RESERVED_END, RESERVED_START};
 
-use super::{int_result, map_result, set_errno};
 use crate::state::{HUGEPAGES, HUGE_MIN};
 use crate::sys::{self, sc};
 
@@ -290,4 +289,33 @@ pub unsafe extern "C" fn posix_memalign(
     // SAFETY: out is valid per the contract.
     unsafe { *out = p };
     0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results as the C API gives them
+
+/// A raw mmap/mremap result as the C API returns it (MAP_FAILED and errno on failure).
+fn map_result(r: i64) -> *mut c_void {
+    c_result(r, |a| a as *mut c_void, libc::MAP_FAILED)
+}
+
+/// A raw result as a C function returns it: `ok(value)`, or `failed` with errno set.
+fn c_result<T>(r: i64, ok: impl FnOnce(i64) -> T, failed: T) -> T {
+    match sys::check(r) {
+        Ok(v) => ok(v),
+        Err(e) => {
+            set_errno(e);
+            failed
+        }
+    }
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: this thread's errno slot.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// A raw result as a C function returning int gives it (-1 and errno on failure).
+fn int_result(r: i64) -> c_int {
+    c_result(r, |v| v as c_int, -1)
 }

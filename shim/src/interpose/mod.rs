@@ -15,52 +15,8 @@
 //! through these symbols.
 #![allow(unsafe_code)]
 
-use core::ffi::c_void;
-use core::sync::atomic::{AtomicUsize, Ordering::*};
-
-use libc::c_int;
-
-use crate::sys;
-
 mod memory;
 mod signals;
 mod threads;
 
 pub use signals::real_sigaction;
-
-/// The next definition of `name` (glibc's), looked up once into `cache`.
-fn next(cache: &AtomicUsize, name: &core::ffi::CStr) -> usize {
-    let mut f = cache.load(Relaxed);
-    if f == 0 {
-        // SAFETY: dlsym with a NUL-terminated name; RTLD_NEXT finds glibc's definition.
-        f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
-        cache.store(f, Relaxed);
-    }
-    f
-}
-
-/// A raw mmap/mremap result as the C API returns it (MAP_FAILED and errno on failure).
-fn map_result(r: i64) -> *mut c_void {
-    c_result(r, |a| a as *mut c_void, libc::MAP_FAILED)
-}
-
-/// A raw result as a C function returns it: `ok(value)`, or `failed` with errno set.
-fn c_result<T>(r: i64, ok: impl FnOnce(i64) -> T, failed: T) -> T {
-    match sys::check(r) {
-        Ok(v) => ok(v),
-        Err(e) => {
-            set_errno(e);
-            failed
-        }
-    }
-}
-
-fn set_errno(e: c_int) {
-    // SAFETY: this thread's errno slot.
-    unsafe { *libc::__errno_location() = e };
-}
-
-/// A raw result as a C function returning int gives it (-1 and errno on failure).
-fn int_result(r: i64) -> c_int {
-    c_result(r, |v| v as c_int, -1)
-}

@@ -7,9 +7,19 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
 
 use libc::{c_int, sigset_t};
 
-use super::next;
 use crate::state::{QUIESCE_SIG, TRIGGER_SIG};
 use crate::sys;
+
+/// The next definition of `name` (glibc's), looked up once into `cache`.
+fn next(cache: &AtomicUsize, name: &core::ffi::CStr) -> usize {
+    let mut f = cache.load(Relaxed);
+    if f == 0 {
+        // SAFETY: dlsym with a NUL-terminated name; RTLD_NEXT finds glibc's definition.
+        f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
+        cache.store(f, Relaxed);
+    }
+    f
+}
 
 fn is_ours(sig: c_int) -> bool {
     sig != 0 && (sig == TRIGGER_SIG.load(Relaxed) || sig == QUIESCE_SIG.load(Relaxed))

@@ -7,68 +7,15 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering::Relaxed;
-use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
 
 use snapshim_image as image;
 
 use super::capture::Captured;
 use super::flush;
-use super::Stats;
+use super::target::{abandon, create_named_target, errmsg, Target};
 use crate::config::Config;
 use crate::state::{MARKS, PHASES};
 use crate::sys::{self, sc};
-
-pub(super) fn errmsg(what: &str, path: &std::path::Path, e: i32) -> String {
-    alloc::format!(
-        "cannot {what} {}: {}",
-        path.display(),
-        std::io::Error::from_raw_os_error(e)
-    )
-}
-
-/// The temporary file an image is written to, and where it goes when committed.
-pub struct Target {
-    pub dir: PathBuf,
-    pub tmp: PathBuf,
-    pub path: PathBuf,
-    pub fd: i32,
-}
-
-pub fn create_target(cfg: &Config, seq: u64) -> Result<Target, String> {
-    create_named_target(cfg, &image::image_file_name(seq))
-}
-
-/// A target named `name` in the image directory.
-pub fn create_named_target(cfg: &Config, name: &str) -> Result<Target, String> {
-    let dir = cfg.image_dir.clone();
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| alloc::format!("cannot create image directory {}: {e}", dir.display()))?;
-    let path = dir.join(name);
-    let tmp = dir.join(alloc::format!(".{name}.tmp"));
-    let fd = sys::open(
-        &cpath(&tmp),
-        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
-        0o600,
-    )
-    .map_err(|e| errmsg("create image file", &tmp, e))?;
-    Ok(Target { dir, tmp, path, fd })
-}
-
-pub(super) fn cpath(p: &std::path::Path) -> Vec<u8> {
-    let mut c = p.as_os_str().as_encoded_bytes().to_vec();
-    c.push(0);
-    c
-}
-
-/// Gives up a target: the temporary file goes, the previous image stays as it was.
-pub fn abandon(t: &Target) {
-    sys::close(t.fd);
-    let _ = std::fs::remove_file(&t.tmp);
-}
 
 /// fsync, rename into place, fsync the directory, repoint `latest`, drop images beyond `keep`.
 pub fn commit(cfg: &Config, t: &Target, seq: u64) -> Result<(), String> {
@@ -189,4 +136,26 @@ pub fn write_stats(s: &Stats) {
     if let Ok(mut f) = file {
         let _ = f.write_all(json.as_bytes());
     }
+}
+
+/// A committed image and how it went.
+pub struct Stats {
+    pub path: String,
+    pub bytes: u64,
+    pub pause_ns: u64,
+    pub flush_ns: u64,
+    /// Pages the program copied before the writer had stored them (approximate: its minor
+    /// faults during the flush).
+    pub copied: u64,
+    /// Of those, pages the writer copied ahead of the program (uffd engine, see
+    /// uffd::help_from_end).
+    pub copied_ahead: u64,
+    /// Huge pages split to serve a write fault quickly (uffd engine, see uffd::Table::may_split).
+    pub huge_split: u64,
+    pub total_ns: u64,
+    pub resident: u64,
+    pub engine: crate::engine::Engine,
+    pub seq: u64,
+    /// A delta image (incremental checkpoints).
+    pub delta: bool,
 }

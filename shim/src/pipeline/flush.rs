@@ -12,8 +12,8 @@ use snapshim_image::layout::{RESERVED_END, RESERVED_START};
 use snapshim_image::{self as image, Metadata, PageRun, PageSpan, Region, RegionKind, ShimInfo};
 
 use super::capture::Captured;
-use super::commit::{cpath, errmsg, Target};
 use super::park;
+use super::target::{cpath, errmsg, Target};
 use crate::config::Config;
 use crate::objects::memory::{self, MapsEntry, PM_FILE, PM_PRESENT, PM_SWAP};
 use crate::sys::{self, sc};

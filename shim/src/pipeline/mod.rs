@@ -45,9 +45,11 @@ pub mod flush;
 pub mod park;
 pub mod quiesce;
 pub mod resume;
+pub mod target;
 pub mod trigger;
 
-use commit::Target;
+use commit::Stats;
+use target::Target;
 
 /// Sequence number of the last image this process (or the one it was restored from) wrote.
 static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -123,28 +125,6 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
             trigger::reply(r, &line);
         }
     }
-}
-
-/// A committed image and how it went.
-pub struct Stats {
-    pub path: String,
-    pub bytes: u64,
-    pub pause_ns: u64,
-    pub flush_ns: u64,
-    /// Pages the program copied before the writer had stored them (approximate: its minor
-    /// faults during the flush).
-    pub copied: u64,
-    /// Of those, pages the writer copied ahead of the program (uffd engine, see
-    /// uffd::help_from_end).
-    pub copied_ahead: u64,
-    /// Huge pages split to serve a write fault quickly (uffd engine, see uffd::Table::may_split).
-    pub huge_split: u64,
-    pub total_ns: u64,
-    pub resident: u64,
-    pub engine: Engine,
-    pub seq: u64,
-    /// A delta image (incremental checkpoints).
-    pub delta: bool,
 }
 
 pub enum Outcome {
@@ -247,7 +227,7 @@ fn take(cfg: &'static Config, mut engine: Engine, delta: bool) -> Outcome {
     // here, which the program need not wait for), and before the uffd engine protects memory:
     // what the program writes between that and the pause is protected again in the pause.
     let seq = SEQ.load(Relaxed) + 1;
-    let target = match commit::create_target(cfg, seq) {
+    let target = match target::create_target(cfg, seq) {
         Ok(t) => t,
         Err(msg) => {
             unmap_stack();
@@ -274,7 +254,7 @@ fn take(cfg: &'static Config, mut engine: Engine, delta: bool) -> Outcome {
             if engine == Engine::Uffd {
                 uffd::teardown();
             }
-            commit::abandon(&target);
+            target::abandon(&target);
             unmap_stack();
             return Outcome::Failed(msg);
         }
@@ -383,7 +363,7 @@ fn settle(job: &mut Job, t: &Target, r: Result<u64, String>) -> Result<(), Strin
             Ok(())
         }
         Err(msg) => {
-            commit::abandon(t);
+            target::abandon(t);
             Err(msg)
         }
     }
@@ -398,7 +378,7 @@ fn write_image(job: &mut Job) -> Result<String, String> {
     let mut cap = match capture::capture(cfg, job.nthreads, t.fd) {
         Ok(cap) => cap,
         Err(msg) => {
-            commit::abandon(&t);
+            target::abandon(&t);
             return Err(msg);
         }
     };
@@ -469,7 +449,7 @@ fn write_image(job: &mut Job) -> Result<String, String> {
             let report = match fork::report_pipe() {
                 Ok(r) => r,
                 Err(msg) => {
-                    commit::abandon(&t);
+                    target::abandon(&t);
                     return Err(msg);
                 }
             };
@@ -484,7 +464,7 @@ fn write_image(job: &mut Job) -> Result<String, String> {
                     }
                 }
                 if r.is_err() {
-                    commit::abandon(&t);
+                    target::abandon(&t);
                 }
                 r
             });
