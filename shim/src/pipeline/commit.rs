@@ -1,7 +1,7 @@
-//! Commit: the image's temporary file (created before the pause), then fsync, rename into
-//! place, fsync the directory, repoint `latest`; retention (the ONE place images are removed);
-//! the statistics beside the image. The previous image stays complete until the new one is
-//! committed: a crash at any instant leaves a restorable `latest`.
+//! Commit: fsync the image's temporary file (`target.rs`), rename it into place, fsync the
+//! directory, repoint `latest`; retention (the one place images are removed); the statistics
+//! beside the image. The previous image stays complete until the new one is committed: a crash
+//! at any instant leaves a restorable `latest`.
 #![allow(unsafe_code)]
 
 use alloc::string::String;

@@ -45,80 +45,38 @@
 //! copy store (mapped after the snapshot's memory map was read), and the server's stack
 //! (reserved range). The server is held between batches while the pause decides
 //! what to protect ([`hold_server`]): no page loses its protection behind the pause's back.
+//!
+//! Files: `state.rs` (what the writer, the fault server and the savers share, and the
+//! write-protect calls), `table.rs` (the flush's page states and copies), `store.rs` (the copy
+//! store), `server.rs` (the fault server, fault-around sizing, copying ahead); this module
+//! prepares, takes and ends a snapshot, and holds the program threads' hooks.
 #![allow(unsafe_code)]
 
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicI32, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 
-use snapshim_image::layout::STACK_START;
-
-use crate::config::CopyAhead;
 use crate::objects::memory::{self, MapsEntry, Wanted, PM_FILE, PM_PRESENT, PM_SWAP};
 use crate::objects::threads;
 use crate::sys::kapi::*;
 use crate::sys::{self, sc};
 
 mod server;
+mod state;
 mod store;
 mod table;
 
 use server::*;
 pub use server::{help_from_end, hot, set_copy_ahead, set_fault_around};
+use state::*;
 use store::*;
 use table::*;
 pub use table::{
     copy_of, huge_pages_split, is_no_data, mark_lost, unprotect, PlanRegion, Table, STORED_BIT,
 };
 
-// ---------------------------------------------------------------------------------------------
-// The engine's userfaultfd features and messages (shared definitions: kapi.rs)
-
-const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
-const FEATURE_EVENT_REMAP: u64 = 1 << 2;
-const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
-const FEATURE_EVENT_UNMAP: u64 = 1 << 6;
-const FEATURES: u64 =
-    FEATURE_PAGEFAULT_FLAG_WP | FEATURE_EVENT_REMAP | FEATURE_EVENT_REMOVE | FEATURE_EVENT_UNMAP;
-
-const EVENT_PAGEFAULT: u64 = 0x12;
-const EVENT_REMAP: u64 = 0x14;
-const EVENT_REMOVE: u64 = 0x15;
-const EVENT_UNMAP: u64 = 0x16;
-const PAGEFAULT_FLAG_WP: u64 = 1 << 1;
-
-const PAGE: u64 = 4096;
 /// Most memory copied during the pause instead of protected before the fork engine is used.
 const PAUSE_COPY_LIMIT: u64 = 64 << 20;
-
-/// Set while a flush is on: the savers and the thread-exit hook act only then.
-static FLUSHING: AtomicU32 = AtomicU32::new(0);
-/// The current flush's table. Null before the snapshot: the fault server then only lifts
-/// protection (see [`prepare`]).
-static TABLE: AtomicPtr<Table> = AtomicPtr::new(core::ptr::null_mut());
-/// Program threads inside [`save_range`] (futex word: the writer waits for 0 before freeing).
-static SAVERS: AtomicU32 = AtomicU32::new(0);
-/// The fault server's TID, cleared by the kernel when it exits (futex word).
-static SERVER_TID: AtomicU32 = AtomicU32::new(0);
-/// The userfaultfd from [`prepare`] to [`end`] (or [`teardown`]), else -1.
-static UFFD: AtomicI32 = AtomicI32::new(-1);
-/// The pipe that tells the fault server to end (read end, write end).
-static STOP: [AtomicI32; 2] = [AtomicI32::new(-1), AtomicI32::new(-1)];
-/// The writer holds the fault server between batches while it takes the snapshot (futex word),
-/// and the server says whether it is inside a batch (futex word): see [`hold_server`].
-static HOLD: AtomicU32 = AtomicU32::new(0);
-static BUSY: AtomicU32 = AtomicU32::new(0);
-/// Regions registered and write-protected ahead of the pause, `[start, end)`; `start` is set to
-/// 0 for a region whose protection a thread on its way out lifted. Changed under `PRE_LOCK`.
-const PRE_MAX: usize = 1024;
-static PRE: [[AtomicU64; 2]; PRE_MAX] = [const { [AtomicU64::new(0), AtomicU64::new(0)] }; PRE_MAX];
-static PRE_N: AtomicU32 = AtomicU32::new(0);
-static PRE_LOCK: AtomicU32 = AtomicU32::new(0);
-/// Threads that ran their exit hook and may be on their way out: TID and an address on the
-/// stack they run on.
-static EXITING: [AtomicI32; 64] = [const { AtomicI32::new(0) }; 64];
-static EXITING_SP: [AtomicU64; 64] = [const { AtomicU64::new(0) }; 64];
-static EXITING_NEXT: AtomicU32 = AtomicU32::new(0);
 
 fn open_uffd() -> sys::Result<i32> {
     // SAFETY: userfaultfd takes only flags.
@@ -149,35 +107,6 @@ pub fn available() -> bool {
             ok
         }
     }
-}
-
-/// Sets or lifts write protection. The kernel refuses (EAGAIN) while an unmap/remove/remap
-/// event is waiting to be read: the fault server reads them, so other threads just retry, and
-/// the server itself passes `once` and reads its messages before retrying.
-fn protect_inner(uffd: i32, start: u64, len: u64, on: bool, once: bool) -> sys::Result<i64> {
-    let mut wp = UffdioWriteprotect {
-        start,
-        len,
-        mode: if on { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
-    };
-    loop {
-        match ioctl(
-            uffd,
-            UFFDIO_WRITEPROTECT,
-            &mut wp as *mut UffdioWriteprotect as *mut u8,
-        ) {
-            Err(libc::EINTR) => continue,
-            Err(libc::EAGAIN) if !once => {
-                // SAFETY: sched_yield has no arguments.
-                unsafe { sc!(libc::SYS_sched_yield) };
-            }
-            r => return r,
-        }
-    }
-}
-
-fn protect(uffd: i32, start: u64, len: u64, on: bool) -> sys::Result<i64> {
-    protect_inner(uffd, start, len, on, false)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,7 +2,16 @@
 //! (saving the block around each, [`Around`]), and the writer's copying ahead from the far end.
 #![allow(unsafe_code)]
 
-use super::*;
+use core::sync::atomic::{AtomicU64, AtomicU8, Ordering::*};
+
+use snapshim_image::layout::STACK_START;
+
+use crate::config::CopyAhead;
+use crate::sys::kapi::*;
+use crate::sys::{self, sc};
+
+use super::state::*;
+use super::table::*;
 
 /// The largest block saved around a write fault during a flush (`SNAPSHIM_FAULT_AROUND`, a
 /// power of two from one page to 2 MiB; see [`Around`]).

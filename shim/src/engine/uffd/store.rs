@@ -2,7 +2,15 @@
 //! change before the writer has stored them. Kept between flushes, filled in before the pause.
 #![allow(unsafe_code)]
 
-use super::*;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering::*};
+
+use crate::objects::memory;
+use crate::sys::{self, sc};
+
+use super::state::*;
+use super::table::*;
 
 /// The copy store (address, pages) while no flush uses it: mapped by [`prepare`] while the
 /// program runs, with its first [`WARM_STORE`] bytes filled in, so the first copies of a flush

@@ -2,7 +2,13 @@
 //! where), one bit per page that held data, the copies themselves, and what was lost.
 #![allow(unsafe_code)]
 
-use super::*;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
+
+use crate::sys::{self, sc};
+
+use super::state::*;
 
 // ---------------------------------------------------------------------------------------------
 // Page states
@@ -50,6 +56,10 @@ pub struct Table {
     pub(super) split: [AtomicU64; MAX_SPLITS],
     pub(super) nsplit: AtomicU32,
 }
+
+/// The current flush's table. Null before the snapshot: the fault server then only lifts
+/// protection (see [`prepare`]).
+pub(super) static TABLE: AtomicPtr<Table> = AtomicPtr::new(core::ptr::null_mut());
 
 impl Table {
     pub(super) fn state_index(&self, addr: u64) -> Option<(usize, &PlanRegion)> {
