@@ -28,9 +28,11 @@ use serde::{Deserialize, Serialize};
 pub mod elf;
 mod error;
 pub mod identity;
+pub mod maps;
 pub mod objects;
 pub mod settings;
 pub mod standby;
+pub mod write;
 pub use error::ImageError;
 pub use objects::{
     CharDevice, Directory, FdKind, FdState, FileIdentity, Inherited, IntervalTimer, MmFields,

@@ -1,8 +1,259 @@
-//! The shim's settings as users write them (`SNAPSHIM_SIGNAL`, `SNAPSHIM_INTERVAL`): one parser,
-//! used by the shim that reads them and by the tools that check and pass them on, so the two can
-//! never disagree about what a value means.
+//! The shim's settings (`SNAPSHIM_*`), defined once: names, defaults, parsing and the warnings
+//! for bad values ([`Settings::parse`], used by the shim at start-up), and the environment
+//! `snapshim run` passes on ([`RunSettings::env`]), so the shim and the tools can never disagree
+//! about what a value means.
 
+use std::ffi::OsString;
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// The variables, by name.
+pub const DIR: &str = "SNAPSHIM_DIR";
+pub const NAME: &str = "SNAPSHIM_NAME";
+pub const SIGNAL: &str = "SNAPSHIM_SIGNAL";
+pub const INTERVAL: &str = "SNAPSHIM_INTERVAL";
+pub const KEEP: &str = "SNAPSHIM_KEEP";
+pub const COW: &str = "SNAPSHIM_COW";
+pub const INCREMENTAL: &str = "SNAPSHIM_INCREMENTAL";
+pub const FULL_EVERY: &str = "SNAPSHIM_FULL_EVERY";
+pub const FULL_FRACTION: &str = "SNAPSHIM_FULL_FRACTION";
+pub const FAULT_AROUND: &str = "SNAPSHIM_FAULT_AROUND";
+pub const COPY_AHEAD: &str = "SNAPSHIM_COPY_AHEAD";
+pub const HUGEPAGES: &str = "SNAPSHIM_HUGEPAGES";
+pub const TWIN_FULL: &str = "SNAPSHIM_TWIN_FULL";
+
+/// Image directory when `SNAPSHIM_DIR` is not set (relative to the program's working directory).
+pub const DEFAULT_DIR: &str = "snapshim-images";
+/// Images kept when `SNAPSHIM_KEEP` is not set.
+pub const DEFAULT_KEEP: u64 = 3;
+/// `SNAPSHIM_FULL_EVERY` and `SNAPSHIM_FULL_FRACTION` when not set.
+pub const DEFAULT_FULL_EVERY: u64 = 8;
+pub const DEFAULT_FULL_FRACTION: f64 = 0.5;
+/// The largest block the uffd engine saves around a write fault (`SNAPSHIM_FAULT_AROUND`).
+pub const DEFAULT_FAULT_AROUND: u64 = 2 << 20;
+
+/// `SNAPSHIM_COW`: the copy-on-write engine asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cow {
+    /// The best one available: `uffd` where the process may use userfaultfd, else `fork`.
+    Auto,
+    Stop,
+    Fork,
+    Uffd,
+}
+
+/// `SNAPSHIM_INCREMENTAL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Incremental {
+    /// Every image is a full one.
+    Off,
+    /// Delta images between full ones; the program takes a full image when the policy says so.
+    On,
+    /// Delta images; when the policy calls for a full image, a background `snapshim merge`
+    /// folds the chain into one instead, while the program runs.
+    Merge,
+}
+
+/// `SNAPSHIM_COPY_AHEAD`: whether the uffd engine's writer copies ahead of the program while
+/// the device writes: when the program writes all over unsaved memory (`auto`), never (`off`),
+/// or always (`always`, a testing aid: every flush takes that path).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum CopyAhead {
+    Auto,
+    Off,
+    Always,
+}
+
+/// The settings as the shim reads them from its environment at start-up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// `SNAPSHIM_DIR` (may be relative: to the program's working directory).
+    pub dir: PathBuf,
+    /// `SNAPSHIM_NAME`; None: the executable's file name.
+    pub name: Option<String>,
+    /// `SNAPSHIM_SIGNAL`, default SIGUSR2.
+    pub signal: i32,
+    /// `SNAPSHIM_INTERVAL` in milliseconds.
+    pub interval_ms: Option<u64>,
+    pub keep: u64,
+    pub cow: Cow,
+    pub incremental: Incremental,
+    pub full_every: u64,
+    pub full_fraction: f64,
+    /// `SNAPSHIM_FAULT_AROUND` in bytes (given in KiB, at least 4); None: the engine's default.
+    pub fault_around: Option<u64>,
+    /// `SNAPSHIM_COPY_AHEAD`; None: not set (or not understood), the engine's default (auto).
+    pub copy_ahead: Option<CopyAhead>,
+    pub hugepages: bool,
+    /// `SNAPSHIM_TWIN_FULL=1` (a testing aid): each delta also gets a full image of the same
+    /// instant, `ckpt-N.twin` (not an image name: outside listings and retention).
+    pub twin_full: bool,
+}
+
+impl Settings {
+    /// Reads the settings through `get` (the environment, in the shim). Empty values count as
+    /// unset. Returns the settings and, in order, a warning for each value it could not use
+    /// (the default is used instead); or, if checkpoints cannot run at all with these settings,
+    /// why.
+    pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<(Settings, Vec<String>), String> {
+        let env = |k: &str| get(k).filter(|v| !v.is_empty());
+        let mut warnings = Vec::new();
+        let dir = env(DIR)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
+        let name = env(NAME);
+        let signal = match env(SIGNAL) {
+            None => libc::SIGUSR2,
+            Some(s) => match parse_signal(&s) {
+                Ok(n) => n,
+                Err(_) => {
+                    return Err(format!(
+                        "{SIGNAL}={s} is not a signal snapshim can use; checkpoints are off"
+                    ))
+                }
+            },
+        };
+        let interval_ms = match env(INTERVAL) {
+            None => None,
+            Some(s) => match parse_interval_ms(&s) {
+                Some(ms) => Some(ms),
+                None => {
+                    warnings.push(format!(
+                        "{INTERVAL}={s} is not a duration (like 30s, 10m); ignored"
+                    ));
+                    None
+                }
+            },
+        };
+        let keep = env(KEEP)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(DEFAULT_KEEP);
+        let cow = match env(COW).as_deref() {
+            None | Some("auto") => Cow::Auto,
+            Some("fork") => Cow::Fork,
+            Some("stop") => Cow::Stop,
+            Some("uffd") => Cow::Uffd,
+            Some(other) => {
+                warnings.push(format!(
+                    "{COW}={other} is not an engine (auto, uffd, fork, stop); using auto"
+                ));
+                Cow::Auto
+            }
+        };
+        let incremental = match env(INCREMENTAL).as_deref() {
+            None | Some("0") | Some("off") => Incremental::Off,
+            Some("1") | Some("on") => Incremental::On,
+            Some("merge") => Incremental::Merge,
+            Some(other) => {
+                warnings.push(format!(
+                    "{INCREMENTAL}={other} is not a mode (off, on, merge); using off"
+                ));
+                Incremental::Off
+            }
+        };
+        let full_every = env(FULL_EVERY)
+            .and_then(|s| s.parse().ok())
+            .filter(|&n: &u64| n >= 1)
+            .unwrap_or(DEFAULT_FULL_EVERY);
+        let full_fraction = env(FULL_FRACTION)
+            .and_then(|s| s.parse().ok())
+            .filter(|f: &f64| *f > 0.0)
+            .unwrap_or(DEFAULT_FULL_FRACTION);
+        let fault_around = match env(FAULT_AROUND) {
+            None => None,
+            Some(v) => match v.parse::<u64>() {
+                Ok(kib) if kib >= 4 => Some(kib << 10),
+                _ => {
+                    warnings.push(format!(
+                        "{FAULT_AROUND}={v} is not a size in KiB (4 or more); using {}",
+                        DEFAULT_FAULT_AROUND >> 10
+                    ));
+                    None
+                }
+            },
+        };
+        let copy_ahead = match env(COPY_AHEAD).as_deref() {
+            None | Some("auto") => Some(CopyAhead::Auto),
+            Some("off") | Some("0") => Some(CopyAhead::Off),
+            Some("always") => Some(CopyAhead::Always),
+            Some(other) => {
+                warnings.push(format!(
+                    "{COPY_AHEAD}={other} is not a choice (auto, off, always); using auto"
+                ));
+                None
+            }
+        };
+        let settings = Settings {
+            dir,
+            name,
+            signal,
+            interval_ms,
+            keep,
+            cow,
+            incremental,
+            full_every,
+            full_fraction,
+            fault_around,
+            copy_ahead,
+            hugepages: env(HUGEPAGES).is_some_and(|v| v != "0"),
+            twin_full: env(TWIN_FULL).is_some_and(|v| v != "0"),
+        };
+        Ok((settings, warnings))
+    }
+}
+
+/// What `snapshim run` passes on to the shim: the values as given on its command line (the shim
+/// parses and checks them, with [`Settings::parse`]); None: not passed (the shim's default, or
+/// what the environment already says).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunSettings {
+    pub dir: Option<PathBuf>,
+    pub name: Option<String>,
+    pub interval: Option<String>,
+    pub signal: Option<String>,
+    pub keep: Option<u64>,
+    pub incremental: Option<String>,
+    pub full_every: Option<u64>,
+    pub full_fraction: Option<f64>,
+}
+
+impl RunSettings {
+    /// The environment variables to set, in a fixed order.
+    pub fn env(&self) -> Vec<(&'static str, OsString)> {
+        let mut v: Vec<(&'static str, OsString)> = Vec::new();
+        if let Some(d) = &self.dir {
+            v.push((DIR, d.clone().into_os_string()));
+        }
+        if let Some(n) = &self.name {
+            v.push((NAME, n.into()));
+        }
+        if let Some(i) = &self.interval {
+            v.push((INTERVAL, i.into()));
+        }
+        if let Some(s) = &self.signal {
+            v.push((SIGNAL, s.into()));
+        }
+        if let Some(k) = self.keep {
+            v.push((KEEP, k.to_string().into()));
+        }
+        if let Some(m) = &self.incremental {
+            v.push((INCREMENTAL, m.into()));
+        }
+        if let Some(n) = self.full_every {
+            v.push((FULL_EVERY, n.to_string().into()));
+        }
+        if let Some(f) = self.full_fraction {
+            v.push((FULL_FRACTION, f.to_string().into()));
+        }
+        v
+    }
+}
+
+/// `SNAPSHIM_INTERVAL` in milliseconds (at least 1).
+pub fn parse_interval_ms(s: &str) -> Option<u64> {
+    let d = parse_duration(s).ok()?;
+    Some(d.as_millis() as u64).filter(|&ms| ms > 0)
+}
 
 /// Parses a duration the way `SNAPSHIM_INTERVAL` and `--timeout` accept it: a non-negative
 /// decimal number with an optional unit `ms`, `s`, `m` or `h`; a plain number means seconds.
@@ -159,4 +410,142 @@ pub fn signal_name(signo: i32) -> String {
         };
     }
     format!("SIG{signo}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<(Settings, Vec<String>), String> {
+        Settings::parse(|k| {
+            pairs
+                .iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn defaults_when_nothing_is_set() {
+        let (s, warnings) = parse(&[]).unwrap();
+        assert!(warnings.is_empty());
+        assert_eq!(s.dir, PathBuf::from(DEFAULT_DIR));
+        assert_eq!(s.name, None);
+        assert_eq!(s.signal, libc::SIGUSR2);
+        assert_eq!(s.interval_ms, None);
+        assert_eq!(s.keep, DEFAULT_KEEP);
+        assert_eq!(s.cow, Cow::Auto);
+        assert_eq!(s.incremental, Incremental::Off);
+        assert_eq!(s.full_every, DEFAULT_FULL_EVERY);
+        assert_eq!(s.full_fraction, DEFAULT_FULL_FRACTION);
+        assert_eq!(s.fault_around, None);
+        assert_eq!(s.copy_ahead, Some(CopyAhead::Auto));
+        assert!(!s.hugepages && !s.twin_full);
+    }
+
+    #[test]
+    fn empty_values_count_as_unset() {
+        let (s, warnings) = parse(&[(SIGNAL, ""), (COW, ""), (DIR, "")]).unwrap();
+        assert!(warnings.is_empty());
+        assert_eq!(s, parse(&[]).unwrap().0);
+    }
+
+    #[test]
+    fn values_are_parsed() {
+        let (s, warnings) = parse(&[
+            (DIR, "/tmp/x"),
+            (NAME, "solver"),
+            (SIGNAL, "USR1"),
+            (INTERVAL, "1.5s"),
+            (KEEP, "5"),
+            (COW, "fork"),
+            (INCREMENTAL, "merge"),
+            (FULL_EVERY, "4"),
+            (FULL_FRACTION, "0.25"),
+            (FAULT_AROUND, "64"),
+            (COPY_AHEAD, "always"),
+            (HUGEPAGES, "1"),
+            (TWIN_FULL, "0"),
+        ])
+        .unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(s.dir, PathBuf::from("/tmp/x"));
+        assert_eq!(s.name.as_deref(), Some("solver"));
+        assert_eq!(s.signal, libc::SIGUSR1);
+        assert_eq!(s.interval_ms, Some(1500));
+        assert_eq!(s.keep, 5);
+        assert_eq!(s.cow, Cow::Fork);
+        assert_eq!(s.incremental, Incremental::Merge);
+        assert_eq!((s.full_every, s.full_fraction), (4, 0.25));
+        assert_eq!(s.fault_around, Some(64 << 10));
+        assert_eq!(s.copy_ahead, Some(CopyAhead::Always));
+        assert!(s.hugepages && !s.twin_full);
+    }
+
+    #[test]
+    fn bad_values_warn_in_order_and_fall_back() {
+        let (s, warnings) = parse(&[
+            (INTERVAL, "soon"),
+            (COW, "magic"),
+            (INCREMENTAL, "maybe"),
+            (FULL_EVERY, "0"),
+            (FAULT_AROUND, "2"),
+            (COPY_AHEAD, "sometimes"),
+        ])
+        .unwrap();
+        assert_eq!(
+            warnings,
+            [
+                "SNAPSHIM_INTERVAL=soon is not a duration (like 30s, 10m); ignored",
+                "SNAPSHIM_COW=magic is not an engine (auto, uffd, fork, stop); using auto",
+                "SNAPSHIM_INCREMENTAL=maybe is not a mode (off, on, merge); using off",
+                "SNAPSHIM_FAULT_AROUND=2 is not a size in KiB (4 or more); using 2048",
+                "SNAPSHIM_COPY_AHEAD=sometimes is not a choice (auto, off, always); using auto",
+            ]
+        );
+        assert_eq!(s.interval_ms, None);
+        assert_eq!(s.cow, Cow::Auto);
+        assert_eq!(s.incremental, Incremental::Off);
+        assert_eq!(s.full_every, DEFAULT_FULL_EVERY);
+        assert_eq!(s.fault_around, None);
+        assert_eq!(s.copy_ahead, None);
+    }
+
+    #[test]
+    fn a_bad_signal_turns_checkpoints_off() {
+        assert_eq!(
+            parse(&[(SIGNAL, "KILL"), (COW, "magic")]).unwrap_err(),
+            "SNAPSHIM_SIGNAL=KILL is not a signal snapshim can use; checkpoints are off"
+        );
+    }
+
+    #[test]
+    fn run_settings_round_trip() {
+        let run = RunSettings {
+            dir: Some(PathBuf::from("/srv/ckpt")),
+            name: Some("job".into()),
+            interval: Some("10m".into()),
+            signal: Some("SIGHUP".into()),
+            keep: Some(7),
+            incremental: Some("on".into()),
+            full_every: Some(3),
+            full_fraction: Some(0.75),
+        };
+        let env = run.env();
+        let (s, warnings) = Settings::parse(|k| {
+            env.iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.to_string_lossy().into_owned())
+        })
+        .unwrap();
+        assert!(warnings.is_empty());
+        assert_eq!(s.dir, PathBuf::from("/srv/ckpt"));
+        assert_eq!(s.name.as_deref(), Some("job"));
+        assert_eq!(s.interval_ms, Some(600_000));
+        assert_eq!(s.signal, libc::SIGHUP);
+        assert_eq!(s.keep, 7);
+        assert_eq!(s.incremental, Incremental::On);
+        assert_eq!((s.full_every, s.full_fraction), (3, 0.75));
+        assert!(RunSettings::default().env().is_empty());
+    }
 }

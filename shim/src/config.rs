@@ -1,7 +1,11 @@
-//! Settings read once at start-up from the environment (never again: the app may change it).
+//! The shim's configuration: the settings read once at start-up from the environment (never
+//! again: the program may change it), as `snapshim_image::settings` defines them, plus what the
+//! process is. Imports no other module of the shim.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
+
+pub use snapshim_image::settings::{CopyAhead, Cow, Incremental, Settings};
 
 #[derive(Debug)]
 pub struct Config {
@@ -12,9 +16,10 @@ pub struct Config {
     pub quiesce_signal: i32,
     pub interval_ms: Option<u64>,
     pub keep: u64,
-    pub engine: crate::writer::Engine,
-    /// `SNAPSHIM_INCREMENTAL`, `SNAPSHIM_FULL_EVERY`, `SNAPSHIM_FULL_FRACTION` (see track.rs).
-    pub incremental: crate::track::Mode,
+    pub engine: Cow,
+    /// `SNAPSHIM_INCREMENTAL`, `SNAPSHIM_FULL_EVERY`, `SNAPSHIM_FULL_FRACTION` (see
+    /// incremental/).
+    pub incremental: Incremental,
     pub full_every: u64,
     pub full_fraction: f64,
     /// `SNAPSHIM_TWIN_FULL=1` (a testing aid): each delta also gets a full image of the same
@@ -25,19 +30,55 @@ pub struct Config {
     pub shim_path: String,
 }
 
+impl Config {
+    /// The configuration of this process: `s` as read at start-up, its executable (as
+    /// `/proc/self/exe` says), command line and this library's path.
+    pub fn new(s: &Settings, exe: String, cmdline: Vec<String>, shim_path: String) -> Config {
+        let base = if s.dir.is_absolute() {
+            s.dir.clone()
+        } else {
+            std::env::current_dir().unwrap_or_default().join(&s.dir)
+        };
+        let name = s.name.clone().unwrap_or_else(|| {
+            exe.rsplit('/')
+                .next()
+                .unwrap_or("program")
+                .trim_end_matches(" (deleted)")
+                .to_string()
+        });
+        // The internal quiesce signal: a real-time one the trigger is not.
+        let quiesce = libc::SIGRTMAX() - 1;
+        Config {
+            image_dir: base.join(&name),
+            name,
+            trigger_signal: s.signal,
+            quiesce_signal: if quiesce == s.signal {
+                quiesce - 1
+            } else {
+                quiesce
+            },
+            interval_ms: s.interval_ms,
+            keep: s.keep,
+            engine: s.cow,
+            incremental: s.incremental,
+            full_every: s.full_every,
+            full_fraction: s.full_fraction,
+            twin_full: s.twin_full,
+            exe,
+            cmdline,
+            shim_path,
+        }
+    }
+
+    /// Whether images may be deltas, which depend on older images (retention follows chains).
+    pub fn chains(&self) -> bool {
+        self.incremental != Incremental::Off
+    }
+}
+
 static CONFIG: OnceLock<Config> = OnceLock::new();
 
+/// Keeps the configuration for the life of the process.
 pub fn init(c: Config) -> &'static Config {
     CONFIG.get_or_init(|| c)
-}
-
-/// `SNAPSHIM_SIGNAL`: one parser for the shim and the tools.
-pub fn parse_signal(s: &str) -> Option<i32> {
-    snapshim_image::settings::parse_signal(s).ok()
-}
-
-/// `SNAPSHIM_INTERVAL` in milliseconds (at least 1).
-pub fn parse_interval(s: &str) -> Option<u64> {
-    let d = snapshim_image::settings::parse_duration(s).ok()?;
-    Some(d.as_millis() as u64).filter(|&ms| ms > 0)
 }

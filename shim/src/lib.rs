@@ -3,43 +3,46 @@
 //! process resumable from them by `snapshim-restore`.
 //!
 //! Start-up (`.init_array`, before `main`):
-//! 1. read the configuration from the environment (never again afterwards);
+//! 1. read the settings from the environment (never again afterwards: `config.rs`);
 //! 2. reserve the restorer's address range (`PROT_NONE`) so the program never maps there;
 //! 3. install the trigger and quiesce handlers, with every signal masked while they run;
-//! 4. start the helper thread, which waits on a pipe and does all the work (`checkpoint.rs`).
+//! 4. start the helper thread, which waits on a pipe and does all the work (`pipeline/`).
 //!
-//! What may run where: signal handlers use atomics and raw system calls only (`park.rs`,
-//! `checkpoint::trigger_handler`); the writer runs while every other thread is parked and so
-//! never calls the program's malloc or takes a lock the program might hold.
+//! The modules, top to bottom (each imports only from those below it):
+//! - `interpose/`: the libc functions the shim exports in place of glibc's;
+//! - `pipeline/`: the helper thread and the checkpoint's stages, trigger to commit;
+//! - `engine/`: the copy-on-write engines (stop, fork, uffd) and the one place one is chosen;
+//! - `incremental/`: dirty-page tracking, the delta-or-full policy, the background merger;
+//! - `objects/`: the capture side of each kind of kernel object (memory, files, threads...);
+//! - `config.rs`, `state.rs`: the settings, and the values set at start-up that lower layers
+//!   read;
+//! - `sys/`: raw system calls, kernel ABI definitions, the shim's own allocator.
+//!
+//! What may run where: signal handlers use atomics and raw system calls only
+//! (`pipeline/park.rs`, `pipeline/trigger.rs`); the writer runs while every other thread is
+//! parked and so never calls the program's malloc or takes a lock the program might hold.
 #![allow(unsafe_code)]
 // Unit tests leave out the constructor, so most of the crate is unreachable from them.
 #![cfg_attr(test, allow(dead_code))]
 
 extern crate alloc;
 
-mod capture;
-mod checkpoint;
 mod config;
+mod engine;
+mod incremental;
 mod interpose;
-mod kapi;
-mod park;
-#[path = "alloc.rs"]
-mod shim_alloc;
+mod objects;
+mod pipeline;
+mod state;
 mod sys;
-mod track;
-mod uffd;
-mod writer;
 
-use core::sync::atomic::{AtomicBool, Ordering::*};
-use std::path::PathBuf;
+use core::sync::atomic::Ordering::*;
 
 use snapshim_image::layout::{RESERVED_END, RESERVED_START};
 
-#[global_allocator]
-static GLOBAL: shim_alloc::ShimAlloc = shim_alloc::ShimAlloc;
-
-/// The reserved range is ours (mapped PROT_NONE at start-up).
-pub static RESERVED: AtomicBool = AtomicBool::new(false);
+// Unit tests run with the standard allocator: the test harness is not the program.
+#[cfg_attr(not(test), global_allocator)]
+static GLOBAL: sys::alloc::ShimAlloc = sys::alloc::ShimAlloc;
 
 #[cfg(not(test))]
 #[used]
@@ -62,120 +65,26 @@ extern "C" fn init() {
         .filter(|s| !s.is_empty())
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .collect();
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    let base = env("SNAPSHIM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("snapshim-images"));
-    let base = if base.is_absolute() {
-        base
-    } else {
-        std::env::current_dir().unwrap_or_default().join(base)
-    };
-    let name = env("SNAPSHIM_NAME").unwrap_or_else(|| {
-        exe.rsplit('/')
-            .next()
-            .unwrap_or("program")
-            .trim_end_matches(" (deleted)")
-            .to_string()
-    });
-    let trigger = match env("SNAPSHIM_SIGNAL") {
-        None => libc::SIGUSR2,
-        Some(s) => match config::parse_signal(&s) {
-            Some(n) => n,
-            None => {
-                warn(&format!(
-                    "SNAPSHIM_SIGNAL={s} is not a signal snapshim can use; checkpoints are off"
-                ));
-                return;
+    let settings = match config::Settings::parse(|k| std::env::var(k).ok()) {
+        Ok((s, warnings)) => {
+            for w in warnings {
+                warn(&w);
             }
-        },
-    };
-    let interval_ms = match env("SNAPSHIM_INTERVAL") {
-        None => None,
-        Some(s) => match config::parse_interval(&s) {
-            Some(ms) => Some(ms),
-            None => {
-                warn(&format!(
-                    "SNAPSHIM_INTERVAL={s} is not a duration (like 30s, 10m); ignored"
-                ));
-                None
-            }
-        },
-    };
-    let keep = env("SNAPSHIM_KEEP")
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    let engine = match env("SNAPSHIM_COW").as_deref() {
-        None | Some("auto") => writer::Engine::Auto,
-        Some("fork") => writer::Engine::Fork,
-        Some("stop") => writer::Engine::Stop,
-        Some("uffd") => writer::Engine::Uffd,
-        Some(other) => {
-            warn(&format!(
-                "SNAPSHIM_COW={other} is not an engine (auto, uffd, fork, stop); using auto"
-            ));
-            writer::Engine::Auto
+            s
+        }
+        Err(why) => {
+            warn(&why);
+            return;
         }
     };
-    let incremental = match env("SNAPSHIM_INCREMENTAL").as_deref() {
-        None | Some("0") | Some("off") => track::Mode::Off,
-        Some("1") | Some("on") => track::Mode::On,
-        Some("merge") => track::Mode::Merge,
-        Some(other) => {
-            warn(&format!(
-                "SNAPSHIM_INCREMENTAL={other} is not a mode (off, on, merge); using off"
-            ));
-            track::Mode::Off
-        }
-    };
-    track::init(incremental);
-    let full_every = env("SNAPSHIM_FULL_EVERY")
-        .and_then(|s| s.parse().ok())
-        .filter(|&n: &u64| n >= 1)
-        .unwrap_or(8);
-    let full_fraction = env("SNAPSHIM_FULL_FRACTION")
-        .and_then(|s| s.parse().ok())
-        .filter(|f: &f64| *f > 0.0)
-        .unwrap_or(0.5);
-    if let Some(v) = env("SNAPSHIM_FAULT_AROUND") {
-        match v.parse::<u64>() {
-            Ok(kib) if kib >= 4 => uffd::set_fault_around(kib << 10),
-            _ => warn(&format!(
-                "SNAPSHIM_FAULT_AROUND={v} is not a size in KiB (4 or more); using {}",
-                uffd::DEFAULT_AROUND >> 10
-            )),
-        }
+    if let Some(bytes) = settings.fault_around {
+        engine::uffd::set_fault_around(bytes);
     }
-    match env("SNAPSHIM_COPY_AHEAD").as_deref() {
-        None | Some("auto") => uffd::set_copy_ahead(uffd::CopyAhead::Auto),
-        Some("off") | Some("0") => uffd::set_copy_ahead(uffd::CopyAhead::Off),
-        Some("always") => uffd::set_copy_ahead(uffd::CopyAhead::Always),
-        Some(other) => warn(&format!(
-            "SNAPSHIM_COPY_AHEAD={other} is not a choice (auto, off, always); using auto"
-        )),
+    if let Some(c) = settings.copy_ahead {
+        engine::uffd::set_copy_ahead(c);
     }
-    interpose::HUGEPAGES.store(env("SNAPSHIM_HUGEPAGES").is_some_and(|v| v != "0"), Relaxed);
-    let quiesce = libc::SIGRTMAX() - 1;
-    let cfg = config::init(config::Config {
-        image_dir: base.join(&name),
-        name,
-        trigger_signal: trigger,
-        quiesce_signal: if quiesce == trigger {
-            quiesce - 1
-        } else {
-            quiesce
-        },
-        interval_ms,
-        keep,
-        engine,
-        incremental,
-        full_every,
-        full_fraction,
-        twin_full: env("SNAPSHIM_TWIN_FULL").is_some_and(|v| v != "0"),
-        exe,
-        cmdline,
-        shim_path: shim_path(),
-    });
+    state::HUGEPAGES.store(settings.hugepages, Relaxed);
+    let cfg = config::init(config::Config::new(&settings, exe, cmdline, shim_path()));
 
     // The restorer's range: refuse to start checkpointing if something is already there.
     // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
@@ -198,7 +107,7 @@ extern "C" fn init() {
         ));
         return;
     }
-    RESERVED.store(true, Relaxed);
+    state::RESERVED.store(true, Relaxed);
 
     // rseq: glibc 2.35+ registers an area per thread at a fixed offset from the thread pointer.
     extern "C" {
@@ -207,8 +116,8 @@ extern "C" fn init() {
     }
     // SAFETY: glibc exports both as constants set before any constructor runs.
     unsafe {
-        park::RSEQ_OFFSET.store(__rseq_offset as i64, Relaxed);
-        park::RSEQ_SIZE.store(__rseq_size, Relaxed);
+        objects::threads::RSEQ_OFFSET.store(__rseq_offset as i64, Relaxed);
+        objects::threads::RSEQ_SIZE.store(__rseq_size, Relaxed);
     }
 
     let mut fds = [0i32; 2];
@@ -217,21 +126,21 @@ extern "C" fn init() {
         warn("cannot create the wake-up pipe; checkpoints are off");
         return;
     }
-    checkpoint::WAKE_R.store(fds[0], Relaxed);
-    checkpoint::WAKE_W.store(fds[1], Relaxed);
+    pipeline::trigger::WAKE_R.store(fds[0], Relaxed);
+    pipeline::trigger::WAKE_W.store(fds[1], Relaxed);
 
-    interpose::TRIGGER_SIG.store(cfg.trigger_signal, Relaxed);
-    interpose::QUIESCE_SIG.store(cfg.quiesce_signal, Relaxed);
-    install(cfg.quiesce_signal, park::quiesce_handler);
-    install(cfg.trigger_signal, checkpoint::trigger_handler);
+    state::TRIGGER_SIG.store(cfg.trigger_signal, Relaxed);
+    state::QUIESCE_SIG.store(cfg.quiesce_signal, Relaxed);
+    install(cfg.quiesce_signal, pipeline::park::quiesce_handler);
+    install(cfg.trigger_signal, pipeline::trigger::trigger_handler);
 
     extern "C" fn in_child() {
-        checkpoint::DISABLED.store(1, Relaxed);
+        pipeline::trigger::DISABLED.store(1, Relaxed);
     }
     // SAFETY: registers a plain function; no state is captured.
     unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
 
-    let candidates = park::tid_candidates();
+    let candidates = objects::threads::tid_candidates();
     // The helper must never run a handler of the program's: it inherits a fully blocked mask
     // from its first instruction (a signal could otherwise reach it before it blocks them).
     let (all, mut old) = (u64::MAX, 0u64);
@@ -250,7 +159,7 @@ extern "C" fn init() {
     let spawned = std::thread::Builder::new()
         .name("snapshim".into())
         .stack_size(512 << 10)
-        .spawn(move || checkpoint::helper_main(cfg, candidates));
+        .spawn(move || pipeline::helper_main(cfg, candidates));
     // SAFETY: puts back this thread's own mask.
     unsafe {
         sys::syscall6(

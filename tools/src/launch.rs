@@ -8,6 +8,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use snapshim_image::settings::RunSettings;
+
 use crate::{Failure, RestoreArgs, Result, RunArgs};
 
 /// File name of the shim, looked for next to the `snapshim` executable.
@@ -49,34 +51,23 @@ pub fn run(a: RunArgs) -> Result<()> {
                 .unwrap_or_default()
         });
 
+    let settings = RunSettings {
+        dir: Some(dir.clone()),
+        name: a.name.clone(),
+        interval: a.interval.clone(),
+        signal: a.signal.clone(),
+        keep: a.keep.map(u64::from),
+        incremental: a.incremental.clone(),
+        full_every: a.full_every.map(u64::from),
+        full_fraction: a.full_fraction,
+    };
     let mut cmd = Command::new(prog);
     cmd.args(args)
         .env(
             "LD_PRELOAD",
             ld_preload(&lib, std::env::var_os("LD_PRELOAD").as_deref()),
         )
-        .env("SNAPSHIM_DIR", &dir);
-    if let Some(name) = &a.name {
-        cmd.env("SNAPSHIM_NAME", name);
-    }
-    if let Some(interval) = &a.interval {
-        cmd.env("SNAPSHIM_INTERVAL", interval);
-    }
-    if let Some(signal) = &a.signal {
-        cmd.env("SNAPSHIM_SIGNAL", signal);
-    }
-    if let Some(keep) = a.keep {
-        cmd.env("SNAPSHIM_KEEP", keep.to_string());
-    }
-    if let Some(mode) = &a.incremental {
-        cmd.env("SNAPSHIM_INCREMENTAL", mode);
-    }
-    if let Some(n) = a.full_every {
-        cmd.env("SNAPSHIM_FULL_EVERY", n.to_string());
-    }
-    if let Some(f) = a.full_fraction {
-        cmd.env("SNAPSHIM_FULL_FRACTION", f.to_string());
-    }
+        .envs(settings.env());
     eprintln!(
         "snapshim: PID {}, images in {}/",
         std::process::id(),

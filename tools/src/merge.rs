@@ -22,7 +22,7 @@ use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use snapshim_image::{encode_metadata, Chain, Header, MergedFrom, PageRun, PAGE_SIZE};
+use snapshim_image::{Chain, MergedFrom, PageRun, PAGE_SIZE};
 
 use crate::{Failure, Result};
 
@@ -176,17 +176,14 @@ fn write_merged(chain: &Chain, tmp: &Path) -> Result<u64> {
             })
             .collect(),
     });
-    let (meta_bytes, meta_crc) = encode_metadata(&meta);
-    out.write_all_at(&meta_bytes, off).map_err(io("write"))?;
-    let mut h = Header::new(head.header.image_id, head.header.created_ns);
-    h.data_len = off - PAGE_SIZE;
-    h.meta_off = off;
-    h.meta_len = meta_bytes.len() as u64;
-    h.meta_crc = meta_crc;
-    out.write_all_at(&h.encode(), 0).map_err(io("write"))?;
+    let tail =
+        snapshim_image::write::tail(&meta, head.header.image_id, head.header.created_ns, off);
+    out.write_all_at(&tail.meta, tail.meta_off)
+        .map_err(io("write"))?;
+    out.write_all_at(&tail.header, 0).map_err(io("write"))?;
     out.flush().map_err(io("write"))?;
     out.sync_all().map_err(io("fsync"))?;
-    Ok(off + meta_bytes.len() as u64)
+    Ok(tail.file_len())
 }
 
 /// Deletes the older images of the merged chain that no remaining image names as its parent

@@ -1,209 +1,22 @@
-//! Writing an image: capture what the kernel holds (during the pause), then page data, metadata
-//! and header into a temporary file, then the atomic commit.
-//!
-//! Engines (`SNAPSHIM_COW`):
-//! - `uffd` (see uffd.rs): memory is write-protected with a userfaultfd during the pause and
-//!   written by this thread while the program runs; pages the program is about to change are
-//!   copied first. The default (`auto`) where the process may use userfaultfd.
-//! - `stop`: the program stays parked until every page is written; the pause grows with memory.
-//! - `fork`: during the pause the writer captures descriptors and process state, then forks a
-//!   child with a raw `clone` whose exit signal is 0 (the program never sees a SIGCHLD, and its
-//!   `wait(-1)` cannot reap it). The kernel makes the child's memory a copy-on-write view frozen
-//!   at that instant; the program is released at once and the child writes the image from its
-//!   view. The pause is the page-table copy (about 18 ms per GiB of 4 KiB pages, almost nothing
-//!   for huge pages); the program pays a page copy on its first write to each page while the
-//!   child lives. Works for every user.
-//!
-//! Both run on the writer stack with the scratch allocator; the forked child never returns into
-//! program code: it ends with `exit_group`.
+//! Flush: page data, metadata and header into the image's temporary file, from memory nothing
+//! changes meanwhile (`write_out`: every thread parked, or in the forked writer) or while the
+//! program runs (`write_live`: the uffd engine, which copies what the program is about to
+//! change).
 #![allow(unsafe_code)]
 
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
-use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
+use core::sync::atomic::Ordering::{AcqRel, Acquire};
 
 use snapshim_image::layout::{RESERVED_END, RESERVED_START};
-use snapshim_image::{
-    self as image, BuildId, FdState, Metadata, PageRun, PageSpan, ParentRef, Process, Region,
-    RegionKind, ShimInfo, ThreadState, VdsoImage,
-};
+use snapshim_image::{self as image, Metadata, PageRun, PageSpan, Region, RegionKind, ShimInfo};
 
-use crate::capture::{self, MapsEntry, PM_FILE, PM_PRESENT, PM_SWAP};
+use super::capture::Captured;
+use super::park;
+use super::target::{cpath, errmsg, Target};
 use crate::config::Config;
-use crate::park::{self, Slot, HELPER_SLOT, SLOTS};
+use crate::objects::memory::{self, MapsEntry, PM_FILE, PM_PRESENT, PM_SWAP};
 use crate::sys::{self, sc};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
-    /// The best one available: `Uffd` where this process may use userfaultfd, else `Fork`.
-    Auto,
-    Stop,
-    Fork,
-    Uffd,
-}
-
-impl Engine {
-    pub fn name(self) -> &'static str {
-        match self {
-            Engine::Auto => "auto",
-            Engine::Stop => "stop",
-            Engine::Fork => "fork",
-            Engine::Uffd => "uffd",
-        }
-    }
-
-    /// The engine `self` means in this process now.
-    pub fn resolve(self) -> Engine {
-        match self {
-            Engine::Auto if crate::uffd::available() => Engine::Uffd,
-            Engine::Auto => Engine::Fork,
-            e => e,
-        }
-    }
-}
-
-/// What only the running process can tell: read during the pause.
-pub struct Captured {
-    pub maps: Vec<MapsEntry>,
-    fds: Vec<FdState>,
-    pub process: Process,
-    threads: Vec<ThreadState>,
-    /// CLOCK_BOOTTIME read right after `process.clock_monotonic_ns`.
-    boottime_ns: u64,
-    /// Format 1.2: build-ids of the mapped files, and the vDSO (see capture.rs).
-    build_ids: Vec<BuildId>,
-    vdso: VdsoImage,
-    /// The identity the image gets (chosen during the pause, so the helper knows it).
-    pub image_id: u64,
-    /// Set for a delta image (incremental checkpoints, see track.rs).
-    pub delta: Option<Delta>,
-}
-
-impl Captured {
-    /// The same snapshot as a full image (for `SNAPSHIM_TWIN_FULL`, see track.rs).
-    pub fn as_full(&self) -> Captured {
-        Captured {
-            maps: self.maps.clone(),
-            fds: self.fds.clone(),
-            process: self.process.clone(),
-            threads: self.threads.clone(),
-            boottime_ns: self.boottime_ns,
-            build_ids: self.build_ids.clone(),
-            vdso: self.vdso.clone(),
-            image_id: random_id(),
-            delta: None,
-        }
-    }
-}
-
-/// What makes an image a delta: its parent, and the regions whose written pages are known.
-pub struct Delta {
-    pub parent: ParentRef,
-    pub tracked: Vec<crate::track::Tracked>,
-}
-
-/// Captures the process's state (every other thread parked). `image_fd`, the image being
-/// written, is not part of it.
-pub fn capture(cfg: &Config, nthreads: usize, image_fd: i32) -> Result<Captured, String> {
-    // Mappings of images and of vanished files are stored like anonymous memory.
-    let maps = capture::mark_unmappable_files(
-        &capture::read_maps()
-            .map_err(|e| alloc::format!("cannot read /proc/self/maps: errno {e}"))?,
-    );
-    let mut fds = capture::fds();
-    fds.retain(|f| f.fd != crate::track::own_fd() && f.fd != image_fd);
-    let process = capture::process(cfg);
-    let boottime_ns = sys::clock_ns(libc::CLOCK_BOOTTIME);
-    let n = nthreads.min(park::MAX_THREADS);
-    let mut threads: Vec<ThreadState> = SLOTS[..n].iter().map(|s| thread_state(s, false)).collect();
-    threads.push(thread_state(&HELPER_SLOT, true));
-    let build_ids = capture::build_ids(&maps);
-    let vdso = capture::vdso(&maps);
-    Ok(Captured {
-        maps,
-        fds,
-        process,
-        threads,
-        boottime_ns,
-        build_ids,
-        vdso,
-        image_id: random_id(),
-        delta: None,
-    })
-}
-
-fn thread_state(s: &Slot, helper: bool) -> ThreadState {
-    let mut name = [0u8; 16];
-    name[..8].copy_from_slice(&s.name[0].load(Relaxed).to_le_bytes());
-    name[8..].copy_from_slice(&s.name[1].load(Relaxed).to_le_bytes());
-    let len = name.iter().position(|&c| c == 0).unwrap_or(16);
-    ThreadState {
-        tid: s.tid.load(Relaxed),
-        fs_base: s.fs_base.load(Relaxed),
-        ctx_rsp: s.ctx_rsp.load(Relaxed),
-        robust_head: s.robust_head.load(Relaxed),
-        robust_len: s.robust_len.load(Relaxed),
-        altstack_sp: s.altstack_sp.load(Relaxed),
-        altstack_flags: s.altstack_flags.load(Relaxed),
-        altstack_size: s.altstack_size.load(Relaxed),
-        sigmask: s.sigmask.load(Relaxed),
-        name: String::from_utf8_lossy(&name[..len]).into_owned(),
-        helper,
-    }
-}
-
-fn errmsg(what: &str, path: &std::path::Path, e: i32) -> String {
-    alloc::format!(
-        "cannot {what} {}: {}",
-        path.display(),
-        std::io::Error::from_raw_os_error(e)
-    )
-}
-
-/// The temporary file an image is written to, and where it goes when committed.
-pub struct Target {
-    pub dir: PathBuf,
-    pub tmp: PathBuf,
-    pub path: PathBuf,
-    pub fd: i32,
-}
-
-pub fn create_target(cfg: &Config, seq: u64) -> Result<Target, String> {
-    create_named_target(cfg, &image::image_file_name(seq))
-}
-
-/// A target named `name` in the image directory.
-pub fn create_named_target(cfg: &Config, name: &str) -> Result<Target, String> {
-    let dir = cfg.image_dir.clone();
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| alloc::format!("cannot create image directory {}: {e}", dir.display()))?;
-    let path = dir.join(name);
-    let tmp = dir.join(alloc::format!(".{name}.tmp"));
-    let fd = sys::open(
-        &cpath(&tmp),
-        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
-        0o600,
-    )
-    .map_err(|e| errmsg("create image file", &tmp, e))?;
-    Ok(Target { dir, tmp, path, fd })
-}
-
-fn cpath(p: &std::path::Path) -> Vec<u8> {
-    let mut c = p.as_os_str().as_encoded_bytes().to_vec();
-    c.push(0);
-    c
-}
-
-/// Gives up a target: the temporary file goes, the previous image stays as it was.
-pub fn abandon(t: &Target) {
-    sys::close(t.fd);
-    let _ = std::fs::remove_file(&t.tmp);
-}
 
 /// Writes page data, metadata and header from this process's memory, which nothing may change
 /// meanwhile (every thread parked, or this is the forked child). Returns the image's size.
@@ -487,10 +300,10 @@ fn write_pages_and_meta(
     let mut pm = Vec::new();
     let mut page_buf = alloc::vec![0u8; 4096];
     let mut inherited: Vec<PageSpan> = Vec::new();
-    for e in cap.maps.iter().filter(|e| !capture::is_excluded(e)) {
-        let (kind, store) = classify(e);
+    for e in cap.maps.iter().filter(|e| !memory::is_excluded(e)) {
+        let (kind, store) = memory::classify(e);
         // A delta knows the written pages of a tracked region: it stores those with data and
-        // inherits the others from its parent (track.rs).
+        // inherits the others from its parent (incremental/).
         let tracked = cap.delta.as_ref().and_then(|d| {
             d.tracked
                 .iter()
@@ -501,7 +314,7 @@ fn write_pages_and_meta(
         }
         if store {
             if tracked.is_none() {
-                capture::pagemap_of(pm_fd, e, &mut pm).map_err(|e| ("read the pagemap for", e))?;
+                memory::pagemap_of(pm_fd, e, &mut pm).map_err(|e| ("read the pagemap for", e))?;
             }
             let file_backed = matches!(kind, RegionKind::File { .. });
             let readable = e.prot & libc::PROT_READ as u32 != 0;
@@ -576,7 +389,7 @@ fn write_pages_and_meta(
                 });
             }
         }
-        regions.push(region(e, kind));
+        regions.push(memory::region(e, kind));
     }
 
     finish(cfg, cap, fd, regions, runs, inherited, off)
@@ -586,7 +399,7 @@ fn write_pages_and_meta(
 /// written pages that hold data, 0 for the rest) and appends the unwritten pages to `inherited`.
 fn delta_pages(
     e: &MapsEntry,
-    t: &crate::track::Tracked,
+    t: &crate::incremental::Tracked,
     pm: &mut Vec<u64>,
     inherited: &mut Vec<PageSpan>,
 ) {
@@ -604,7 +417,7 @@ fn delta_pages(
     };
     for &(a, b, cat) in &t.written {
         inherit(next, a);
-        if crate::track::Tracked::has_data(cat) {
+        if crate::incremental::Tracked::has_data(cat) {
             for i in (a - e.start) / 4096..(b - e.start) / 4096 {
                 pm[i as usize] = PM_PRESENT;
             }
@@ -612,52 +425,6 @@ fn delta_pages(
         next = b;
     }
     inherit(next, e.end);
-}
-
-/// What a region of the map is, and whether its pages go into the image.
-pub fn classify(e: &MapsEntry) -> (RegionKind, bool) {
-    let kind = match e.name.as_str() {
-        "[vdso]" => RegionKind::Vdso,
-        "[vvar]" => RegionKind::Vvar,
-        "[vvar_vclock]" => RegionKind::VvarVclock,
-        n if maps_file(e) => {
-            let identity = capture::stat_path(n)
-                .map(|st| capture::identity_of(&st))
-                .unwrap_or_default();
-            RegionKind::File {
-                path: n.into(),
-                offset: e.offset,
-                identity,
-            }
-        }
-        _ => RegionKind::Anon,
-    };
-    (kind, stores(e))
-}
-
-/// Whether `e` maps a file that can be found again by its path.
-fn maps_file(e: &MapsEntry) -> bool {
-    e.inode != 0 && e.name.starts_with('/') && !e.name.ends_with(" (deleted)")
-}
-
-/// Whether an image stores pages of `e`: anonymous memory and private file mappings, not the
-/// kernel's vDSO and vvar pages.
-fn stores(e: &MapsEntry) -> bool {
-    match e.name.as_str() {
-        "[vdso]" | "[vvar]" | "[vvar_vclock]" => false,
-        _ => !maps_file(e) || !e.shared,
-    }
-}
-
-pub fn region(e: &MapsEntry, kind: RegionKind) -> Region {
-    Region {
-        start: e.start,
-        end: e.end,
-        prot: e.prot,
-        shared: e.shared,
-        kind,
-        name: e.name.clone(),
-    }
 }
 
 /// Writes metadata and header after the page data (which ends at `off`). Returns the file size.
@@ -690,20 +457,15 @@ pub fn finish(
         inherited,
         merged_from: None,
     };
-    let data_len = off - image::PAGE_SIZE;
-    let (meta_bytes, meta_crc) = image::encode_metadata(&meta);
-    pwrite_all(fd, &meta_bytes, off).map_err(|e| ("write", e))?;
-    let mut h = image::Header::new(cap.image_id, sys::clock_ns(libc::CLOCK_REALTIME));
-    if let Some(p) = &meta.parent {
-        h.flags |= image::FLAG_DELTA;
-        h.parent_id = p.image_id;
-    }
-    h.data_len = data_len;
-    h.meta_off = off;
-    h.meta_len = meta_bytes.len() as u64;
-    h.meta_crc = meta_crc;
-    pwrite_all(fd, &h.encode(), 0).map_err(|e| ("write", e))?;
-    Ok(off + meta_bytes.len() as u64)
+    let tail = image::write::tail(
+        &meta,
+        cap.image_id,
+        sys::clock_ns(libc::CLOCK_REALTIME),
+        off,
+    );
+    pwrite_all(fd, &tail.meta, tail.meta_off).map_err(|e| ("write", e))?;
+    pwrite_all(fd, &tail.header, 0).map_err(|e| ("write", e))?;
+    Ok(tail.file_len())
 }
 
 fn is_zero_page(addr: u64) -> bool {
@@ -728,94 +490,6 @@ fn pwrite_all(fd: i32, mut data: &[u8], mut off: u64) -> sys::Result<()> {
     Ok(())
 }
 
-fn random_id() -> u64 {
-    let mut v = 0u64;
-    // SAFETY: getrandom writes 8 bytes into v.
-    unsafe { sc!(libc::SYS_getrandom, &mut v as *mut u64, 8, 0) };
-    v
-}
-
-/// fsync, rename into place, fsync the directory, repoint `latest`, drop images beyond `keep`.
-pub fn commit(t: &Target, seq: u64, keep: u64) -> Result<(), String> {
-    // SAFETY: fsync on our own descriptor.
-    sys::check(unsafe { sc!(libc::SYS_fsync, t.fd) }).map_err(|e| errmsg("fsync", &t.tmp, e))?;
-    std::fs::rename(&t.tmp, &t.path)
-        .map_err(|e| alloc::format!("cannot rename {} into place: {e}", t.tmp.display()))?;
-    let link_tmp = t.dir.join(".latest.tmp");
-    let _ = std::fs::remove_file(&link_tmp);
-    let name = t.path.file_name().unwrap_or_default();
-    std::os::unix::fs::symlink(name, &link_tmp)
-        .and_then(|()| std::fs::rename(&link_tmp, t.dir.join(image::LATEST)))
-        .map_err(|e| alloc::format!("cannot update {}/latest: {e}", t.dir.display()))?;
-    if let Ok(d) = std::fs::File::open(&t.dir) {
-        let _ = d.sync_all();
-    }
-    if crate::track::chain_retention() {
-        // Deltas depend on older images: the helper applies retention after the commit
-        // (track::retain; it reads directories, which needs libc's allocator: not here, where
-        // this may be a forked writer).
-    } else if keep > 0 && seq > keep {
-        let old = t.dir.join(image::image_file_name(seq - keep));
-        let _ = std::fs::remove_file(&old);
-        let _ = std::fs::remove_file(old.with_extension("json"));
-    }
-    Ok(())
-}
-
-/// Forks the writer child. Returns its PID in the parent; in the child runs `child` and exits.
-pub fn fork_child(child: impl FnOnce() -> i32) -> sys::Result<i32> {
-    // clone with no flags and exit signal 0: a copy-on-write copy of this process, whose exit
-    // nobody is told about but our wait4(__WCLONE).
-    // SAFETY: without CLONE_VM the child has its own copy of memory, this stack included.
-    let pid = sys::check(unsafe { sc!(libc::SYS_clone, 0, 0, 0, 0, 0) })? as i32;
-    if pid == 0 {
-        let status = child();
-        // SAFETY: ends the child without running any of the program's exit handlers.
-        unsafe { sc!(libc::SYS_exit_group, status) };
-        unreachable!();
-    }
-    Ok(pid)
-}
-
-/// The image's regions and, for each stored one, its index in the map and whether it is backed
-/// by a file (where pages equal to the file's are not stored).
-pub struct Layout {
-    pub regions: Vec<Region>,
-    pub wanted: Vec<crate::uffd::Wanted>,
-}
-
-pub fn layout(cap: &Captured) -> Layout {
-    let mut regions = Vec::new();
-    let mut wanted = Vec::new();
-    for (i, e) in cap.maps.iter().enumerate() {
-        if capture::is_excluded(e) {
-            continue;
-        }
-        let (kind, store) = classify(e);
-        if store {
-            wanted.push(crate::uffd::Wanted {
-                entry: i,
-                file_backed: matches!(kind, RegionKind::File { .. }),
-            });
-        }
-        regions.push(region(e, kind));
-    }
-    Layout { regions, wanted }
-}
-
-/// The regions of `maps` whose pages an image would store (as [`layout`] finds them).
-pub fn wanted(maps: &[MapsEntry]) -> Vec<crate::uffd::Wanted> {
-    maps.iter()
-        .enumerate()
-        .filter(|(_, e)| !capture::is_excluded(e))
-        .filter(|(_, e)| stores(e))
-        .map(|(i, e)| crate::uffd::Wanted {
-            entry: i,
-            file_backed: maps_file(e),
-        })
-        .collect()
-}
-
 /// Whether a page is all zero bytes (word by word: this runs for every page stored).
 fn is_zero(page: &[u8]) -> bool {
     page.chunks_exact(64)
@@ -833,17 +507,17 @@ struct OpenRun {
     crc: crc32fast::Hasher,
 }
 
-/// The userfaultfd engine's flush, while the program runs (see uffd.rs): page data window by
+/// The userfaultfd engine's flush, while the program runs (see engine/uffd/): page data window by
 /// window from memory or from the copies made before the program could change it, then
 /// metadata and header. Returns the image's size.
 pub fn write_live(
     cfg: &Config,
     cap: &Captured,
     t: &Target,
-    table: &crate::uffd::Table,
-    layout: Layout,
+    table: &crate::engine::uffd::Table,
+    layout: memory::Layout,
 ) -> Result<u64, String> {
-    use crate::uffd;
+    use crate::engine::uffd;
     let io = |what: &'static str| move |e: i32| errmsg(what, &t.tmp, e);
     let mut pages = PageWriter::open(t);
     // Give the file its largest size first: an O_DIRECT write that extends a file is done
@@ -1033,4 +707,49 @@ pub fn write_live(
         sys::check(unsafe { sc!(libc::SYS_ftruncate, t.fd, size) }).map_err(io("truncate"))?;
     }
     Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::incremental::Tracked;
+    use crate::sys::kapi::{PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN};
+
+    #[test]
+    fn a_delta_stores_written_pages_with_data_and_inherits_the_rest() {
+        let e = memory::parse_maps("10000-20000 rw-p 00000000 00:00 0")
+            .pop()
+            .unwrap();
+        let written = PAGE_IS_WRITTEN;
+        let t = Tracked {
+            start: 0x10000,
+            end: 0x20000,
+            written: alloc::vec![
+                (0x11000, 0x13000, written | PAGE_IS_PRESENT),
+                (0x13000, 0x14000, written | PAGE_IS_SWAPPED),
+                (
+                    0x15000,
+                    0x16000,
+                    written | PAGE_IS_PRESENT | PAGE_IS_PFNZERO
+                ),
+                (0x1f000, 0x20000, written),
+            ],
+        };
+        let (mut pm, mut inherited) = (alloc::vec![7u64; 3], Vec::new());
+        delta_pages(&e, &t, &mut pm, &mut inherited);
+        let stored: Vec<usize> = (0..pm.len()).filter(|&i| pm[i] == PM_PRESENT).collect();
+        assert_eq!(pm.len(), 16);
+        assert_eq!(stored, [1, 2, 3]);
+        assert!(pm.iter().all(|&f| f == 0 || f == PM_PRESENT));
+        let spans: Vec<(u64, u64)> = inherited.iter().map(|s| (s.addr, s.pages)).collect();
+        assert_eq!(spans, [(0x10000, 1), (0x14000, 1), (0x16000, 9)]);
+    }
+
+    #[test]
+    fn zero_pages_are_recognised() {
+        let mut page = alloc::vec![0u8; 4096];
+        assert!(is_zero(&page));
+        page[4095] = 1;
+        assert!(!is_zero(&page));
+    }
 }

@@ -6,6 +6,9 @@
 //! decoded in exactly one place, [`check`]; `errno` itself is never touched.
 #![allow(unsafe_code)]
 
+pub mod alloc;
+pub mod kapi;
+
 use core::arch::asm;
 
 pub type Result<T> = core::result::Result<T, i32>;
@@ -192,7 +195,7 @@ pub fn close(fd: i32) {
 }
 
 /// Reads a whole (small, /proc) file into `buf`, returning the length used.
-pub fn read_file(path: &[u8], buf: &mut alloc::vec::Vec<u8>) -> Result<usize> {
+pub fn read_file(path: &[u8], buf: &mut ::alloc::vec::Vec<u8>) -> Result<usize> {
     let fd = open(path, libc::O_RDONLY | libc::O_CLOEXEC, 0)?;
     buf.clear();
     let mut chunk = [0u8; 4096];
@@ -209,7 +212,7 @@ pub fn read_file(path: &[u8], buf: &mut alloc::vec::Vec<u8>) -> Result<usize> {
 }
 
 /// `readlink(path)` into a String (path NUL-terminated).
-pub fn readlink(path: &[u8]) -> Result<alloc::string::String> {
+pub fn readlink(path: &[u8]) -> Result<::alloc::string::String> {
     assert!(path.last() == Some(&0));
     let mut buf = [0u8; 4096];
     // SAFETY: path is NUL-terminated, buf writable for its length.
@@ -221,7 +224,7 @@ pub fn readlink(path: &[u8]) -> Result<alloc::string::String> {
             buf.len()
         )
     })?;
-    Ok(alloc::string::String::from_utf8_lossy(&buf[..n as usize]).into_owned())
+    Ok(::alloc::string::String::from_utf8_lossy(&buf[..n as usize]).into_owned())
 }
 
 pub fn futex_wait(word: &core::sync::atomic::AtomicU32, val: u32, timeout_ns: Option<u64>) {
@@ -300,4 +303,100 @@ pub fn mmap_fixed(addr: u64, len: u64, prot: i32, extra: i32) -> Result<u64> {
         )
     })
     .map(|a| a as u64)
+}
+
+/// Concatenates parts into buf without allocating (usable anywhere).
+pub fn format_into<'a>(buf: &'a mut [u8], parts: &[&str]) -> &'a [u8] {
+    let mut n = 0;
+    for p in parts {
+        let k = p.len().min(buf.len() - n);
+        buf[n..n + k].copy_from_slice(&p.as_bytes()[..k]);
+        n += k;
+    }
+    &buf[..n]
+}
+
+/// Decimal digits of v, without allocating.
+pub fn itoa(mut v: u64, buf: &mut [u8; 20]) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    core::str::from_utf8(&buf[i..]).unwrap_or("?")
+}
+
+/// Entries of a /proc directory (numbers only), with getdents64: opendir would call malloc.
+pub fn list_numeric_dir(path: &[u8]) -> Result<::alloc::vec::Vec<i32>> {
+    let fd_of_listing = core::cell::Cell::new(-1);
+    let mut out: ::alloc::vec::Vec<i32> = ::alloc::vec::Vec::new();
+    list_dir(path, &fd_of_listing, |name| {
+        if let Some(v) = core::str::from_utf8(name).ok().and_then(|s| s.parse().ok()) {
+            out.push(v);
+        }
+    })?;
+    out.retain(|&v| v != fd_of_listing.get());
+    Ok(out)
+}
+
+/// The names in a directory, with raw system calls (no libc allocation).
+pub fn list_dir_names(path: &[u8]) -> Result<::alloc::vec::Vec<String>> {
+    let mut out = ::alloc::vec::Vec::new();
+    list_dir(path, &core::cell::Cell::new(-1), |name| {
+        out.push(::alloc::string::String::from_utf8_lossy(name).into_owned())
+    })?;
+    Ok(out)
+}
+
+/// Calls `f` with each name in the directory `path` (NUL-terminated); `fd` gets the descriptor
+/// used for the listing.
+fn list_dir(path: &[u8], fd_out: &core::cell::Cell<i32>, mut f: impl FnMut(&[u8])) -> Result<()> {
+    let fd = open(
+        path,
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        0,
+    )?;
+    fd_out.set(fd);
+    let mut buf = [0u8; 8192];
+    loop {
+        // SAFETY: buf is writable for its length.
+        let n = unsafe { sc!(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+        let n = match check(n) {
+            Ok(0) => break,
+            Ok(n) => n as usize,
+            Err(e) => {
+                close(fd);
+                return Err(e);
+            }
+        };
+        let mut off = 0;
+        while off < n {
+            let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
+            let name = &buf[off + 19..off + reclen];
+            let name = &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())];
+            f(name);
+            off += reclen;
+        }
+    }
+    close(fd);
+    Ok(())
+}
+
+/// Forks the writer child. Returns its PID in the parent; in the child runs `child` and exits.
+pub fn fork_child(child: impl FnOnce() -> i32) -> Result<i32> {
+    // clone with no flags and exit signal 0: a copy-on-write copy of this process, whose exit
+    // nobody is told about but our wait4(__WCLONE).
+    // SAFETY: without CLONE_VM the child has its own copy of memory, this stack included.
+    let pid = check(unsafe { sc!(libc::SYS_clone, 0, 0, 0, 0, 0) })? as i32;
+    if pid == 0 {
+        let status = child();
+        // SAFETY: ends the child without running any of the program's exit handlers.
+        unsafe { sc!(libc::SYS_exit_group, status) };
+        unreachable!();
+    }
+    Ok(pid)
 }

@@ -1,5 +1,6 @@
 //! The kernel interfaces both userfaultfd users of the shim need (linux/userfaultfd.h and
-//! linux/fs.h): the copy-on-write engine (uffd.rs) and dirty tracking (track.rs).
+//! linux/fs.h): the copy-on-write engine (engine/uffd/) and dirty tracking
+//! (incremental/dirty.rs).
 #![allow(unsafe_code)]
 
 use crate::sys::{self, sc};
