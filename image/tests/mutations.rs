@@ -392,7 +392,7 @@ fn generate(rng: &mut Rng) -> Sample {
             fd: 1,
             flags: 0o2001,
             cloexec: false,
-            kind: FdKind::Regular(RegularFile {
+            kind: FdKind::RegularFile(RegularFile {
                 path: "/home/u/out.txt".into(),
                 offset: 120,
                 size: 120,

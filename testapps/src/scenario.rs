@@ -763,7 +763,7 @@ pub fn stdout_length_at_checkpoint(image: &Path) -> Result<u64> {
     let img = snapshim_image::Image::open(image)
         .map_err(|e| Failure::new(format!("cannot read {}: {e}", image.display())))?;
     match img.meta.fds.iter().find(|f| f.fd == 1).map(|f| &f.kind) {
-        Some(snapshim_image::FdKind::Regular(snapshim_image::RegularFile { size, .. })) => {
+        Some(snapshim_image::FdKind::RegularFile(snapshim_image::RegularFile { size, .. })) => {
             Ok(*size)
         }
         Some(other) => bail!(

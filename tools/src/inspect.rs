@@ -311,7 +311,7 @@ fn fd_flags(f: &FdState) -> String {
 
 fn fd_kind(k: &FdKind) -> String {
     match k {
-        FdKind::Regular(RegularFile {
+        FdKind::RegularFile(RegularFile {
             path, offset, size, ..
         }) => format!("file {path} (offset {offset}, size {size})"),
         FdKind::Directory(Directory { path }) => format!("directory {path}"),

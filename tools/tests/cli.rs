@@ -601,7 +601,7 @@ fn write_image(path: &Path, seq: u64, mapped: &Path) {
                 fd: 1,
                 flags: (libc::O_WRONLY | libc::O_APPEND) as u32,
                 cloexec: false,
-                kind: FdKind::Regular(RegularFile {
+                kind: FdKind::RegularFile(RegularFile {
                     path: "/home/u/out.txt".into(),
                     offset: 120,
                     size: 120,

@@ -47,7 +47,7 @@ pub struct FdState {
 /// What a descriptor refers to: one variant per kind, its state in the kind's own module.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum FdKind {
-    Regular(RegularFile),
+    RegularFile(RegularFile),
     Directory(Directory),
     CharDevice(CharDevice),
     Pipe(Pipe),
@@ -59,7 +59,7 @@ impl FdKind {
     /// A short name of the kind, for messages and listings.
     pub fn name(&self) -> &'static str {
         match self {
-            FdKind::Regular(_) => "file",
+            FdKind::RegularFile(_) => "file",
             FdKind::Directory(_) => "directory",
             FdKind::CharDevice(_) => "character device",
             FdKind::Pipe(_) => "pipe",
@@ -110,7 +110,7 @@ mod tests {
         };
         let pairs = [
             (
-                FdKind::Regular(RegularFile {
+                FdKind::RegularFile(RegularFile {
                     path: "/tmp/out".into(),
                     offset: 5,
                     size: 7,

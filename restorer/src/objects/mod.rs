@@ -98,7 +98,7 @@ pub fn prepare_fds(meta: &Metadata) -> Result<FdPlan, String> {
     let mut inherit = Vec::new();
     for f in &meta.fds {
         let prepared = match &f.kind {
-            FdKind::Regular(s) => regular_file::prepare(&cx, f, s)?,
+            FdKind::RegularFile(s) => regular_file::prepare(&cx, f, s)?,
             FdKind::Directory(s) => directory::prepare(&cx, f, s)?,
             FdKind::CharDevice(s) => char_device::prepare(&cx, f, s)?,
             FdKind::Pipe(s) => pipe::prepare(&mut cx, f, s)?,

@@ -9,7 +9,7 @@ use super::memory::identity_of;
 
 /// A descriptor of a regular file that still exists under `path`, at offset `pos`.
 pub fn capture(path: String, pos: u64, st: &libc::stat) -> FdKind {
-    FdKind::Regular(RegularFile {
+    FdKind::RegularFile(RegularFile {
         path,
         offset: pos,
         size: st.st_size as u64,
