@@ -32,7 +32,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 /// Why a command failed: the line(s) printed after `snapshim: `, and the exit code.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
 pub struct Failure {
     pub code: u8,
     pub message: String,
