@@ -277,7 +277,7 @@ fn printable(b: &[u8]) -> String {
 }
 
 /// Everything about the process except page contents.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct Metadata {
     pub process: Process,
     pub shim: ShimInfo,

@@ -318,18 +318,7 @@ mod tests {
     fn meta() -> Metadata {
         let base = 0x7ffd_0000_0000;
         let mut m = Metadata {
-            process: Default::default(),
-            shim: Default::default(),
-            threads: vec![],
-            regions: vec![],
-            runs: vec![],
-            fds: vec![],
-            clock_boottime_ns: 0,
-            build_ids: vec![],
-            vdso: Default::default(),
-            parent: None,
-            inherited: Vec::new(),
-            merged_from: None,
+            ..Default::default()
         };
         m.regions = vec![
             region(0x40_0000, 0x40_1000, RegionKind::Anon, "[heap]"),

@@ -409,9 +409,6 @@ pub(crate) mod tests {
     #[test]
     fn stored_bytes_are_counted_per_region() {
         let m = Metadata {
-            process: Default::default(),
-            shim: Default::default(),
-            threads: vec![],
             regions: vec![
                 region(0x1000, 0x3000, RegionKind::Anon, ""),
                 region(0x5000, 0x9000, RegionKind::Anon, "[heap]"),
@@ -430,13 +427,7 @@ pub(crate) mod tests {
                     crc: 0,
                 },
             ],
-            fds: vec![],
-            clock_boottime_ns: 0,
-            build_ids: vec![],
-            vdso: Default::default(),
-            parent: None,
-            inherited: Vec::new(),
-            merged_from: None,
+            ..Default::default()
         };
         assert_eq!(stored_per_region(&m), vec![0, 3 * PAGE_SIZE]);
         assert_eq!(region_of(&m.regions, 0x5abc).map(|r| r.start), Some(0x5000));

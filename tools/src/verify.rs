@@ -138,9 +138,6 @@ mod tests {
             .unwrap()
             .unwrap();
         let meta = |identity: FileIdentity, path: &str, id: Option<&[u8]>| Metadata {
-            process: Default::default(),
-            shim: Default::default(),
-            threads: vec![],
             regions: vec![region(
                 0x1000,
                 0x2000,
@@ -151,9 +148,6 @@ mod tests {
                 },
                 path,
             )],
-            runs: vec![],
-            fds: vec![],
-            clock_boottime_ns: 0,
             build_ids: id
                 .map(|id| snapshim_image::BuildId {
                     path: path.into(),
@@ -161,10 +155,7 @@ mod tests {
                 })
                 .into_iter()
                 .collect(),
-            vdso: Default::default(),
-            parent: None,
-            inherited: Vec::new(),
-            merged_from: None,
+            ..Default::default()
         };
         assert_eq!(
             check_mapped_files(&meta(identity.clone(), exe, None)),

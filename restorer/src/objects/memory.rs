@@ -333,18 +333,8 @@ mod tests {
 
     fn meta(regions: Vec<Region>) -> Metadata {
         Metadata {
-            process: Default::default(),
-            shim: Default::default(),
-            threads: vec![],
             regions,
-            runs: vec![],
-            fds: vec![],
-            clock_boottime_ns: 0,
-            build_ids: vec![],
-            vdso: Default::default(),
-            parent: None,
-            inherited: Vec::new(),
-            merged_from: None,
+            ..Default::default()
         }
     }
 
