@@ -115,6 +115,20 @@ impl Chain {
         self.images.iter().map(|i| i.path.clone()).collect()
     }
 
+    /// The file names (no directory) of the images the newest one depends on, newest first.
+    pub fn ancestor_names(&self) -> Vec<String> {
+        self.images[1..]
+            .iter()
+            .map(|i| {
+                i.path
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect()
+    }
+
     /// Where each page with data of the newest image's process comes from, sorted by address,
     /// disjoint; adjacent pieces of the same page run are joined (never pieces of two runs:
     /// a run lies inside one region, and so must every run made of it).

@@ -165,16 +165,7 @@ fn write_merged(chain: &Chain, tmp: &Path) -> Result<u64> {
     meta.inherited.clear();
     meta.merged_from = Some(MergedFrom {
         meta_crc: head.header.meta_crc,
-        files: chain.images[1..]
-            .iter()
-            .map(|i| {
-                i.path
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect(),
+        files: chain.ancestor_names(),
     });
     let tail =
         snapshim_image::write::tail(&meta, head.header.image_id, head.header.created_ns, off);

@@ -69,16 +69,7 @@ pub fn verify(arg: &Path) -> Result<()> {
         }
     );
     if chain.images.len() > 1 {
-        let names: Vec<String> = chain.images[1..]
-            .iter()
-            .map(|i| {
-                i.path
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect();
+        let names = chain.ancestor_names();
         println!(
             "  chain      a delta; with {} ({}), every checksum ok",
             names.join(" <- "),
