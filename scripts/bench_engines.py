@@ -184,10 +184,13 @@ def main():
     try:
         for mib in map(int, a.sizes.split(",")):
             for kind in a.kinds.split(","):
-                res = {}
-                for name, env in engines:
-                    runs = [one_run(exe, mib, kind, env, work, a.checkpoints) for _ in range(a.runs)]
-                    res[name] = {k: med([r[k] for r in runs]) for k in runs[0]}
+                # Round by round, each engine in turn: load that comes and goes on a shared
+                # machine then weighs on every engine alike.
+                runs = {name: [] for name, _ in engines}
+                for _ in range(a.runs):
+                    for name, env in engines:
+                        runs[name].append(one_run(exe, mib, kind, env, work, a.checkpoints))
+                res = {name: {k: med([r[k] for r in rs]) for k in rs[0]} for name, rs in runs.items()}
                 base = res.get("stop", {}).get("pause_ms")
                 for name, r in res.items():
                     ratio = f"{base / r['pause_ms']:.0f}x" if base and r["pause_ms"] else "-"
