@@ -12,15 +12,21 @@ timeline. Printed per configuration (medians over --runs):
   speed     the program's iterations per second while the image is written, as a fraction of
             its speed in the second before the checkpoint (stop: the program is not running)
   ckpt      signal to image committed (as `snapshim checkpoint` measures it)
+  lead      signal to the start of the pause: the uffd engine write-protects memory and fills
+            in its copy store meanwhile, the program running
+  lspeed    the program's speed during the lead, as a fraction of the second before
   image     image file size
+  rss       the program's VmRSS (/proc/PID/status) right before the signal and right after the
+            commit, MiB: what the checkpoint left behind (the uffd engine's copy store, kept
+            with SNAPSHIM_KEEP_STORE=1)
 and the ratio of the stop engine's pause to each engine's.
 
 With --checkpoints N each run takes N checkpoints 1 s apart and measures the last: the steady
-state of periodic checkpoints (the first flush of a process allocates the uffd engine's copy
-store, which later ones reuse).
+state of periodic checkpoints (`uffd+keep` keeps the uffd engine's copy store between them;
+`uffd` maps and fills in a new one for each).
 
 Usage: scripts/bench_engines.py [--sizes 256,1024,4096] [--kinds dense,sparse,write,read] [--runs 3]
-                                [--checkpoints 1]
+                                [--checkpoints 1] [--engines stop,fork,fork+thp,uffd,uffd+keep,...]
 """
 import argparse, os, re, shutil, signal, statistics, subprocess, sys, tempfile, time
 
@@ -29,7 +35,10 @@ REL = os.path.join(ROOT, "target", "release")
 ENGINES = [("stop", {"SNAPSHIM_COW": "stop"}), ("fork", {"SNAPSHIM_COW": "fork"}),
            ("fork+thp", {"SNAPSHIM_COW": "fork", "SNAPSHIM_HUGEPAGES": "1"}),
            ("uffd", {"SNAPSHIM_COW": "uffd"}),
-           ("uffd+thp", {"SNAPSHIM_COW": "uffd", "SNAPSHIM_HUGEPAGES": "1"})]
+           ("uffd+keep", {"SNAPSHIM_COW": "uffd", "SNAPSHIM_KEEP_STORE": "1"}),
+           ("uffd+thp", {"SNAPSHIM_COW": "uffd", "SNAPSHIM_HUGEPAGES": "1"}),
+           ("uffd+thp+keep", {"SNAPSHIM_COW": "uffd", "SNAPSHIM_HUGEPAGES": "1",
+                              "SNAPSHIM_KEEP_STORE": "1"})]
 
 
 def build():
@@ -60,10 +69,12 @@ def one_run(exe, mib, kind, env_extra, work, checkpoints=1):
                 raise RuntimeError(out.stderr.strip())
             time.sleep(1.0)
         steal0 = steal_jiffies()
+        rss_before = vm_rss(app.pid)
         t_trigger = time.monotonic_ns()
         out = subprocess.run([os.path.join(REL, "snapshim"), "checkpoint", str(app.pid)],
                              capture_output=True, text=True, timeout=600)
         t_done = time.monotonic_ns()
+        rss_after = vm_rss(app.pid)
         steal = steal_jiffies() - steal0
         if out.returncode != 0:
             raise RuntimeError(out.stderr.strip())
@@ -98,7 +109,9 @@ def one_run(exe, mib, kind, env_extra, work, checkpoints=1):
     # in its statistics; the uffd engine write-protects memory before it, so it comes a while
     # after the trigger).
     with open(os.path.splitext(path)[0] + ".json") as f:
-        paused_at = int(re.search(r'"pause_started_monotonic_ns": ([0-9]+)', f.read()).group(1))
+        stats = f.read()
+    paused_at = int(re.search(r'"pause_started_monotonic_ns": ([0-9]+)', stats).group(1))
+    kept = re.search(r'"copy_store_kept_bytes": ([0-9]+)', stats)
     at_snapshot = [(at, g) for at, g in inside if at <= paused_at + shim_pause and at + g >= paused_at]
     pause = max((g for _, g in at_snapshot), default=0)
 
@@ -107,6 +120,8 @@ def one_run(exe, mib, kind, env_extra, work, checkpoints=1):
         return sum(buckets[b0:b1]) / max(1e-9, (b1 - b0) * bucket_ns / 1e9) if b1 > b0 else None
 
     before = rate(t_trigger - 1_000_000_000, t_trigger)
+    # Before the pause (the uffd engine protects memory and fills in its copy store meanwhile).
+    lead = rate(t_trigger, paused_at) if paused_at - t_trigger > 3 * bucket_ns else None
     # The flush: from the end of the pause to the commit.
     release = max((at + g for at, g in at_snapshot if g == pause), default=t_trigger)
     during = rate(release + bucket_ns, t_done) if t_done - release > 3 * bucket_ns else None
@@ -114,6 +129,10 @@ def one_run(exe, mib, kind, env_extra, work, checkpoints=1):
     speed = during / before if during is not None and before and want_running(env_extra) else None
     return dict(pause_ms=pause / 1e6, shim_pause_ms=shim_pause / 1e6, max_gap_ms=max_gap / 1e6, speed=speed,
                 ckpt_ms=(t_done - t_trigger) / 1e6, image=size, steal_ms=steal * 1000 / HZ,
+                lead_ms=(paused_at - t_trigger) / 1e6,
+                lead_speed=lead / before if lead is not None and before else None,
+                rss_before=rss_before, rss_after=rss_after,
+                kept=int(kept.group(1)) if kept else None,
                 write_gibs=size / 2**30 / flush_s if flush_s else None)
 
 
@@ -122,6 +141,15 @@ def want_running(env_extra):
 
 
 HZ = os.sysconf("SC_CLK_TCK")
+
+
+def vm_rss(pid):
+    """VmRSS of a process, bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
 def steal_jiffies():
@@ -150,23 +178,32 @@ def main():
     os.makedirs(a.dir, exist_ok=True)
     work = tempfile.mkdtemp(prefix="bench.", dir=a.dir)
     engines = [e for e in ENGINES if e[0] in a.engines.split(",")]
-    print(f"{'size':>6} {'kind':>6} {'engine':>9} {'pause_ms':>9} {'shim_ms':>8} {'stop/this':>9} {'max_gap':>8} "
-          f"{'steal_ms':>8} {'speed':>6} {'ckpt_ms':>8} {'image_MiB':>9} {'GiB/s':>6}", flush=True)
+    print(f"{'size':>6} {'kind':>6} {'engine':>13} {'pause_ms':>9} {'shim_ms':>8} {'stop/this':>9} {'max_gap':>8} "
+          f"{'steal_ms':>8} {'speed':>6} {'ckpt_ms':>8} {'lead_ms':>8} {'lspeed':>6} {'image_MiB':>9} {'GiB/s':>6} "
+          f"{'rss_MiB':>11} {'kept_MiB':>8}", flush=True)
     try:
         for mib in map(int, a.sizes.split(",")):
             for kind in a.kinds.split(","):
-                res = {}
-                for name, env in engines:
-                    runs = [one_run(exe, mib, kind, env, work, a.checkpoints) for _ in range(a.runs)]
-                    res[name] = {k: med([r[k] for r in runs]) for k in runs[0]}
+                # Round by round, each engine in turn: load that comes and goes on a shared
+                # machine then weighs on every engine alike.
+                runs = {name: [] for name, _ in engines}
+                for _ in range(a.runs):
+                    for name, env in engines:
+                        runs[name].append(one_run(exe, mib, kind, env, work, a.checkpoints))
+                res = {name: {k: med([r[k] for r in rs]) for k in rs[0]} for name, rs in runs.items()}
                 base = res.get("stop", {}).get("pause_ms")
                 for name, r in res.items():
                     ratio = f"{base / r['pause_ms']:.0f}x" if base and r["pause_ms"] else "-"
                     speed = f"{100 * r['speed']:.0f}%" if r["speed"] is not None else "-"
                     gibs = f"{r['write_gibs']:.2f}" if r["write_gibs"] and name != "stop" else "-"
-                    print(f"{mib:>6} {kind:>6} {name:>9} {r['pause_ms']:>9.2f} {r['shim_pause_ms']:>8.2f} {ratio:>9} "
+                    lspeed = f"{100 * r['lead_speed']:.0f}%" if r["lead_speed"] is not None else "-"
+                    rss = (f"{r['rss_before'] / 2**20:.0f}>{r['rss_after'] / 2**20:.0f}"
+                           if r["rss_before"] is not None and r["rss_after"] is not None else "-")
+                    kept = f"{r['kept'] / 2**20:.0f}" if r["kept"] is not None else "-"
+                    print(f"{mib:>6} {kind:>6} {name:>13} {r['pause_ms']:>9.2f} {r['shim_pause_ms']:>8.2f} {ratio:>9} "
                           f"{r['max_gap_ms']:>8.1f} {r['steal_ms']:>8.0f} {speed:>6} {r['ckpt_ms']:>8.0f} "
-                          f"{r['image'] / 2**20:>9.0f} {gibs:>6}", flush=True)
+                          f"{r['lead_ms']:>8.0f} {lspeed:>6} {r['image'] / 2**20:>9.0f} {gibs:>6} {rss:>11} "
+                          f"{kept:>8}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     which = f"checkpoint {a.checkpoints} of each run, " if a.checkpoints > 1 else ""
@@ -174,7 +211,9 @@ def main():
           "as the shim timed it; stop/this = "
           "stop-the-world pause / this engine's; max_gap = largest gap during the checkpoint; steal_ms = "
           "hypervisor steal time meanwhile; speed = iterations/s while the image is written vs the "
-          "second before; GiB/s = image bytes / flush time)")
+          "second before; lead = signal to pause, lspeed = iterations/s meanwhile vs the second before; "
+          "GiB/s = image bytes / flush time; rss = VmRSS before the signal > after the commit; "
+          "kept = copy store kept after the checkpoint)")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ pub const FULL_EVERY: &str = "SNAPSHIM_FULL_EVERY";
 pub const FULL_FRACTION: &str = "SNAPSHIM_FULL_FRACTION";
 pub const FAULT_AROUND: &str = "SNAPSHIM_FAULT_AROUND";
 pub const COPY_AHEAD: &str = "SNAPSHIM_COPY_AHEAD";
+pub const KEEP_STORE: &str = "SNAPSHIM_KEEP_STORE";
 pub const HUGEPAGES: &str = "SNAPSHIM_HUGEPAGES";
 pub const TWIN_FULL: &str = "SNAPSHIM_TWIN_FULL";
 
@@ -31,6 +32,10 @@ pub const DEFAULT_FULL_EVERY: u64 = 8;
 pub const DEFAULT_FULL_FRACTION: f64 = 0.5;
 /// The largest block the uffd engine saves around a write fault (`SNAPSHIM_FAULT_AROUND`).
 pub const DEFAULT_FAULT_AROUND: u64 = 2 << 20;
+/// Whether the uffd engine keeps its copy store between checkpoints (`SNAPSHIM_KEEP_STORE`):
+/// no, the process's resident memory is back to what it was after each checkpoint (see
+/// docs/benchmarks.md for what keeping it gains periodic checkpoints).
+pub const DEFAULT_KEEP_STORE: bool = false;
 
 /// `SNAPSHIM_COW`: the copy-on-write engine asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +89,11 @@ pub struct Settings {
     pub fault_around: Option<u64>,
     /// `SNAPSHIM_COPY_AHEAD`; None: not set (or not understood), the engine's default (auto).
     pub copy_ahead: Option<CopyAhead>,
+    /// `SNAPSHIM_KEEP_STORE`: the uffd engine keeps its copy store (the memory it copies pages
+    /// into during a flush) for the next checkpoint, given back lazily (`MADV_FREE`: it counts
+    /// in the process's resident memory until the kernel needs it), instead of unmapping it
+    /// after each flush.
+    pub keep_store: bool,
     pub hugepages: bool,
     /// `SNAPSHIM_TWIN_FULL=1` (a testing aid): each delta also gets a full image of the same
     /// instant, `ckpt-N.twin` (not an image name: outside listings and retention).
@@ -183,6 +193,18 @@ impl Settings {
                 None
             }
         };
+        let keep_store = match env(KEEP_STORE).as_deref() {
+            None => DEFAULT_KEEP_STORE,
+            Some("1") | Some("on") => true,
+            Some("0") | Some("off") => false,
+            Some(other) => {
+                warnings.push(format!(
+                    "{KEEP_STORE}={other} is not 0 or 1; using {}",
+                    DEFAULT_KEEP_STORE as u8
+                ));
+                DEFAULT_KEEP_STORE
+            }
+        };
         let settings = Settings {
             dir,
             name,
@@ -195,6 +217,7 @@ impl Settings {
             full_fraction,
             fault_around,
             copy_ahead,
+            keep_store,
             hugepages: env(HUGEPAGES).is_some_and(|v| v != "0"),
             twin_full: env(TWIN_FULL).is_some_and(|v| v != "0"),
         };
@@ -215,6 +238,7 @@ pub struct RunSettings {
     pub incremental: Option<String>,
     pub full_every: Option<u64>,
     pub full_fraction: Option<f64>,
+    pub keep_store: Option<bool>,
 }
 
 impl RunSettings {
@@ -244,6 +268,9 @@ impl RunSettings {
         }
         if let Some(f) = self.full_fraction {
             v.push((FULL_FRACTION, f.to_string().into()));
+        }
+        if let Some(k) = self.keep_store {
+            v.push((KEEP_STORE, if k { "1" } else { "0" }.into()));
         }
         v
     }
@@ -440,6 +467,8 @@ mod tests {
         assert_eq!(s.full_fraction, DEFAULT_FULL_FRACTION);
         assert_eq!(s.fault_around, None);
         assert_eq!(s.copy_ahead, Some(CopyAhead::Auto));
+        assert_eq!(s.keep_store, DEFAULT_KEEP_STORE);
+        assert!(!s.keep_store, "the copy store is given back by default");
         assert!(!s.hugepages && !s.twin_full);
     }
 
@@ -464,6 +493,7 @@ mod tests {
             (FULL_FRACTION, "0.25"),
             (FAULT_AROUND, "64"),
             (COPY_AHEAD, "always"),
+            (KEEP_STORE, "1"),
             (HUGEPAGES, "1"),
             (TWIN_FULL, "0"),
         ])
@@ -479,6 +509,7 @@ mod tests {
         assert_eq!((s.full_every, s.full_fraction), (4, 0.25));
         assert_eq!(s.fault_around, Some(64 << 10));
         assert_eq!(s.copy_ahead, Some(CopyAhead::Always));
+        assert!(s.keep_store);
         assert!(s.hugepages && !s.twin_full);
     }
 
@@ -491,6 +522,7 @@ mod tests {
             (FULL_EVERY, "0"),
             (FAULT_AROUND, "2"),
             (COPY_AHEAD, "sometimes"),
+            (KEEP_STORE, "yes"),
         ])
         .unwrap();
         assert_eq!(
@@ -501,6 +533,7 @@ mod tests {
                 "SNAPSHIM_INCREMENTAL=maybe is not a mode (off, on, merge); using off",
                 "SNAPSHIM_FAULT_AROUND=2 is not a size in KiB (4 or more); using 2048",
                 "SNAPSHIM_COPY_AHEAD=sometimes is not a choice (auto, off, always); using auto",
+                "SNAPSHIM_KEEP_STORE=yes is not 0 or 1; using 0",
             ]
         );
         assert_eq!(s.interval_ms, None);
@@ -509,6 +542,7 @@ mod tests {
         assert_eq!(s.full_every, DEFAULT_FULL_EVERY);
         assert_eq!(s.fault_around, None);
         assert_eq!(s.copy_ahead, None);
+        assert!(!s.keep_store);
     }
 
     #[test]
@@ -530,6 +564,7 @@ mod tests {
             incremental: Some("on".into()),
             full_every: Some(3),
             full_fraction: Some(0.75),
+            keep_store: Some(true),
         };
         let env = run.env();
         let (s, warnings) = Settings::parse(|k| {
@@ -546,6 +581,7 @@ mod tests {
         assert_eq!(s.keep, 7);
         assert_eq!(s.incremental, Incremental::On);
         assert_eq!((s.full_every, s.full_fraction), (3, 0.75));
+        assert!(s.keep_store);
         assert!(RunSettings::default().env().is_empty());
     }
 }

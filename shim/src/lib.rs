@@ -83,6 +83,7 @@ extern "C" fn init() {
     if let Some(c) = settings.copy_ahead {
         engine::uffd::set_copy_ahead(c);
     }
+    engine::uffd::set_keep_store(settings.keep_store);
     state::HUGEPAGES.store(settings.hugepages, Relaxed);
     let cfg = config::init(config::Config::new(&settings, exe, cmdline, shim_path()));
 

@@ -14,8 +14,9 @@
 //! - `uffd_engine_huge_page_snapshots_are_exact`: the same with the app's memory in huge pages
 //!   (`SNAPSHIM_HUGEPAGES=1`), some of which the flush splits to serve writes quickly.
 //! - `three_checkpoints_in_a_row_each_restore` (`fork`) and
-//!   `uffd_three_checkpoints_in_a_row_each_restore`: the last and the first of three images of
-//!   one process both restore to the same output.
+//!   `uffd_three_checkpoints_in_a_row_each_restore` (keeping the copy store between them,
+//!   `SNAPSHIM_KEEP_STORE=1`): the last and the first of three images of one process both
+//!   restore to the same output.
 //! - `pattern_verifier_detects_a_torn_page` (no shim) and
 //!   `a_torn_image_makes_the_restored_app_fail` (an image spliced from two instants): the app's
 //!   verification does fail when it should, so the tests above can fail too.
@@ -203,22 +204,24 @@ fn uffd_engine_huge_page_snapshots_are_exact() -> Result<()> {
 /// cuts out.txt back to the first image's length and the program redoes everything after it.
 #[test]
 fn three_checkpoints_in_a_row_each_restore() -> Result<()> {
-    three_checkpoints_in_a_row("fork")
+    three_checkpoints_in_a_row("fork", &[])
 }
 
-/// The same with `uffd`: the second and third flushes copy into the store the first one left
-/// (pages given back lazily, slots reused), which must not leak one flush's copies into another.
+/// The same with `uffd`, keeping the copy store between checkpoints (`SNAPSHIM_KEEP_STORE=1`;
+/// by default each flush maps a new one): the second and third flushes copy into the store the
+/// first one left (pages given back lazily, slots reused), which must not leak one flush's
+/// copies into another.
 #[test]
 fn uffd_three_checkpoints_in_a_row_each_restore() -> Result<()> {
     if !needs::userfaultfd()? {
         return Ok(());
     }
-    three_checkpoints_in_a_row("uffd")
+    three_checkpoints_in_a_row("uffd", &[("SNAPSHIM_KEEP_STORE", "1")])
 }
 
-fn three_checkpoints_in_a_row(engine: &str) -> Result<()> {
+fn three_checkpoints_in_a_row(engine: &str, env: &[(&str, &str)]) -> Result<()> {
     let _alone = one_at_a_time();
-    let app = Session::new(pattern(engine, &[])?)?.spawn()?.wait_ready()?;
+    let app = Session::new(pattern(engine, env)?)?.spawn()?.wait_ready()?;
     let session = app.session().clone();
     let app = app.pause(Duration::from_millis(
         (100.0 + 200.0 * session.random_unit()) as u64,

@@ -60,6 +60,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         incremental: a.incremental.clone(),
         full_every: a.full_every.map(u64::from),
         full_fraction: a.full_fraction,
+        keep_store: a.keep_store.then_some(true),
     };
     let mut cmd = Command::new(prog);
     cmd.args(args)

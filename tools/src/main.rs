@@ -124,6 +124,11 @@ pub struct RunArgs {
     /// than F times its size, SNAPSHIM_FULL_FRACTION [default: 0.5]
     #[arg(long, value_name = "F", value_parser = positive_fraction)]
     pub full_fraction: Option<f64>,
+    /// Keep the uffd engine's copy store between checkpoints: faster periodic checkpoints, but
+    /// the program's resident memory stays larger by it, SNAPSHIM_KEEP_STORE=1 [default: given
+    /// back after each checkpoint]
+    #[arg(long)]
+    pub keep_store: bool,
     /// The program and its arguments (after `--`)
     #[arg(
         required = true,

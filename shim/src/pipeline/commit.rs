@@ -91,7 +91,9 @@ pub fn write_twin(cfg: &Config, cap: &Captured, seq: u64) -> Result<(), String> 
     }
     r
 }
-/// The image's statistics, machine-readable, beside it (`ckpt-N.json`).
+/// The image's statistics, machine-readable, beside it (`ckpt-N.json`). Also what the process
+/// keeps after the checkpoint: the uffd engine's copy store (`SNAPSHIM_KEEP_STORE`), whose
+/// pages count in its resident memory.
 pub fn write_stats(s: &Stats) {
     // The pause's phases that were timed, in microseconds.
     let mut phases = String::new();
@@ -109,8 +111,8 @@ pub fn write_stats(s: &Stats) {
     let json = alloc::format!(
         "{{\"image\": \"{}\", \"engine\": \"{}\", \"bytes\": {}, \"resident_bytes\": {}, \
          \"pause_us\": {}, \"flush_us\": {}, \"total_us\": {}, \"pages_copied_before_write\": {}, \
-         \"pages_copied_ahead\": {}, \"huge_pages_split\": {}, \"delta\": {}, \"pause_started_monotonic_ns\": {}, \
-         \"pause_phases_us\": {{{phases}}}}}\n",
+         \"pages_copied_ahead\": {}, \"huge_pages_split\": {}, \"copy_store_kept_bytes\": {}, \"delta\": {}, \
+         \"pause_started_monotonic_ns\": {}, \"pause_phases_us\": {{{phases}}}}}\n",
         s.path.replace('\\', "\\\\").replace('"', "\\\""),
         s.engine.name(),
         s.bytes,
@@ -121,6 +123,7 @@ pub fn write_stats(s: &Stats) {
         s.copied,
         s.copied_ahead,
         s.huge_split,
+        crate::engine::uffd::kept_store_bytes(),
         s.delta,
         MARKS[0].load(Relaxed)
     );

@@ -70,6 +70,7 @@ use server::*;
 pub use server::{help_from_end, hot, set_copy_ahead, set_fault_around};
 use state::*;
 use store::*;
+pub use store::{kept_store_bytes, set_keep_store};
 use table::*;
 pub use table::{
     copy_of, huge_pages_split, is_no_data, mark_lost, unprotect, PlanRegion, Table, STORED_BIT,
@@ -141,10 +142,12 @@ pub fn prepare(maps: &[MapsEntry], wanted: &[Wanted]) -> Result<(), String> {
         .filter(|w| !w.file_backed)
         .map(|w| (maps[w.entry].end - maps[w.entry].start) / PAGE)
         .sum();
+    let kept = kept_store_bytes();
     if let Ok((addr, cap)) = keep_or_map_store(store_cap(pages)) {
-        let warm = warm_bytes().min(cap * PAGE);
-        // SAFETY: filling in the start of the store, ours (a hint: may fail harmlessly). Pages
-        // an earlier flush used and the kernel did not take back are there already.
+        let warm = warm_bytes(kept).min(cap * PAGE);
+        // SAFETY: filling in the start of the store, ours (a hint: may fail harmlessly). In a
+        // store kept from an earlier flush (SNAPSHIM_KEEP_STORE), the pages it used and the
+        // kernel did not take back are there already.
         unsafe { sc!(libc::SYS_madvise, addr, warm, libc::MADV_POPULATE_WRITE) };
         STORE_FILLED.store(warm, Relaxed);
         STORE_PAGES.store(cap, Relaxed);
@@ -623,7 +626,8 @@ pub fn thread_exiting() {
 // The end of a flush
 
 /// Stops the fault server, waits for savers, closes the userfaultfd (which lifts every remaining
-/// protection and unregisters every region) and frees the copy store and the page table.
+/// protection and unregisters every region), frees the page table and gives the copy store back
+/// (or keeps it, with `SNAPSHIM_KEEP_STORE=1`: see [`end_store`]).
 pub fn end(t: &'static Table) {
     HOT_UNTIL.store(0, Relaxed);
     FLUSHING.store(0, SeqCst);
@@ -645,7 +649,7 @@ pub fn end(t: &'static Table) {
     }
     unlock_pre();
     recollapse(t);
-    keep_store(
+    end_store(
         t.copies,
         t.copies_cap as u64,
         t.next_copy.load(Relaxed) as u64,
