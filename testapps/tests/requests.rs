@@ -16,6 +16,8 @@
 //!   checkpoint` sends it (the checkpoint signal, queued with the reply pipe's descriptor alone)
 //!   gets the shim's reply.
 //!
+//! The tests take a lock and run one at a time (see [`one_at_a_time`]).
+//!
 //! Needs `cargo build --release --workspace` first.
 
 use std::collections::BTreeSet;
@@ -24,7 +26,7 @@ use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 use std::time::Instant;
 
 use snapshim_testapps::process::{run_captured, timeout};
@@ -37,6 +39,14 @@ const REQUESTS: usize = 8;
 /// `snapshim checkpoint --timeout`: far above a checkpoint of these apps (well under a second
 /// here), far below the tool's default of 600 s that a lost request used to wait for.
 const TOOL_TIMEOUT: &str = "60";
+
+/// One test at a time: random checkpoint moments are drawn from the length of a reference run,
+/// which another test's app and eight tools competing for the two cores here would stretch, so
+/// the requests could come after the app has ended.
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// `snapshim checkpoint -q --timeout 60 PID`, run by `n` threads released at once; what each
 /// run did.
@@ -103,6 +113,7 @@ fn handles_usr1(image: &Path) -> Result<bool> {
 
 #[test]
 fn eight_concurrent_requests_twenty_times() -> Result<()> {
+    let _one = one_at_a_time();
     // Enough rounds of work that the first requests come while the five threads compute; the
     // rest come while it holds (it never ends by itself). Every image of the test is kept.
     let spec = AppSpec::named("ids")?
@@ -202,6 +213,7 @@ fn eight_concurrent_requests_twenty_times() -> Result<()> {
 
 #[test]
 fn requests_in_a_running_program_restore_to_identical_output() -> Result<()> {
+    let _one = one_at_a_time();
     for _ in 0..3 {
         let session = Session::new(AppSpec::named("single")?.arg("144"))?;
         let app = session.spawn()?.wait_ready()?.pause_randomly()?;
@@ -242,6 +254,7 @@ fn pipe() -> Result<(fs::File, OwnedFd)> {
 
 #[test]
 fn a_request_on_the_checkpoint_signal_is_still_answered() -> Result<()> {
+    let _one = one_at_a_time();
     let session = Session::new(AppSpec::named("ids")?.arg("40").arg("hold"))?;
     let mut app = session.spawn_without_reference()?.wait_ready()?;
     app.wait_for("WAITING")?;
