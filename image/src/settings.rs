@@ -423,6 +423,26 @@ fn rt_offset(rest: &str, sign: char) -> Option<i32> {
         .then_some(n)
 }
 
+/// The shim's second signal, given its checkpoint signal `trigger`: `SIGRTMAX-1`, or `SIGRTMAX-2`
+/// when the checkpoint signal is `SIGRTMAX-1`. The shim parks threads with it for a snapshot
+/// (sent with `tgkill`), and `snapshim checkpoint` sends its requests with it (`sigqueue`): a
+/// real-time signal queues, so concurrent requests are never merged as two pending instances of
+/// a standard signal such as SIGUSR2 are. The shim and the tools both take it from here.
+pub fn quiesce_signal(trigger: i32) -> i32 {
+    let q = libc::SIGRTMAX() - 1;
+    if q == trigger {
+        q - 1
+    } else {
+        q
+    }
+}
+
+/// The symbol a shim exports when it takes `snapshim checkpoint`'s requests on its
+/// [`quiesce_signal`]. The tool looks for it in the library the program has mapped; a shim
+/// without it (an older one, still running in a program started before an upgrade) ignores a
+/// request sent that way, and is sent the checkpoint signal instead, as it expects.
+pub const QUEUED_REQUESTS_SYMBOL: &str = "snapshim_requests_on_quiesce_signal";
+
 /// The usual name of a signal number: `SIGUSR2`, `SIGRTMIN+3`, or `SIG32` for numbers without
 /// a name.
 pub fn signal_name(signo: i32) -> String {
@@ -551,6 +571,24 @@ mod tests {
             parse(&[(SIGNAL, "KILL"), (COW, "magic")]).unwrap_err(),
             "SNAPSHIM_SIGNAL=KILL is not a signal snapshim can use; checkpoints are off"
         );
+    }
+
+    #[test]
+    fn the_quiesce_signal_is_real_time_and_never_the_trigger() {
+        let rtmax = libc::SIGRTMAX();
+        assert_eq!(quiesce_signal(libc::SIGUSR2), rtmax - 1);
+        assert_eq!(quiesce_signal(rtmax), rtmax - 1);
+        assert_eq!(quiesce_signal(rtmax - 1), rtmax - 2);
+        for trigger in [
+            libc::SIGUSR1,
+            libc::SIGHUP,
+            libc::SIGRTMIN(),
+            rtmax - 1,
+            rtmax,
+        ] {
+            let q = quiesce_signal(trigger);
+            assert!(q != trigger && q >= libc::SIGRTMIN(), "{trigger} -> {q}");
+        }
     }
 
     #[test]

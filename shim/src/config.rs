@@ -46,17 +46,12 @@ impl Config {
                 .trim_end_matches(" (deleted)")
                 .to_string()
         });
-        // The internal quiesce signal: a real-time one the trigger is not.
-        let quiesce = libc::SIGRTMAX() - 1;
         Config {
             image_dir: base.join(&name),
             name,
             trigger_signal: s.signal,
-            quiesce_signal: if quiesce == s.signal {
-                quiesce - 1
-            } else {
-                quiesce
-            },
+            // The internal quiesce signal, which also carries `snapshim checkpoint`'s requests.
+            quiesce_signal: snapshim_image::settings::quiesce_signal(s.signal),
             interval_ms: s.interval_ms,
             keep: s.keep,
             engine: s.cow,

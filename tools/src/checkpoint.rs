@@ -1,27 +1,40 @@
 //! `snapshim checkpoint PID`: ask a running program for a checkpoint and wait for the outcome.
 //!
-//! Protocol (the shim implements the other half):
+//! Protocol (the shim implements the other half, shim/src/pipeline/trigger.rs):
 //!
 //! ```text
 //!  snapshim checkpoint                          program with libsnapshim.so
 //!  -------------------                          ---------------------------
 //!  /proc/PID/maps has libsnapshim.so?
-//!  signal = SNAPSHIM_SIGNAL from /proc/PID/environ, else SIGUSR2
-//!  /proc/PID/status SigCgt has that signal?
+//!  trigger = SNAPSHIM_SIGNAL from /proc/PID/environ, else SIGUSR2
+//!  /proc/PID/status SigCgt has the trigger?
+//!  the library exports snapshim_requests_on_quiesce_signal?
+//!    yes: signal = the quiesce signal (SIGRTMAX-1, or -2), which SigCgt must have too
+//!    no (an older shim): signal = the trigger
 //!  (if we are root and PID is not: become PID's user)
 //!  pipe2(O_CLOEXEC) -> (r, w)
-//!  sigqueue(PID, signal, sival = w) ---------->  handler: si_code == SI_QUEUE, so remember
-//!                                                (si_pid, si_value) and wake the helper
-//!  poll(r) in 200 ms slices, checking                ... quiesce, capture, flush, commit ...
-//!  that PID is still alive                       open("/proc/<si_pid>/fd/<si_value>", O_WRONLY)
-//!                                <-------------  "ok path=... bytes=... pause_us=... total_us=...
-//!                                                 resident=...\n"   or   "err <message>\n"
+//!  sigqueue(PID, signal,  --------------------> handler (any thread): si_code == SI_QUEUE from
+//!           sival = w | inode(w) << 32)           another process: a 16-byte record
+//!                                                 (si_pid, fd, inode) into the wake pipe
+//!  poll(r) in 200 ms slices, checking             helper: takes every record, up to the pause
+//!  that PID is still alive                          ... quiesce, capture, flush, commit ...
+//!                                                 to each: open("/proc/<si_pid>/fd/<fd>"), a pipe
+//!                                                 of that inode?
+//!                                <--------------  "ok path=... bytes=... pause_us=... total_us=...
+//!                                                  resident=...\n"   or   "err <message>\n"
 //! ```
 //!
+//! The quiesce signal is real-time, so it queues: requests sent at the same moment each reach
+//! the shim with their own `siginfo`. Two instances of a standard signal such as SIGUSR2 pending
+//! at once merge into one, and the second requester would never be answered; that remains the
+//! case only with an older shim. Requests that reach the shim before a checkpoint's pause get
+//! that checkpoint's outcome; later ones the next checkpoint's.
+//!
 //! We keep `w` open until the reply arrives: the shim reopens it through /proc, which works
-//! only while it is open here, and only if the shim's user may open our descriptors. The signal
-//! is never sent to a process that does not handle it: the default action of SIGUSR2 is to
-//! terminate, and a shim whose set-up failed is loaded but installs no handler.
+//! only while it is open here, and only if the shim's user may open our descriptors. The inode
+//! lets the shim make sure it writes into our pipe and nothing else. A signal is never sent to a
+//! process that does not handle it: the default action of SIGUSR2 is to terminate, and a shim
+//! whose set-up failed is loaded but installs no handler.
 //!
 //! A program restored in its own PID namespace (see snapshim-restore) cannot see us: `si_pid`
 //! would be 0 and its /proc does not show our process. PID may then be the restorer that
@@ -32,6 +45,7 @@
 use std::fs::File;
 use std::io::{ErrorKind, IsTerminal, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -41,6 +55,8 @@ use nix::sys::prctl::set_dumpable;
 use nix::sys::wait::waitpid;
 use nix::unistd::{geteuid, pipe2, setgroups, setresgid, setresuid, Gid, Pid, Uid};
 use std::time::{Duration, Instant};
+
+use snapshim_image::settings;
 
 use crate::parse::{self, Reply};
 use crate::proc;
@@ -54,21 +70,18 @@ const MAX_REPLY: usize = 64 * 1024;
 pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
     let pid = program_of(a.pid);
     require_shim(pid)?;
-    let signo = trigger_signal(pid)?;
-    require_handler(pid, signo)?;
+    let trigger = trigger_signal(pid)?;
+    require_handler(pid, trigger)?;
+    let signo = request_signal(pid, trigger)?;
     become_owner_of(pid)?;
     let (read_end, write_end) = pipe()?;
+    let value = request_value(&write_end)?;
     let sender = match pid_in_own_namespace(pid)? {
         None => {
-            sigqueue(pid, signo, write_end.as_raw_fd())?;
+            sigqueue(pid, signo, value)?;
             None
         }
-        Some(inner) => Some(send_from_namespace(
-            pid,
-            inner,
-            signo,
-            write_end.as_raw_fd(),
-        )?),
+        Some(inner) => Some(send_from_namespace(pid, inner, signo, value)?),
     };
     let show_progress = !a.quiet && !a.json && std::io::stderr().is_terminal();
     let line = wait_for_reply(pid, read_end, a.timeout, show_progress);
@@ -180,7 +193,7 @@ impl Drop for Sender {
 
 /// Enters the user namespace (if not ours) and the PID namespace of `pid`, forks a child there,
 /// which sends the request to `inner` (the program's PID as it sees it).
-fn send_from_namespace(pid: i32, inner: i32, signo: i32, fd: i32) -> Result<Sender> {
+fn send_from_namespace(pid: i32, inner: i32, signo: i32, value: u64) -> Result<Sender> {
     let enter = |kind: &str, flag: CloneFlags| -> Result<()> {
         let path = format!("/proc/{pid}/ns/{kind}");
         if std::fs::read_link(&path).ok()
@@ -212,8 +225,9 @@ fn send_from_namespace(pid: i32, inner: i32, signo: i32, fd: i32) -> Result<Send
         unsafe {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             libc::prctl(libc::PR_SET_DUMPABLE, 1);
+            // Our copy of the reply pipe has the same descriptor number as the parent's.
             let value = libc::sigval {
-                sival_ptr: fd as usize as *mut libc::c_void,
+                sival_ptr: value as usize as *mut libc::c_void,
             };
             let err = if libc::sigqueue(inner, signo, value) == 0 {
                 0
@@ -321,6 +335,62 @@ fn trigger_signal(pid: i32) -> Result<i32> {
     }
 }
 
+/// The signal to send the request with: the shim's quiesce signal, which queues, when the shim
+/// takes requests on it; else, for an older shim, the checkpoint signal. Fails unless the
+/// process handles it.
+fn request_signal(pid: i32, trigger: i32) -> Result<i32> {
+    if !takes_queued_requests(pid) {
+        return Ok(trigger);
+    }
+    let signo = settings::quiesce_signal(trigger);
+    require_handler(pid, signo)?;
+    Ok(signo)
+}
+
+/// Whether the `libsnapshim.so` mapped in `pid` exports
+/// [`settings::QUEUED_REQUESTS_SYMBOL`]. Read in the program's own view of the filesystem
+/// (`/proc/PID/root`), else in ours. False when it cannot be told: a shim that has the symbol
+/// also answers requests sent with the checkpoint signal.
+fn takes_queued_requests(pid: i32) -> bool {
+    let Ok(Some(lib)) = proc::mapped_path(pid, crate::launch::SHIM_LIB) else {
+        return false;
+    };
+    let inside =
+        Path::new(&format!("/proc/{pid}/root")).join(lib.strip_prefix("/").unwrap_or(&lib));
+    let Ok(file) = File::open(&inside).or_else(|_| File::open(&lib)) else {
+        return false;
+    };
+    // SAFETY: a read-only private mapping, read within the length it had when mapped; a file
+    // truncated meanwhile gives SIGBUS at worst in this short-lived tool.
+    let Ok(map) = (unsafe { memmap2::Mmap::map(&file) }) else {
+        return false;
+    };
+    exports(&map, settings::QUEUED_REQUESTS_SYMBOL)
+}
+
+/// Whether the ELF shared object `elf` exports (defines in its dynamic symbol table) `name`.
+fn exports(elf: &[u8], name: &str) -> bool {
+    let Ok(elf) = goblin::elf::Elf::parse(elf) else {
+        return false;
+    };
+    elf.dynsyms
+        .iter()
+        .any(|s| s.st_shndx != 0 && elf.dynstrtab.get_at(s.st_name) == Some(name))
+}
+
+/// The request's value: the reply pipe's descriptor, and above bit 32 the low 32 bits of its
+/// inode, so that the shim writes into this pipe and nothing else (an older shim reads only the
+/// low 32 bits).
+fn request_value(w: &OwnedFd) -> Result<u64> {
+    let st = nix::sys::stat::fstat(w.as_fd())
+        .map_err(|e| Failure::op(format!("cannot stat our pipe: {}", std::io::Error::from(e))))?;
+    Ok(request_value_of(w.as_raw_fd(), st.st_ino))
+}
+
+fn request_value_of(fd: i32, ino: u64) -> u64 {
+    ((ino & 0xffff_ffff) << 32) | fd as u32 as u64
+}
+
 /// A pipe, both ends close-on-exec.
 fn pipe() -> Result<(File, OwnedFd)> {
     let (r, w) = pipe2(OFlag::O_CLOEXEC)
@@ -328,11 +398,11 @@ fn pipe() -> Result<(File, OwnedFd)> {
     Ok((File::from(r), w))
 }
 
-/// `sigqueue(pid, signo, { sival_ptr = fd })`: the shim reads our PID from `si_pid` and the
-/// descriptor to reply on from `si_value`.
-fn sigqueue(pid: i32, signo: i32, fd: i32) -> Result<()> {
+/// `sigqueue(pid, signo, { sival_ptr = value })`: the shim reads our PID from `si_pid` and
+/// the pipe to reply on from `si_value` (see [`request_value`]).
+fn sigqueue(pid: i32, signo: i32, value: u64) -> Result<()> {
     let value = libc::sigval {
-        sival_ptr: fd as usize as *mut libc::c_void,
+        sival_ptr: value as usize as *mut libc::c_void,
     };
     // SAFETY: sigqueue takes plain values; the pointer is never dereferenced by anyone.
     if unsafe { libc::sigqueue(pid, signo, value) } != 0 {
@@ -488,6 +558,26 @@ mod tests {
         buf.extend_from_slice(b" bytes=1\nrest");
         assert_eq!(take_line(&mut buf).as_deref(), Some("ok path=/a bytes=1"));
         assert_eq!(buf, b"rest");
+    }
+
+    #[test]
+    fn the_value_holds_the_descriptor_and_the_low_inode_bits() {
+        assert_eq!(request_value_of(9, 0x1_2345_6789), 0x2345_6789_0000_0009);
+        // The shim's side: fd = the low 32 bits, inode = the high ones.
+        let v = request_value_of(1023, 77);
+        assert_eq!((v as u32, (v >> 32) as u32), (1023, 77));
+    }
+
+    #[test]
+    fn exported_symbols_are_found_and_others_not() {
+        // libc exports sigqueue, and not the shim's marker.
+        let libc_path = proc::mapped_path(std::process::id() as i32, "libc.so.6")
+            .unwrap()
+            .expect("libc is mapped");
+        let libc = std::fs::read(libc_path).unwrap();
+        assert!(exports(&libc, "sigqueue"));
+        assert!(!exports(&libc, settings::QUEUED_REQUESTS_SYMBOL));
+        assert!(!exports(b"not an ELF file", "sigqueue"));
     }
 
     #[test]

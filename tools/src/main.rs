@@ -141,9 +141,11 @@ pub struct RunArgs {
 
 /// Checkpoint a running program and wait until its image is committed
 ///
-/// Sends the program's checkpoint signal (SNAPSHIM_SIGNAL in its environment, else SIGUSR2)
-/// with sigqueue, only after checking that libsnapshim.so is loaded in it, then waits for the
-/// shim's report and prints where the image is.
+/// Sends a request with sigqueue, on the shim's second signal (SIGRTMAX-1, which queues: any
+/// number of requests at once are each answered), or to an older shim on the program's
+/// checkpoint signal (SNAPSHIM_SIGNAL in its environment, else SIGUSR2); only after checking
+/// that libsnapshim.so is loaded in it and handles the signal. Then waits for the shim's report
+/// and prints where the image is.
 #[derive(Args)]
 pub struct CheckpointArgs {
     /// Give up waiting after TIME (seconds, or 30s, 10m, ...)

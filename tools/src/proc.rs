@@ -28,10 +28,15 @@ pub fn status(pid: i32) -> Result<procfs::process::Status> {
 
 /// Whether a file named `lib` (a file name, no directory) is mapped in `pid`.
 pub fn maps_file(pid: i32, lib: &str) -> Result<bool> {
+    Ok(mapped_path(pid, lib)?.is_some())
+}
+
+/// The path of the file named `lib` (a file name, no directory) mapped in `pid`, if any.
+pub fn mapped_path(pid: i32, lib: &str) -> Result<Option<std::path::PathBuf>> {
     let maps = process(pid)?.maps().map_err(|e| failure(pid, "maps", e))?;
-    Ok(maps.iter().any(|m| match &m.pathname {
-        MMapPath::Path(p) => p.file_name().is_some_and(|n| n == lib),
-        _ => false,
+    Ok(maps.into_iter().find_map(|m| match m.pathname {
+        MMapPath::Path(p) if p.file_name().is_some_and(|n| n == lib) => Some(p),
+        _ => None,
     }))
 }
 

@@ -1,7 +1,8 @@
 //! The `snapshim` binary end to end, without the real shim or restorer:
 //!
 //! - `checkpoint` against a fake `libsnapshim.so` (tests/fake_shim.c) that answers the reply
-//!   protocol as told by its environment, loaded into a host program that just waits;
+//!   protocol as told by its environment, loaded into a host program that just waits; and
+//!   against an older fake shim, which takes requests on its checkpoint signal only;
 //! - `run` with that fake library, checking what the program gets in its environment;
 //! - `inspect`, `verify` and `ls` on synthetic images written with `snapshim-image`;
 //! - `restore` with `SNAPSHIM_RESTORE` pointing at a script.
@@ -13,7 +14,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, Barrier, OnceLock};
 
 use snapshim_image::{
     encode_metadata, CharDevice, FdKind, FdState, FileIdentity, Header, Metadata, PageRun, Process,
@@ -45,9 +46,11 @@ impl Drop for TempDir {
     }
 }
 
-/// The fake shim and the host program, compiled once per test run.
+/// The fake shims and the host program, compiled once per test run.
 struct Fixtures {
     lib: PathBuf,
+    /// A shim from before requests came on the quiesce signal (also named libsnapshim.so).
+    old_lib: PathBuf,
     host: PathBuf,
 }
 
@@ -57,19 +60,24 @@ fn fixtures() -> &'static Fixtures {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fake-shim");
         std::fs::create_dir_all(&dir).unwrap();
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+        std::fs::create_dir_all(dir.join("old")).unwrap();
         let lib = dir.join("libsnapshim.so");
+        let old_lib = dir.join("old/libsnapshim.so");
         let host = dir.join("host");
         // Built under a private name, then renamed: another test run may be using the files.
         let tmp = |p: &Path| p.with_extension(format!("tmp{}", std::process::id()));
+        let shared = ["-shared", "-fPIC", "-O1", "-pthread"];
+        cc(&shared, &src.join("fake_shim.c"), &tmp(&lib));
         cc(
-            &["-shared", "-fPIC", "-O1", "-pthread"],
+            &[&shared[..], &["-DOLD_SHIM"]].concat(),
             &src.join("fake_shim.c"),
-            &tmp(&lib),
+            &tmp(&old_lib),
         );
         cc(&["-O1"], &src.join("host.c"), &tmp(&host));
-        std::fs::rename(tmp(&lib), &lib).unwrap();
-        std::fs::rename(tmp(&host), &host).unwrap();
-        Fixtures { lib, host }
+        for p in [&lib, &old_lib, &host] {
+            std::fs::rename(tmp(p), p).unwrap();
+        }
+        Fixtures { lib, old_lib, host }
     })
 }
 
@@ -96,9 +104,14 @@ impl Host {
     /// Starts the host with the fake shim preloaded (if `with_shim`) and `env` added.
     fn start(with_shim: bool, env: &[(&str, &str)]) -> Host {
         let f = fixtures();
-        let mut cmd = Command::new(&f.host);
-        if with_shim {
-            cmd.env("LD_PRELOAD", &f.lib);
+        Host::start_with(with_shim.then_some(&f.lib), env)
+    }
+
+    /// Starts the host with `lib` preloaded, if any, and `env` added.
+    fn start_with(lib: Option<&PathBuf>, env: &[(&str, &str)]) -> Host {
+        let mut cmd = Command::new(&fixtures().host);
+        if let Some(lib) = lib {
+            cmd.env("LD_PRELOAD", lib);
         }
         cmd.envs(env.iter().copied());
         Host::wait_ready(cmd)
@@ -126,11 +139,12 @@ impl Host {
         self.child.try_wait().unwrap().is_none()
     }
 
-    /// Whether SIGUSR2 is pending for the host (started with `HOST_BLOCK_USR2`, which blocks it:
-    /// a SIGUSR2 sent to it stays pending, so "never signalled" needs no waiting).
-    fn usr2_pending(&self) -> bool {
+    /// Whether SIGUSR2 or SIGRTMAX-1 is pending for the host (started with
+    /// `HOST_BLOCK_SIGNALS`, which blocks both: a signal sent to it stays pending, so "never
+    /// signalled" needs no waiting).
+    fn signalled(&self) -> bool {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
-        let bit = 1u64 << (libc::SIGUSR2 - 1);
+        let bit = (1u64 << (libc::SIGUSR2 - 1)) | (1u64 << (libc::SIGRTMAX() - 2));
         status
             .lines()
             .filter_map(|l| {
@@ -281,7 +295,7 @@ fn checkpoint_times_out() {
 
 #[test]
 fn checkpoint_never_signals_a_process_without_the_shim() {
-    let mut host = Host::start(false, &[("HOST_BLOCK_USR2", "1")]);
+    let mut host = Host::start(false, &[("HOST_BLOCK_SIGNALS", "1")]);
     let out = checkpoint(host.pid, &[]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
@@ -291,33 +305,94 @@ fn checkpoint_never_signals_a_process_without_the_shim() {
             host.pid
         )
     );
-    assert!(!host.usr2_pending(), "the host was signalled");
+    assert!(!host.signalled(), "the host was signalled");
     assert!(host.alive());
 }
 
 #[test]
 fn checkpoint_uses_the_programs_snapshim_signal() {
-    // The fake shim handles only SIGUSR1 here: SIGUSR2 would kill the host.
-    let usr1 = libc::SIGUSR1.to_string();
-    let rt = (libc::SIGRTMIN() + 2).to_string();
-    for (name, signo) in [
-        ("SIGUSR1", usr1.as_str()),
-        ("USR1", &usr1),
-        ("RTMIN+2", &rt),
-        (&usr1, &usr1),
+    // The fake shims handle only the checkpoint signal named here (the current one also its
+    // quiesce signal): SIGUSR2 would kill the host. The request goes with the quiesce signal
+    // to the current shim and with the checkpoint signal to the older one.
+    let f = fixtures();
+    let (usr1, rtmin, rtmax) = (libc::SIGUSR1, libc::SIGRTMIN(), libc::SIGRTMAX());
+    let number = usr1.to_string();
+    for (name, trigger, quiesce) in [
+        ("SIGUSR1", usr1, rtmax - 1),
+        ("USR1", usr1, rtmax - 1),
+        (number.as_str(), usr1, rtmax - 1),
+        ("RTMIN+2", rtmin + 2, rtmax - 1),
+        ("RTMAX-1", rtmax - 1, rtmax - 2),
     ] {
-        let mut host = Host::start(
-            true,
-            &[
-                ("FAKE_REPLY", OK_LINE),
-                ("FAKE_SIGNO", signo),
-                ("SNAPSHIM_SIGNAL", name),
-            ],
-        );
-        let out = checkpoint(host.pid, &["-q"]);
-        assert_eq!(out.status.code(), Some(0), "{name}: {}", text(&out.stderr));
-        assert!(host.alive());
+        for (lib, sent) in [(&f.lib, quiesce), (&f.old_lib, trigger)] {
+            let dir = TempDir::new("signal");
+            let log = dir.0.join("requests");
+            let mut host = Host::start_with(
+                Some(lib),
+                &[
+                    ("FAKE_REPLY", OK_LINE),
+                    ("FAKE_SIGNO", &trigger.to_string()),
+                    ("SNAPSHIM_SIGNAL", name),
+                    ("FAKE_LOG", log.to_str().unwrap()),
+                ],
+            );
+            let out = checkpoint(host.pid, &["-q"]);
+            let what = format!("SNAPSHIM_SIGNAL={name}, {}", lib.display());
+            assert_eq!(out.status.code(), Some(0), "{what}: {}", text(&out.stderr));
+            assert_eq!(
+                std::fs::read_to_string(&log).unwrap(),
+                format!("signal {sent}\n"),
+                "{what}"
+            );
+            assert!(host.alive(), "{what}");
+        }
     }
+}
+
+#[test]
+fn concurrent_checkpoints_are_each_answered() {
+    // Eight requests at the same moment, each answered on its own (the fake shim answers every
+    // request it receives): the quiesce signal queues, where a second SIGUSR2 sent while the
+    // first is pending would be merged into it, and its sender never answered.
+    let host = Host::start(true, &[("FAKE_REPLY", OK_LINE), ("FAKE_DELAY_MS", "50")]);
+    let start = Arc::new(Barrier::new(8));
+    let requests: Vec<_> = (0..8)
+        .map(|_| {
+            let (start, pid) = (Arc::clone(&start), host.pid);
+            std::thread::spawn(move || {
+                start.wait();
+                checkpoint(pid, &["-q"])
+            })
+        })
+        .collect();
+    for r in requests {
+        let out = r.join().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "/tmp/img dir/app/ckpt-00000003.snap\n");
+    }
+}
+
+#[test]
+fn checkpoint_never_signals_a_shim_without_its_quiesce_handler() {
+    // A current shim handles both signals or neither; this one handles only its checkpoint
+    // signal, and the quiesce signal's default action would kill the host.
+    let mut host = Host::start(
+        true,
+        &[("FAKE_NO_QUIESCE", "1"), ("HOST_BLOCK_SIGNALS", "1")],
+    );
+    let out = checkpoint(host.pid, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "snapshim: process {} does not handle {}: snapshim is loaded but its checkpoints \
+             are off (the program's stderr says why); not signalling it\n",
+            host.pid,
+            snapshim_image::settings::signal_name(libc::SIGRTMAX() - 1)
+        )
+    );
+    assert!(!host.signalled(), "the host was signalled");
+    assert!(host.alive());
 }
 
 #[test]
@@ -338,7 +413,7 @@ fn checkpoint_never_signals_a_shim_whose_checkpoints_are_off() {
     // Loaded, but handling SIGUSR1 instead of the SIGUSR2 the environment implies: as when
     // the real shim's set-up failed and it installed no handler.
     let usr1 = libc::SIGUSR1.to_string();
-    let mut host = Host::start(true, &[("FAKE_SIGNO", &usr1), ("HOST_BLOCK_USR2", "1")]);
+    let mut host = Host::start(true, &[("FAKE_SIGNO", &usr1), ("HOST_BLOCK_SIGNALS", "1")]);
     let out = checkpoint(host.pid, &[]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
@@ -349,7 +424,7 @@ fn checkpoint_never_signals_a_shim_whose_checkpoints_are_off() {
             host.pid
         )
     );
-    assert!(!host.usr2_pending(), "the host was signalled");
+    assert!(!host.signalled(), "the host was signalled");
     assert!(host.alive());
 }
 

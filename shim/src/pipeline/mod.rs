@@ -2,10 +2,12 @@
 //! resume → flush → commit, one module per stage (`protect` is the engine's, see engine/).
 //!
 //! Algorithm.
-//! 1. Trigger (`trigger.rs`): the trigger handler (any thread) records who asked and writes a
-//!    byte to the wake pipe; the helper wakes (or the interval ends) and the engine is chosen
-//!    (`engine::choose`). The image's temporary file is created, and the uffd engine protects
-//!    memory while the program still runs (`engine::uffd::prepare`).
+//! 1. Trigger (`trigger.rs`): a request (the checkpoint signal, or `snapshim checkpoint`'s
+//!    queued quiesce signal) makes whichever thread it lands on write a record of who asked
+//!    into the wake pipe; the helper wakes (or the interval ends), takes every record there,
+//!    and the engine is chosen (`engine::choose`). The image's temporary file is created, the
+//!    uffd engine protects memory while the program still runs (`engine::uffd::prepare`), and
+//!    the records that came meanwhile are taken too: they all join this checkpoint.
 //! 2. Quiesce (`quiesce.rs`, `park.rs`): the helper marks a snapshot active and sends the
 //!    quiesce signal to every other thread (re-listing /proc/self/task until no new thread
 //!    appears), then waits until each has parked.
@@ -20,9 +22,11 @@
 //! 6. Flush (`flush.rs`): page data, metadata and header into the temporary file.
 //! 7. Commit (`commit.rs`): fsync, rename into place, fsync the directory, repoint `latest`,
 //!    retention. The previous image is complete until the new one is committed. The helper
-//!    answers every requester with the outcome and writes the statistics beside the image.
-//! 8. In a restored process the helper comes back out of step 3 with "restored": it waits until
-//!    every thread has redone its kernel state, then takes back the reserved range (`resume.rs`).
+//!    answers every requester it took with the outcome and writes the statistics beside the
+//!    image. Records written since the last take wait in the pipe: the next checkpoint.
+//! 8. In a restored process the helper comes back out of step 3 with "restored": it drops the
+//!    requests that came with the image (the original answers them), waits until every thread
+//!    has redone its kernel state, then takes back the reserved range (`resume.rs`).
 #![allow(unsafe_code)]
 
 use alloc::string::String;
@@ -54,7 +58,7 @@ use target::Target;
 /// Sequence number of the last image this process (or the one it was restored from) wrote.
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
-/// The helper thread's life: wait for a trigger, take one checkpoint, answer.
+/// The helper thread's life: wait for a request, take one checkpoint, answer every requester.
 pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
     // The program's signals must never run on this thread (a process-directed signal goes to
     // any thread that does not block it), nor may its handlers change memory while the writer
@@ -82,15 +86,17 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
         if trigger::DISABLED.load(Relaxed) != 0 {
             continue;
         }
-        let requests = trigger::take_requests();
+        // Everyone who has asked so far; `take` adds those who ask until the pause.
+        let mut requests = Vec::new();
+        trigger::drain(&mut requests);
         merger::reap_merger(cfg);
         // Incremental mode: the policy picks a delta or a full image.
         let delta = policy::next_is_delta(cfg);
         let engine = engine::choose(cfg, Moment::Start);
-        let mut outcome = take(cfg, engine, delta);
+        let mut outcome = take(cfg, engine, delta, &mut requests);
         if let Outcome::Retry(msg) = &outcome {
             let engine = engine::choose(cfg, Moment::Retry(msg));
-            outcome = take(cfg, engine, false);
+            outcome = take(cfg, engine, false, &mut requests);
         }
         match &outcome {
             Outcome::Done(s) if cfg.incremental != Incremental::Off => {
@@ -105,6 +111,7 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
             _ => {}
         }
         let line = match &outcome {
+            // The requests taken were the original process's, which answers them.
             Outcome::Restored => continue,
             Outcome::Retry(msg) => alloc::format!("err {msg}\n"),
             Outcome::Done(s) => {
@@ -122,7 +129,7 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
             }
         };
         for r in requests {
-            trigger::reply(r, &line);
+            trigger::answer(r, line.as_bytes());
         }
     }
 }
@@ -202,8 +209,14 @@ impl Report {
     }
 }
 
-/// Takes one checkpoint. Returns in the original process when it is over, or in a restored one.
-fn take(cfg: &'static Config, mut engine: Engine, delta: bool) -> Outcome {
+/// Takes one checkpoint, for `requests` and whoever else asks before the pause (added to it).
+/// Returns in the original process when it is over, or in a restored one.
+fn take(
+    cfg: &'static Config,
+    mut engine: Engine,
+    delta: bool,
+    requests: &mut Vec<trigger::Requester>,
+) -> Outcome {
     let started = sys::monotonic_ns();
     let unmap_stack = || {
         let _ = sys::mmap_fixed(
@@ -242,6 +255,9 @@ fn take(cfg: &'static Config, mut engine: Engine, delta: bool) -> Outcome {
             engine = engine::choose(cfg, Moment::UffdUnavailable(&msg));
         }
     }
+    // Who asked while the file was created and memory protected joins this checkpoint: its
+    // image is taken after they asked. A request from now on stays in the pipe for the next.
+    trigger::drain(requests);
     let t0 = sys::monotonic_ns();
     for m in MARKS.iter() {
         m.store(0, Relaxed);

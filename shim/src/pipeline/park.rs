@@ -29,6 +29,7 @@
 
 use core::sync::atomic::{AtomicU32, Ordering::*};
 
+use super::trigger;
 use crate::objects::threads::{record_thread, restore_thread, MAX_THREADS, NEXT_SLOT, SLOTS};
 use crate::sys;
 
@@ -111,11 +112,17 @@ extern "C" fn park(_: *mut core::ffi::c_void) {
     }
 }
 
-/// Handler of the internal quiesce signal (installed with every signal masked).
-pub extern "C" fn quiesce_handler(_sig: i32, _info: *mut libc::siginfo_t, _uc: *mut libc::c_void) {
+/// Handler of the internal quiesce signal (installed with every signal masked). The same signal,
+/// queued by another process, is a `snapshim checkpoint` request: it is queued for the helper
+/// (`trigger.rs`) and never parks the thread, not even during a snapshot.
+pub extern "C" fn quiesce_handler(_sig: i32, info: *mut libc::siginfo_t, _uc: *mut libc::c_void) {
     // SAFETY: __errno_location returns this thread's errno slot.
     let errno = unsafe { *libc::__errno_location() };
-    if ACTIVE.load(Acquire) != 0 {
+    // SAFETY: info is the kernel's siginfo (SA_SIGINFO).
+    if unsafe { trigger::queued_from_outside(info) } {
+        // SAFETY: as above.
+        trigger::post(unsafe { trigger::record_of(info) });
+    } else if ACTIVE.load(Acquire) != 0 {
         let i = NEXT_SLOT.fetch_add(1, AcqRel) as usize;
         if i < MAX_THREADS {
             let slot = &SLOTS[i];

@@ -24,6 +24,10 @@ pub fn after_restore(nthreads: usize) {
     crate::sys::alloc::SCRATCH_ACTIVE.store(false, SeqCst);
     crate::engine::uffd::after_restore();
     memory::note_image_mappings();
+    // While every restored thread still blocks signals (until NOTED): the requests that came
+    // with the image are the original's to answer; requests to this process reach it once the
+    // threads run again, and are kept.
+    trigger::discard_stale();
     park::NOTED.store(1, Release);
     sys::futex_wake(&park::NOTED);
     threads::record_restored_helper();
@@ -41,5 +45,4 @@ pub fn after_restore(nthreads: usize) {
         libc::MAP_NORESERVE,
     );
     park::ACTIVE.store(0, SeqCst);
-    trigger::clear_requests();
 }
