@@ -2,7 +2,7 @@
 use super::*;
 use std::io::Write;
 
-fn sample_meta(runs: Vec<PageRun>) -> Metadata {
+pub(crate) fn sample_meta(runs: Vec<PageRun>) -> Metadata {
     Metadata {
         process: Process {
             pid: 42,
@@ -46,7 +46,17 @@ fn sample_image_with(encode: impl Fn(&Metadata) -> (Vec<u8>, u32), minor: u16) -
         file_off: PAGE_SIZE,
         crc: crc32fast::hash(&data),
     };
-    let (meta, meta_crc) = encode(&sample_meta(vec![run]));
+    image_bytes(&sample_meta(vec![run]), &data, encode, minor)
+}
+
+/// A whole image file: header page saying `1.minor`, `data`, then `meta` encoded by `encode`.
+pub(crate) fn image_bytes(
+    meta: &Metadata,
+    data: &[u8],
+    encode: impl Fn(&Metadata) -> (Vec<u8>, u32),
+    minor: u16,
+) -> Vec<u8> {
+    let (meta, meta_crc) = encode(meta);
     let mut h = Header::new(7, 1);
     h.minor = minor;
     h.data_len = data.len() as u64;
@@ -54,7 +64,7 @@ fn sample_image_with(encode: impl Fn(&Metadata) -> (Vec<u8>, u32), minor: u16) -
     h.meta_len = meta.len() as u64;
     h.meta_crc = meta_crc;
     let mut out = h.encode();
-    out.extend_from_slice(&data);
+    out.extend_from_slice(data);
     out.extend_from_slice(&meta);
     out
 }

@@ -134,8 +134,7 @@ impl Chain {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{encode_metadata, Header, Metadata, PageRun, Process, Region, RegionKind};
-    use crate::{ShimInfo, PAGE_SIZE};
+    use crate::{encode_metadata, PageRun, PAGE_SIZE, VERSION_MINOR};
     use std::path::PathBuf;
 
     /// Writes an image whose one page run is `pages` pages long, with one byte flipped at
@@ -151,40 +150,9 @@ mod tests {
         if let Some(at) = damage_at {
             data[at as usize] ^= 1;
         }
-        let meta = Metadata {
-            process: Process {
-                pid: 42,
-                name: "t".into(),
-                ..Default::default()
-            },
-            shim: ShimInfo::default(),
-            threads: vec![],
-            regions: vec![Region {
-                start: 0x10000,
-                end: 0x10000 + (pages + 1) * PAGE_SIZE,
-                prot: 3,
-                shared: false,
-                kind: RegionKind::Anon,
-                name: String::new(),
-            }],
-            runs: vec![run],
-            fds: vec![],
-            clock_boottime_ns: 1,
-            build_ids: vec![],
-            vdso: Default::default(),
-            parent: None,
-            inherited: Vec::new(),
-            merged_from: None,
-        };
-        let (meta, meta_crc) = encode_metadata(&meta);
-        let mut h = Header::new(7, 1);
-        h.data_len = data.len() as u64;
-        h.meta_off = PAGE_SIZE + h.data_len;
-        h.meta_len = meta.len() as u64;
-        h.meta_crc = meta_crc;
-        let mut bytes = h.encode();
-        bytes.extend_from_slice(&data);
-        bytes.extend_from_slice(&meta);
+        let mut meta = crate::tests::sample_meta(vec![run]);
+        meta.regions[0].end = 0x10000 + (pages + 1) * PAGE_SIZE;
+        let bytes = crate::tests::image_bytes(&meta, &data, encode_metadata, VERSION_MINOR);
         let dir = std::env::temp_dir().join(format!("snapshim-verify-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(name);
