@@ -28,12 +28,14 @@ use serde::{Deserialize, Serialize};
 pub mod elf;
 mod error;
 pub mod identity;
+pub mod lineage;
 pub mod maps;
 pub mod objects;
 pub mod settings;
 pub mod standby;
 pub mod write;
 pub use error::ImageError;
+pub use lineage::Lineage;
 pub use objects::{
     CharDevice, Directory, FdKind, FdState, FileIdentity, Inherited, IntervalTimer, MmFields,
     PageRun, PageSpan, Pipe, Process, Region, RegionKind, RegularFile, Rlimit, SigAction,
@@ -80,7 +82,7 @@ pub const VERSION_MAJOR: u16 = 1;
 /// [`Metadata::vdso`]; 1.3 added incremental (delta) images: [`Metadata::parent`],
 /// [`Metadata::inherited`], [`Metadata::merged_from`] and [`FLAG_DELTA`]. Older images still
 /// load (the new fields read as empty; they are full images).
-pub const VERSION_MINOR: u16 = 3;
+pub const VERSION_MINOR: u16 = 4;
 /// Header flag: a delta image, which stores only the pages written since its parent
 /// ([`Metadata::parent`]); restoring it needs the chain of images down to a full one.
 pub const FLAG_DELTA: u32 = 1;
@@ -311,6 +313,11 @@ pub struct Metadata {
     /// `image_id` of the chain's newest image and replaces it.
     pub merged_from: Option<MergedFrom>,
     // ---- end of format 1.3 ------------------------------------------------------------------
+    /// Format 1.4: the lineage, generation and instance that wrote the image. Encoded after the
+    /// fields above by [`encode_metadata`] (a record of its own, so that the fields above keep
+    /// format 1.3's encoding); `None` in older images.
+    #[serde(skip)]
+    pub lineage: Option<Lineage>,
 }
 
 /// What a merged image replaced.
@@ -419,8 +426,14 @@ fn decode_metadata(bytes: &[u8], minor: u16) -> Result<Metadata, ImageError> {
             Err(e) => Err(ImageError::MetadataDecode(e.to_string())),
         }
     }
-    if minor >= 3 {
+    if minor == 3 {
         return whole(bytes);
+    }
+    if minor >= 4 {
+        let (mut m, rest) = postcard::take_from_bytes::<Metadata>(bytes)
+            .map_err(|e| ImageError::MetadataDecode(e.to_string()))?;
+        m.lineage = whole(rest)?;
+        return Ok(m);
     }
     let (m, build_ids, vdso) = match minor {
         0 => {
@@ -468,6 +481,7 @@ fn decode_metadata(bytes: &[u8], minor: u16) -> Result<Metadata, ImageError> {
         parent: None,
         inherited: Vec::new(),
         merged_from: None,
+        lineage: None,
     })
 }
 
@@ -897,7 +911,8 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Encodes metadata for the file. Returns the bytes and their checksum.
 pub fn encode_metadata(m: &Metadata) -> (Vec<u8>, u32) {
-    let bytes = postcard::to_allocvec(m).expect("metadata always serializes");
+    let mut bytes = postcard::to_allocvec(m).expect("metadata always serializes");
+    bytes.extend(postcard::to_allocvec(&m.lineage).expect("a lineage always serializes"));
     let crc = crc32fast::hash(&bytes);
     (bytes, crc)
 }

@@ -22,6 +22,9 @@ pub const COPY_AHEAD: &str = "SNAPSHIM_COPY_AHEAD";
 pub const KEEP_STORE: &str = "SNAPSHIM_KEEP_STORE";
 pub const HUGEPAGES: &str = "SNAPSHIM_HUGEPAGES";
 pub const TWIN_FULL: &str = "SNAPSHIM_TWIN_FULL";
+/// Set by `snapshim run` (`1`): the shim takes its image directory at start-up and says on
+/// stderr where its images go, then removes the variable so that programs it starts do not.
+pub const ANNOUNCE: &str = "SNAPSHIM_ANNOUNCE";
 
 /// Image directory when `SNAPSHIM_DIR` is not set (relative to the program's working directory).
 pub const DEFAULT_DIR: &str = "snapshim-images";
@@ -98,6 +101,8 @@ pub struct Settings {
     /// `SNAPSHIM_TWIN_FULL=1` (a testing aid): each delta also gets a full image of the same
     /// instant, `ckpt-N.twin` (not an image name: outside listings and retention).
     pub twin_full: bool,
+    /// `SNAPSHIM_ANNOUNCE=1`.
+    pub announce: bool,
 }
 
 impl Settings {
@@ -220,6 +225,7 @@ impl Settings {
             keep_store,
             hugepages: env(HUGEPAGES).is_some_and(|v| v != "0"),
             twin_full: env(TWIN_FULL).is_some_and(|v| v != "0"),
+            announce: env(ANNOUNCE).is_some_and(|v| v == "1"),
         };
         Ok((settings, warnings))
     }
@@ -239,6 +245,8 @@ pub struct RunSettings {
     pub full_every: Option<u64>,
     pub full_fraction: Option<f64>,
     pub keep_store: Option<bool>,
+    /// Ask the shim to take its directory at start-up and say where its images go.
+    pub announce: bool,
 }
 
 impl RunSettings {
@@ -271,6 +279,9 @@ impl RunSettings {
         }
         if let Some(k) = self.keep_store {
             v.push((KEEP_STORE, if k { "1" } else { "0" }.into()));
+        }
+        if self.announce {
+            v.push((ANNOUNCE, "1".into()));
         }
         v
     }
@@ -603,6 +614,7 @@ mod tests {
             full_every: Some(3),
             full_fraction: Some(0.75),
             keep_store: Some(true),
+            announce: true,
         };
         let env = run.env();
         let (s, warnings) = Settings::parse(|k| {
@@ -617,6 +629,7 @@ mod tests {
         assert_eq!(s.interval_ms, Some(600_000));
         assert_eq!(s.signal, libc::SIGHUP);
         assert_eq!(s.keep, 7);
+        assert!(s.announce);
         assert_eq!(s.incremental, Incremental::On);
         assert_eq!((s.full_every, s.full_fraction), (3, 0.75));
         assert!(s.keep_store);

@@ -27,6 +27,7 @@ pub(crate) fn sample_meta(runs: Vec<PageRun>) -> Metadata {
         parent: None,
         inherited: Vec::new(),
         merged_from: None,
+        lineage: None,
     }
 }
 
@@ -456,4 +457,37 @@ fn delta_fields_are_checked() {
     let mut full = sample_meta(vec![]);
     full.inherited = vec![span(0x10000, 1)];
     refused(image_of(&full, 0, 0), "full image with inherited pages");
+}
+
+/// A 1.3 image (no lineage record) still loads, without a lineage; a 1.4 image carries its
+/// lineage; and a lineage record is not accepted in a 1.3 image.
+#[test]
+fn lineage_is_appended_in_format_1_4() {
+    let v1_3 = |m: &Metadata| {
+        let bytes = postcard::to_allocvec(m).unwrap();
+        let crc = crc32fast::hash(&bytes);
+        (bytes, crc)
+    };
+    let img = open_bytes(&sample_image_with(v1_3, 3)).unwrap();
+    assert_eq!(img.meta.lineage, None);
+    let with = |m: &Metadata| {
+        let mut m = m.clone();
+        m.lineage = Some(crate::lineage::Lineage {
+            id: 5,
+            generation: 2,
+            instance: 9,
+            origin: Some(crate::lineage::Origin {
+                file: "ckpt-00000001.snap".into(),
+                image_id: 77,
+                lineage: 5,
+                generation: 1,
+            }),
+        });
+        encode_metadata(&m)
+    };
+    let img = open_bytes(&sample_image_with(with, VERSION_MINOR)).unwrap();
+    let l = img.meta.lineage.unwrap();
+    assert_eq!((l.id, l.generation, l.instance), (5, 2, 9));
+    assert_eq!(l.origin.unwrap().image_id, 77);
+    assert!(open_bytes(&sample_image_with(with, 3)).is_err());
 }
