@@ -6,6 +6,7 @@
 
 mod blob;
 mod error;
+mod lineage;
 mod ns;
 mod objects;
 mod options;
@@ -20,6 +21,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use lineage::Pick;
 use options::{Namespace, Options, RunState};
 use plan::{PREFETCH_BACKGROUND, PREFETCH_EAGER, PREFETCH_NONE};
 
@@ -92,7 +94,20 @@ struct Cli {
     /// or SIGUSR1, taking the newest good image committed meanwhile.
     #[arg(long, verbatim_doc_comment)]
     standby: bool,
+
+    /// Give the restored program a lineage of its own, its images in DIR
+    ///
+    /// A restored program is the next generation of its image's lineage: it writes its images
+    /// into the image's directory, which no running instance (the original, another restore)
+    /// may hold. With --new-lineage it may run beside one: its images go to DIR, or without
+    /// =DIR to the first free IMAGE_DIR.2, IMAGE_DIR.3...
+    #[arg(long, value_name = "DIR", num_args = 0..=1, require_equals = true,
+          default_missing_value = BESIDE, verbatim_doc_comment)]
+    new_lineage: Option<PathBuf>,
 }
+
+/// `--new-lineage` without a directory (no directory has this name: it is not a path).
+const BESIDE: &str = "\u{1}beside";
 
 /// `--prefetch`'s value, as the plan's `PREFETCH_*`.
 fn prefetch_mode(s: &str) -> Result<u64, String> {
@@ -159,6 +174,11 @@ fn parse(args: impl IntoIterator<Item = OsString>, pause_env: bool) -> Result<Co
             stats: cli.stats,
             namespace,
             allow_changed: cli.allow_changed_file,
+            lineage: match cli.new_lineage {
+                None => Pick::Continue,
+                Some(d) if d.as_os_str() == BESIDE => Pick::New(None),
+                Some(d) => Pick::New(Some(d)),
+            },
         },
     })
 }
@@ -235,6 +255,7 @@ mod tests {
                 stats: false,
                 namespace: Namespace::Preferred,
                 allow_changed: vec![],
+                lineage: Pick::Continue,
             }
         );
         assert!(

@@ -30,6 +30,8 @@ pub struct Options {
     pub namespace: Namespace,
     /// Mapped files accepted although they changed (`--allow-changed-file`).
     pub allow_changed: Vec<String>,
+    /// The restored program's lineage (`--new-lineage`, see lineage.rs).
+    pub lineage: crate::lineage::Pick,
 }
 
 /// What changes while the restore runs.

@@ -51,13 +51,15 @@ use crate::error::RestoreError;
 use crate::objects::{self, memory, process, signals, threads, timers};
 use crate::options::{monotonic_ns, Namespace, Options, RunState};
 use crate::plan::{KernPiece, PRun, Plan, PLAN_MAGIC};
-use crate::{ns, vdso};
+use crate::{lineage, ns, vdso};
 
 /// What a restore returns on success: nothing, it never returns.
 pub enum Never {}
 
 /// `snapshim-restore TARGET`: every step, the page checks included.
 pub fn run(target: &Path, opt: &Options, state: RunState) -> Result<Never, RestoreError> {
+    // The directory first: its newest image may be the one its dead owner's writer commits.
+    let claim = lineage::claim(target, &opt.lineage)?;
     let path = snapshim_image::resolve(target).map_err(RestoreError::Find)?;
     let chain = open(&path)?;
     let verify_start = monotonic_ns();
@@ -65,9 +67,13 @@ pub fn run(target: &Path, opt: &Options, state: RunState) -> Result<Never, Resto
         verify_pages(&chain, &AtomicBool::new(false))?;
     }
     let verify_ns = monotonic_ns() - verify_start;
-    restore_image(chain, verify_ns, opt, state)
+    restore_image(chain, verify_ns, opt, state, claim)
 }
 
+/// Step 0 ([`lineage::claim`]): the image directory is the restored program's: no running
+/// instance holds it (the original, another restore of it), unless `--new-lineage` gives the
+/// program a directory of its own.
+///
 /// Step 1: opens the image, and for a delta image its ancestors (each page comes from the
 /// newest image of the chain storing it), and checks headers and metadata
 /// (`Metadata::validate` included).
@@ -92,23 +98,25 @@ pub fn verify_pages(chain: &Chain, cancel: &AtomicBool) -> Result<u64, RestoreEr
 }
 
 /// Steps 1 (the page plan) to 6 for an opened image whose page checksums were checked (in
-/// `verify_ns`) if `opt.verify`.
+/// `verify_ns`) if `opt.verify`, for the program that will own the image directory `claim`.
 pub fn restore_image(
     chain: Chain,
     verify_ns: u64,
     opt: &Options,
     mut state: RunState,
+    claim: lineage::Claim,
 ) -> Result<Never, RestoreError> {
     let meta = &chain.head().meta;
     let runs = plan_pages(&chain, verify_ns, opt)?;
     check_machine(meta, &opt.allow_changed)?;
     let vdso_plan = kernel_mappings(meta)?;
+    claim.record(chain.head())?;
     let entered = namespaces(meta, opt.namespace)?;
     if let Some(e) = &entered {
         state.start_ns = (state.start_ns as i64).saturating_add(e.clock_shift_ns) as u64;
         state.exact_tids = true;
     }
-    let fds = descriptors(&chain, opt, &mut state)?;
+    let fds = descriptors(&chain, opt, &mut state, claim)?;
     let runs: Vec<PRun> = runs
         .into_iter()
         .map(|r| PRun {
@@ -200,11 +208,14 @@ pub fn descriptors(
     chain: &Chain,
     opt: &Options,
     state: &mut RunState,
+    claim: lineage::Claim,
 ) -> Result<Descriptors, RestoreError> {
     let meta = &chain.head().meta;
     let region_fds = memory::open_region_files(meta)?;
     let fd_plan = objects::prepare_fds(meta)?;
     process::enter_cwd(meta)?;
+    // Stays open in the program (phase 2 does not close it): the shim's image directory.
+    let lock = claim.keep(fd_plan.high_base)?;
     let high = |fd| objects::move_high(fd, fd_plan.high_base);
     let image_fds: Vec<RawFd> = chain
         .images
@@ -228,7 +239,7 @@ pub fn descriptors(
     let mut ours: Vec<RawFd> = image_fds.clone();
     ours.push(state.stats_fd);
     ours.extend(region_fds.iter().copied());
-    objects::install_fds(&fd_plan, &ours);
+    objects::install_fds(&fd_plan, &[&ours[..], &[lock]].concat());
     process::set_attributes(&meta.process);
     Ok(Descriptors {
         image_fds,

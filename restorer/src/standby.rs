@@ -56,6 +56,7 @@ use snapshim_image::verify::VerifyError;
 use snapshim_image::{Chain, Image, ImageError, Metadata};
 
 use crate::error::RestoreError;
+use crate::lineage;
 use crate::ns;
 use crate::options::{monotonic_ns, Namespace, Options, RunState};
 use crate::restore::{self, Never};
@@ -103,6 +104,9 @@ fn stage(path: &Path, cancel: &AtomicBool, allowed: &[String]) -> Result<Staged,
     let start = monotonic_ns();
     let chain = restore::open(path).map_err(|e| NotStaged::Bad(e.to_string()))?;
     let meta = &chain.head().meta;
+    if let Some(why) = lineage::stale(chain.head(), path.parent().unwrap_or(Path::new("."))) {
+        return Err(NotStaged::Bad(why));
+    }
     restore::check_machine(meta, allowed)
         .map_err(|e| NotStaged::Bad(format!("{}: {e}", path.display())))?;
     let mut bytes = 0;
@@ -456,13 +460,19 @@ pub fn run(target: &Path, opt: &Options, mut state: RunState) -> Result<Never, R
         "snapshim-restore: standby: activated by {who}; restoring {}",
         staged.path().display()
     );
-    // The files the program maps may have changed while we waited: cheap to check again.
-    if let Err(e) = restore::check_machine(staged.meta(), &opt.allow_changed) {
-        if let Some(c) = &mut client {
-            let _ = c.write_all(format!("error {e}\n").as_bytes());
+    // The files the program maps may have changed while we waited: cheap to check again. The
+    // image directory becomes the program's (refused while the instance that ran it lives).
+    let claim = restore::check_machine(staged.meta(), &opt.allow_changed)
+        .and_then(|()| lineage::claim(staged.path(), &opt.lineage));
+    let claim = match claim {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(c) = &mut client {
+                let _ = c.write_all(format!("error {e}\n").as_bytes());
+            }
+            return Err(e);
         }
-        return Err(e);
-    }
+    };
     state.start_ns = activated_ns;
     state.report_fd = match client {
         Some(mut c) => {
@@ -472,7 +482,7 @@ pub fn run(target: &Path, opt: &Options, mut state: RunState) -> Result<Never, R
         // SAFETY: dup of our own stderr, for the report of a signal activation.
         None => unsafe { libc::dup(2) },
     };
-    restore::restore_image(staged.chain, staged.check_ns, opt, state)
+    restore::restore_image(staged.chain, staged.check_ns, opt, state, claim)
 }
 
 fn pollin(fd: RawFd) -> libc::pollfd {

@@ -12,6 +12,9 @@ pub struct Config {
     /// `$SNAPSHIM_DIR/$SNAPSHIM_NAME`: where this program's images go.
     pub image_dir: PathBuf,
     pub name: String,
+    /// The user named the image directory (`SNAPSHIM_NAME`): if another instance holds it,
+    /// checkpoints are refused instead of going to a directory beside it (see owner.rs).
+    pub name_given: bool,
     pub trigger_signal: i32,
     pub quiesce_signal: i32,
     pub interval_ms: Option<u64>,
@@ -49,6 +52,7 @@ impl Config {
         Config {
             image_dir: base.join(&name),
             name,
+            name_given: s.name.is_some(),
             trigger_signal: s.signal,
             // The internal quiesce signal, which also carries `snapshim checkpoint`'s requests.
             quiesce_signal: snapshim_image::settings::quiesce_signal(s.signal),

@@ -32,6 +32,7 @@ mod engine;
 mod incremental;
 mod interpose;
 mod objects;
+mod owner;
 mod pipeline;
 mod state;
 mod sys;
@@ -86,6 +87,9 @@ extern "C" fn init() {
     engine::uffd::set_keep_store(settings.keep_store);
     state::HUGEPAGES.store(settings.hugepages, Relaxed);
     let cfg = config::init(config::Config::new(&settings, exe, cmdline, shim_path()));
+    if settings.announce {
+        announce(cfg);
+    }
 
     // The restorer's range: refuse to start checkpointing if something is already there.
     // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
@@ -137,6 +141,11 @@ extern "C" fn init() {
 
     extern "C" fn in_child() {
         pipeline::trigger::DISABLED.store(1, Relaxed);
+        // The image directory is the parent's: this process must not keep it locked.
+        let lock = owner::LOCK_FD.swap(-1, Relaxed);
+        if lock >= 0 {
+            sys::close(lock);
+        }
     }
     // SAFETY: registers a plain function; no state is captured.
     unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
@@ -177,6 +186,26 @@ extern "C" fn init() {
         warn(&format!(
             "cannot start the helper thread: {e}; checkpoints are off"
         ));
+    }
+}
+
+/// `SNAPSHIM_ANNOUNCE` (`snapshim run`): takes the image directory now and says where the
+/// images go, or refuses to start the program when the directory the user named is in use.
+/// The variable goes, so that the programs this one starts do not announce themselves.
+fn announce(cfg: &config::Config) {
+    // SAFETY: the constructor runs before main, on the only thread there is.
+    unsafe { libc::unsetenv(c"SNAPSHIM_ANNOUNCE".as_ptr()) };
+    match owner::acquire(cfg) {
+        Ok(dir) => warn(&format!(
+            "PID {}, images in {}/",
+            std::process::id(),
+            dir.display()
+        )),
+        Err(why) => {
+            warn(&format!("cannot start {}: {why}", cfg.name));
+            // SAFETY: ends the process before the program's main; nothing of it ran.
+            unsafe { libc::_exit(1) };
+        }
     }
 }
 

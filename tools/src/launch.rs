@@ -30,26 +30,9 @@ pub fn run(a: RunArgs) -> Result<()> {
         .command
         .split_first()
         .ok_or_else(|| Failure::usage("no program to run"))?;
-    let exe = find_program(prog)
-        .and_then(|exe| crate::enterable::check(&exe).map(|()| exe))
+    find_program(prog)
+        .and_then(|exe| crate::enterable::check(&exe))
         .map_err(|why| Failure::op(format!("cannot run {}: {why}", Path::new(prog).display())))?;
-
-    // The name the shim will use: SNAPSHIM_NAME, else the executable's file name (after
-    // symlinks, as /proc/self/exe shows it).
-    let name = a
-        .name
-        .clone()
-        .or_else(|| {
-            std::env::var("SNAPSHIM_NAME")
-                .ok()
-                .filter(|n| !n.is_empty())
-        })
-        .unwrap_or_else(|| {
-            let real = std::fs::canonicalize(&exe).unwrap_or(exe.clone());
-            real.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        });
 
     let settings = RunSettings {
         dir: Some(dir.clone()),
@@ -61,6 +44,9 @@ pub fn run(a: RunArgs) -> Result<()> {
         full_every: a.full_every.map(u64::from),
         full_fraction: a.full_fraction,
         keep_store: a.keep_store.then_some(true),
+        // The shim says where its images go (it alone knows: the executable's name after
+        // symlinks, and a directory beside if that one is in use).
+        announce: true,
     };
     let mut cmd = Command::new(prog);
     cmd.args(args)
@@ -69,11 +55,6 @@ pub fn run(a: RunArgs) -> Result<()> {
             ld_preload(&lib, std::env::var_os("LD_PRELOAD").as_deref()),
         )
         .envs(settings.env());
-    eprintln!(
-        "snapshim: PID {}, images in {}/",
-        std::process::id(),
-        dir.join(&name).display()
-    );
     let err = cmd.exec();
     Err(Failure::op(format!(
         "cannot run {}: {err}",

@@ -137,9 +137,8 @@ pub fn reap_merger(cfg: &Config) {
         return; // still merging
     }
     MERGER.store(0, Relaxed);
-    let merged = cfg
-        .image_dir
-        .join(snapshim_image::image_file_name(MERGE_SEQ.load(Relaxed)));
+    let merged =
+        crate::owner::dir(cfg).join(snapshim_image::image_file_name(MERGE_SEQ.load(Relaxed)));
     let full = std::fs::File::open(&merged).ok().and_then(|f| {
         let mut page = [0u8; 128];
         use std::os::unix::fs::FileExt;

@@ -39,9 +39,8 @@ pub fn next_is_delta(cfg: &Config) -> bool {
         return false;
     }
     // The parent must still be there (someone may have removed it): else start a new chain.
-    let parent = cfg
-        .image_dir
-        .join(snapshim_image::image_file_name(PARENT_SEQ.load(Relaxed)));
+    let parent =
+        crate::owner::dir(cfg).join(snapshim_image::image_file_name(PARENT_SEQ.load(Relaxed)));
     if !parent.exists() {
         return false;
     }

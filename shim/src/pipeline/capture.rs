@@ -5,7 +5,7 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use snapshim_image::{BuildId, FdState, Process, ThreadState, VdsoImage};
+use snapshim_image::{BuildId, FdState, Lineage, Process, ThreadState, VdsoImage};
 
 use crate::config::Config;
 use crate::objects::memory::{self, MapsEntry};
@@ -28,6 +28,8 @@ pub struct Captured {
     pub image_id: u64,
     /// Set for a delta image (incremental checkpoints, see incremental/).
     pub delta: Option<crate::incremental::Delta>,
+    /// Who writes the image (owner.rs).
+    pub lineage: Option<Lineage>,
 }
 
 impl Captured {
@@ -43,6 +45,7 @@ impl Captured {
             vdso: self.vdso.clone(),
             image_id: random_id(),
             delta: None,
+            lineage: self.lineage.clone(),
         }
     }
 }
@@ -56,7 +59,8 @@ pub fn capture(cfg: &Config, nthreads: usize, image_fd: i32) -> Result<Captured,
             .map_err(|e| alloc::format!("cannot read /proc/self/maps: errno {e}"))?,
     );
     let mut fds = objects::fds(crate::engine::uffd::is_own_fd);
-    fds.retain(|f| f.fd != crate::incremental::own_fd() && f.fd != image_fd);
+    let lock = crate::owner::LOCK_FD.load(core::sync::atomic::Ordering::Relaxed);
+    fds.retain(|f| f.fd != crate::incremental::own_fd() && f.fd != image_fd && f.fd != lock);
     let process = process::capture(cfg);
     let boottime_ns = sys::clock_ns(libc::CLOCK_BOOTTIME);
     let n = nthreads.min(threads::MAX_THREADS);
@@ -77,6 +81,7 @@ pub fn capture(cfg: &Config, nthreads: usize, image_fd: i32) -> Result<Captured,
         vdso,
         image_id: random_id(),
         delta: None,
+        lineage: crate::owner::lineage(),
     })
 }
 

@@ -21,7 +21,8 @@ use crate::sys::{self, sc};
 pub fn commit(cfg: &Config, t: &Target, seq: u64) -> Result<(), String> {
     // SAFETY: fsync on our own descriptor.
     sys::check(unsafe { sc!(libc::SYS_fsync, t.fd) }).map_err(|e| errmsg("fsync", &t.tmp, e))?;
-    std::fs::rename(&t.tmp, &t.path)
+    // Never over an existing image (another instance's, or one a dead writer committed late).
+    rename_noreplace(&t.tmp, &t.path)
         .map_err(|e| alloc::format!("cannot rename {} into place: {e}", t.tmp.display()))?;
     let link_tmp = t.dir.join(".latest.tmp");
     let _ = std::fs::remove_file(&link_tmp);
@@ -36,11 +37,31 @@ pub fn commit(cfg: &Config, t: &Target, seq: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// `rename`, but failing with EEXIST rather than replacing `to`.
+fn rename_noreplace(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    let (f, t) = (super::target::cpath(from), super::target::cpath(to));
+    // SAFETY: two NUL-terminated paths, relative to no directory descriptor.
+    let r = unsafe {
+        sc!(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE
+        )
+    };
+    sys::check(r)
+        .map(|_| ())
+        .map_err(std::io::Error::from_raw_os_error)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Retention: the one place images are removed (SNAPSHIM_KEEP).
 
 /// Retention right after a commit, in the writer (which may be the forked child): without
-/// chains, the image `keep` numbers older than `seq` goes, with its statistics. Deltas depend on
+/// chains, the image `keep` numbers older than `seq` goes, with its statistics, if this
+/// instance wrote it (`owner::is_own`: never another instance's or generation's). Deltas depend on
 /// older images: with chains, the helper applies [`retain_chains`] after the commit instead (it
 /// reads directories and image headers: not here, where this may be a forked writer).
 fn retain_after_commit(cfg: &Config, dir: &std::path::Path, seq: u64) {
@@ -48,7 +69,7 @@ fn retain_after_commit(cfg: &Config, dir: &std::path::Path, seq: u64) {
     if cfg.chains() {
         return;
     }
-    if keep > 0 && seq > keep {
+    if keep > 0 && seq > keep && crate::owner::is_own(seq - keep) {
         let old = dir.join(image::image_file_name(seq - keep));
         let _ = std::fs::remove_file(&old);
         let _ = std::fs::remove_file(old.with_extension("json"));
@@ -56,21 +77,21 @@ fn retain_after_commit(cfg: &Config, dir: &std::path::Path, seq: u64) {
 }
 
 /// Retention with chains (after a committed image, outside the pause): keeps the newest
-/// `SNAPSHIM_KEEP` images and every image they depend on. The directory is listed with raw
-/// system calls: the shim does not use the allocator it interposes.
+/// `SNAPSHIM_KEEP` images of this instance and every image they depend on; other instances'
+/// images are not considered. The directory is listed with raw system calls.
 pub fn retain_chains(cfg: &Config) {
-    let mut dir = cfg.image_dir.as_os_str().as_encoded_bytes().to_vec();
-    dir.push(0);
-    let Ok(names) = sys::list_dir_names(&dir) else {
+    let dir = crate::owner::dir(cfg);
+    let Ok(names) = sys::list_dir_names(&super::target::cpath(&dir)) else {
         return;
     };
     let mut images: Vec<std::path::PathBuf> = names
         .iter()
         .filter(|n| n.ends_with(snapshim_image::IMAGE_SUFFIX) && !n.starts_with('.'))
-        .map(|n| cfg.image_dir.join(n))
+        .filter(|n| crate::owner::seq_of(n).is_some_and(crate::owner::is_own))
+        .map(|n| dir.join(n))
         .collect();
     images.sort();
-    snapshim_image::retain_among(&cfg.image_dir, images, cfg.keep as usize);
+    snapshim_image::retain_among(&dir, images, cfg.keep as usize);
 }
 
 /// `SNAPSHIM_TWIN_FULL`: in the forked writer of a delta, after the delta is committed, writes a

@@ -40,6 +40,7 @@ use crate::engine::{self, fork, stop, uffd, Engine, Moment};
 use crate::incremental::{merger, policy};
 use crate::objects::memory;
 use crate::objects::threads::{self, HELPER_SLOT};
+use crate::owner;
 use crate::state::{mark, MARKS};
 use crate::sys::{self, sc};
 
@@ -93,6 +94,7 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
         // Incremental mode: the policy picks a delta or a full image.
         let delta = policy::next_is_delta(cfg);
         let engine = engine::choose(cfg, Moment::Start);
+        owner::note(true, None);
         let mut outcome = take(cfg, engine, delta, &mut requests);
         if let Outcome::Retry(msg) = &outcome {
             let engine = engine::choose(cfg, Moment::Retry(msg));
@@ -113,9 +115,14 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
         let line = match &outcome {
             // The requests taken were the original process's, which answers them.
             Outcome::Restored => continue,
-            Outcome::Retry(msg) => alloc::format!("err {msg}\n"),
+            Outcome::Retry(msg) => {
+                owner::note(false, None);
+                alloc::format!("err {msg}\n")
+            }
             Outcome::Done(s) => {
                 commit::write_stats(s);
+                let store = crate::engine::uffd::kept_store_bytes();
+                owner::note(false, Some((&s.path, s.engine.name(), store)));
                 alloc::format!(
                     "ok path={} bytes={} pause_us={} total_us={} resident={} flush_us={} copied={} engine={} kind={}\n",
                     s.path, s.bytes, s.pause_ns / 1000, s.total_ns / 1000, s.resident, s.flush_ns / 1000,
@@ -123,6 +130,7 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
                 )
             }
             Outcome::Failed(msg) => {
+                owner::note(false, None);
                 let text = alloc::format!("snapshim: checkpoint failed: {msg}\n");
                 let _ = sys::write_all(2, text.as_bytes());
                 alloc::format!("err {msg}\n")
@@ -239,7 +247,12 @@ fn take(
     // The image file is created before the pause (creating a file costs 0.1-0.5 ms on ext4
     // here, which the program need not wait for), and before the uffd engine protects memory:
     // what the program writes between that and the pause is protected again in the pause.
-    let seq = SEQ.load(Relaxed) + 1;
+    // The directory is this instance's (its lock), and the number is past every image in it.
+    if let Err(msg) = owner::acquire(cfg) {
+        unmap_stack();
+        return Outcome::Failed(msg);
+    }
+    let seq = owner::next_seq(SEQ.load(Relaxed));
     let target = match target::create_target(cfg, seq) {
         Ok(t) => t,
         Err(msg) => {

@@ -23,6 +23,7 @@ pub fn after_restore(nthreads: usize) {
     // The snapshot was taken while the writer ran: its scratch heap was active, and is gone now.
     crate::sys::alloc::SCRATCH_ACTIVE.store(false, SeqCst);
     crate::engine::uffd::after_restore();
+    crate::owner::after_restore();
     memory::note_image_mappings();
     // While every restored thread still blocks signals (until NOTED): the requests that came
     // with the image are the original's to answer; requests to this process reach it once the

@@ -35,7 +35,7 @@ pub fn create_target(cfg: &Config, seq: u64) -> Result<Target, String> {
 
 /// A target named `name` in the image directory.
 pub fn create_named_target(cfg: &Config, name: &str) -> Result<Target, String> {
-    let dir = cfg.image_dir.clone();
+    let dir = crate::owner::dir(cfg);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
