@@ -31,6 +31,7 @@ pub mod identity;
 pub mod lineage;
 pub mod maps;
 pub mod objects;
+pub mod progress;
 pub mod settings;
 pub mod standby;
 pub mod write;

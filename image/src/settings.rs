@@ -22,8 +22,9 @@ pub const COPY_AHEAD: &str = "SNAPSHIM_COPY_AHEAD";
 pub const KEEP_STORE: &str = "SNAPSHIM_KEEP_STORE";
 pub const HUGEPAGES: &str = "SNAPSHIM_HUGEPAGES";
 pub const TWIN_FULL: &str = "SNAPSHIM_TWIN_FULL";
-/// Set by `snapshim run` (`1`): the shim takes its image directory at start-up and says on
-/// stderr where its images go, then removes the variable so that programs it starts do not.
+/// Set by `snapshim run` to its PID, which the program keeps: the shim of the process with
+/// that PID says on stderr where its images go (again after each `exec`, as a script becomes
+/// its interpreter); the programs it starts, with other PIDs, do not.
 pub const ANNOUNCE: &str = "SNAPSHIM_ANNOUNCE";
 
 /// Image directory when `SNAPSHIM_DIR` is not set (relative to the program's working directory).
@@ -101,8 +102,8 @@ pub struct Settings {
     /// `SNAPSHIM_TWIN_FULL=1` (a testing aid): each delta also gets a full image of the same
     /// instant, `ckpt-N.twin` (not an image name: outside listings and retention).
     pub twin_full: bool,
-    /// `SNAPSHIM_ANNOUNCE=1`.
-    pub announce: bool,
+    /// `SNAPSHIM_ANNOUNCE=PID`.
+    pub announce: Option<u32>,
 }
 
 impl Settings {
@@ -225,7 +226,7 @@ impl Settings {
             keep_store,
             hugepages: env(HUGEPAGES).is_some_and(|v| v != "0"),
             twin_full: env(TWIN_FULL).is_some_and(|v| v != "0"),
-            announce: env(ANNOUNCE).is_some_and(|v| v == "1"),
+            announce: env(ANNOUNCE).and_then(|v| v.parse().ok()),
         };
         Ok((settings, warnings))
     }
@@ -245,8 +246,8 @@ pub struct RunSettings {
     pub full_every: Option<u64>,
     pub full_fraction: Option<f64>,
     pub keep_store: Option<bool>,
-    /// Ask the shim to take its directory at start-up and say where its images go.
-    pub announce: bool,
+    /// The PID whose shim says where its images go (`snapshim run`'s own).
+    pub announce: Option<u32>,
 }
 
 impl RunSettings {
@@ -280,8 +281,8 @@ impl RunSettings {
         if let Some(k) = self.keep_store {
             v.push((KEEP_STORE, if k { "1" } else { "0" }.into()));
         }
-        if self.announce {
-            v.push((ANNOUNCE, "1".into()));
+        if let Some(pid) = self.announce {
+            v.push((ANNOUNCE, pid.to_string().into()));
         }
         v
     }
@@ -614,7 +615,7 @@ mod tests {
             full_every: Some(3),
             full_fraction: Some(0.75),
             keep_store: Some(true),
-            announce: true,
+            announce: Some(77),
         };
         let env = run.env();
         let (s, warnings) = Settings::parse(|k| {
@@ -629,7 +630,7 @@ mod tests {
         assert_eq!(s.interval_ms, Some(600_000));
         assert_eq!(s.signal, libc::SIGHUP);
         assert_eq!(s.keep, 7);
-        assert!(s.announce);
+        assert_eq!(s.announce, Some(77));
         assert_eq!(s.incremental, Incremental::On);
         assert_eq!((s.full_every, s.full_fraction), (3, 0.75));
         assert!(s.keep_store);

@@ -49,6 +49,15 @@ impl Image {
     /// Reads every page run and checks its checksum, unless `cancel` is set first (checked
     /// before each chunk). Returns the number of bytes checked.
     pub fn verify_pages_cancellable(&self, cancel: &AtomicBool) -> Result<u64, VerifyError> {
+        self.verify_pages_watched(cancel, &mut |_| {})
+    }
+
+    /// [`Image::verify_pages_cancellable`], telling `done` the bytes of each chunk checked.
+    pub fn verify_pages_watched(
+        &self,
+        cancel: &AtomicBool,
+        done: &mut dyn FnMut(u64),
+    ) -> Result<u64, VerifyError> {
         let io = |op: &'static str| {
             move |source| ImageError::Io {
                 op,
@@ -90,6 +99,7 @@ impl Image {
                     return Err(VerifyError::Cancelled);
                 }
                 h.update(chunk);
+                done(chunk.len() as u64);
             }
             if h.finalize() != run.crc {
                 return Err(ImageError::RunChecksum {
@@ -112,20 +122,37 @@ impl Chain {
         uncancelled(self.verify_pages_cancellable(&NEVER))
     }
 
+    /// [`Chain::verify_pages`] with a progress line on a terminal (see progress.rs).
+    pub fn verify_pages_showing(&self, label: &str) -> Result<u64, ImageError> {
+        let mut p = crate::progress::Progress::new(label, self.stored_bytes());
+        uncancelled(self.verify_pages_watched(&NEVER, &mut |n| p.add(n)))
+    }
+
     /// [`Image::verify_pages_cancellable`] for every image of the chain; damage in an older
     /// image is reported as [`ImageError::Ancestor`], naming it.
     pub fn verify_pages_cancellable(&self, cancel: &AtomicBool) -> Result<u64, VerifyError> {
+        self.verify_pages_watched(cancel, &mut |_| {})
+    }
+
+    /// [`Chain::verify_pages_cancellable`], telling `done` the bytes of each chunk checked.
+    pub fn verify_pages_watched(
+        &self,
+        cancel: &AtomicBool,
+        done: &mut dyn FnMut(u64),
+    ) -> Result<u64, VerifyError> {
         let mut total = 0;
         for (i, img) in self.images.iter().enumerate() {
-            total += img.verify_pages_cancellable(cancel).map_err(|e| match e {
-                VerifyError::Image(e) if i > 0 => VerifyError::Image(ImageError::Ancestor {
-                    path: img.path.clone(),
-                    head: self.head().path.clone(),
-                    what: "is damaged",
-                    source: Box::new(e),
-                }),
-                e => e,
-            })?;
+            total += img
+                .verify_pages_watched(cancel, done)
+                .map_err(|e| match e {
+                    VerifyError::Image(e) if i > 0 => VerifyError::Image(ImageError::Ancestor {
+                        path: img.path.clone(),
+                        head: self.head().path.clone(),
+                        what: "is damaged",
+                        source: Box::new(e),
+                    }),
+                    e => e,
+                })?;
         }
         Ok(total)
     }

@@ -7,6 +7,7 @@
 mod blob;
 mod error;
 mod lineage;
+mod log;
 mod ns;
 mod objects;
 mod options;
@@ -81,6 +82,14 @@ struct Cli {
     #[arg(long)]
     stats: bool,
 
+    /// Log each step of the restore on stderr, with its time (implies --stats)
+    #[arg(long, short)]
+    verbose: bool,
+
+    /// Append the log of each step to FILE
+    #[arg(long, value_name = "FILE")]
+    log: Option<PathBuf>,
+
     /// Stop just before the jump and print the PID, for a debugger (continue with kill -CONT PID)
     ///
     /// Also set by the environment variable SNAPSHIM_RESTORE_PAUSE.
@@ -124,6 +133,8 @@ fn prefetch_mode(s: &str) -> Result<u64, String> {
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]
 struct Command {
+    verbose: bool,
+    log: Option<PathBuf>,
     target: PathBuf,
     standby: bool,
     opt: Options,
@@ -164,6 +175,8 @@ fn parse(args: impl IntoIterator<Item = OsString>, pause_env: bool) -> Result<Co
         ));
     }
     Ok(Command {
+        verbose: cli.verbose,
+        log: cli.log,
         target: cli.target,
         standby: cli.standby,
         opt: Options {
@@ -171,7 +184,7 @@ fn parse(args: impl IntoIterator<Item = OsString>, pause_env: bool) -> Result<Co
             copy: cli.copy,
             prefetch: cli.prefetch,
             pause: cli.pause || pause_env,
-            stats: cli.stats,
+            stats: cli.stats || cli.verbose,
             namespace,
             allow_changed: cli.allow_changed_file,
             lineage: match cli.new_lineage {
@@ -207,6 +220,16 @@ fn main() -> ExitCode {
         }
     };
     let state = RunState::starting_at(start_ns);
+    if let Err(e) = log::start(cmd.verbose, cmd.log.as_deref(), start_ns) {
+        eprintln!("snapshim-restore: {e}");
+        return ExitCode::FAILURE;
+    }
+    log!(
+        "snapshim-restore {} {}{}",
+        env!("CARGO_PKG_VERSION"),
+        cmd.target.display(),
+        if cmd.standby { " (standby)" } else { "" }
+    );
     let result = if cmd.standby {
         standby::run(&cmd.target, &cmd.opt, state)
     } else {
@@ -215,6 +238,7 @@ fn main() -> ExitCode {
     match result {
         Ok(never) => match never {},
         Err(e) => {
+            log!("failed: {e}");
             eprintln!("snapshim-restore: {e}");
             ExitCode::FAILURE
         }

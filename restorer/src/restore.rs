@@ -41,7 +41,6 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
 
 use snapshim_image::layout::{RESERVED_END, RESERVED_START, STACK_END, STACK_START, VDSO_PARK};
 use snapshim_image::{Chain, Metadata};
@@ -60,11 +59,16 @@ pub enum Never {}
 pub fn run(target: &Path, opt: &Options, state: RunState) -> Result<Never, RestoreError> {
     // The directory first: its newest image may be the one its dead owner's writer commits.
     let claim = lineage::claim(target, &opt.lineage)?;
+    crate::log!(
+        "image directory {} is this restore's",
+        claim.dir().display()
+    );
     let path = snapshim_image::resolve(target).map_err(RestoreError::Find)?;
     let chain = open(&path)?;
     let verify_start = monotonic_ns();
     if opt.verify {
-        verify_pages(&chain, &AtomicBool::new(false))?;
+        let bytes = verify_pages(&chain)?;
+        crate::log!("page checksums: {bytes} bytes checked");
     }
     let verify_ns = monotonic_ns() - verify_start;
     restore_image(chain, verify_ns, opt, state, claim)
@@ -83,17 +87,31 @@ pub fn open(path: &Path) -> Result<Chain, RestoreError> {
         source,
     };
     let chain = Chain::open(path).map_err(image_error)?;
-    chain.head().meta.validate().map_err(image_error)?;
+    let head = chain.head();
+    head.meta.validate().map_err(image_error)?;
+    crate::log!(
+        "opened {} (format {}.{}, {} image(s) in its chain): {} regions, {} page runs, {} \
+         threads, {} descriptors",
+        path.display(),
+        head.header.major,
+        head.header.minor,
+        chain.images.len(),
+        head.meta.regions.len(),
+        head.meta.runs.len(),
+        head.meta.threads.len(),
+        head.meta.fds.len()
+    );
     Ok(chain)
 }
 
-/// Step 1: every page checksum of the chain; returns the bytes checked. `cancel` abandons it.
-pub fn verify_pages(chain: &Chain, cancel: &AtomicBool) -> Result<u64, RestoreError> {
+/// Step 1: every page checksum of the chain, with a progress line on a terminal; returns the
+/// bytes checked.
+pub fn verify_pages(chain: &Chain) -> Result<u64, RestoreError> {
     chain
-        .verify_pages_cancellable(cancel)
+        .verify_pages_showing("snapshim-restore: checking page data")
         .map_err(|source| RestoreError::Pages {
             path: chain.head().path.clone(),
-            source,
+            source: source.into(),
         })
 }
 
@@ -109,11 +127,29 @@ pub fn restore_image(
     let meta = &chain.head().meta;
     let runs = plan_pages(&chain, verify_ns, opt)?;
     check_machine(meta, &opt.allow_changed)?;
+    crate::log!("this machine: CPU features and every mapped file as at the checkpoint");
     let vdso_plan = kernel_mappings(meta)?;
-    claim.record(chain.head())?;
+    let lineage = claim.record(chain.head())?;
+    crate::log!(
+        "generation {} of lineage {:016x}, instance {:016x}",
+        lineage.generation,
+        lineage.id,
+        lineage.instance
+    );
     let entered = namespaces(meta, opt.namespace)?;
+    match &entered {
+        Some(e) => crate::log!(
+            "in new PID, time and mount namespaces as PID {} (supervisor outside: PID {}), \
+             clocks shifted by {} ns",
+            meta.process.pid,
+            e.supervisor,
+            e.clock_shift_ns
+        ),
+        None => crate::log!("without namespaces, as PID {}", std::process::id()),
+    }
     if let Some(e) = &entered {
         state.start_ns = (state.start_ns as i64).saturating_add(e.clock_shift_ns) as u64;
+        crate::log::shift(e.clock_shift_ns);
         state.exact_tids = true;
     }
     let fds = descriptors(&chain, opt, &mut state, claim)?;
@@ -125,6 +161,11 @@ pub fn restore_image(
         })
         .collect();
     let plan = write_plan(meta, &runs, &fds, &vdso_plan, opt, &state)?;
+    crate::log!(
+        "plan written: {} regions, {} page runs; jumping to phase 2",
+        meta.regions.len(),
+        runs.len()
+    );
     jump(plan, opt, entered.as_ref())
 }
 
@@ -143,6 +184,7 @@ fn plan_pages(chain: &Chain, verify_ns: u64, opt: &Options) -> Result<Vec<PRun>,
             policy.describe()
         );
     }
+    crate::log!("pages: {}", policy.describe());
     Ok(runs)
 }
 
@@ -235,8 +277,17 @@ pub fn descriptors(
         .into_iter()
         .map(|fd| if fd >= 0 { high(fd) } else { Ok(-1) })
         .collect::<Result<_, _>>()?;
+    // The log's descriptors go too before the program resumes (phase 2 closes `ours`).
+    crate::log::move_high(fd_plan.high_base)?;
+    crate::log!(
+        "descriptors: {} prepared, {} inherited; working directory {}",
+        fd_plan.moves.len(),
+        fd_plan.inherit.len(),
+        meta.process.cwd
+    );
     // From here on stderr may be the program's: only fatal, unlikely errors remain.
     let mut ours: Vec<RawFd> = image_fds.clone();
+    ours.extend(crate::log::fds());
     ours.push(state.stats_fd);
     ours.extend(region_fds.iter().copied());
     objects::install_fds(&fd_plan, &[&ours[..], &[lock]].concat());

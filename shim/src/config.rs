@@ -15,6 +15,9 @@ pub struct Config {
     /// The user named the image directory (`SNAPSHIM_NAME`): if another instance holds it,
     /// checkpoints are refused instead of going to a directory beside it (see owner.rs).
     pub name_given: bool,
+    /// `snapshim run` started this process (`SNAPSHIM_ANNOUNCE` is its PID): the shim says
+    /// where the images go at start-up.
+    pub announce: bool,
     pub trigger_signal: i32,
     pub quiesce_signal: i32,
     pub interval_ms: Option<u64>,
@@ -53,6 +56,7 @@ impl Config {
             image_dir: base.join(&name),
             name,
             name_given: s.name.is_some(),
+            announce: s.announce == Some(std::process::id()),
             trigger_signal: s.signal,
             // The internal quiesce signal, which also carries `snapshim checkpoint`'s requests.
             quiesce_signal: snapshim_image::settings::quiesce_signal(s.signal),

@@ -6,7 +6,9 @@
 //! 1. read the settings from the environment (never again afterwards: `config.rs`);
 //! 2. reserve the restorer's address range (`PROT_NONE`) so the program never maps there;
 //! 3. install the trigger and quiesce handlers, with every signal masked while they run;
-//! 4. start the helper thread, which waits on a pipe and does all the work (`pipeline/`).
+//! 4. start the helper thread, which waits on a pipe and does all the work (`pipeline/`);
+//! 5. under `snapshim run`, take the image directory and say where the images go
+//!    (`owner.rs`; otherwise the first checkpoint takes it).
 //!
 //! The modules, top to bottom (each imports only from those below it):
 //! - `interpose/`: the libc functions the shim exports in place of glibc's;
@@ -15,7 +17,7 @@
 //! - `incremental/`: dirty-page tracking, the delta-or-full policy, the background merger;
 //! - `objects/`: the capture side of each kind of kernel object (memory, files, threads...);
 //! - `config.rs`, `state.rs`: the settings, and the values set at start-up that lower layers
-//!   read;
+//!   read; `owner.rs`: the image directory this instance owns (lock, lineage, numbering);
 //! - `sys/`: raw system calls, kernel ABI definitions, the shim's own allocator.
 //!
 //! What may run where: signal handlers use atomics and raw system calls only
@@ -87,9 +89,6 @@ extern "C" fn init() {
     engine::uffd::set_keep_store(settings.keep_store);
     state::HUGEPAGES.store(settings.hugepages, Relaxed);
     let cfg = config::init(config::Config::new(&settings, exe, cmdline, shim_path()));
-    if settings.announce {
-        announce(cfg);
-    }
 
     // The restorer's range: refuse to start checkpointing if something is already there.
     // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping.
@@ -186,21 +185,39 @@ extern "C" fn init() {
         warn(&format!(
             "cannot start the helper thread: {e}; checkpoints are off"
         ));
+        return;
+    }
+    // Last: once this is said, `snapshim checkpoint` may be sent at once.
+    if cfg.announce {
+        announce(cfg);
     }
 }
 
-/// `SNAPSHIM_ANNOUNCE` (`snapshim run`): takes the image directory now and says where the
-/// images go, or refuses to start the program when the directory the user named is in use.
-/// The variable goes, so that the programs this one starts do not announce themselves.
+/// `SNAPSHIM_ANNOUNCE` (`snapshim run`, whose PID this process has): takes the image
+/// directory now and says where the images go, or refuses to start the program when the
+/// directory the user named is in use. A script says it again as its interpreter, with the
+/// same PID: the directory the script took goes if it is still empty
+/// (`SNAPSHIM_ANNOUNCED_DIR`).
 fn announce(cfg: &config::Config) {
-    // SAFETY: the constructor runs before main, on the only thread there is.
-    unsafe { libc::unsetenv(c"SNAPSHIM_ANNOUNCE".as_ptr()) };
+    const ANNOUNCED: &std::ffi::CStr = c"SNAPSHIM_ANNOUNCED_DIR";
+    let before = std::env::var_os("SNAPSHIM_ANNOUNCED_DIR");
     match owner::acquire(cfg) {
-        Ok(dir) => warn(&format!(
-            "PID {}, images in {}/",
-            std::process::id(),
-            dir.display()
-        )),
+        Ok(dir) => {
+            if let Some(b) = before.filter(|b| std::path::Path::new(b) != dir) {
+                owner::remove_if_unused(std::path::Path::new(&b));
+            }
+            let mut value = dir.as_os_str().as_encoded_bytes().to_vec();
+            value.push(0);
+            // SAFETY: the constructor runs before main, on the only thread there is; both
+            // strings are NUL-terminated.
+            unsafe { libc::setenv(ANNOUNCED.as_ptr(), value.as_ptr().cast(), 1) };
+            warn(&format!(
+                "PID {} ({}), images in {}/",
+                std::process::id(),
+                cfg.name,
+                dir.display()
+            ))
+        }
         Err(why) => {
             warn(&format!("cannot start {}: {why}", cfg.name));
             // SAFETY: ends the process before the program's main; nothing of it ran.

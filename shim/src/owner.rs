@@ -65,7 +65,10 @@ pub fn acquire(cfg: &Config) -> Result<PathBuf, String> {
             instance: lineage::random_id(),
             origin: None,
         });
-    let held = lock_some_dir(cfg)?;
+    let (held, note) = some_dir(cfg, lineage::try_lock)?;
+    if let Some(note) = note {
+        let _ = sys::write_all(2, alloc::format!("snapshim: {note}\n").as_bytes());
+    }
     let fd = high(held.fd.into_raw_fd());
     let record = Record {
         pid: std::process::id(),
@@ -78,9 +81,31 @@ pub fn acquire(cfg: &Config) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
+/// A directory an earlier program of this process took before it `exec`ed this one (a script
+/// and its interpreter, `env`...: `snapshim run` announces each): removed if nothing but its
+/// lock file is in it.
+pub fn remove_if_unused(dir: &Path) {
+    let mut c = dir.as_os_str().as_encoded_bytes().to_vec();
+    c.push(0);
+    match sys::list_dir_names(&c) {
+        Ok(names)
+            if names
+                .iter()
+                .all(|n| n == "." || n == ".." || n == LOCK_FILE) =>
+        {
+            let _ = std::fs::remove_file(dir.join(LOCK_FILE));
+            let _ = std::fs::remove_dir(dir);
+        }
+        _ => {}
+    }
+}
+
 /// `cfg.image_dir`, or if another instance holds it (and the user did not name it), the first
-/// of `DIR.2`, `DIR.3`... that is free, said in one line.
-fn lock_some_dir(cfg: &Config) -> Result<lineage::Held, String> {
+/// of `DIR.2`, `DIR.3`... that is free (`take` tries one), with a line saying so.
+fn some_dir<T>(
+    cfg: &Config,
+    take: impl Fn(&Path) -> Result<T, LockError>,
+) -> Result<(T, Option<String>), String> {
     let mut first_busy = None;
     for n in 1..=100u32 {
         let dir = if n == 1 {
@@ -90,14 +115,11 @@ fn lock_some_dir(cfg: &Config) -> Result<lineage::Held, String> {
             d.push(alloc::format!(".{n}"));
             PathBuf::from(d)
         };
-        match lineage::try_lock(&dir) {
+        match take(&dir) {
             Ok(held) => {
-                if let Some(busy) = first_busy {
-                    let line =
-                        alloc::format!("snapshim: {busy}: images go to {}/\n", dir.display());
-                    let _ = sys::write_all(2, line.as_bytes());
-                }
-                return Ok(held);
+                let note = first_busy
+                    .map(|busy| alloc::format!("{busy}: images go to {}/", dir.display()));
+                return Ok((held, note));
             }
             Err(e @ LockError::Busy { .. }) if cfg.name_given => {
                 return Err(alloc::format!(

@@ -43,7 +43,7 @@
 //! has one: ours, so we may), which holds `w` until the reply is there.
 
 use std::fs::File;
-use std::io::{ErrorKind, IsTerminal, Read, Write};
+use std::io::{ErrorKind, IsTerminal, Read};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 
@@ -54,6 +54,7 @@ use nix::sched::{setns, CloneFlags};
 use nix::sys::prctl::set_dumpable;
 use nix::sys::wait::waitpid;
 use nix::unistd::{geteuid, pipe2, setgroups, setresgid, setresuid, Gid, Pid, Uid};
+use snapshim_image::progress::Progress;
 use std::time::{Duration, Instant};
 
 use snapshim_image::settings;
@@ -87,9 +88,23 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
     let line = wait_for_reply(pid, read_end, a.timeout, show_progress);
     drop(sender);
     drop(write_end);
-    let line = line?;
-    match parse::parse_reply(&line) {
+    let outcome = line.and_then(|line| report(pid, &line, &a));
+    if let Some(file) = &a.log {
+        let lines = match &outcome {
+            Ok(details) => details.clone(),
+            Err(f) => vec![format!("failed: {}", f.message)],
+        };
+        append_log(file, pid, &lines)?;
+    }
+    outcome.map(|_| ())
+}
+
+/// Prints the outcome of the reply `line` as asked; returns the details of a committed
+/// checkpoint (for `--verbose` and `--log`).
+fn report(pid: i32, line: &str, a: &CheckpointArgs) -> Result<Vec<String>> {
+    match parse::parse_reply(line) {
         Ok(Reply::Committed(c)) => {
+            let details = details(&c.path);
             if a.json {
                 return crate::json::print_ok(serde_json::json!({
                     "pid": pid,
@@ -102,7 +117,8 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
                     "engine": c.engine,
                     "kind": c.kind,
                     "pages_copied_before_write": c.copied,
-                }));
+                }))
+                .map(|()| details);
             }
             if a.quiet {
                 println!("{}", c.path);
@@ -132,14 +148,97 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
                     parse::format_ms(c.pause_us),
                     parse::format_ms(c.total_us)
                 );
+                if a.verbose {
+                    for l in &details {
+                        println!("  {l}");
+                    }
+                }
             }
-            Ok(())
+            Ok(details)
         }
         Ok(Reply::Failed(msg)) => Err(Failure::op(format!(
             "checkpoint of PID {pid} failed: {msg}"
         ))),
         Err(why) => Err(Failure::op(format!("checkpoint of PID {pid}: {why}"))),
     }
+}
+
+/// What the shim's statistics beside the image (`ckpt-N.json`) say of the checkpoint, one
+/// line a subject.
+fn details(image: &str) -> Vec<String> {
+    let path = std::path::Path::new(image).with_extension("json");
+    let Some(v) = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    else {
+        return vec![format!(
+            "image {image} (no statistics in {})",
+            path.display()
+        )];
+    };
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    let phases: Vec<String> = v["pause_phases_us"]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(k, us)| format!("{k} {}", parse::format_ms(us.as_u64().unwrap_or(0))))
+                .collect()
+        })
+        .unwrap_or_default();
+    vec![
+        format!(
+            "image {image}: {} ({}), engine {}",
+            parse::human_bytes(n("bytes")),
+            if v["delta"].as_bool() == Some(true) {
+                "delta"
+            } else {
+                "full"
+            },
+            v["engine"].as_str().unwrap_or("?")
+        ),
+        format!(
+            "pause {}: {}",
+            parse::format_ms(n("pause_us")),
+            if phases.is_empty() {
+                "-".into()
+            } else {
+                phases.join(", ")
+            }
+        ),
+        format!(
+            "flush {}, total {}; pages copied before written {}, of them by the writer {}; \
+             huge pages split {}",
+            parse::format_ms(n("flush_us")),
+            parse::format_ms(n("total_us")),
+            n("pages_copied_before_write"),
+            n("pages_copied_ahead"),
+            n("huge_pages_split")
+        ),
+        format!(
+            "resident {} at the checkpoint; copy store kept {}",
+            parse::human_bytes(n("resident_bytes")),
+            parse::human_bytes(n("copy_store_kept_bytes"))
+        ),
+    ]
+}
+
+/// Appends `lines` to the log `file`, each with the time and the PID.
+fn append_log(file: &std::path::Path, pid: i32, lines: &[String]) -> Result<()> {
+    use std::io::Write;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let stamp = parse::format_time(now, 0);
+    let text: String = lines
+        .iter()
+        .map(|l| format!("{stamp} checkpoint of PID {pid}: {l}\n"))
+        .collect();
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| Failure::op(format!("cannot write the log {}: {e}", file.display())))
 }
 
 /// `pid`, or, when `pid` is a snapshim-restore that runs the program in new namespaces (it and
@@ -419,7 +518,7 @@ fn sigqueue(pid: i32, signo: i32, value: u64) -> Result<()> {
 fn wait_for_reply(pid: i32, mut r: File, timeout: Duration, show: bool) -> Result<String> {
     let start = Instant::now();
     let mut buf = Vec::new();
-    let mut spinner = Spinner::new(show, pid);
+    let mut watch = Watch::new(show, pid);
     let result = loop {
         let elapsed = start.elapsed();
         let slice = SLICE.min(timeout.saturating_sub(elapsed));
@@ -451,9 +550,9 @@ fn wait_for_reply(pid: i32, mut r: File, timeout: Duration, show: bool) -> Resul
                 humantime(timeout)
             )));
         }
-        spinner.tick(start.elapsed());
+        watch.tick(start.elapsed());
     };
-    spinner.clear();
+    watch.clear();
     result
 }
 
@@ -502,49 +601,46 @@ fn humantime(d: Duration) -> String {
     }
 }
 
-/// Elapsed time on stderr while waiting, when stderr is a terminal; shown only after the
-/// first second so that quick checkpoints print nothing extra.
-struct Spinner {
-    show: bool,
+/// Progress on stderr while waiting, when stderr is a terminal (see
+/// `snapshim_image::progress`): the bytes of the image file being written (the shim's
+/// temporary `.ckpt-N.snap.tmp`, found among the program's descriptors) against the program's
+/// resident memory, the most an image can hold.
+struct Watch {
     pid: i32,
-    drawn: bool,
-    frame: usize,
+    progress: Progress,
 }
 
-impl Spinner {
-    fn new(show: bool, pid: i32) -> Spinner {
-        Spinner {
-            show,
+impl Watch {
+    fn new(show: bool, pid: i32) -> Watch {
+        let resident = crate::proc::status(pid)
+            .ok()
+            .and_then(|s| s.vmrss)
+            .map_or(0, |kib| kib * 1024);
+        Watch {
             pid,
-            drawn: false,
-            frame: 0,
+            progress: Progress::with(format!("snapshim: checkpoint of PID {pid}"), resident, show),
         }
     }
 
-    fn tick(&mut self, elapsed: Duration) {
-        if !self.show || elapsed < Duration::from_secs(1) {
-            return;
-        }
-        const FRAMES: [char; 4] = ['|', '/', '-', '\\'];
-        self.frame = (self.frame + 1) % FRAMES.len();
-        let mut e = std::io::stderr().lock();
-        let _ = write!(
-            e,
-            "\r\x1b[Ksnapshim: {} waiting for PID {} to commit its checkpoint ({:.1} s)",
-            FRAMES[self.frame],
-            self.pid,
-            elapsed.as_secs_f64()
-        );
-        let _ = e.flush();
-        self.drawn = true;
+    fn tick(&mut self, _elapsed: Duration) {
+        self.progress.set(written(self.pid).unwrap_or(0));
     }
 
     fn clear(&mut self) {
-        if self.drawn {
-            let _ = write!(std::io::stderr(), "\r\x1b[K");
-            self.drawn = false;
-        }
+        self.progress.finish();
     }
+}
+
+/// The size of the image file `pid` has open for writing, if any.
+fn written(pid: i32) -> Option<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().ends_with(".snap.tmp"))
+        })
+        .and_then(|e| std::fs::metadata(e.path()).ok())
+        .map(|m| m.len())
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use serde_json::json;
+
 use snapshim_image::{
     CharDevice, Directory, FdKind, FdState, Image, Inherited, Metadata, Pipe, Region, RegionKind,
     RegularFile, SigAction, Unsupported,
@@ -29,7 +31,6 @@ pub fn inspect(arg: &Path, json: bool) -> Result<()> {
 
 /// The `--json` document: what [`describe`] shows, with numbers as numbers.
 fn document(img: &Image) -> serde_json::Value {
-    use serde_json::json;
     let (h, m, p) = (&img.header, &img.meta, &img.meta.process);
     let stored = stored_per_region(m);
     let regions: Vec<_> = m
@@ -85,6 +86,7 @@ fn document(img: &Image) -> serde_json::Value {
             "inherited_pages": m.inherited.iter().map(|s| s.pages).sum::<u64>(),
         })),
         "merged_from": m.merged_from.as_ref().map(|mf| json!({ "files": mf.files })),
+        "lineage": lineage_document(m),
         "created_ns": h.created_ns,
         "program": { "name": p.name, "pid": p.pid, "exe": p.exe, "cmdline": p.cmdline, "cwd": p.cwd },
         "stored_bytes": img.stored_bytes(),
@@ -97,6 +99,36 @@ fn document(img: &Image) -> serde_json::Value {
         "fds": fds,
         "signal_handlers": handlers,
     })
+}
+
+/// Who wrote the image (format 1.4; null in older images).
+pub fn lineage_document(m: &snapshim_image::Metadata) -> serde_json::Value {
+    let Some(l) = &m.lineage else {
+        return serde_json::Value::Null;
+    };
+    json!({
+        "id": format!("{:016x}", l.id),
+        "generation": l.generation,
+        "instance": format!("{:016x}", l.instance),
+        "restored_from": l.origin.as_ref().map(|o| json!({
+            "image": o.file,
+            "id": format!("{:016x}", o.image_id),
+            "lineage": format!("{:016x}", o.lineage),
+            "generation": o.generation,
+        })),
+    })
+}
+
+/// "generation 2 of lineage 1a2b..., instance 3c4d..., restored from FILE (generation 1)".
+fn lineage_line(l: &snapshim_image::Lineage) -> String {
+    let from = match &l.origin {
+        Some(o) => format!(", restored from {} (generation {})", o.file, o.generation),
+        None => ", an original run".into(),
+    };
+    format!(
+        "generation {} of lineage {:016x}, instance {:016x}{from}",
+        l.generation, l.id, l.instance
+    )
 }
 
 /// The whole `inspect` report.
@@ -128,6 +160,9 @@ fn describe(img: &Image) -> String {
         (None, id) => format!("{id:016x}"),
     };
     field("id", format!("{:016x}, parent {parent}", h.image_id));
+    if let Some(l) = &m.lineage {
+        field("lineage", lineage_line(l));
+    }
     if let Some(mf) = &m.merged_from {
         field(
             "merged",

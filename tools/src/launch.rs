@@ -46,7 +46,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         keep_store: a.keep_store.then_some(true),
         // The shim says where its images go (it alone knows: the executable's name after
         // symlinks, and a directory beside if that one is in use).
-        announce: true,
+        announce: Some(std::process::id()),
     };
     let mut cmd = Command::new(prog);
     cmd.args(args)

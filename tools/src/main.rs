@@ -23,6 +23,7 @@ mod ls;
 mod merge;
 mod parse;
 mod proc;
+mod ps;
 mod verify;
 
 use std::ffi::OsString;
@@ -86,6 +87,7 @@ enum Command {
     Ls(LsArgs),
     Merge(MergeArgs),
     Check(CheckArgs),
+    Ps(PsArgs),
 }
 
 /// Run a program with snapshim loaded (LD_PRELOAD), replacing this process
@@ -157,6 +159,12 @@ pub struct CheckpointArgs {
     /// Print the outcome as JSON (schema in docs/usage.md)
     #[arg(long, conflicts_with = "quiet")]
     pub json: bool,
+    /// Also print what the checkpoint did: the pause's phases, the flush, pages copied
+    #[arg(long, short, conflicts_with_all = ["quiet", "json"])]
+    pub verbose: bool,
+    /// Append what the checkpoint did (or why it failed) to FILE, with the time
+    #[arg(long, value_name = "FILE")]
+    pub log: Option<PathBuf>,
     /// Process to checkpoint (a program under snapshim, or a running snapshim-restore)
     #[arg(value_parser = clap::value_parser!(i32).range(1..))]
     pub pid: i32,
@@ -218,6 +226,9 @@ pub struct InspectArgs {
 /// Check an image: header, metadata and page checksums, and the files its mappings need
 #[derive(Args)]
 pub struct VerifyArgs {
+    /// Print the outcome as JSON (schema in docs/usage.md)
+    #[arg(long)]
+    pub json: bool,
     /// Image file, image directory (uses `latest`), or a base directory with one image directory
     #[arg(value_name = "IMAGE_OR_DIR")]
     pub image: PathBuf,
@@ -232,6 +243,15 @@ pub struct LsArgs {
     /// Base directory or image directory [default: $SNAPSHIM_DIR, else ./snapshim-images]
     #[arg(value_name = "DIR")]
     pub dir: Option<PathBuf>,
+}
+
+/// List the programs running under snapshim: PID, image directory, generation, last
+/// checkpoint, engine, and whether a checkpoint is being taken
+#[derive(Args)]
+pub struct PsArgs {
+    /// Print the list as JSON (schema in docs/usage.md)
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Say which kernel features snapshim can use here, and what each one enables
@@ -285,6 +305,8 @@ fn main() -> ExitCode {
         Command::Checkpoint(a) => a.json,
         Command::Inspect(a) => a.json,
         Command::Ls(a) => a.json,
+        Command::Verify(a) => a.json,
+        Command::Ps(a) => a.json,
         _ => false,
     };
     let result = match cli.command {
@@ -293,10 +315,11 @@ fn main() -> ExitCode {
         Command::Restore(a) => launch::restore(a),
         Command::Activate(a) => activate::activate(a),
         Command::Inspect(a) => inspect::inspect(&a.image, a.json),
-        Command::Verify(a) => verify::verify(&a.image),
+        Command::Verify(a) => verify::verify(&a.image, a.json),
         Command::Ls(a) => ls::ls(a.dir, a.json),
         Command::Merge(a) => merge::merge(&a.image, a.quiet),
         Command::Check(a) => check::check(a),
+        Command::Ps(a) => ps::ps(a.json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,7 +13,7 @@ use crate::{Failure, Result};
 /// header (magic, architecture, version, checksum, layout), metadata (checksum, decoding,
 /// consistency), every page run's checksum; then that the mapped files are unchanged. Prints
 /// what was checked; the first damage found is the error, in the restorer's words.
-pub fn verify(arg: &Path) -> Result<()> {
+pub fn verify(arg: &Path, json: bool) -> Result<()> {
     let path = snapshim_image::resolve(arg).map_err(|e| Failure::op(e.to_string()))?;
     // A delta is checked with every image it depends on; damage in one of them is named.
     let chain = snapshim_image::Chain::open(&path)
@@ -22,7 +22,12 @@ pub fn verify(arg: &Path) -> Result<()> {
     let damaged =
         |e: snapshim_image::ImageError| Failure::op(format!("{}: {e}", img.path.display()));
     img.meta.validate().map_err(damaged)?;
-    let checked = chain.verify_pages().map_err(damaged)?;
+    let checked = if json {
+        chain.verify_pages()
+    } else {
+        chain.verify_pages_showing("snapshim: checking page data")
+    }
+    .map_err(damaged)?;
     let (problems, same_build) = check_mapped_files(&img.meta);
     if !problems.is_empty() {
         let lines: Vec<String> = problems
@@ -40,6 +45,22 @@ pub fn verify(arg: &Path) -> Result<()> {
             _ => None,
         })
         .collect();
+    if json {
+        return crate::json::print_ok(serde_json::json!({
+            "image": img.path,
+            "format": format!("{}.{}", h.major, h.minor),
+            "metadata_bytes": h.meta_len,
+            "regions": m.regions.len(),
+            "page_runs": m.runs.len(),
+            "threads": m.threads.len(),
+            "descriptors": m.fds.len(),
+            "page_bytes_checked": checked,
+            "mapped_files": mapped,
+            "same_build_id": same_build,
+            "chain": chain.paths(),
+            "lineage": crate::inspect::lineage_document(m),
+        }));
+    }
     println!("ok: {}", img.path.display());
     println!("  header     format {}.{}, checksum ok", h.major, h.minor);
     println!(
