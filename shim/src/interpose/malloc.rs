@@ -322,3 +322,56 @@ pub unsafe extern "C" fn posix_memalign(
     }
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_family_forwards_to_glibc_in_a_glibc_program() {
+        for (i, name) in NAMES.iter().enumerate() {
+            assert_ne!(next(i), 0, "{name:?}");
+        }
+        assert!(GLIBC.load(Relaxed), "the test runner's malloc is glibc's");
+        assert!(!in_libc(boot_alloc as *const () as usize));
+        // SAFETY: the malloc family, used as C code would.
+        unsafe {
+            let p = malloc(100) as *mut u8;
+            assert!(!p.is_null() && !in_boot(p as *mut c_void));
+            p.write_bytes(7, 100);
+            let q = realloc(p as *mut c_void, 5000) as *mut u8;
+            assert_eq!(*q.add(99), 7);
+            free(q as *mut c_void);
+            let mut a = core::ptr::null_mut();
+            assert_eq!(posix_memalign(&mut a, 4096, 10), 0);
+            assert_eq!(a as usize % 4096, 0);
+            free(a);
+            let z = calloc(10, 10) as *const u8;
+            assert!((0..100).all(|i| *z.add(i) == 0));
+            free(z as *mut c_void);
+        }
+    }
+
+    #[test]
+    fn boot_blocks_are_aligned_disjoint_and_ignored_by_free() {
+        let a = boot_alloc(10, 16);
+        let b = boot_alloc(100, 256);
+        assert!(in_boot(a) && in_boot(b));
+        assert_eq!(a as usize % 16, 0);
+        assert_eq!(b as usize % 256, 0);
+        assert!(b as usize >= a as usize + 10);
+        assert!(
+            boot_alloc(BOOT_BYTES, 16).is_null(),
+            "larger than what is left"
+        );
+        // SAFETY: a is a BOOT block: free leaves it alone, realloc copies it out.
+        unsafe {
+            (a as *mut u8).write_bytes(9, 10);
+            free(a);
+            let moved = realloc(a, 20) as *mut u8;
+            assert!(!in_boot(moved as *mut c_void));
+            assert_eq!(*moved.add(9), 9);
+            free(moved as *mut c_void);
+        }
+    }
+}
