@@ -1,5 +1,6 @@
 //! Compiles the C test apps in `c/` into OUT_DIR with the system C compiler (`$CC`, else `cc`):
-//! `cc -O2 -g -pthread -Wall -Wextra`, plus `-mavx2` for `fpu.c` when this machine's CPU has AVX2
+//! `cc -O2 -g -pthread -Wall -Wextra` (`C_FLAGS`, which `artifacts::c_app_linked` uses too for
+//! the builds against other allocators), plus `-mavx2` for `fpu.c` when this machine's CPU has AVX2
 //! (the app falls back to xmm registers without it). The harness finds the binaries through
 //! `env!("OUT_DIR")`; `SNAPSHIM_TESTAPPS_FPU_WIDTH` tells it which registers `fpu` exercises.
 
@@ -7,8 +8,11 @@ use std::path::Path;
 use std::process::Command;
 
 const APPS: &[&str] = &[
-    "single", "threads", "fpu", "signals", "files", "pattern", "ids", "wpasync", "incr",
+    "single", "threads", "fpu", "signals", "files", "pattern", "ids", "wpasync", "incr", "allocs",
 ];
+
+/// The same as `C_FLAGS` in src/artifacts.rs (build scripts cannot import the crate).
+const C_FLAGS: &[&str] = &["-O2", "-g", "-pthread", "-Wall", "-Wextra"];
 
 fn main() {
     let out_dir = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR");
@@ -29,7 +33,7 @@ fn main() {
         let src = Path::new("c").join(format!("{app}.c"));
         let bin = Path::new(&out_dir).join(app);
         let mut cmd = Command::new(&cc);
-        cmd.args(["-O2", "-g", "-pthread", "-Wall", "-Wextra"]);
+        cmd.args(C_FLAGS);
         if *app == "fpu" && avx2 {
             cmd.arg("-mavx2");
         }

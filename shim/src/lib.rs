@@ -60,6 +60,7 @@ extern "C" fn init() {
     if std::env::var_os("SNAPSHIM_DISABLE").is_some() {
         return;
     }
+    state::ACTIVE.store(true, Relaxed);
     let exe = sys::readlink(b"/proc/self/exe\0").unwrap_or_default();
     let mut cmd = Vec::new();
     let _ = sys::read_file(b"/proc/self/cmdline\0", &mut cmd);

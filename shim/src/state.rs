@@ -7,6 +7,10 @@ use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::Relaxed};
 
 use crate::sys;
 
+/// The shim is on: set first thing at start-up unless `SNAPSHIM_DISABLE` is set. Interposed
+/// functions add nothing of their own while it is off.
+pub static ACTIVE: AtomicBool = AtomicBool::new(false);
+
 /// The checkpoint (trigger) signal and the internal quiesce signal, once the shim is
 /// initialised (0 before).
 pub static TRIGGER_SIG: AtomicI32 = AtomicI32::new(0);

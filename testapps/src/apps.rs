@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::artifacts::{c_app, profile_dir};
+use crate::artifacts::{c_app, c_app_linked, profile_dir};
 use crate::{Failure, Result};
 
 /// The exact interpreter the Python app runs under (not whatever `python3` is first on PATH).
@@ -24,6 +24,7 @@ pub const APP_NAMES: &[&str] = &[
     "pattern",
     "ids",
     "incr",
+    "allocs",
 ];
 
 /// Prepares an app's working directory (input files) before it starts.
@@ -49,10 +50,15 @@ pub struct AppSpec {
     /// Extra environment variables for the app (not for the tools), set after the ones the
     /// test process passes through, so they override them (`SNAPSHIM_COW`, say).
     pub env: Vec<(String, String)>,
+    /// Libraries preloaded after the shim (`LD_PRELOAD=libsnapshim.so LIB...`), and alone in
+    /// runs without the shim: an allocator such as `libjemalloc.so.2`.
+    pub preload: Vec<String>,
 }
 
 impl AppSpec {
-    fn new(name: &str, program: PathBuf, args: &[&str]) -> AppSpec {
+    /// `program` with `args`, named `name`, with the defaults for everything else: for programs
+    /// that are not test apps (a server, say).
+    pub fn new(name: &str, program: PathBuf, args: &[&str]) -> AppSpec {
         AppSpec {
             name: name.to_string(),
             program,
@@ -62,13 +68,22 @@ impl AppSpec {
             run_from_copy: false,
             unprivileged: false,
             env: Vec::new(),
+            preload: Vec::new(),
         }
+    }
+
+    /// The `allocs` app linked with `-lLIB` (`jemalloc`, `tcmalloc`, `mimalloc`), named
+    /// `allocs-LIB`. Built on first use (see [`c_app_linked`]); the caller checks first that the
+    /// library is there (`needs::c_library`).
+    pub fn allocs_linked_with(lib: &str) -> Result<AppSpec> {
+        let name = format!("allocs-{lib}");
+        Ok(AppSpec::new(&name, c_app_linked("allocs", lib)?, &[]))
     }
 
     /// One of [`APP_NAMES`], with its default arguments.
     pub fn named(name: &str) -> Result<AppSpec> {
         Ok(match name {
-            "single" | "threads" | "fpu" | "signals" | "pattern" | "ids" | "incr" => {
+            "single" | "threads" | "fpu" | "signals" | "pattern" | "ids" | "incr" | "allocs" => {
                 AppSpec::new(name, c_app(name), &[])
             }
             "files" => AppSpec {
@@ -107,6 +122,12 @@ impl AppSpec {
         self
     }
 
+    /// Preloads `lib` after the shim (see [`AppSpec::preload`]).
+    pub fn preload(mut self, lib: impl Into<String>) -> AppSpec {
+        self.preload.push(lib.into());
+        self
+    }
+
     /// See [`AppSpec::run_from_copy`].
     pub fn from_copy(mut self) -> AppSpec {
         self.run_from_copy = true;
@@ -124,6 +145,9 @@ impl AppSpec {
         let mut key = format!("{} {}", self.name, self.args.join(" "));
         for (k, v) in &self.env {
             key += &format!(" [{k}={v}]");
+        }
+        for lib in &self.preload {
+            key += &format!(" [preload {lib}]");
         }
         key
     }

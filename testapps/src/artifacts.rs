@@ -41,6 +41,53 @@ pub fn c_app(name: &str) -> PathBuf {
     Path::new(env!("OUT_DIR")).join(name)
 }
 
+/// The flags build.rs compiles the C apps with.
+pub const C_FLAGS: &[&str] = &["-O2", "-g", "-pthread", "-Wall", "-Wextra"];
+
+/// The C app `name` (`c/NAME.c`) linked with `-lLIB`, built once per test process into
+/// `target/<profile>/c-linked/NAME-LIB` with build.rs's flags (`$CC`, else `cc`). For libraries
+/// not every machine has (an allocator), so build.rs cannot build it.
+pub fn c_app_linked(name: &str, lib: &str) -> Result<PathBuf> {
+    type Built = std::sync::Mutex<std::collections::HashMap<String, PathBuf>>;
+    static BUILT: OnceLock<Built> = OnceLock::new();
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let key = format!("{name}-{lib}");
+    if let Some(p) = built.get(&key) {
+        return Ok(p.clone());
+    }
+    let dir = profile_dir()?.join("c-linked");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Failure::new(format!("cannot create {}: {e}", dir.display())))?;
+    let out = dir.join(&key);
+    // Built under a private name, then renamed: another test process may be running the file.
+    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("c/{name}.c"));
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
+    let res = std::process::Command::new(&cc)
+        .args(C_FLAGS)
+        .arg("-o")
+        .arg(&tmp)
+        .arg(&src)
+        .arg(format!("-l{lib}"))
+        .output()
+        .map_err(|e| Failure::new(format!("cannot run the C compiler {cc:?}: {e}")))?;
+    if !res.status.success() {
+        return Err(Failure::new(format!(
+            "compiling {} with -l{lib} failed ({}):\n{}",
+            src.display(),
+            res.status,
+            String::from_utf8_lossy(&res.stderr)
+        )));
+    }
+    std::fs::rename(&tmp, &out)
+        .map_err(|e| Failure::new(format!("cannot rename {}: {e}", tmp.display())))?;
+    built.insert(key, out.clone());
+    Ok(out)
+}
+
 /// The workspace root (this crate's parent directory).
 pub fn workspace_root() -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -1,5 +1,5 @@
-//! What a test needs of the machine (root, userfaultfd, transparent huge pages) and what happens
-//! when it is not there.
+//! What a test needs of the machine (root, userfaultfd, transparent huge pages, a library or a
+//! program from a Debian package) and what happens when it is not there.
 //!
 //! A test that cannot run here must not pass as if it had: under CI (`CI` set) it fails with
 //! one line naming what it needs; elsewhere (a developer's machine) it is skipped loudly, with a
@@ -88,6 +88,34 @@ pub fn transparent_huge_pages() -> Result<bool> {
         format_args!("transparent huge pages ({thp} says {:?})", mode.trim()),
         mode.contains("[always]") || mode.contains("[madvise]"),
     )
+}
+
+/// [`check`] for a C library the C compiler links with `-lLIB`, from the Debian package
+/// `package` (which `scripts/test.sh` installs).
+pub fn c_library(lib: &str, package: &str) -> Result<bool> {
+    check(
+        format_args!("-l{lib} (Debian package {package})"),
+        c_library_found(lib),
+    )
+}
+
+/// [`check`] for a program at an absolute path, from the Debian package `package` (which
+/// `scripts/test.sh` installs).
+pub fn program(path: &str, package: &str) -> Result<bool> {
+    check(
+        format_args!("{path} (Debian package {package})"),
+        std::path::Path::new(path).is_file(),
+    )
+}
+
+/// Whether the C compiler finds `libLIB.so`: `cc -print-file-name` answers with a path only for
+/// a file it finds, with the bare name otherwise.
+pub fn c_library_found(lib: &str) -> bool {
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
+    std::process::Command::new(cc)
+        .arg(format!("-print-file-name=lib{lib}.so"))
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains('/'))
 }
 
 /// `userfaultfd(O_CLOEXEC | O_NONBLOCK)` succeeds (without `UFFD_USER_MODE_ONLY`).

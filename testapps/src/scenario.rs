@@ -269,11 +269,16 @@ impl Session {
             .stdout(out)
             .stderr(Stdio::piped())
             .envs(self.spec.env.iter().map(|(k, v)| (k, v)));
+        let mut preload = Vec::new();
         if with_shim {
             let tools = self.tools()?;
-            cmd.env("LD_PRELOAD", &tools.shim)
-                .env("SNAPSHIM_DIR", self.snapshim_dir())
+            preload.push(tools.shim.to_string_lossy().into_owned());
+            cmd.env("SNAPSHIM_DIR", self.snapshim_dir())
                 .env("SNAPSHIM_NAME", &self.spec.name);
+        }
+        preload.extend(self.spec.preload.iter().cloned());
+        if !preload.is_empty() {
+            cmd.env("LD_PRELOAD", preload.join(" "));
         }
         let what = format!(
             "{} ({})",

@@ -108,6 +108,13 @@ fn threads_py_uninterrupted_runs_are_deterministic() -> Result<()> {
     deterministic("threads-py", 2)
 }
 
+#[test]
+fn allocs_uninterrupted_runs_are_deterministic() -> Result<()> {
+    // Three threads allocate at once: the allocator's choices differ from run to run, the
+    // output must not.
+    deterministic("allocs", 2)
+}
+
 /// A FAIL must be visible: a broken invariant gives exit status 1 and `FAIL: reason` on stdout,
 /// which the harness reports. (Here: a round count the app refuses.)
 #[test]

@@ -1,7 +1,7 @@
 //! The mmap family, so the program cannot map over the range kept for the restorer and the uffd
-//! engine saves pages before they go; the malloc family, forwarded to glibc's own entry points
-//! (`__libc_malloc`...), never through `dlsym`, so there is no recursion; large allocations are
-//! advised to use huge pages (`SNAPSHIM_HUGEPAGES`).
+//! engine saves pages before they go; large anonymous mappings are advised to use huge pages
+//! (`SNAPSHIM_HUGEPAGES`). Every allocator but glibc's maps and unmaps through these (the malloc
+//! family itself is in `malloc.rs`).
 #![allow(unsafe_code)]
 
 use core::ffi::c_void;
@@ -16,7 +16,7 @@ use crate::sys::{self, sc};
 /// Advises the whole 2 MiB extents of a large allocation to use transparent huge pages:
 /// write-protecting or forking huge-page memory costs one entry per 2 MiB instead of 512.
 /// Memory cost: the first touch of any byte of an extent allocates all 2 MiB of it.
-fn advise_huge(ptr: *mut c_void, len: usize) {
+pub(super) fn advise_huge(ptr: *mut c_void, len: usize) {
     if len < HUGE_MIN || ptr.is_null() || !HUGEPAGES.load(Relaxed) {
         return;
     }
@@ -178,117 +178,6 @@ pub unsafe extern "C" fn mremap(
         )
     };
     map_result(r)
-}
-
-extern "C" {
-    pub(super) fn __libc_malloc(size: size_t) -> *mut c_void;
-    fn __libc_calloc(n: size_t, size: size_t) -> *mut c_void;
-    fn __libc_realloc(p: *mut c_void, size: size_t) -> *mut c_void;
-    pub(super) fn __libc_free(p: *mut c_void);
-    fn __libc_memalign(align: size_t, size: size_t) -> *mut c_void;
-}
-
-/// # Safety
-/// As `malloc(3)`.
-#[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn malloc(size: size_t) -> *mut c_void {
-    // SAFETY: glibc's malloc.
-    let r = unsafe { __libc_malloc(size) };
-    advise_huge(r, size);
-    r
-}
-
-/// # Safety
-/// As `calloc(3)`.
-#[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn calloc(n: size_t, size: size_t) -> *mut c_void {
-    // SAFETY: glibc's calloc.
-    let r = unsafe { __libc_calloc(n, size) };
-    advise_huge(r, n.saturating_mul(size));
-    r
-}
-
-/// During a flush, the pages of a chunk glibc mapped by itself are saved before glibc unmaps or
-/// moves them (it calls its internal munmap/mremap, which nobody can interpose).
-///
-/// # Safety
-/// `p` is null or a live pointer from glibc's allocator.
-unsafe fn save_mmapped_chunk(p: *mut c_void) {
-    if p.is_null() || !crate::engine::uffd::flushing() {
-        return;
-    }
-    // glibc's chunk header: prev_size, then size with flag bit 1 = IS_MMAPPED; a mapped chunk's
-    // prev_size is its offset from the start of its mapping.
-    // SAFETY: the two words before a glibc allocation are its chunk header.
-    let (prev, size) = unsafe {
-        let h = (p as *const usize).sub(2);
-        (*h, *h.add(1))
-    };
-    if size & 2 != 0 {
-        let start = (p as usize - 2 * core::mem::size_of::<usize>()) - prev;
-        crate::engine::uffd::save_range(start as u64, (prev + (size & !7)) as u64);
-    }
-}
-
-/// # Safety
-/// As `realloc(3)`.
-#[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn realloc(p: *mut c_void, size: size_t) -> *mut c_void {
-    // SAFETY: p comes from the program, as realloc requires.
-    unsafe { save_mmapped_chunk(p) };
-    // SAFETY: glibc's realloc on a pointer from glibc's allocator.
-    let r = unsafe { __libc_realloc(p, size) };
-    advise_huge(r, size);
-    r
-}
-
-/// # Safety
-/// As `free(3)`.
-#[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn free(p: *mut c_void) {
-    // SAFETY: p comes from the program, as free requires.
-    unsafe { save_mmapped_chunk(p) };
-    // SAFETY: glibc's free on a pointer from glibc's allocator.
-    unsafe { __libc_free(p) }
-}
-
-/// # Safety
-/// As `memalign(3)`.
-#[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn memalign(align: size_t, size: size_t) -> *mut c_void {
-    // SAFETY: glibc's memalign.
-    let r = unsafe { __libc_memalign(align, size) };
-    advise_huge(r, size);
-    r
-}
-
-/// # Safety
-/// As `aligned_alloc(3)`.
-#[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn aligned_alloc(align: size_t, size: size_t) -> *mut c_void {
-    // SAFETY: same contract as memalign.
-    unsafe { memalign(align, size) }
-}
-
-/// # Safety
-/// As `posix_memalign(3)`.
-#[cfg_attr(not(test), no_mangle)]
-pub unsafe extern "C" fn posix_memalign(
-    out: *mut *mut c_void,
-    align: size_t,
-    size: size_t,
-) -> c_int {
-    if align < core::mem::size_of::<usize>() || !align.is_power_of_two() {
-        return libc::EINVAL;
-    }
-    // SAFETY: glibc's memalign.
-    let p = unsafe { memalign(align, size) };
-    if p.is_null() && size != 0 {
-        return libc::ENOMEM;
-    }
-    // SAFETY: out is valid per the contract.
-    unsafe { *out = p };
-    0
 }
 
 // ---------------------------------------------------------------------------------------------

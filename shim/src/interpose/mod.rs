@@ -1,20 +1,27 @@
 //! Functions the shim interposes in the program (`LD_PRELOAD` puts ours first), grouped:
-//! `memory.rs`, `signals.rs`, `threads.rs`. Each is a few lines that hand over to the layers
-//! below; nothing but the crate root imports this module. Unit tests build them without
+//! `memory.rs`, `malloc.rs`, `signals.rs`, `threads.rs`. Each is a few lines that hand over to
+//! the layers below; nothing but the crate root imports this module. Unit tests build them without
 //! `no_mangle`, so the test runner's own calls are not interposed.
 //!
 //! - The signal API, so the program cannot block, ignore or replace the shim's two signals (the
 //!   trigger, SIGUSR2 by default, and the internal quiesce signal). What the program asks for on
 //!   those signals is remembered and reported as a clash, once.
 //! - The mmap family, so the program cannot map over the range kept for the restorer, and so the
-//!   shim sees large mappings (counted; later engines hook here).
-//! - The malloc family, forwarded to glibc's own entry points (`__libc_malloc`...), never through
-//!   `dlsym`, so there is no recursion; large allocations are counted.
+//!   uffd engine saves pages before they are unmapped, moved or discarded.
+//! - `pthread_create`, so each thread runs the uffd engine's hook as it ends.
+//! - The malloc family, forwarded to the next definition (`dlsym(RTLD_NEXT)`: glibc's, or the
+//!   program's own allocator, jemalloc, tcmalloc, mimalloc...), so the program keeps one
+//!   allocator; for glibc's, large chunks are advised to use huge pages and saved before glibc
+//!   unmaps them during a flush.
+//!
+//! With `SNAPSHIM_DISABLE` every one of them only forwards: each extra it adds depends on state
+//! that only an active shim sets (`state::ACTIVE`, the signals, a flush, the reserved range).
 //!
 //! `/proc/self/maps` stays the truth about memory: glibc maps memory internally without passing
 //! through these symbols.
 #![allow(unsafe_code)]
 
+mod malloc;
 mod memory;
 mod signals;
 mod threads;

@@ -29,7 +29,10 @@ type SigactionFn =
     unsafe extern "C" fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int;
 type SigmaskFn = unsafe extern "C" fn(c_int, *const sigset_t, *mut sigset_t) -> c_int;
 
+type SignalFn = unsafe extern "C" fn(c_int, libc::sighandler_t) -> libc::sighandler_t;
+
 static REAL_SIGACTION: AtomicUsize = AtomicUsize::new(0);
+static REAL_SIGNAL: AtomicUsize = AtomicUsize::new(0);
 static REAL_SIGPROCMASK: AtomicUsize = AtomicUsize::new(0);
 static REAL_PTHREAD_SIGMASK: AtomicUsize = AtomicUsize::new(0);
 
@@ -100,6 +103,13 @@ pub unsafe extern "C" fn sigaction(
 /// As `signal(2)`.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
+    if !is_ours(sig) {
+        // glibc's own, exactly (its mask and siginterrupt's choice of SA_RESTART).
+        let f = next(&REAL_SIGNAL, c"signal");
+        // SAFETY: f is glibc's signal (non-null in any glibc process), same signature.
+        return unsafe { core::mem::transmute::<usize, SignalFn>(f)(sig, handler) };
+    }
+    // Ours: through the interposed sigaction, which keeps the wish on the side.
     // SAFETY: zeroed sigaction is a valid value.
     let mut act: libc::sigaction = unsafe { core::mem::zeroed() };
     act.sa_sigaction = handler;

@@ -9,7 +9,7 @@ use core::sync::atomic::{AtomicUsize, Ordering::*};
 
 use libc::c_int;
 
-use super::memory::{__libc_free, __libc_malloc};
+use super::malloc::{free, malloc};
 
 type StartRoutine = extern "C" fn(*mut c_void) -> *mut c_void;
 type PthreadCreate = unsafe extern "C" fn(
@@ -52,7 +52,7 @@ extern "C" fn thread_start(boxed: *mut c_void) -> *mut c_void {
     let (start, arg) = unsafe {
         let b = boxed as *mut [usize; 2];
         let v = *b;
-        __libc_free(boxed);
+        free(boxed);
         (
             core::mem::transmute::<usize, StartRoutine>(v[0]),
             v[1] as *mut c_void,
@@ -81,8 +81,13 @@ pub unsafe extern "C" fn pthread_create(
     let Some(real) = real_pthread_create() else {
         return libc::EAGAIN;
     };
-    // SAFETY: glibc's malloc; the block is handed to the new thread, or freed below.
-    let b = unsafe { __libc_malloc(2 * core::mem::size_of::<usize>()) } as *mut [usize; 2];
+    if !crate::state::ACTIVE.load(Relaxed) {
+        // SAFETY: the caller's arguments, unchanged.
+        return unsafe { real(thread, attr, start, arg) };
+    }
+    // SAFETY: the program's malloc (the program's thread, not parked); the block is handed to
+    // the new thread, or freed below.
+    let b = unsafe { malloc(2 * core::mem::size_of::<usize>()) } as *mut [usize; 2];
     if b.is_null() {
         // SAFETY: the caller's arguments, unchanged.
         return unsafe { real(thread, attr, start, arg) };
@@ -93,7 +98,7 @@ pub unsafe extern "C" fn pthread_create(
     let r = unsafe { real(thread, attr, thread_start, b as *mut c_void) };
     if r != 0 {
         // SAFETY: the thread was not created, the block is still ours.
-        unsafe { __libc_free(b as *mut c_void) };
+        unsafe { free(b as *mut c_void) };
     }
     r
 }
