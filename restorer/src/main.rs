@@ -20,7 +20,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use options::{Namespace, Options, RunState};
+use options::{Namespace, Options, RunState, Unrestorable};
 use plan::{PREFETCH_BACKGROUND, PREFETCH_EAGER, PREFETCH_NONE};
 
 /// Rebuilds the process saved in a snapshim image and runs it in the foreground; exits with
@@ -85,6 +85,15 @@ struct Cli {
     #[arg(long, verbatim_doc_comment)]
     pause: bool,
 
+    /// What to do with a descriptor that cannot be restored: fail or closed
+    ///
+    /// fail    the restore stops before the program resumes, naming the descriptor (default)
+    /// closed  the program resumes with that descriptor number closed: every call on it
+    ///         fails with EBADF (one warning per descriptor)
+    #[arg(long, value_name = "MODE", default_value = "fail", value_parser = unrestorable_mode,
+          verbatim_doc_comment)]
+    unrestorable: Unrestorable,
+
     /// Check everything ahead, then wait; resume within milliseconds when activated
     ///
     /// Does all the checks (page checksums included) for the newest image of IMAGE_OR_DIR,
@@ -103,6 +112,15 @@ fn prefetch_mode(s: &str) -> Result<u64, String> {
         other => Err(format!(
             "unknown prefetch mode {other:?} (none, background or eager)"
         )),
+    }
+}
+
+/// `--unrestorable`'s value.
+fn unrestorable_mode(s: &str) -> Result<Unrestorable, String> {
+    match s {
+        "fail" => Ok(Unrestorable::Fail),
+        "closed" => Ok(Unrestorable::Closed),
+        other => Err(format!("unknown mode {other:?} (fail or closed)")),
     }
 }
 
@@ -159,6 +177,7 @@ fn parse(args: impl IntoIterator<Item = OsString>, pause_env: bool) -> Result<Co
             stats: cli.stats,
             namespace,
             allow_changed: cli.allow_changed_file,
+            unrestorable: cli.unrestorable,
         },
     })
 }
@@ -235,6 +254,7 @@ mod tests {
                 stats: false,
                 namespace: Namespace::Preferred,
                 allow_changed: vec![],
+                unrestorable: Unrestorable::Fail,
             }
         );
         assert!(

@@ -49,7 +49,7 @@ use snapshim_image::{Chain, Metadata};
 use crate::blob::{self, Arena};
 use crate::error::RestoreError;
 use crate::objects::{self, memory, process, signals, threads, timers};
-use crate::options::{monotonic_ns, Namespace, Options, RunState};
+use crate::options::{monotonic_ns, Namespace, Options, RunState, Unrestorable};
 use crate::plan::{KernPiece, PRun, Plan, PLAN_MAGIC};
 use crate::{ns, vdso};
 
@@ -102,6 +102,11 @@ pub fn restore_image(
     let meta = &chain.head().meta;
     let runs = plan_pages(&chain, verify_ns, opt)?;
     check_machine(meta, &opt.allow_changed)?;
+    if opt.unrestorable == Unrestorable::Fail {
+        if let Some(refusal) = objects::unrestorable(meta) {
+            return Err(refusal.into());
+        }
+    }
     let vdso_plan = kernel_mappings(meta)?;
     let entered = namespaces(meta, opt.namespace)?;
     if let Some(e) = &entered {
@@ -203,7 +208,7 @@ pub fn descriptors(
 ) -> Result<Descriptors, RestoreError> {
     let meta = &chain.head().meta;
     let region_fds = memory::open_region_files(meta)?;
-    let fd_plan = objects::prepare_fds(meta)?;
+    let fd_plan = objects::prepare_fds(meta, opt.unrestorable == Unrestorable::Closed)?;
     process::enter_cwd(meta)?;
     let high = |fd| objects::move_high(fd, fd_plan.high_base);
     let image_fds: Vec<RawFd> = chain
@@ -229,6 +234,7 @@ pub fn descriptors(
     ours.push(state.stats_fd);
     ours.extend(region_fds.iter().copied());
     objects::install_fds(&fd_plan, &ours);
+    objects::epoll::register(meta, &fd_plan.closed)?;
     process::set_attributes(&meta.process);
     Ok(Descriptors {
         image_fds,

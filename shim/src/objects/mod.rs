@@ -10,19 +10,23 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use snapshim_image::FdState;
+use snapshim_image::{FdKind, FdState};
 
 use crate::sys::{self, sc};
 
 pub mod char_device;
 pub mod directory;
+pub mod epoll;
+pub mod eventfd;
 pub mod inherited;
 pub mod memory;
 pub mod pipe;
 pub mod process;
 pub mod regular_file;
+pub mod signalfd;
 pub mod signals;
 pub mod threads;
+pub mod timerfd;
 pub mod timers;
 
 /// The file descriptor table, but for the descriptors `own` says are the shim's.
@@ -31,7 +35,6 @@ pub fn fds(own: impl Fn(i32) -> bool) -> Vec<FdState> {
     let Ok(list) = sys::list_numeric_dir(b"/proc/self/fd\0") else {
         return out;
     };
-    let mut info = Vec::new();
     let mut pipes = pipe::Ends::new();
     for fd in list {
         if own(fd) {
@@ -40,16 +43,13 @@ pub fn fds(own: impl Fn(i32) -> bool) -> Vec<FdState> {
         let mut nb = [0u8; 20];
         let num = sys::itoa(fd as u64, &mut nb);
         let target = sys::readlink(&cpath(&["/proc/self/fd/", num])).unwrap_or_default();
-        let (mut pos, mut flags) = (0u64, 0u32);
-        if sys::read_file(&cpath(&["/proc/self/fdinfo/", num]), &mut info).is_ok() {
-            for line in String::from_utf8_lossy(&info).lines() {
-                if let Some(v) = line.strip_prefix("pos:") {
-                    pos = v.trim().parse().unwrap_or(0);
-                } else if let Some(v) = line.strip_prefix("flags:") {
-                    flags = u32::from_str_radix(v.trim(), 8).unwrap_or(0);
-                }
-            }
-        }
+        let info = read_fdinfo(fd);
+        let pos = fdinfo_field(&info, "pos:")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0u64);
+        let flags = fdinfo_field(&info, "flags:")
+            .and_then(|v| u32::from_str_radix(v, 8).ok())
+            .unwrap_or(0);
         let cloexec = flags & libc::O_CLOEXEC as u32 != 0;
         let flags = flags & !(libc::O_CLOEXEC as u32);
         let Some(st) = fstat(fd) else { continue };
@@ -63,6 +63,8 @@ pub fn fds(own: impl Fn(i32) -> bool) -> Vec<FdState> {
             char_device::capture(target)
         } else if fmt == libc::S_IFIFO && target.starts_with("pipe:") {
             pipe::capture(fd, flags, &st, &mut pipes)
+        } else if let Some(kind) = anon_inode(fd, &target, &info) {
+            kind
         } else {
             inherited::capture(fd, target)
         };
@@ -74,7 +76,39 @@ pub fn fds(own: impl Fn(i32) -> bool) -> Vec<FdState> {
         });
     }
     pipe::pair_up(&mut out, &pipes);
+    epoll::resolve(&mut out);
     out
+}
+
+/// The kinds the kernel names `anon_inode:[...]` in `/proc/self/fd`.
+fn anon_inode(fd: i32, target: &str, info: &Fdinfo) -> Option<FdKind> {
+    Some(match target {
+        "anon_inode:[eventfd]" => eventfd::capture(info),
+        "anon_inode:[timerfd]" => timerfd::capture(fd),
+        "anon_inode:[signalfd]" => signalfd::capture(info),
+        "anon_inode:[eventpoll]" => epoll::capture(info),
+        _ => return None,
+    })
+}
+
+/// The text of `/proc/self/fdinfo/FD` (empty if it cannot be read).
+pub type Fdinfo = String;
+
+pub fn read_fdinfo(fd: i32) -> Fdinfo {
+    let mut nb = [0u8; 20];
+    let num = sys::itoa(fd as u64, &mut nb);
+    let mut bytes = Vec::new();
+    if sys::read_file(&cpath(&["/proc/self/fdinfo/", num]), &mut bytes).is_err() {
+        bytes.clear();
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The value of the fdinfo line starting with `key` (such as `"flags:"`), trimmed.
+pub fn fdinfo_field<'a>(info: &'a str, key: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim())
 }
 
 fn fstat(fd: i32) -> Option<libc::stat> {

@@ -1,0 +1,78 @@
+//! Event objects survive checkpoint → kill -9 → restore: the `events` app (c/events.c) runs an
+//! event loop on epoll over eventfds, timerfds, a signalfd and pipes (edge-triggered, one-shot,
+//! exclusive, nested, a registration whose number was closed since), prints every round what the
+//! kernel says of each object (counts, masks, clocks, flags, registrations with their data
+//! words) and checks the rest at the end (expirations not read, time left, signals through the
+//! signalfd). A restored run must print exactly what an uninterrupted one does.
+//!
+//! A descriptor the restorer cannot rebuild (an inotify descriptor) fails the restore with one
+//! line naming it; with `--unrestorable=closed` the program resumes and a read on it fails with
+//! EBADF.
+//!
+//! Needs `cargo build --release --workspace` first.
+
+use snapshim_testapps::{bail, App, AppSpec, Failure, Result, Session};
+
+/// Five checkpoints, each at a random moment of its own fifth of the run.
+#[test]
+fn event_loop_restores_at_moments_spread_over_its_run() -> Result<()> {
+    const RUNS: usize = 5;
+    for run in 0..RUNS {
+        let app = App::spawn("events")?.wait_ready()?;
+        let session = app.session().clone();
+        let at = (run as f64 + session.random_unit()) / RUNS as f64;
+        let app = app.pause(session.checkpoint_window()?.mul_f64(at));
+        let img = app.checkpoint()?;
+        app.kill()?;
+        img.restore()?
+            .finish()?
+            .assert_same_output_as_uninterrupted()
+            .map_err(|e| Failure::new(format!("run {} of {RUNS}: {e}", run + 1)))?;
+    }
+    Ok(())
+}
+
+/// A restored event loop is checkpointed again: what the restorer made is captured as well.
+#[test]
+fn event_loop_survives_two_cycles() -> Result<()> {
+    let app = App::spawn("events")?.wait_ready()?;
+    let first = app.checkpoint()?;
+    app.kill()?;
+    let mut restored = first.restore()?;
+    restored.wait_for("PHASE 2")?;
+    let second = restored.checkpoint()?;
+    restored.kill()?;
+    if second.path() == first.path() {
+        bail!("the second checkpoint reused the first image's name");
+    }
+    second
+        .restore()?
+        .finish()?
+        .assert_same_output_as_uninterrupted()
+}
+
+/// An inotify descriptor is not restored: the restore stops in one line naming it, before the
+/// program runs; with `--unrestorable=closed` it runs on, and its read on that descriptor
+/// fails with EBADF, while everything else ends as an uninterrupted run.
+#[test]
+fn unrestorable_descriptor_fails_the_restore_or_stays_closed() -> Result<()> {
+    let session = Session::new(AppSpec::named("events")?.arg("2500").arg("inotify"))?;
+    let app = session.spawn()?.wait_ready()?.pause_randomly()?;
+    let img = app.checkpoint()?;
+    app.kill()?;
+    let line = session.expect_restore_refused(img.path(), &["inotify"])?;
+    if !line.contains("descriptor") || !line.contains("--unrestorable=closed") {
+        bail!("the refusal does not name the descriptor and the way on: {line:?}");
+    }
+    let done = img.restore_with(&["--unrestorable=closed"])?.finish()?;
+    done.assert_same_output_as_uninterrupted()?;
+    for want in ["INOTIFY EBADF", "cannot be restored", "fail with EBADF"] {
+        if !done.stderr.contains(want) {
+            bail!(
+                "the restored run's stderr lacks {want:?}:\n{}",
+                done.stderr
+            );
+        }
+    }
+    Ok(())
+}
