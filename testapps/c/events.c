@@ -5,7 +5,7 @@
  *
  *   ep        epoll, watching:
  *     e2        eventfd through a nested epoll ep2 (ep watches ep2, level-triggered)
- *     e3        eventfd, EPOLLEXCLUSIVE
+ *     e3        eventfd, EPOLLEXCLUSIVE, written through its duplicate e3w (dup)
  *     p1        pipe read end, EPOLLET (drained until EAGAIN at each event)
  *     p2        pipe read end, EPOLLONESHOT, re-armed with EPOLL_CTL_MOD after each event
  *     d2        eventfd registered under another number, closed since (d2 is its dup)
@@ -46,7 +46,7 @@
 enum { D_E2 = 0xe2e2, D_E3 = 0xe3, D_P1 = 0x1122334455667788ULL, D_P2 = 0xb2, D_D2 = 0xd0d0,
        D_TICK = 0x7, D_SFD = 0x5f };
 
-static int ep, ep2, e2, e3, p1[2], p2[2], d2, tick, sfd, sem, tx, tr, ta, tm;
+static int ep, ep2, e2, e3, e3w, p1[2], p2[2], d2, tick, sfd, sem, tx, tr, ta, tm;
 static uint64_t ticks;
 
 static void check(int ok, const char *what)
@@ -86,6 +86,7 @@ static void setup(void)
 	check((ep2 = epoll_create1(0)) >= 0, "epoll_create1");
 	check((e2 = eventfd(0, EFD_NONBLOCK)) >= 0, "eventfd");
 	check((e3 = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) >= 0, "eventfd");
+	check((e3w = dup(e3)) >= 0, "dup");
 	check(pipe2(p1, O_NONBLOCK) == 0 && pipe2(p2, O_NONBLOCK) == 0, "pipe2");
 	check((d = eventfd(0, EFD_NONBLOCK)) >= 0, "eventfd");
 	check((d2 = dup(d)) >= 0, "dup");
@@ -168,7 +169,7 @@ static void one_round(int i)
 	struct round r = { 0 };
 	struct epoll_event evs[8];
 
-	check(write(e2, &v, 8) == 8 && write(e3, &v, 8) == 8 && write(d2, &v, 8) == 8, "write");
+	check(write(e2, &v, 8) == 8 && write(e3w, &v, 8) == 8 && write(d2, &v, 8) == 8, "write");
 	check(write(p1[1], "abc", 3) == 3 && write(p2[1], "de", 2) == 2, "write a pipe");
 	while (r.e2 < v || r.e3 < v || r.d2 < v || r.p1 < 3 || r.p2 < 2) {
 		int n = epoll_wait(ep, evs, 8, -1);

@@ -345,6 +345,7 @@ fn fd_kind(k: &FdKind) -> String {
                 .collect();
             format!("epoll watching [{}]", w.join("; "))
         }
+        FdKind::Duplicate(d) => format!("the same open file as descriptor {}", d.of),
     }
 }
 

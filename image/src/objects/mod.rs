@@ -66,6 +66,14 @@ pub enum FdKind {
     Timerfd(Timerfd),
     Signalfd(Signalfd),
     Epoll(Epoll),
+    Duplicate(Duplicate),
+}
+
+/// The same open file as descriptor `of` (a lower number of the process), as `dup` makes:
+/// restored as a duplicate of it, sharing its state (a counter, a timer, registrations).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Duplicate {
+    pub of: i32,
 }
 
 impl FdKind {
@@ -82,6 +90,7 @@ impl FdKind {
             FdKind::Timerfd(_) => "timerfd",
             FdKind::Signalfd(_) => "signalfd",
             FdKind::Epoll(_) => "epoll",
+            FdKind::Duplicate(_) => "duplicate",
         }
     }
 }
@@ -212,6 +221,7 @@ mod tests {
                     data: 0x1122_3344_5566_7788,
                 }],
             }),
+            FdKind::Duplicate(Duplicate { of: 4 }),
         ];
         for (n, kind) in kinds.into_iter().enumerate() {
             let bytes = postcard::to_allocvec(&kind).unwrap();

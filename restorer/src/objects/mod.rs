@@ -38,7 +38,7 @@ pub mod timers;
 use std::os::fd::{IntoRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use snapshim_image::{FdKind, FdState, Metadata};
+use snapshim_image::{Duplicate, FdKind, FdState, Metadata};
 
 /// The descriptors prepared for the program.
 pub struct FdPlan {
@@ -133,6 +133,7 @@ pub fn prepare_fds(meta: &Metadata, leave_closed: bool) -> Result<FdPlan, String
             FdKind::Timerfd(s) => timerfd::prepare(&cx, f, s)?,
             FdKind::Signalfd(s) => signalfd::prepare(&cx, f, s)?,
             FdKind::Epoll(s) => epoll::prepare(&cx, f, s)?,
+            FdKind::Duplicate(d) => duplicate(&cx, f, d, &moves)?,
         };
         match prepared {
             Prepared::At(high) => moves.push((f.fd, high, f.cloexec)),
@@ -189,6 +190,28 @@ pub fn install_fds(plan: &FdPlan, keep: &[RawFd]) {
             unsafe { libc::close(high) };
         }
     }
+}
+
+/// Descriptor `f` is the same open file as the program's `d.of`, prepared before it (a lower
+/// number): one more descriptor of what that one became.
+fn duplicate(
+    cx: &Prepare,
+    f: &FdState,
+    d: &Duplicate,
+    moves: &[(RawFd, RawFd, bool)],
+) -> Result<Prepared, String> {
+    let Some(&(_, high, _)) = moves.iter().find(|m| m.0 == d.of) else {
+        return Err(format!(
+            "descriptor {} is a duplicate of descriptor {}, which the image does not rebuild",
+            f.fd, d.of
+        ));
+    };
+    // SAFETY: duplicates our own descriptor onto a spare number.
+    let fd = unsafe { libc::fcntl(high, libc::F_DUPFD_CLOEXEC, cx.high_base) };
+    if fd < 0 {
+        return Err(os_error(f, "cannot duplicate a descriptor"));
+    }
+    Ok(Prepared::At(fd))
 }
 
 /// `what` about descriptor `f`, with the system's reason (`errno`): one line.

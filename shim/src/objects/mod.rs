@@ -10,7 +10,7 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use snapshim_image::{FdKind, FdState};
+use snapshim_image::{Duplicate, FdKind, FdState};
 
 use crate::sys::{self, sc};
 
@@ -77,7 +77,40 @@ pub fn fds(own: impl Fn(i32) -> bool) -> Vec<FdState> {
     }
     pipe::pair_up(&mut out, &pipes);
     epoll::resolve(&mut out);
+    mark_duplicates(&mut out);
     out
+}
+
+/// A descriptor of one of the kinds that are rebuilt from their state alone (eventfd, timerfd,
+/// signalfd, epoll) that is the same open file as a lower one (`dup`) becomes a
+/// [`Duplicate`] of it, so that the restore gives both numbers one object again.
+fn mark_duplicates(out: &mut [FdState]) {
+    let pid = sys::getpid();
+    let rebuilt = |k: &FdKind| {
+        matches!(
+            k,
+            FdKind::Eventfd(_) | FdKind::Timerfd(_) | FdKind::Signalfd(_) | FdKind::Epoll(_)
+        )
+    };
+    for i in 0..out.len() {
+        if !rebuilt(&out[i].kind) {
+            continue;
+        }
+        let fd = out[i].fd;
+        let first = out[..i].iter().find(|o| {
+            rebuilt(&o.kind) && o.kind.name() == out[i].kind.name() && same_file(pid, o.fd, fd)
+        });
+        if let Some(o) = first {
+            out[i].kind = FdKind::Duplicate(Duplicate { of: o.fd });
+        }
+    }
+}
+
+/// Whether descriptors `a` and `b` are the same open file (`kcmp(KCMP_FILE)`).
+fn same_file(pid: i32, a: i32, b: i32) -> bool {
+    const KCMP_FILE: i32 = 0;
+    // SAFETY: kcmp compares two descriptors of this process; no memory is passed.
+    unsafe { sc!(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) == 0 }
 }
 
 /// The kinds the kernel names `anon_inode:[...]` in `/proc/self/fd`.
