@@ -35,9 +35,9 @@ pub mod standby;
 pub mod write;
 pub use error::ImageError;
 pub use objects::{
-    CharDevice, Directory, Duplicate, Epoll, EpollWatch, Eventfd, FdKind, FdState, FileIdentity, Inherited,
-    IntervalTimer, MmFields, PageRun, PageSpan, Pipe, Process, Region, RegionKind, RegularFile,
-    Rlimit, SigAction, Signalfd, ThreadState, Timerfd, Unsupported,
+    CharDevice, Directory, Duplicate, Epoll, EpollWatch, Eventfd, FdKind, FdState, FileIdentity,
+    Inherited, IntervalTimer, MmFields, PageRun, PageSpan, Pipe, Process, Region, RegionKind,
+    RegularFile, Rlimit, SigAction, Signalfd, ThreadState, Timerfd, Unsupported,
 };
 
 /// Addresses shared by the shim and the restorer.

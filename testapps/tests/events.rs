@@ -68,10 +68,7 @@ fn unrestorable_descriptor_fails_the_restore_or_stays_closed() -> Result<()> {
     done.assert_same_output_as_uninterrupted()?;
     for want in ["INOTIFY EBADF", "cannot be restored", "fail with EBADF"] {
         if !done.stderr.contains(want) {
-            bail!(
-                "the restored run's stderr lacks {want:?}:\n{}",
-                done.stderr
-            );
+            bail!("the restored run's stderr lacks {want:?}:\n{}", done.stderr);
         }
     }
     Ok(())

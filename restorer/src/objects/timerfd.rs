@@ -24,7 +24,10 @@ pub fn prepare(cx: &Prepare, f: &FdState, t: &Timerfd) -> Result<Prepared, Strin
     // SAFETY: timerfd_create makes a new descriptor.
     let fd = unsafe { libc::timerfd_create(t.clock, flags) };
     if fd < 0 {
-        return Err(os_error(f, &format!("cannot create a timerfd on clock {}", t.clock)));
+        return Err(os_error(
+            f,
+            &format!("cannot create a timerfd on clock {}", t.clock),
+        ));
     }
     let fd = move_high(fd, cx.high_base)?;
     if t.value_ns > 0 {

@@ -59,7 +59,10 @@ pub fn resolve(out: &mut [FdState]) {
         for (n, w) in ep.watches.iter_mut().enumerate() {
             // The kernel tells registrations under one number apart by their rank (`toff`),
             // in the order fdinfo lists them.
-            let toff = registered[..n].iter().filter(|&&t| t == registered[n]).count();
+            let toff = registered[..n]
+                .iter()
+                .filter(|&&t| t == registered[n])
+                .count();
             let tfd = registered[n];
             let is = |fd: i32| same_file(pid, fd, epfd, tfd, toff as u32);
             if is(tfd) {
@@ -96,7 +99,16 @@ fn same_file(pid: i32, fd: i32, epfd: i32, tfd: i32, toff: u32) -> bool {
         toff,
     };
     // SAFETY: kcmp only reads the slot.
-    let r = unsafe { sc!(libc::SYS_kcmp, pid, pid, KCMP_EPOLL_TFD, fd, &slot as *const Slot) };
+    let r = unsafe {
+        sc!(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_EPOLL_TFD,
+            fd,
+            &slot as *const Slot
+        )
+    };
     r == 0
 }
 
