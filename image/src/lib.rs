@@ -36,8 +36,9 @@ pub mod write;
 pub use error::ImageError;
 pub use objects::{
     CharDevice, Directory, Duplicate, Epoll, EpollWatch, Eventfd, FdKind, FdState, FileIdentity,
-    Inherited, IntervalTimer, MmFields, PageRun, PageSpan, Pipe, Process, Region, RegionKind,
-    RegularFile, Rlimit, SigAction, Signalfd, ThreadState, Timerfd, Unsupported,
+    Inherited, Inotify, InotifyWatch, IntervalTimer, MmFields, PageRun, PageSpan, Pipe, Process,
+    Region, RegionKind, RegularFile, Rlimit, SigAction, Signalfd, ThreadState, Timerfd,
+    Unsupported,
 };
 
 /// Addresses shared by the shim and the restorer.
@@ -80,8 +81,8 @@ pub const VERSION_MAJOR: u16 = 1;
 /// [`Metadata::vdso`]; 1.3 added incremental (delta) images: [`Metadata::parent`],
 /// [`Metadata::inherited`], [`Metadata::merged_from`] and [`FLAG_DELTA`]. Older images still
 /// load (the new fields read as empty; they are full images). 1.4 added the descriptor kinds
-/// [`FdKind::Eventfd`], [`FdKind::Timerfd`], [`FdKind::Signalfd`], [`FdKind::Epoll`] and
-/// [`FdKind::Duplicate`]
+/// [`FdKind::Eventfd`], [`FdKind::Timerfd`], [`FdKind::Signalfd`], [`FdKind::Epoll`],
+/// [`FdKind::Duplicate`] and [`FdKind::Inotify`]
 /// (variants appended: 1.3 metadata decodes unchanged).
 pub const VERSION_MINOR: u16 = 4;
 /// Header flag: a delta image, which stores only the pages written since its parent

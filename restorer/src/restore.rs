@@ -13,15 +13,17 @@
 //! 2. [`check_machine`]: CPU XSAVE features, every mapped file present and the same
 //!    (`snapshim_image::identity`: size and modification time, or build-id);
 //!    [`kernel_mappings`]: where this kernel's vvar/vDSO go (`vdso.rs`: where the image had
-//!    them, or elsewhere with a proxy at the old vDSO address);
+//!    them, or elsewhere with a proxy at the old vDSO address); a descriptor no kind rebuilds is
+//!    refused here (`objects::unrestorable`), unless `--unrestorable=closed`;
 //! 3. [`namespaces`] (`ns.rs`): move into new PID, time and mount namespaces, as their first
 //!    program, with the saved PID and clocks that go on from the checkpoint; this process stays
 //!    outside and passes signals and the exit status through. Where the system refuses that,
 //!    restore here, with new IDs, after one warning;
 //! 4. [`descriptors`]: prepare the descriptors the program had (`objects/`: reopen files at
 //!    their offsets, cut files open for writing back to their checkpoint-time length, recreate
-//!    pipes with their data), each on a spare high number, then put them in place; set cwd,
-//!    umask, personality;
+//!    pipes with their data, eventfds, timerfds, signalfds, epoll instances), each on a spare
+//!    high number, then put them in place, then add the epoll registrations (which name the
+//!    program's numbers); set cwd, umask, personality;
 //! 5. [`write_plan`]: write the plan (regions, page runs, threads, signal state, limits,
 //!    timers...: each kind's part from its `objects/` module) into the arena;
 //! 6. [`jump`]: load the phase-2 blob at its fixed address, block every signal and jump to it

@@ -24,9 +24,15 @@
  * At the end: SIGUSR1 and SIGRTMIN+3 (value 77) raised while blocked are read from sfd, tx gives
  * 1 expiration, tr has time left, tick still fires, sem's count is what the rounds left.
  *
- * Usage: events [ROUNDS] [inotify]   (default 2500, about 1.5 s here). With "inotify", an
- * inotify descriptor (which snapshim does not restore) is also held, and at the end a read on it
- * is reported on stderr as "INOTIFY ok" or "INOTIFY <errno name>".
+ * Usage: events [ROUNDS] [inotify|pidfd]   (default 2500, about 1.5 s here).
+ *   inotify  also an inotify descriptor watching ev-b (IN_CREATE | IN_DELETE, watch 2: ev-a had
+ *            watch 1, removed since) and ev-c (IN_CREATE | IN_ONESHOT, watch 3), relative to
+ *            the working directory; each round creates ev-b/rN, waits for its IN_CREATE and
+ *            removes it, and prints the watches (number:mask). An IN_Q_OVERFLOW (what a restore
+ *            gives) is answered as programs do, by looking again: rN exists. Their count is
+ *            reported on stderr at the end ("INOTIFY overflows N").
+ *   pidfd    also holds a pidfd (which snapshim does not restore); at the end a read on it is
+ *            reported on stderr ("PIDFD <errno name>": EINVAL from a pidfd).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -36,7 +42,10 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/inotify.h>
+#include <poll.h>
 #include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
@@ -48,11 +57,93 @@ enum { D_E2 = 0xe2e2, D_E3 = 0xe3, D_P1 = 0x1122334455667788ULL, D_P2 = 0xb2, D_
 
 static int ep, ep2, e2, e3, e3w, p1[2], p2[2], d2, tick, sfd, sem, tx, tr, ta, tm;
 static uint64_t ticks;
-
 static void check(int ok, const char *what)
 {
 	if (!ok)
 		fail("%s: %s", what, strerror(errno));
+}
+
+static int in = -1, overflows;
+
+static void setup_inotify(void)
+{
+	int wa;
+
+	for (const char *d = "ev-a\0ev-b\0ev-c\0"; *d; d += strlen(d) + 1)
+		check(mkdir(d, 0700) == 0 || errno == EEXIST, "mkdir");
+	check((in = inotify_init1(IN_NONBLOCK | IN_CLOEXEC)) >= 0, "inotify_init1");
+	check((wa = inotify_add_watch(in, "ev-a", IN_CREATE)) == 1, "inotify_add_watch ev-a");
+	check(inotify_add_watch(in, "ev-b", IN_CREATE | IN_DELETE) == 2, "inotify_add_watch ev-b");
+	check(inotify_rm_watch(in, wa) == 0, "inotify_rm_watch");
+	check(inotify_add_watch(in, "ev-c", IN_CREATE | IN_ONESHOT) == 3, "inotify_add_watch ev-c");
+}
+
+/* Creates ev-b/rN and waits until inotify reports it (or an overflow says it may not). */
+static void inotify_round(int i)
+{
+	char name[32], path[64], buf[4096] __attribute__((aligned(8)));
+	struct pollfd p = { .fd = in, .events = POLLIN };
+	int seen = 0;
+
+	snprintf(name, sizeof name, "r%d", i);
+	snprintf(path, sizeof path, "ev-b/%s", name);
+	int fd = open(path, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
+	check(fd >= 0 && close(fd) == 0, "create a file in ev-b");
+	while (!seen) {
+		ssize_t n = read(in, buf, sizeof buf);
+		if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+			check(poll(&p, 1, -1) >= 0 || errno == EINTR, "poll inotify");
+			continue;
+		}
+		check(n > 0, "read inotify");
+		for (char *q = buf; q < buf + n;) {
+			struct inotify_event *e = (struct inotify_event *)q;
+			struct stat st;
+			if (e->mask & IN_Q_OVERFLOW) {
+				overflows++;
+				check(stat(path, &st) == 0, "look again after an overflow");
+				seen = 1;
+			} else if (e->wd == 2 && (e->mask & IN_CREATE) && !strcmp(e->name, name)) {
+				seen = 1;
+			}
+			q += sizeof *e + e->len;
+		}
+	}
+	check(unlink(path) == 0, "unlink");
+}
+
+/* "wd:mask" of every watch of `in`, sorted by wd (fdinfo lists them newest first). */
+static void inotify_watches(char *out, size_t len)
+{
+	char path[64], buf[4096];
+	int wd[8], n = 0;
+	unsigned mask[8];
+	FILE *f;
+	size_t got;
+
+	snprintf(path, sizeof path, "/proc/self/fdinfo/%d", in);
+	check((f = fopen(path, "r")) != NULL, "open fdinfo");
+	got = fread(buf, 1, sizeof buf - 1, f);
+	fclose(f);
+	buf[got] = 0;
+	for (char *l = strtok(buf, "\n"); l && n < 8; l = strtok(NULL, "\n")) {
+		char *w = strstr(l, "wd:"), *m = strstr(l, " mask:");
+		if (!strncmp(l, "inotify ", 8) && w && m && sscanf(w, "wd:%d", &wd[n]) == 1 &&
+		    sscanf(m, " mask:%x", &mask[n]) == 1)
+			n++;
+	}
+	out[0] = 0;
+	for (int a = 0; a < n; a++) {
+		int best = a;
+		for (int b = a + 1; b < n; b++)
+			if (wd[b] < wd[best])
+				best = b;
+		int tw = wd[a];
+		unsigned tm = mask[a];
+		wd[a] = wd[best], mask[a] = mask[best];
+		wd[best] = tw, mask[best] = tm;
+		snprintf(out + strlen(out), len - strlen(out), "%s%d:%x", a ? "," : "", wd[a], mask[a]);
+	}
 }
 
 static int new_timer(int clock, int flags, long long value_ns, long long interval_ns)
@@ -303,7 +394,8 @@ static void final_checks(int rounds)
 int main(int argc, char **argv)
 {
 	int rounds = argc > 1 ? atoi(argv[1]) : 2500;
-	int in = -1;
+	const char *mode = argc > 2 ? argv[2] : "";
+	int pidfd = -1;
 	volatile uint64_t x = 0;
 
 	if (rounds <= 0 || rounds > 100000)
@@ -312,12 +404,21 @@ int main(int argc, char **argv)
 	check((sem = eventfd(0, EFD_SEMAPHORE | EFD_NONBLOCK)) >= 0, "eventfd");
 	uint64_t start = 1000 + (uint64_t)rounds;
 	check(write(sem, &start, 8) == 8, "write the semaphore");
-	if (argc > 2 && !strcmp(argv[2], "inotify"))
-		check((in = inotify_init1(IN_NONBLOCK)) >= 0 &&
-			      inotify_add_watch(in, "/", IN_CREATE) >= 0, "inotify");
+	if (!strcmp(mode, "inotify"))
+		setup_inotify();
+	else if (!strcmp(mode, "pidfd"))
+		check((pidfd = (int)syscall(SYS_pidfd_open, getpid(), 0)) >= 0, "pidfd_open");
+	else if (*mode)
+		fail("unknown mode %s", mode);
 	ready();
 	for (int i = 0; i < rounds; i++) {
 		one_round(i);
+		if (in >= 0) {
+			char w[128];
+			inotify_round(i);
+			inotify_watches(w, sizeof w);
+			printf("inotify r%d watches %s\n", i, w);
+		}
 		for (int k = 0; k < 100000; k++)
 			x = mix64(x + (uint64_t)k);
 		report(i);
@@ -325,11 +426,12 @@ int main(int argc, char **argv)
 			phase2();
 	}
 	final_checks(rounds);
-	if (in >= 0) {
-		char buf[256];
-		ssize_t n = read(in, buf, sizeof buf);
-		fprintf(stderr, "INOTIFY %s\n",
-			n >= 0 || errno == EAGAIN ? "ok" : strerrorname_np(errno));
+	if (in >= 0)
+		fprintf(stderr, "INOTIFY overflows %d\n", overflows);
+	if (pidfd >= 0) {
+		char buf[64];
+		ssize_t n = read(pidfd, buf, sizeof buf);
+		fprintf(stderr, "PIDFD %s\n", n >= 0 ? "read" : strerrorname_np(errno));
 	}
 	(void)x;
 	pass();

@@ -5,9 +5,11 @@
 //! words) and checks the rest at the end (expirations not read, time left, signals through the
 //! signalfd). A restored run must print exactly what an uninterrupted one does.
 //!
-//! A descriptor the restorer cannot rebuild (an inotify descriptor) fails the restore with one
-//! line naming it; with `--unrestorable=closed` the program resumes and a read on it fails with
-//! EBADF.
+//! Inotify watches come back under their numbers and masks, with one `IN_Q_OVERFLOW` per
+//! restore telling the program that events may have been lost.
+//!
+//! A descriptor the restorer cannot rebuild (a pidfd) fails the restore with one line naming
+//! it; with `--unrestorable=closed` the program resumes and a read on it fails with EBADF.
 //!
 //! Needs `cargo build --release --workspace` first.
 
@@ -51,22 +53,46 @@ fn event_loop_survives_two_cycles() -> Result<()> {
         .assert_same_output_as_uninterrupted()
 }
 
-/// An inotify descriptor is not restored: the restore stops in one line naming it, before the
-/// program runs; with `--unrestorable=closed` it runs on, and its read on that descriptor
-/// fails with EBADF, while everything else ends as an uninterrupted run.
+/// Inotify watches (numbers, masks, paths given relative to the working directory) survive two
+/// cycles; each restore gives the program exactly one IN_Q_OVERFLOW, which it answers by
+/// looking again, so its output is that of an uninterrupted run.
+#[test]
+fn inotify_watches_survive_two_cycles_with_an_overflow_each() -> Result<()> {
+    let session = Session::new(AppSpec::named("events")?.arg("2500").arg("inotify"))?;
+    let app = session.spawn()?.wait_ready()?;
+    let first = app.checkpoint()?;
+    app.kill()?;
+    let mut restored = first.restore()?;
+    restored.wait_for("PHASE 2")?;
+    let second = restored.checkpoint()?;
+    restored.kill()?;
+    let done = second.restore()?.finish()?;
+    done.assert_same_output_as_uninterrupted()?;
+    if !done.stderr.contains("INOTIFY overflows 2") {
+        bail!(
+            "the program should have seen one IN_Q_OVERFLOW per restore:\n{}",
+            done.stderr
+        );
+    }
+    Ok(())
+}
+
+/// A pidfd is not restored: the restore stops in one line naming it, before the program runs;
+/// with `--unrestorable=closed` it runs on, and its read on that descriptor fails with EBADF,
+/// while everything else ends as an uninterrupted run.
 #[test]
 fn unrestorable_descriptor_fails_the_restore_or_stays_closed() -> Result<()> {
-    let session = Session::new(AppSpec::named("events")?.arg("2500").arg("inotify"))?;
+    let session = Session::new(AppSpec::named("events")?.arg("2500").arg("pidfd"))?;
     let app = session.spawn()?.wait_ready()?.pause_randomly()?;
     let img = app.checkpoint()?;
     app.kill()?;
-    let line = session.expect_restore_refused(img.path(), &["inotify"])?;
+    let line = session.expect_restore_refused(img.path(), &["pidfd"])?;
     if !line.contains("descriptor") || !line.contains("--unrestorable=closed") {
         bail!("the refusal does not name the descriptor and the way on: {line:?}");
     }
     let done = img.restore_with(&["--unrestorable=closed"])?.finish()?;
     done.assert_same_output_as_uninterrupted()?;
-    for want in ["INOTIFY EBADF", "cannot be restored", "fail with EBADF"] {
+    for want in ["PIDFD EBADF", "cannot be restored", "fail with EBADF"] {
         if !done.stderr.contains(want) {
             bail!("the restored run's stderr lacks {want:?}:\n{}", done.stderr);
         }

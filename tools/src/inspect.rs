@@ -346,6 +346,14 @@ fn fd_kind(k: &FdKind) -> String {
             format!("epoll watching [{}]", w.join("; "))
         }
         FdKind::Duplicate(d) => format!("the same open file as descriptor {}", d.of),
+        FdKind::Inotify(i) => {
+            let w: Vec<String> = i
+                .watches
+                .iter()
+                .map(|w| format!("{} {} mask {:#x}", w.wd, w.path, w.mask))
+                .collect();
+            format!("inotify watching [{}]", w.join("; "))
+        }
     }
 }
 

@@ -17,6 +17,7 @@ pub mod directory;
 pub mod epoll;
 pub mod eventfd;
 pub mod inherited;
+pub mod inotify;
 pub mod memory;
 pub mod pipe;
 pub mod process;
@@ -32,6 +33,7 @@ pub use directory::Directory;
 pub use epoll::{Epoll, EpollWatch};
 pub use eventfd::Eventfd;
 pub use inherited::{Inherited, Unsupported};
+pub use inotify::{Inotify, InotifyWatch};
 pub use memory::{FileIdentity, PageRun, PageSpan, Region, RegionKind};
 pub use pipe::Pipe;
 pub use process::{MmFields, Process, Rlimit};
@@ -67,6 +69,7 @@ pub enum FdKind {
     Signalfd(Signalfd),
     Epoll(Epoll),
     Duplicate(Duplicate),
+    Inotify(Inotify),
 }
 
 /// The same open file as descriptor `of` (a lower number of the process), as `dup` makes:
@@ -91,6 +94,7 @@ impl FdKind {
             FdKind::Signalfd(_) => "signalfd",
             FdKind::Epoll(_) => "epoll",
             FdKind::Duplicate(_) => "duplicate",
+            FdKind::Inotify(_) => "inotify",
         }
     }
 }
@@ -222,6 +226,13 @@ mod tests {
                 }],
             }),
             FdKind::Duplicate(Duplicate { of: 4 }),
+            FdKind::Inotify(Inotify {
+                watches: vec![InotifyWatch {
+                    wd: 2,
+                    mask: 0x8400_0100,
+                    path: "/tmp/d".into(),
+                }],
+            }),
         ];
         for (n, kind) in kinds.into_iter().enumerate() {
             let bytes = postcard::to_allocvec(&kind).unwrap();

@@ -68,7 +68,8 @@ fn why(u: &Unsupported) -> &'static str {
     } else if d.starts_with("socket:") {
         "sockets are not restored yet"
     } else if d.starts_with("anon_inode:inotify") {
-        "inotify descriptors are not restored yet"
+        "the path of one of its watches is unknown (only watches added through \
+         inotify_add_watch under the shim are restored)"
     } else if d.ends_with(" (deleted)") {
         "deleted files are not restored yet"
     } else {

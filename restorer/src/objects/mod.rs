@@ -1,6 +1,7 @@
 //! The restore side of each kind of process state: one module per kind, named as in the image
 //! crate's `objects/` and the shim's (`memory`, `regular_file`, `directory`, `char_device`,
-//! `pipe`, `inherited`, `signals`, `timers`, `threads`, `process`).
+//! `pipe`, `inherited`, `eventfd`, `timerfd`, `signalfd`, `epoll`, `inotify`, `signals`, `timers`,
+//! `threads`, `process`).
 //!
 //! Descriptors are restored in two steps, so that no number the program had can be taken by
 //! something the restorer still needs, and nothing of the program's exists while a later
@@ -25,6 +26,7 @@ pub mod directory;
 pub mod epoll;
 pub mod eventfd;
 pub mod inherited;
+pub mod inotify;
 pub mod memory;
 pub mod pipe;
 pub mod process;
@@ -134,6 +136,7 @@ pub fn prepare_fds(meta: &Metadata, leave_closed: bool) -> Result<FdPlan, String
             FdKind::Signalfd(s) => signalfd::prepare(&cx, f, s)?,
             FdKind::Epoll(s) => epoll::prepare(&cx, f, s)?,
             FdKind::Duplicate(d) => duplicate(&cx, f, d, &moves)?,
+            FdKind::Inotify(s) => inotify::prepare(&cx, f, s)?,
         };
         match prepared {
             Prepared::At(high) => moves.push((f.fd, high, f.cloexec)),

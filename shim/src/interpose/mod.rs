@@ -1,5 +1,5 @@
 //! Functions the shim interposes in the program (`LD_PRELOAD` puts ours first), grouped:
-//! `memory.rs`, `signals.rs`, `threads.rs`. Each is a few lines that hand over to the layers
+//! `memory.rs`, `signals.rs`, `threads.rs`, `files.rs`. Each is a few lines that hand over to the layers
 //! below; nothing but the crate root imports this module. Unit tests build them without
 //! `no_mangle`, so the test runner's own calls are not interposed.
 //!
@@ -10,11 +10,14 @@
 //!   shim sees large mappings (counted; later engines hook here).
 //! - The malloc family, forwarded to glibc's own entry points (`__libc_malloc`...), never through
 //!   `dlsym`, so there is no recursion; large allocations are counted.
+//! - `inotify_add_watch`, whose path the kernel does not tell a checkpoint (noted for
+//!   `objects::inotify`).
 //!
 //! `/proc/self/maps` stays the truth about memory: glibc maps memory internally without passing
 //! through these symbols.
 #![allow(unsafe_code)]
 
+mod files;
 mod memory;
 mod signals;
 mod threads;

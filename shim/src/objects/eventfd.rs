@@ -4,8 +4,9 @@ use snapshim_image::{Eventfd, FdKind};
 
 use super::{fdinfo_field, Fdinfo};
 
-/// `info` is the descriptor's fdinfo: `eventfd-count` (hex) and, on kernels since 6.8,
-/// `eventfd-semaphore`; older kernels show the mode nowhere, and it is taken as off.
+/// `info` is the descriptor's fdinfo: `eventfd-count` (hex) and, on recent kernels (6.18
+/// here), `eventfd-semaphore`. Older ones show the mode nowhere (it is not among the file
+/// flags), and it is taken as off.
 pub fn capture(info: &Fdinfo) -> FdKind {
     let count = fdinfo_field(info, "eventfd-count:")
         .and_then(|v| u64::from_str_radix(v, 16).ok())

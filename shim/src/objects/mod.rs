@@ -19,6 +19,7 @@ pub mod directory;
 pub mod epoll;
 pub mod eventfd;
 pub mod inherited;
+pub mod inotify;
 pub mod memory;
 pub mod pipe;
 pub mod process;
@@ -82,14 +83,18 @@ pub fn fds(own: impl Fn(i32) -> bool) -> Vec<FdState> {
 }
 
 /// A descriptor of one of the kinds that are rebuilt from their state alone (eventfd, timerfd,
-/// signalfd, epoll) that is the same open file as a lower one (`dup`) becomes a
+/// signalfd, epoll, inotify) that is the same open file as a lower one (`dup`) becomes a
 /// [`Duplicate`] of it, so that the restore gives both numbers one object again.
 fn mark_duplicates(out: &mut [FdState]) {
     let pid = sys::getpid();
     let rebuilt = |k: &FdKind| {
         matches!(
             k,
-            FdKind::Eventfd(_) | FdKind::Timerfd(_) | FdKind::Signalfd(_) | FdKind::Epoll(_)
+            FdKind::Eventfd(_)
+                | FdKind::Timerfd(_)
+                | FdKind::Signalfd(_)
+                | FdKind::Epoll(_)
+                | FdKind::Inotify(_)
         )
     };
     for i in 0..out.len() {
@@ -120,6 +125,7 @@ fn anon_inode(fd: i32, target: &str, info: &Fdinfo) -> Option<FdKind> {
         "anon_inode:[timerfd]" => timerfd::capture(fd),
         "anon_inode:[signalfd]" => signalfd::capture(info),
         "anon_inode:[eventpoll]" => epoll::capture(info),
+        "anon_inode:inotify" => inotify::capture(info),
         _ => return None,
     })
 }
