@@ -65,10 +65,11 @@ pub fn resolve(out: &mut [FdState]) {
                 .count();
             let tfd = registered[n];
             let is = |fd: i32| same_file(pid, fd, epfd, tfd, toff as u32);
-            if is(tfd) {
+            // Without kcmp (a kernel built without CONFIG_KCMP), the number is trusted.
+            if is(tfd).unwrap_or(true) {
                 continue;
             }
-            match fds.iter().copied().find(|&fd| is(fd)) {
+            match fds.iter().copied().find(|&fd| is(fd) == Some(true)) {
                 Some(fd) => w.fd = fd,
                 None => lost = Some(w.fd),
             }
@@ -85,8 +86,8 @@ pub fn resolve(out: &mut [FdState]) {
 }
 
 /// Whether descriptor `fd` is the file `epfd` watches under the number `tfd` (the `toff`-th
-/// registration under that number).
-fn same_file(pid: i32, fd: i32, epfd: i32, tfd: i32, toff: u32) -> bool {
+/// registration under that number); `None` if the kernel cannot tell (no kcmp).
+fn same_file(pid: i32, fd: i32, epfd: i32, tfd: i32, toff: u32) -> Option<bool> {
     #[repr(C)]
     struct Slot {
         efd: u32,
@@ -109,7 +110,11 @@ fn same_file(pid: i32, fd: i32, epfd: i32, tfd: i32, toff: u32) -> bool {
             &slot as *const Slot
         )
     };
-    r == 0
+    match r {
+        0 => Some(true),
+        r if r == -(libc::ENOSYS as i64) || r == -(libc::EPERM as i64) => None,
+        _ => Some(false),
+    }
 }
 
 #[cfg(test)]
