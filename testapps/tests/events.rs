@@ -34,6 +34,25 @@ fn event_loop_restores_at_moments_spread_over_its_run() -> Result<()> {
     Ok(())
 }
 
+/// The same as an unprivileged user (as `nobody` when the tests run as root): kcmp, the timer
+/// ticks ioctl and the inotify overflow need no privilege.
+#[test]
+fn event_loop_with_inotify_restores_unprivileged() -> Result<()> {
+    let spec = AppSpec::named("events")?
+        .arg("2500")
+        .arg("inotify")
+        .unprivileged();
+    let app = Session::new(spec)?
+        .spawn()?
+        .wait_ready()?
+        .pause_randomly()?;
+    let img = app.checkpoint()?;
+    app.kill()?;
+    img.restore()?
+        .finish()?
+        .assert_same_output_as_uninterrupted()
+}
+
 /// A restored event loop is checkpointed again: what the restorer made is captured as well.
 #[test]
 fn event_loop_survives_two_cycles() -> Result<()> {
