@@ -29,9 +29,23 @@ pub fn prepare(cx: &Prepare, f: &FdState, _e: &Epoll) -> Result<Prepared, String
     Ok(Prepared::At(fd))
 }
 
-/// Adds every registration of every epoll of the program, its descriptors being in place.
-/// `closed`: numbers left closed (`--unrestorable=closed`); registrations of them are dropped,
-/// with a warning.
+/// Says which registrations [`register`] will drop: those of numbers left closed
+/// (`--unrestorable=closed`). Called while stderr is still the restorer's.
+pub fn warn_dropped(meta: &Metadata, closed: &[RawFd]) {
+    for f in &meta.fds {
+        let FdKind::Epoll(e) = &f.kind else { continue };
+        for w in e.watches.iter().filter(|w| closed.contains(&w.fd)) {
+            eprintln!(
+                "snapshim-restore: warning: epoll descriptor {} no longer watches descriptor {} \
+                 (closed)",
+                f.fd, w.fd
+            );
+        }
+    }
+}
+
+/// Adds every registration of every epoll of the program, its descriptors being in place, but
+/// those of the numbers in `closed` (see [`warn_dropped`]).
 pub fn register(meta: &Metadata, closed: &[RawFd]) -> Result<(), String> {
     for f in &meta.fds {
         let FdKind::Epoll(e) = &f.kind else { continue };
@@ -39,10 +53,6 @@ pub fn register(meta: &Metadata, closed: &[RawFd]) -> Result<(), String> {
         watches.sort_by_key(|w| w.fd);
         for w in &watches {
             if closed.contains(&w.fd) {
-                eprintln!(
-                    "snapshim-restore: warning: epoll descriptor {} no longer watches descriptor {} (left closed)",
-                    f.fd, w.fd
-                );
                 continue;
             }
             let mut ev = libc::epoll_event {

@@ -149,6 +149,7 @@ pub fn prepare_fds(meta: &Metadata, leave_closed: bool) -> Result<FdPlan, String
     }
     cx.pipes
         .close_unused(|end| moves.iter().any(|m| m.1 == end));
+    epoll::warn_dropped(meta, &closed);
     Ok(FdPlan {
         moves,
         inherit,
