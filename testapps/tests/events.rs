@@ -53,6 +53,22 @@ fn event_loop_with_inotify_restores_unprivileged() -> Result<()> {
         .assert_same_output_as_uninterrupted()
 }
 
+/// Under the fork engine (the default for unprivileged users): capture is the same, the image
+/// is written by a child.
+#[test]
+fn event_loop_restores_under_the_fork_engine() -> Result<()> {
+    let spec = AppSpec::named("events")?.env("SNAPSHIM_COW", "fork");
+    let app = Session::new(spec)?
+        .spawn()?
+        .wait_ready()?
+        .pause_randomly()?;
+    let img = app.checkpoint()?;
+    app.kill()?;
+    img.restore()?
+        .finish()?
+        .assert_same_output_as_uninterrupted()
+}
+
 /// A restored event loop is checkpointed again: what the restorer made is captured as well.
 #[test]
 fn event_loop_survives_two_cycles() -> Result<()> {
