@@ -1057,6 +1057,8 @@ fn check_reports_every_feature_as_json_with_a_schema() {
         "user namespaces",
         "PID namespaces",
         "time namespaces",
+        "kcmp",
+        "TFD_IOC_SET_TICKS",
     ] {
         assert!(names.contains(&name), "{name} missing from {names:?}");
     }
