@@ -9,6 +9,7 @@ use std::process::Command;
 
 const APPS: &[&str] = &[
     "single", "threads", "fpu", "signals", "files", "pattern", "ids", "wpasync", "incr", "allocs",
+    "events",
 ];
 
 /// The same as `C_FLAGS` in src/artifacts.rs (build scripts cannot import the crate).

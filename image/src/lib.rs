@@ -38,9 +38,10 @@ pub mod write;
 pub use error::ImageError;
 pub use lineage::Lineage;
 pub use objects::{
-    CharDevice, Directory, FdKind, FdState, FileIdentity, Inherited, IntervalTimer, MmFields,
-    PageRun, PageSpan, Pipe, Process, Region, RegionKind, RegularFile, Rlimit, SigAction,
-    ThreadState, Unsupported,
+    CharDevice, Directory, Duplicate, Epoll, EpollWatch, Eventfd, FdKind, FdState, FileIdentity,
+    Inherited, Inotify, InotifyWatch, IntervalTimer, MmFields, PageRun, PageSpan, Pipe, Process,
+    Region, RegionKind, RegularFile, Rlimit, SigAction, Signalfd, ThreadState, Timerfd,
+    Unsupported,
 };
 
 /// Addresses shared by the shim and the restorer.
@@ -82,7 +83,11 @@ pub const VERSION_MAJOR: u16 = 1;
 /// 1.1 added [`Metadata::clock_boottime_ns`]; 1.2 added [`Metadata::build_ids`] and
 /// [`Metadata::vdso`]; 1.3 added incremental (delta) images: [`Metadata::parent`],
 /// [`Metadata::inherited`], [`Metadata::merged_from`] and [`FLAG_DELTA`]. Older images still
-/// load (the new fields read as empty; they are full images).
+/// load (the new fields read as empty; they are full images). 1.4 added the descriptor kinds
+/// [`FdKind::Eventfd`], [`FdKind::Timerfd`], [`FdKind::Signalfd`], [`FdKind::Epoll`],
+/// [`FdKind::Duplicate`] and [`FdKind::Inotify`]
+/// (variants appended: 1.3 metadata decodes unchanged), and the lineage record after the
+/// metadata ([`Metadata::lineage`]).
 pub const VERSION_MINOR: u16 = 4;
 /// Header flag: a delta image, which stores only the pages written since its parent
 /// ([`Metadata::parent`]); restoring it needs the chain of images down to a full one.

@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use lineage::Pick;
-use options::{Namespace, Options, RunState};
+use options::{Namespace, Options, RunState, Unrestorable};
 use plan::{PREFETCH_BACKGROUND, PREFETCH_EAGER, PREFETCH_NONE};
 
 /// Rebuilds the process saved in a snapshim image and runs it in the foreground; exits with
@@ -96,6 +96,15 @@ struct Cli {
     #[arg(long, verbatim_doc_comment)]
     pause: bool,
 
+    /// What to do with a descriptor that cannot be restored: fail or closed
+    ///
+    /// fail    the restore stops before the program resumes, naming the descriptor (default)
+    /// closed  the program resumes with that descriptor number closed: every call on it
+    ///         fails with EBADF (one warning per descriptor)
+    #[arg(long, value_name = "MODE", default_value = "fail", value_parser = unrestorable_mode,
+          verbatim_doc_comment)]
+    unrestorable: Unrestorable,
+
     /// Check everything ahead, then wait; resume within milliseconds when activated
     ///
     /// Does all the checks (page checksums included) for the newest image of IMAGE_OR_DIR,
@@ -127,6 +136,15 @@ fn prefetch_mode(s: &str) -> Result<u64, String> {
         other => Err(format!(
             "unknown prefetch mode {other:?} (none, background or eager)"
         )),
+    }
+}
+
+/// `--unrestorable`'s value.
+fn unrestorable_mode(s: &str) -> Result<Unrestorable, String> {
+    match s {
+        "fail" => Ok(Unrestorable::Fail),
+        "closed" => Ok(Unrestorable::Closed),
+        other => Err(format!("unknown mode {other:?} (fail or closed)")),
     }
 }
 
@@ -192,6 +210,7 @@ fn parse(args: impl IntoIterator<Item = OsString>, pause_env: bool) -> Result<Co
                 Some(d) if d.as_os_str() == BESIDE => Pick::New(None),
                 Some(d) => Pick::New(Some(d)),
             },
+            unrestorable: cli.unrestorable,
         },
     })
 }
@@ -280,6 +299,7 @@ mod tests {
                 namespace: Namespace::Preferred,
                 allow_changed: vec![],
                 lineage: Pick::Continue,
+                unrestorable: Unrestorable::Fail,
             }
         );
         assert!(

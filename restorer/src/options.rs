@@ -14,6 +14,15 @@ pub enum Namespace {
     Off,
 }
 
+/// What becomes of a descriptor the restorer cannot rebuild (`--unrestorable`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Unrestorable {
+    /// The restore fails, naming it (the default).
+    Fail,
+    /// The program goes on with that number closed: every call on it fails with `EBADF`.
+    Closed,
+}
+
 /// The command line's choices; read-only during the restore.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Options {
@@ -32,6 +41,7 @@ pub struct Options {
     pub allow_changed: Vec<String>,
     /// The restored program's lineage (`--new-lineage`, see lineage.rs).
     pub lineage: crate::lineage::Pick,
+    pub unrestorable: Unrestorable,
 }
 
 /// What changes while the restore runs.

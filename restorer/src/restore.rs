@@ -13,15 +13,17 @@
 //! 2. [`check_machine`]: CPU XSAVE features, every mapped file present and the same
 //!    (`snapshim_image::identity`: size and modification time, or build-id);
 //!    [`kernel_mappings`]: where this kernel's vvar/vDSO go (`vdso.rs`: where the image had
-//!    them, or elsewhere with a proxy at the old vDSO address);
+//!    them, or elsewhere with a proxy at the old vDSO address); a descriptor no kind rebuilds is
+//!    refused here (`objects::unrestorable`), unless `--unrestorable=closed`;
 //! 3. [`namespaces`] (`ns.rs`): move into new PID, time and mount namespaces, as their first
 //!    program, with the saved PID and clocks that go on from the checkpoint; this process stays
 //!    outside and passes signals and the exit status through. Where the system refuses that,
 //!    restore here, with new IDs, after one warning;
 //! 4. [`descriptors`]: prepare the descriptors the program had (`objects/`: reopen files at
 //!    their offsets, cut files open for writing back to their checkpoint-time length, recreate
-//!    pipes with their data), each on a spare high number, then put them in place; set cwd,
-//!    umask, personality;
+//!    pipes with their data, eventfds, timerfds, signalfds, epoll instances), each on a spare
+//!    high number, then put them in place, then add the epoll registrations (which name the
+//!    program's numbers); set cwd, umask, personality;
 //! 5. [`write_plan`]: write the plan (regions, page runs, threads, signal state, limits,
 //!    timers...: each kind's part from its `objects/` module) into the arena;
 //! 6. [`jump`]: load the phase-2 blob at its fixed address, block every signal and jump to it
@@ -48,7 +50,7 @@ use snapshim_image::{Chain, Metadata};
 use crate::blob::{self, Arena};
 use crate::error::RestoreError;
 use crate::objects::{self, memory, process, signals, threads, timers};
-use crate::options::{monotonic_ns, Namespace, Options, RunState};
+use crate::options::{monotonic_ns, Namespace, Options, RunState, Unrestorable};
 use crate::plan::{KernPiece, PRun, Plan, PLAN_MAGIC};
 use crate::{lineage, ns, vdso};
 
@@ -128,6 +130,11 @@ pub fn restore_image(
     let runs = plan_pages(&chain, verify_ns, opt)?;
     check_machine(meta, &opt.allow_changed)?;
     crate::log!("this machine: CPU features and every mapped file as at the checkpoint");
+    if opt.unrestorable == Unrestorable::Fail {
+        if let Some(refusal) = objects::unrestorable(meta) {
+            return Err(refusal.into());
+        }
+    }
     let vdso_plan = kernel_mappings(meta)?;
     let lineage = claim.record(chain.head())?;
     crate::log!(
@@ -254,7 +261,7 @@ pub fn descriptors(
 ) -> Result<Descriptors, RestoreError> {
     let meta = &chain.head().meta;
     let region_fds = memory::open_region_files(meta)?;
-    let fd_plan = objects::prepare_fds(meta)?;
+    let fd_plan = objects::prepare_fds(meta, opt.unrestorable == Unrestorable::Closed)?;
     process::enter_cwd(meta)?;
     // Stays open in the program (phase 2 does not close it): the shim's image directory.
     let lock = claim.keep(fd_plan.high_base)?;
@@ -291,6 +298,7 @@ pub fn descriptors(
     ours.push(state.stats_fd);
     ours.extend(region_fds.iter().copied());
     objects::install_fds(&fd_plan, &[&ours[..], &[lock]].concat());
+    objects::epoll::register(meta, &fd_plan.closed)?;
     process::set_attributes(&meta.process);
     Ok(Descriptors {
         image_fds,

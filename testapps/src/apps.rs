@@ -25,6 +25,7 @@ pub const APP_NAMES: &[&str] = &[
     "ids",
     "incr",
     "allocs",
+    "events",
 ];
 
 /// Prepares an app's working directory (input files) before it starts.
@@ -83,9 +84,8 @@ impl AppSpec {
     /// One of [`APP_NAMES`], with its default arguments.
     pub fn named(name: &str) -> Result<AppSpec> {
         Ok(match name {
-            "single" | "threads" | "fpu" | "signals" | "pattern" | "ids" | "incr" | "allocs" => {
-                AppSpec::new(name, c_app(name), &[])
-            }
+            "single" | "threads" | "fpu" | "signals" | "pattern" | "ids" | "incr" | "allocs"
+            | "events" => AppSpec::new(name, c_app(name), &[]),
             "files" => AppSpec {
                 output_files: vec![FILES_OUTPUT.to_string()],
                 setup: Some(write_files_input),

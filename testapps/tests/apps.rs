@@ -104,6 +104,12 @@ fn files_uninterrupted_runs_are_deterministic() -> Result<()> {
 }
 
 #[test]
+fn events_uninterrupted_runs_are_deterministic() -> Result<()> {
+    // Timer ticks and the order of ready events differ from run to run; the output must not.
+    deterministic("events", 2)
+}
+
+#[test]
 fn threads_py_uninterrupted_runs_are_deterministic() -> Result<()> {
     deterministic("threads-py", 2)
 }

@@ -130,6 +130,8 @@ fn probe_all() -> Vec<Feature> {
             "CLOCK_MONOTONIC and CLOCK_BOOTTIME going on from the checkpoint after a restore",
         ),
         set_mm_map(),
+        kcmp(),
+        timerfd_ticks(),
     ]
 }
 
@@ -308,6 +310,63 @@ fn in_child(f: impl FnOnce() -> bool) -> std::result::Result<(), String> {
             Err(e) => Err(format!("cannot wait for the probe: {e}")),
         },
         Err(e) => Err(format!("cannot fork a probe: {e}")),
+    }
+}
+
+fn kcmp() -> Feature {
+    const KCMP_FILE: libc::c_long = 0;
+    let pid = std::process::id() as libc::c_long;
+    // SAFETY: kcmp compares two descriptors of this process (stdin with itself, whatever it is;
+    // a closed one gives EBADF, which still shows the system call exists).
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, 0, 0) };
+    let err = std::io::Error::last_os_error();
+    let ok = r >= 0 || err.raw_os_error() == Some(libc::EBADF);
+    Feature {
+        name: "kcmp",
+        available: ok,
+        detail: if ok {
+            "present (CONFIG_KCMP)".into()
+        } else {
+            format!("{err}")
+        },
+        enables: "epoll registrations made under a number closed since, and eventfd, timerfd, \
+                  signalfd, epoll and inotify descriptors open under several numbers (dup); \
+                  without it each number is taken as registered and as its own object",
+        required: false,
+    }
+}
+
+fn timerfd_ticks() -> Feature {
+    /// `_IOW('T', 0, __u64)`.
+    const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+    let r = (|| -> std::result::Result<(), String> {
+        // SAFETY: timerfd_create makes a new descriptor, owned at once.
+        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!(
+                "timerfd_create: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: fd is ours.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let ticks: u64 = 1;
+        // SAFETY: the ioctl reads one u64.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TFD_IOC_SET_TICKS, &ticks as *const u64) } < 0 {
+            return Err(format!(
+                "no TFD_IOC_SET_TICKS ({})",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    })();
+    Feature {
+        name: "TFD_IOC_SET_TICKS",
+        available: r.is_ok(),
+        detail: r.map_or_else(|e| e, |()| "present (CONFIG_CHECKPOINT_RESTORE)".into()),
+        enables: "timerfd expirations not read at the checkpoint given back on restore; \
+                  without it, restoring a timerfd with unread expirations fails",
+        required: false,
     }
 }
 

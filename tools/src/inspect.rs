@@ -360,7 +360,34 @@ fn fd_kind(k: &FdKind) -> String {
             format!("{desc}, outside the program (restore passes on its own descriptor)")
         }
         FdKind::Unsupported(Unsupported { desc }) => {
-            format!("NOT RESTORED (reopened as /dev/null): {desc}")
+            format!("NOT RESTORABLE (the restore refuses it): {desc}")
+        }
+        FdKind::Eventfd(e) => format!(
+            "eventfd, count {}{}",
+            e.count,
+            if e.semaphore { ", semaphore" } else { "" }
+        ),
+        FdKind::Timerfd(t) => format!(
+            "timerfd, clock {}, settime flags {:#o}, {} ns left, interval {} ns, {} expirations unread",
+            t.clock, t.settime_flags, t.value_ns, t.interval_ns, t.ticks
+        ),
+        FdKind::Signalfd(s) => format!("signalfd, mask {:#x}", s.mask),
+        FdKind::Epoll(e) => {
+            let w: Vec<String> = e
+                .watches
+                .iter()
+                .map(|w| format!("{} events {:#x} data {:#x}", w.fd, w.events, w.data))
+                .collect();
+            format!("epoll watching [{}]", w.join("; "))
+        }
+        FdKind::Duplicate(d) => format!("the same open file as descriptor {}", d.of),
+        FdKind::Inotify(i) => {
+            let w: Vec<String> = i
+                .watches
+                .iter()
+                .map(|w| format!("{} {} mask {:#x}", w.wd, w.path, w.mask))
+                .collect();
+            format!("inotify watching [{}]", w.join("; "))
         }
     }
 }

@@ -751,7 +751,7 @@ fn inspect_describes_the_latest_image() {
         "file @0x0".to_string(),
         "      4243  snapshim         snapshim helper".to_string(),
         "     1  wronly,append            file /home/u/out.txt (offset 120, size 120)".to_string(),
-        "NOT RESTORED (reopened as /dev/null): socket:[1234]".to_string(),
+        "NOT RESTORABLE (the restore refuses it): socket:[1234]".to_string(),
         "signal handlers (2 not default):".to_string(),
         "  SIGUSR2      handler 0x7f0000001234 in /opt/snapshim/libsnapshim.so [SIGINFO,RESTART]"
             .to_string(),
@@ -1059,6 +1059,8 @@ fn check_reports_every_feature_as_json_with_a_schema() {
         "user namespaces",
         "PID namespaces",
         "time namespaces",
+        "kcmp",
+        "TFD_IOC_SET_TICKS",
     ] {
         assert!(names.contains(&name), "{name} missing from {names:?}");
     }

@@ -14,24 +14,34 @@ use serde::{Deserialize, Serialize};
 
 pub mod char_device;
 pub mod directory;
+pub mod epoll;
+pub mod eventfd;
 pub mod inherited;
+pub mod inotify;
 pub mod memory;
 pub mod pipe;
 pub mod process;
 pub mod regular_file;
+pub mod signalfd;
 pub mod signals;
 pub mod threads;
+pub mod timerfd;
 pub mod timers;
 
 pub use char_device::CharDevice;
 pub use directory::Directory;
+pub use epoll::{Epoll, EpollWatch};
+pub use eventfd::Eventfd;
 pub use inherited::{Inherited, Unsupported};
+pub use inotify::{Inotify, InotifyWatch};
 pub use memory::{FileIdentity, PageRun, PageSpan, Region, RegionKind};
 pub use pipe::Pipe;
 pub use process::{MmFields, Process, Rlimit};
 pub use regular_file::RegularFile;
+pub use signalfd::Signalfd;
 pub use signals::SigAction;
 pub use threads::ThreadState;
+pub use timerfd::Timerfd;
 pub use timers::IntervalTimer;
 
 /// One open descriptor of the process.
@@ -53,6 +63,20 @@ pub enum FdKind {
     Pipe(Pipe),
     Inherited(Inherited),
     Unsupported(Unsupported),
+    // Format 1.4:
+    Eventfd(Eventfd),
+    Timerfd(Timerfd),
+    Signalfd(Signalfd),
+    Epoll(Epoll),
+    Duplicate(Duplicate),
+    Inotify(Inotify),
+}
+
+/// The same open file as descriptor `of` (a lower number of the process), as `dup` makes:
+/// restored as a duplicate of it, sharing its state (a counter, a timer, registrations).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Duplicate {
+    pub of: i32,
 }
 
 impl FdKind {
@@ -65,6 +89,12 @@ impl FdKind {
             FdKind::Pipe(_) => "pipe",
             FdKind::Inherited(_) => "inherited",
             FdKind::Unsupported(_) => "unsupported",
+            FdKind::Eventfd(_) => "eventfd",
+            FdKind::Timerfd(_) => "timerfd",
+            FdKind::Signalfd(_) => "signalfd",
+            FdKind::Epoll(_) => "epoll",
+            FdKind::Duplicate(_) => "duplicate",
+            FdKind::Inotify(_) => "inotify",
         }
     }
 }
@@ -167,6 +197,47 @@ mod tests {
                 "{}",
                 new.name()
             );
+        }
+    }
+
+    /// The kinds of format 1.4 come after every older one (postcard numbers variants by
+    /// position, so 1.3 images decode unchanged) and survive a round trip.
+    #[test]
+    fn format_1_4_kinds_are_appended_and_round_trip() {
+        let kinds = [
+            FdKind::Eventfd(Eventfd {
+                count: u64::MAX - 1,
+                semaphore: true,
+            }),
+            FdKind::Timerfd(Timerfd {
+                clock: 1,
+                settime_flags: 1,
+                value_ns: 5,
+                interval_ns: 7,
+                ticks: 3,
+                now_ns: -9,
+            }),
+            FdKind::Signalfd(Signalfd { mask: 0x4200 }),
+            FdKind::Epoll(Epoll {
+                watches: vec![EpollWatch {
+                    fd: 3,
+                    events: 0x8000_0019,
+                    data: 0x1122_3344_5566_7788,
+                }],
+            }),
+            FdKind::Duplicate(Duplicate { of: 4 }),
+            FdKind::Inotify(Inotify {
+                watches: vec![InotifyWatch {
+                    wd: 2,
+                    mask: 0x8400_0100,
+                    path: "/tmp/d".into(),
+                }],
+            }),
+        ];
+        for (n, kind) in kinds.into_iter().enumerate() {
+            let bytes = postcard::to_allocvec(&kind).unwrap();
+            assert_eq!(bytes[0] as usize, 6 + n, "{}", kind.name());
+            assert_eq!(postcard::from_bytes::<FdKind>(&bytes).unwrap(), kind);
         }
     }
 }

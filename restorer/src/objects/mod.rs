@@ -1,6 +1,7 @@
 //! The restore side of each kind of process state: one module per kind, named as in the image
 //! crate's `objects/` and the shim's (`memory`, `regular_file`, `directory`, `char_device`,
-//! `pipe`, `inherited`, `signals`, `timers`, `threads`, `process`).
+//! `pipe`, `inherited`, `eventfd`, `timerfd`, `signalfd`, `epoll`, `inotify`, `signals`, `timers`,
+//! `threads`, `process`).
 //!
 //! Descriptors are restored in two steps, so that no number the program had can be taken by
 //! something the restorer still needs, and nothing of the program's exists while a later
@@ -10,26 +11,36 @@
 //!    number at or above [`FdPlan::high_base`] (above every number of the program); a failure
 //!    here is a clear message and nothing is lost yet;
 //! 2. [`install_fds`]: every other descriptor of this process is closed, and each prepared one
-//!    is duplicated onto the program's number.
+//!    is duplicated onto the program's number;
+//! 3. [`epoll::register`]: a pass of its own, after every other kind: each epoll instance gets
+//!    its registrations, which name the program's numbers (see `epoll.rs`).
+//!
+//! A descriptor no kind can rebuild (`FdKind::Unsupported`) is refused before anything
+//! changes ([`unrestorable`]), unless the user asked to go on with it closed.
 //!
 //! The other kinds go into the plan phase 2 acts on (`memory`, `signals`, `timers`,
 //! `threads`, `process`), or are set here (`process`: cwd, umask, personality).
 
 pub mod char_device;
 pub mod directory;
+pub mod epoll;
+pub mod eventfd;
 pub mod inherited;
+pub mod inotify;
 pub mod memory;
 pub mod pipe;
 pub mod process;
 pub mod regular_file;
+pub mod signalfd;
 pub mod signals;
 pub mod threads;
+pub mod timerfd;
 pub mod timers;
 
 use std::os::fd::{IntoRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use snapshim_image::{FdKind, FdState, Metadata};
+use snapshim_image::{Duplicate, FdKind, FdState, Metadata};
 
 /// The descriptors prepared for the program.
 pub struct FdPlan {
@@ -39,6 +50,8 @@ pub struct FdPlan {
     pub inherit: Vec<RawFd>,
     /// Every spare number is at least this: above every number of the program.
     pub high_base: RawFd,
+    /// The program's numbers that could not be rebuilt and only fail (`--unrestorable=closed`).
+    pub closed: Vec<RawFd>,
 }
 
 /// What a kind's `prepare` made of one descriptor.
@@ -47,6 +60,9 @@ pub enum Prepared {
     At(RawFd),
     /// This process's own descriptor of the same number serves as it is.
     Inherit,
+    /// A descriptor that only fails (EBADF), on this spare number, holding the program's
+    /// number of a descriptor that could not be rebuilt.
+    Closed(RawFd),
 }
 
 /// What the kinds' `prepare` functions share: where spare numbers start, and the pipes made so
@@ -87,8 +103,18 @@ pub fn status_flags(f: &FdState) -> i32 {
     f.flags as i32 & !(libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL)
 }
 
+/// The one-line refusal of the first descriptor the restorer cannot rebuild, if any.
+pub fn unrestorable(meta: &Metadata) -> Option<String> {
+    meta.fds.iter().find_map(|f| match &f.kind {
+        FdKind::Unsupported(u) => Some(inherited::refusal(f, u)),
+        _ => None,
+    })
+}
+
 /// Opens everything the program's descriptor table needs, on numbers above any of its own.
-pub fn prepare_fds(meta: &Metadata) -> Result<FdPlan, String> {
+/// A descriptor that cannot be rebuilt is an error, or with `leave_closed` one that fails
+/// every call with `EBADF`.
+pub fn prepare_fds(meta: &Metadata, leave_closed: bool) -> Result<FdPlan, String> {
     let max_fd = meta.fds.iter().map(|f| f.fd).max().unwrap_or(2);
     let mut cx = Prepare {
         high_base: (max_fd + 1).max(64),
@@ -96,6 +122,7 @@ pub fn prepare_fds(meta: &Metadata) -> Result<FdPlan, String> {
     };
     let mut moves = Vec::new();
     let mut inherit = Vec::new();
+    let mut closed = Vec::new();
     for f in &meta.fds {
         let prepared = match &f.kind {
             FdKind::RegularFile(s) => regular_file::prepare(&cx, f, s)?,
@@ -103,19 +130,31 @@ pub fn prepare_fds(meta: &Metadata) -> Result<FdPlan, String> {
             FdKind::CharDevice(s) => char_device::prepare(&cx, f, s)?,
             FdKind::Pipe(s) => pipe::prepare(&mut cx, f, s)?,
             FdKind::Inherited(s) => inherited::prepare(&cx, f, s)?,
-            FdKind::Unsupported(s) => inherited::prepare_unsupported(&cx, f, s)?,
+            FdKind::Unsupported(s) => inherited::prepare_unsupported(&cx, f, s, leave_closed)?,
+            FdKind::Eventfd(s) => eventfd::prepare(&cx, f, s)?,
+            FdKind::Timerfd(s) => timerfd::prepare(&cx, f, s)?,
+            FdKind::Signalfd(s) => signalfd::prepare(&cx, f, s)?,
+            FdKind::Epoll(s) => epoll::prepare(&cx, f, s)?,
+            FdKind::Duplicate(d) => duplicate(&cx, f, d, &moves)?,
+            FdKind::Inotify(s) => inotify::prepare(&cx, f, s)?,
         };
         match prepared {
             Prepared::At(high) => moves.push((f.fd, high, f.cloexec)),
             Prepared::Inherit => inherit.push(f.fd),
+            Prepared::Closed(high) => {
+                moves.push((f.fd, high, f.cloexec));
+                closed.push(f.fd);
+            }
         }
     }
     cx.pipes
         .close_unused(|end| moves.iter().any(|m| m.1 == end));
+    epoll::warn_dropped(meta, &closed);
     Ok(FdPlan {
         moves,
         inherit,
         high_base: cx.high_base,
+        closed,
     })
 }
 
@@ -155,6 +194,37 @@ pub fn install_fds(plan: &FdPlan, keep: &[RawFd]) {
             unsafe { libc::close(high) };
         }
     }
+}
+
+/// Descriptor `f` is the same open file as the program's `d.of`, prepared before it (a lower
+/// number): one more descriptor of what that one became.
+fn duplicate(
+    cx: &Prepare,
+    f: &FdState,
+    d: &Duplicate,
+    moves: &[(RawFd, RawFd, bool)],
+) -> Result<Prepared, String> {
+    let Some(&(_, high, _)) = moves.iter().find(|m| m.0 == d.of) else {
+        return Err(format!(
+            "descriptor {} is a duplicate of descriptor {}, which the image does not rebuild",
+            f.fd, d.of
+        ));
+    };
+    // SAFETY: duplicates our own descriptor onto a spare number.
+    let fd = unsafe { libc::fcntl(high, libc::F_DUPFD_CLOEXEC, cx.high_base) };
+    if fd < 0 {
+        return Err(os_error(f, "cannot duplicate a descriptor"));
+    }
+    Ok(Prepared::At(fd))
+}
+
+/// `what` about descriptor `f`, with the system's reason (`errno`): one line.
+pub fn os_error(f: &FdState, what: &str) -> String {
+    format!(
+        "{what} (descriptor {} of the program): {}",
+        f.fd,
+        std::io::Error::last_os_error()
+    )
 }
 
 /// Duplicates `fd` onto the lowest free number at or above `base` and closes the original.

@@ -205,6 +205,6 @@ fn set_errno(e: c_int) {
 }
 
 /// A raw result as a C function returning int gives it (-1 and errno on failure).
-fn int_result(r: i64) -> c_int {
+pub(super) fn int_result(r: i64) -> c_int {
     c_result(r, |v| v as c_int, -1)
 }

@@ -1,6 +1,7 @@
 //! Functions the shim interposes in the program (`LD_PRELOAD` puts ours first), grouped:
-//! `memory.rs`, `malloc.rs`, `signals.rs`, `threads.rs`. Each is a few lines that hand over to
-//! the layers below; nothing but the crate root imports this module. Unit tests build them without
+//! `memory.rs`, `malloc.rs`, `signals.rs`, `threads.rs`, `files.rs`. Each is a few lines that hand
+//! over to the layers below; nothing but the crate root imports this module. Unit tests build them
+//! without
 //! `no_mangle`, so the test runner's own calls are not interposed.
 //!
 //! - The signal API, so the program cannot block, ignore or replace the shim's two signals (the
@@ -13,6 +14,8 @@
 //!   program's own allocator, jemalloc, tcmalloc, mimalloc...), so the program keeps one
 //!   allocator; for glibc's, large chunks are advised to use huge pages and saved before glibc
 //!   unmaps them during a flush.
+//! - `inotify_add_watch`, whose path the kernel does not tell a checkpoint (noted for
+//!   `objects::inotify`).
 //!
 //! With `SNAPSHIM_DISABLE` every one of them only forwards: each extra it adds depends on state
 //! that only an active shim sets (`state::ACTIVE`, the signals, a flush, the reserved range).
@@ -21,6 +24,7 @@
 //! through these symbols.
 #![allow(unsafe_code)]
 
+mod files;
 mod malloc;
 mod memory;
 mod signals;
