@@ -36,8 +36,8 @@ pub mod write;
 pub use error::ImageError;
 pub use objects::{
     CharDevice, Directory, FdKind, FdState, FileIdentity, Inherited, IntervalTimer, MmFields,
-    PageRun, PageSpan, Pipe, Process, Region, RegionKind, RegularFile, Rlimit, SigAction,
-    ThreadState, Unsupported,
+    PageRun, PageSpan, Pipe, Process, Region, RegionKind, RegularFile, Rlimit, SigAction, SockOpt,
+    Socket, SocketRole, ThreadState, Unsupported,
 };
 
 /// Addresses shared by the shim and the restorer.
@@ -79,8 +79,9 @@ pub const VERSION_MAJOR: u16 = 1;
 /// 1.1 added [`Metadata::clock_boottime_ns`]; 1.2 added [`Metadata::build_ids`] and
 /// [`Metadata::vdso`]; 1.3 added incremental (delta) images: [`Metadata::parent`],
 /// [`Metadata::inherited`], [`Metadata::merged_from`] and [`FLAG_DELTA`]. Older images still
-/// load (the new fields read as empty; they are full images).
-pub const VERSION_MINOR: u16 = 3;
+/// load (the new fields read as empty; they are full images). 1.4 added sockets
+/// ([`FdKind::Socket`], appended to the enum): a 1.3 reader could not decode it.
+pub const VERSION_MINOR: u16 = 4;
 /// Header flag: a delta image, which stores only the pages written since its parent
 /// ([`Metadata::parent`]); restoring it needs the chain of images down to a full one.
 pub const FLAG_DELTA: u32 = 1;

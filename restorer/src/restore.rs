@@ -203,8 +203,9 @@ pub fn descriptors(
 ) -> Result<Descriptors, RestoreError> {
     let meta = &chain.head().meta;
     let region_fds = memory::open_region_files(meta)?;
-    let fd_plan = objects::prepare_fds(meta)?;
+    // The program's directory first: a Unix socket bound by a relative path binds again there.
     process::enter_cwd(meta)?;
+    let fd_plan = objects::prepare_fds(meta)?;
     let high = |fd| objects::move_high(fd, fd_plan.high_base);
     let image_fds: Vec<RawFd> = chain
         .images

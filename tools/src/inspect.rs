@@ -6,7 +6,7 @@ use std::path::Path;
 
 use snapshim_image::{
     CharDevice, Directory, FdKind, FdState, Image, Inherited, Metadata, Pipe, Region, RegionKind,
-    RegularFile, SigAction, Unsupported,
+    RegularFile, SigAction, Socket, SocketRole, Unsupported,
 };
 
 use crate::parse::{format_ms, format_time, human_bytes, signal_name};
@@ -327,7 +327,28 @@ fn fd_kind(k: &FdKind) -> String {
         FdKind::Unsupported(Unsupported { desc }) => {
             format!("NOT RESTORED (reopened as /dev/null): {desc}")
         }
+        FdKind::Socket(s) => socket(s),
     }
+}
+
+/// "socket 1234 (family 2, type 1, protocol 6): Listening { backlog: 128 }, 9 options".
+fn socket(s: &Socket) -> String {
+    let role = match &s.role {
+        SocketRole::Pair { peer, queued } => format!(
+            "pair with socket {peer}, {} queued",
+            human_bytes(queued.iter().map(|q| q.len() as u64).sum())
+        ),
+        SocketRole::Refused { why } => format!("NOT RESTORED: {why}"),
+        role => format!("{role:?}"),
+    };
+    format!(
+        "socket {} (family {}, type {}, protocol {}): {role}, {} options",
+        s.id,
+        s.family,
+        s.sock_type,
+        s.protocol,
+        s.options.len()
+    )
 }
 
 fn sa_flags(flags: u64) -> String {

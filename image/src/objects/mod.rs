@@ -20,6 +20,7 @@ pub mod pipe;
 pub mod process;
 pub mod regular_file;
 pub mod signals;
+pub mod socket;
 pub mod threads;
 pub mod timers;
 
@@ -31,6 +32,7 @@ pub use pipe::Pipe;
 pub use process::{MmFields, Process, Rlimit};
 pub use regular_file::RegularFile;
 pub use signals::SigAction;
+pub use socket::{SockOpt, Socket, SocketRole};
 pub use threads::ThreadState;
 pub use timers::IntervalTimer;
 
@@ -53,6 +55,7 @@ pub enum FdKind {
     Pipe(Pipe),
     Inherited(Inherited),
     Unsupported(Unsupported),
+    Socket(Socket),
 }
 
 impl FdKind {
@@ -65,6 +68,7 @@ impl FdKind {
             FdKind::Pipe(_) => "pipe",
             FdKind::Inherited(_) => "inherited",
             FdKind::Unsupported(_) => "unsupported",
+            FdKind::Socket(_) => "socket",
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The restore side of each kind of process state: one module per kind, named as in the image
 //! crate's `objects/` and the shim's (`memory`, `regular_file`, `directory`, `char_device`,
-//! `pipe`, `inherited`, `signals`, `timers`, `threads`, `process`).
+//! `pipe`, `socket`, `inherited`, `signals`, `timers`, `threads`, `process`).
 //!
 //! Descriptors are restored in two steps, so that no number the program had can be taken by
 //! something the restorer still needs, and nothing of the program's exists while a later
@@ -23,6 +23,7 @@ pub mod pipe;
 pub mod process;
 pub mod regular_file;
 pub mod signals;
+pub mod socket;
 pub mod threads;
 pub mod timers;
 
@@ -54,6 +55,7 @@ pub enum Prepared {
 pub struct Prepare {
     pub high_base: RawFd,
     pub pipes: pipe::Pipes,
+    pub socket_pairs: socket::Pairs,
 }
 
 impl Prepare {
@@ -93,6 +95,7 @@ pub fn prepare_fds(meta: &Metadata) -> Result<FdPlan, String> {
     let mut cx = Prepare {
         high_base: (max_fd + 1).max(64),
         pipes: pipe::Pipes::default(),
+        socket_pairs: socket::Pairs::default(),
     };
     let mut moves = Vec::new();
     let mut inherit = Vec::new();
@@ -104,6 +107,7 @@ pub fn prepare_fds(meta: &Metadata) -> Result<FdPlan, String> {
             FdKind::Pipe(s) => pipe::prepare(&mut cx, f, s)?,
             FdKind::Inherited(s) => inherited::prepare(&cx, f, s)?,
             FdKind::Unsupported(s) => inherited::prepare_unsupported(&cx, f, s)?,
+            FdKind::Socket(s) => socket::prepare(&mut cx, f, s)?,
         };
         match prepared {
             Prepared::At(high) => moves.push((f.fd, high, f.cloexec)),
@@ -111,6 +115,8 @@ pub fn prepare_fds(meta: &Metadata) -> Result<FdPlan, String> {
         }
     }
     cx.pipes
+        .close_unused(|end| moves.iter().any(|m| m.1 == end));
+    cx.socket_pairs
         .close_unused(|end| moves.iter().any(|m| m.1 == end));
     Ok(FdPlan {
         moves,

@@ -22,6 +22,7 @@ pub mod pipe;
 pub mod process;
 pub mod regular_file;
 pub mod signals;
+pub mod socket;
 pub mod threads;
 pub mod timers;
 
@@ -33,6 +34,7 @@ pub fn fds(own: impl Fn(i32) -> bool) -> Vec<FdState> {
     };
     let mut info = Vec::new();
     let mut pipes = pipe::Ends::new();
+    let mut diag = None;
     for fd in list {
         if own(fd) {
             continue;
@@ -63,6 +65,8 @@ pub fn fds(own: impl Fn(i32) -> bool) -> Vec<FdState> {
             char_device::capture(target)
         } else if fmt == libc::S_IFIFO && target.starts_with("pipe:") {
             pipe::capture(fd, flags, &st, &mut pipes)
+        } else if fmt == libc::S_IFSOCK {
+            socket::capture(fd, &st, &mut diag)
         } else {
             inherited::capture(fd, target)
         };
@@ -74,6 +78,7 @@ pub fn fds(own: impl Fn(i32) -> bool) -> Vec<FdState> {
         });
     }
     pipe::pair_up(&mut out, &pipes);
+    socket::pair_up(&mut out);
     out
 }
 

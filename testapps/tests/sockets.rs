@@ -1,0 +1,402 @@
+//! Sockets across a checkpoint, SIGKILL and a restore from a copy of the image in another
+//! directory (only 127.0.0.1 and ::1):
+//!
+//! - `sockserv` (`c/sockserv.c`: TCP and UDP over IPv4 and IPv6, Unix listeners by path and
+//!   abstract name, Unix datagram sockets bound and unbound, socket pairs with data queued in
+//!   each direction, a datagram socket connected outside, a netlink socket) answers the same
+//!   clients the same way after the restore, on the same ports; a client connected at the
+//!   checkpoint sees end of file or a reset and reconnects; the program checks every socket's
+//!   address, options and queued data itself, and its stdout is byte for byte that of an
+//!   uninterrupted run driven by the same client;
+//! - a port taken by someone else in between makes the restore fail with one line naming the
+//!   port, and the port's owner keeps it; once it is free the same image restores;
+//! - `python3 -m http.server` serves the same file on the same port after a restore.
+//!
+//! Needs `cargo build --release --workspace` first.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv6Addr, TcpListener, TcpStream, UdpSocket};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use snapshim_testapps::artifacts::c_app;
+use snapshim_testapps::{
+    bail, expect_clean_refusal, needs, AppSpec, Context, Failure, Result, Running, Session,
+    Snapshot, PYTHON,
+};
+
+/// A bound on every client read, so a broken server fails the test instead of hanging it.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The last line `snapshim-restore --stats` writes, from phase 2, once every descriptor of the
+/// program is in place (its listening sockets included) and just before the program resumes.
+const RESUMING: &str = "CLOCK_MONOTONIC";
+
+#[derive(Clone, Copy)]
+struct Ports {
+    tcp4: u16,
+    tcp6: u16,
+    udp4: u16,
+    udp6: u16,
+}
+
+/// Four ports the kernel just gave out (held together, so they are distinct, then released).
+fn free_ports() -> Result<Ports> {
+    let t4 = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+    let t6 = TcpListener::bind("[::1]:0").context("bind [::1]:0")?;
+    let u4 = UdpSocket::bind("127.0.0.1:0").context("bind udp 127.0.0.1:0")?;
+    let u6 = UdpSocket::bind("[::1]:0").context("bind udp [::1]:0")?;
+    let port = |a: std::io::Result<std::net::SocketAddr>| a.map(|a| a.port()).context("port");
+    Ok(Ports {
+        tcp4: port(t4.local_addr())?,
+        tcp6: port(t6.local_addr())?,
+        udp4: port(u4.local_addr())?,
+        udp6: port(u6.local_addr())?,
+    })
+}
+
+fn ipv6_loopback() -> Result<bool> {
+    needs::check(
+        "the IPv6 loopback address ::1",
+        TcpListener::bind((Ipv6Addr::LOCALHOST, 0)).is_ok(),
+    )
+}
+
+/// The outside end of `sockserv`'s connected datagram socket, in a directory of its own.
+struct Outside {
+    dir: PathBuf,
+    socket: UnixDatagram,
+}
+
+impl Outside {
+    fn new(tag: &str) -> Result<Outside> {
+        let dir =
+            std::env::temp_dir().join(format!("snapshim-outside-{}-{tag}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).context(format!("create {}", dir.display()))?;
+        let socket = UnixDatagram::bind(dir.join("outside.sock")).context("bind outside.sock")?;
+        socket
+            .set_read_timeout(Some(CLIENT_TIMEOUT))
+            .context("timeout")?;
+        Ok(Outside { dir, socket })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join("outside.sock")
+    }
+
+    /// The one datagram `sockserv` sends at its end.
+    fn expect_hello(&self) -> Result<()> {
+        let mut buf = [0u8; 64];
+        let n = self
+            .socket
+            .recv(&mut buf)
+            .context("receive on outside.sock")?;
+        if &buf[..n] != b"hello outside" {
+            bail!(
+                "outside.sock received {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn sockserv(p: Ports, outside: &Path) -> AppSpec {
+    AppSpec {
+        name: "sockserv".into(),
+        program: c_app("sockserv"),
+        args: [p.tcp4, p.tcp6, p.udp4, p.udp6]
+            .iter()
+            .map(|n| n.to_string())
+            .chain([outside.to_string_lossy().into_owned()])
+            .collect(),
+        output_files: Vec::new(),
+        setup: None,
+        run_from_copy: false,
+        unprivileged: false,
+        env: Vec::new(),
+    }
+}
+
+/// Where a request goes.
+enum Via<'a> {
+    Tcp4,
+    Tcp6,
+    Udp4,
+    Udp6,
+    Unix(&'a Path),
+    Abstract,
+}
+
+/// Sends `word` and returns the answer line (a fresh connection per request).
+fn ask(p: Ports, via: Via, word: &str) -> Result<String> {
+    let udp = |bind: &str, to: (&str, u16)| -> Result<String> {
+        let s = UdpSocket::bind(bind).context("bind a client")?;
+        s.set_read_timeout(Some(CLIENT_TIMEOUT))
+            .context("timeout")?;
+        s.send_to(word.as_bytes(), to).context("send a datagram")?;
+        let mut buf = [0u8; 256];
+        let n = s.recv(&mut buf).context("receive the answer datagram")?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim_end().to_string())
+    };
+    match via {
+        Via::Tcp4 => line_exchange(
+            TcpStream::connect(("127.0.0.1", p.tcp4)).context("connect tcp4")?,
+            word,
+        ),
+        Via::Tcp6 => line_exchange(
+            TcpStream::connect(("::1", p.tcp6)).context("connect tcp6")?,
+            word,
+        ),
+        Via::Udp4 => udp("127.0.0.1:0", ("127.0.0.1", p.udp4)),
+        Via::Udp6 => udp("[::1]:0", ("::1", p.udp6)),
+        Via::Unix(path) => {
+            line_exchange(UnixStream::connect(path).context("connect srv.sock")?, word)
+        }
+        Via::Abstract => {
+            let name = format!("sockserv-{}", p.tcp4);
+            let addr = SocketAddr::from_abstract_name(name.as_bytes()).context("abstract name")?;
+            line_exchange(
+                UnixStream::connect_addr(&addr).context("connect abstract")?,
+                word,
+            )
+        }
+    }
+}
+
+/// Writes `word` and a newline, reads one line back (empty at end of file).
+fn line_exchange<S: Read + Write>(mut s: S, word: &str) -> Result<String> {
+    s.write_all(format!("{word}\n").as_bytes())
+        .context("send a request")?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .context("read the answer")?;
+    Ok(line.trim_end().to_string())
+}
+
+/// One request through every kind of listener; the answers.
+fn ask_everyone(p: Ports, dir: &Path) -> Result<Vec<String>> {
+    let srv = dir.join("srv.sock");
+    let mut answers = Vec::new();
+    for (via, word) in [
+        (Via::Tcp4, "alpha"),
+        (Via::Tcp6, "bravo"),
+        (Via::Udp4, "charlie"),
+        (Via::Udp6, "delta"),
+        (Via::Unix(&srv), "echo"),
+        (Via::Abstract, "foxtrot"),
+    ] {
+        answers.push(ask(p, via, word)?);
+    }
+    Ok(answers)
+}
+
+/// Checkpoints `app`, kills it, and restores it from a copy of the image in another
+/// directory; returns once the restored program is about to resume (its sockets are ready).
+fn checkpoint_kill_restore(app: Running) -> Result<(Running, Snapshot)> {
+    let session = app.session().clone();
+    let img = app.checkpoint()?;
+    app.kill()?;
+    let copy = copy_elsewhere(&img)?;
+    let mut restored = session.restore_with(copy.path(), &["--stats"])?;
+    restored.wait_for(RESUMING)?;
+    Ok((restored, copy))
+}
+
+fn copy_elsewhere(img: &Snapshot) -> Result<Snapshot> {
+    let elsewhere = img.session().dir().join("elsewhere");
+    fs::create_dir_all(&elsewhere).context(format!("create {}", elsewhere.display()))?;
+    let copy = elsewhere.join(img.path().file_name().expect("an image has a name"));
+    fs::copy(img.path(), &copy).context(format!("copy {}", img.path().display()))?;
+    Ok(Snapshot::at(img.session(), copy))
+}
+
+/// The whole client script against `sockserv`, with a checkpoint, SIGKILL and restore in the
+/// middle when `cycle`; returns the program's stdout.
+fn serve_clients(p: Ports, outside: &Outside, cycle: bool) -> Result<Vec<u8>> {
+    let session = Session::new(sockserv(p, &outside.path()))?;
+    let app = if cycle {
+        session.spawn_without_reference()?
+    } else {
+        session.spawn_without_shim()?
+    };
+    let app = app.wait_ready()?;
+    let before = ask_everyone(p, session.dir())?;
+    let mut held = TcpStream::connect(("::1", p.tcp6)).context("connect the held client")?;
+    held.set_read_timeout(Some(CLIENT_TIMEOUT))
+        .context("timeout")?;
+    let golf = line_exchange(&mut held, "golf")?;
+    if golf != "tcp6 flog" {
+        bail!("the held client got {golf:?}");
+    }
+    let app = if cycle {
+        checkpoint_kill_restore(app)?.0
+    } else {
+        app
+    };
+    // The held connection: after a restore it ends (end of file or a reset), and the client
+    // reconnects; without one it goes on.
+    let hotel = line_exchange(&mut held, "hotel").unwrap_or_default();
+    match (cycle, hotel.as_str()) {
+        (false, "tcp6 letoh") | (true, "") => {}
+        _ => bail!("the client held across the checkpoint got {hotel:?} (restored: {cycle})"),
+    }
+    if cycle && ask(p, Via::Tcp6, "hotel")? != "tcp6 letoh" {
+        bail!("the client could not reconnect");
+    }
+    let after = ask_everyone(p, session.dir())?;
+    if after != before {
+        bail!("answers before {before:?}, after {after:?}");
+    }
+    let bye = ask(p, Via::Tcp4, "QUIT")?;
+    let fin = app.finish()?;
+    fin.assert_exit_code(0)?;
+    if bye != "bye" {
+        bail!("QUIT answered {bye:?}");
+    }
+    outside.expect_hello()?;
+    let out = fs::read(session.stdout_path()).context("read out.txt")?;
+    if !out.ends_with(b"every socket checked\nPASS\n") {
+        bail!("sockserv did not pass:\n{}", String::from_utf8_lossy(&out));
+    }
+    session.passed();
+    Ok(out)
+}
+
+/// Every kind of socket comes back: the same ports and names answer the same, the queued data
+/// and options are there, a client held across the checkpoint is dropped and reconnects, and
+/// stdout is byte for byte an uninterrupted run's.
+#[test]
+fn servers_answer_on_the_same_ports_after_a_restore() -> Result<()> {
+    if !ipv6_loopback()? {
+        return Ok(());
+    }
+    let p = free_ports()?;
+    let outside = Outside::new("serve")?;
+    let uninterrupted = serve_clients(p, &outside, false)?;
+    let restored = serve_clients(p, &outside, true)?;
+    if restored != uninterrupted {
+        bail!(
+            "stdout differs from an uninterrupted run: {}",
+            snapshim_testapps::diff_summary(&uninterrupted, &restored)
+        );
+    }
+    Ok(())
+}
+
+/// A port taken by another program between the checkpoint and the restore: one line naming
+/// the port, a non-zero exit, and the other program keeps its port and its clients. Once the
+/// port is free again the same image restores.
+#[test]
+fn a_busy_port_is_refused_in_one_line() -> Result<()> {
+    if !ipv6_loopback()? {
+        return Ok(());
+    }
+    let p = free_ports()?;
+    let outside = Outside::new("busy")?;
+    let session = Session::new(sockserv(p, &outside.path()))?;
+    let app = session.spawn_without_reference()?.wait_ready()?;
+    let img = app.checkpoint()?;
+    app.kill()?;
+    let squatter = TcpListener::bind(("127.0.0.1", p.tcp4)).context("take the port")?;
+    let refused = session.try_restore(img.path())?;
+    let msg = expect_clean_refusal(&refused, &[&format!("port {}", p.tcp4)])?;
+    eprintln!("refused: {msg}");
+    let mut client =
+        TcpStream::connect(("127.0.0.1", p.tcp4)).context("connect to the squatter")?;
+    let (mut served, _) = squatter.accept().context("the squatter accepts")?;
+    client.write_all(b"still mine").context("write")?;
+    let mut got = [0u8; 10];
+    served.read_exact(&mut got).context("read")?;
+    if &got != b"still mine" {
+        bail!("the port's owner read {got:?}");
+    }
+    drop((client, served, squatter));
+    let mut restored = session.restore_with(img.path(), &["--stats"])?;
+    restored.wait_for(RESUMING)?;
+    if ask(p, Via::Tcp4, "QUIT")? != "bye" {
+        bail!("the restored server did not answer");
+    }
+    restored.finish()?.assert_exit_code(0)?;
+    outside.expect_hello()?;
+    session.passed();
+    Ok(())
+}
+
+/// `python3 -m http.server` in the session directory, on a free port, checkpointed with a client connected that has not
+/// sent its request yet: after SIGKILL and a restore, that client's connection ends, and new
+/// clients get the same file from the same port.
+#[test]
+fn python_http_server_serves_the_same_file_after_a_restore() -> Result<()> {
+    if !needs::check(PYTHON, Path::new(PYTHON).exists())? {
+        return Ok(());
+    }
+    let port = free_ports()?.tcp4;
+    let spec = AppSpec {
+        name: "http-server".into(),
+        // Its "Serving HTTP on ..." line goes to stdout: sent to stderr, where the harness
+        // waits for it.
+        program: "/bin/sh".into(),
+        args: vec![
+            "-c".into(),
+            format!("exec {PYTHON} -u -m http.server --bind 127.0.0.1 {port} 1>&2"),
+        ],
+        output_files: Vec::new(),
+        setup: Some(|dir: &Path| fs::write(dir.join("page.txt"), "the same page\n".repeat(1000))),
+        run_from_copy: false,
+        unprivileged: false,
+        env: Vec::new(),
+    };
+    let session = Session::new(spec)?;
+    let mut app = session.spawn_without_reference()?;
+    app.wait_for(&format!("(http://127.0.0.1:{port}/) ..."))?;
+    let page = http_get(port, "/page.txt")?;
+    let mut held = TcpStream::connect(("127.0.0.1", port)).context("connect")?;
+    held.set_read_timeout(Some(CLIENT_TIMEOUT))
+        .context("timeout")?;
+    let (restored, _img) = checkpoint_kill_restore(app)?;
+    let _ = held.write_all(b"GET /page.txt HTTP/1.0\r\n\r\n");
+    let mut rest = Vec::new();
+    if held.read_to_end(&mut rest).is_ok() && !rest.is_empty() {
+        bail!(
+            "the client held across the checkpoint got an answer: {} bytes",
+            rest.len()
+        );
+    }
+    let again = http_get(port, "/page.txt")?;
+    if again != page {
+        bail!("the page served after the restore differs");
+    }
+    drop(restored);
+    session.passed();
+    Ok(())
+}
+
+/// `GET path` over HTTP/1.0; the body (the status must be 200).
+fn http_get(port: u16, path: &str) -> Result<Vec<u8>> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).context("connect")?;
+    s.set_read_timeout(Some(CLIENT_TIMEOUT))
+        .context("timeout")?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .context("send the request")?;
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).context("read the response")?;
+    let split = all
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| Failure::new("no end of headers in the response"))?;
+    if !all.starts_with(b"HTTP/1.0 200") {
+        bail!("response: {}", String::from_utf8_lossy(&all[..split]));
+    }
+    Ok(all[split + 4..].to_vec())
+}
