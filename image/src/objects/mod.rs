@@ -105,6 +105,46 @@ mod tests {
         },
     }
 
+    /// Format 1.4 appended `FdKind::Socket`: it round-trips, and every earlier variant keeps
+    /// its number (the test below).
+    #[test]
+    fn sockets_round_trip() {
+        let roles = [
+            SocketRole::Unbound,
+            SocketRole::Bound,
+            SocketRole::Listening { backlog: 128 },
+            SocketRole::Connected,
+            SocketRole::Pair {
+                peer: 7,
+                queued: vec![b"d1".to_vec(), Vec::new()],
+            },
+            SocketRole::Reset,
+            SocketRole::Refused {
+                why: "descriptors are in flight in it (SCM_RIGHTS)".into(),
+            },
+        ];
+        for role in roles {
+            let kind = FdKind::Socket(Socket {
+                id: 6,
+                family: 10,
+                sock_type: 1,
+                protocol: 6,
+                local: vec![10, 0, 0x1f, 0x90],
+                peer: Vec::new(),
+                options: vec![SockOpt {
+                    level: 1,
+                    name: 2,
+                    value: 1i32.to_ne_bytes().to_vec(),
+                }],
+                role,
+            });
+            let bytes = postcard::to_allocvec(&kind).unwrap();
+            assert_eq!(bytes[0], 6, "Socket is the seventh variant");
+            assert_eq!(postcard::from_bytes::<FdKind>(&bytes).unwrap(), kind);
+            assert_eq!(kind.name(), "socket");
+        }
+    }
+
     #[test]
     fn newtype_variants_encode_as_the_struct_variants_of_format_1_3() {
         let identity = FileIdentity {

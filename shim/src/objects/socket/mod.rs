@@ -139,7 +139,7 @@ fn was_connected(fd: i32) -> bool {
 /// named socket elsewhere reconnects; a stream to elsewhere comes back ended (or, on 0-2, is
 /// inherited from whoever restores).
 pub fn pair_up(out: &mut [FdState]) {
-    let ids: Vec<u64> = out.iter().filter_map(|f| socket_id(&f.kind)).collect();
+    let ids: Vec<(u64, u64)> = out.iter().filter_map(|f| socket_ids(&f.kind)).collect();
     for f in out.iter_mut() {
         let FdKind::Socket(s) = &mut f.kind else {
             continue;
@@ -147,11 +147,14 @@ pub fn pair_up(out: &mut [FdState]) {
         let SocketRole::Pair { peer, .. } = s.role else {
             continue;
         };
-        s.role = if ids.contains(&peer) {
+        let peer_of_peer = ids.iter().find(|i| i.0 == peer).map(|i| i.1);
+        s.role = if peer_of_peer == Some(s.id) {
             match queue::peek_all(f.fd) {
                 Ok(queued) => SocketRole::Pair { peer, queued },
                 Err(why) => refused(why),
             }
+        } else if peer_of_peer.is_some() {
+            refused("it is connected to another socket of the program that is not its pair")
         } else if s.sock_type == libc::SOCK_DGRAM && s.peer.len() > 2 {
             SocketRole::Connected
         } else if f.fd <= 2 {
@@ -175,9 +178,13 @@ pub fn pair_up(out: &mut [FdState]) {
     }
 }
 
-fn socket_id(k: &FdKind) -> Option<u64> {
+/// A socket's id and, for a Unix socket connected to another, its peer's (else 0).
+fn socket_ids(k: &FdKind) -> Option<(u64, u64)> {
     match k {
-        FdKind::Socket(s) => Some(s.id),
+        FdKind::Socket(s) => match s.role {
+            SocketRole::Pair { peer, .. } => Some((s.id, peer)),
+            _ => Some((s.id, 0)),
+        },
         _ => None,
     }
 }
