@@ -7,7 +7,17 @@ use std::path::Path;
 use std::process::Command;
 
 const APPS: &[&str] = &[
-    "single", "threads", "fpu", "signals", "files", "pattern", "ids", "wpasync", "incr", "sockserv",
+    "single",
+    "threads",
+    "fpu",
+    "signals",
+    "files",
+    "pattern",
+    "ids",
+    "wpasync",
+    "incr",
+    "sockserv",
+    "sockreset",
 ];
 
 fn main() {

@@ -400,3 +400,95 @@ fn http_get(port: u16, path: &str) -> Result<Vec<u8>> {
     }
     Ok(all[split + 4..].to_vec())
 }
+
+/// `sockreset` holds connections to the test's listeners: TCP over IPv4 and IPv6, and a Unix
+/// stream. Uninterrupted, the test resets the TCP ones (`SO_LINGER` 0) and closes the Unix one;
+/// with a checkpoint, SIGKILL and a restore in between, the restored connections must end the
+/// same way by themselves: a reset (`ECONNRESET`, then end of file) and an end of file. The
+/// program prints how each ended, so both runs print the same.
+#[test]
+fn established_connections_come_back_reset() -> Result<()> {
+    if !ipv6_loopback()? {
+        return Ok(());
+    }
+    let outside = Outside::new("reset")?;
+    let t4 = TcpListener::bind("127.0.0.1:0").context("bind")?;
+    let t6 = TcpListener::bind("[::1]:0").context("bind")?;
+    let unix_path = outside.dir.join("listener.sock");
+    let unix = std::os::unix::net::UnixListener::bind(&unix_path).context("bind")?;
+    let port = |l: &TcpListener| l.local_addr().map(|a| a.port().to_string()).context("port");
+    let spec = AppSpec {
+        name: "sockreset".into(),
+        program: c_app("sockreset"),
+        args: vec![
+            port(&t4)?,
+            port(&t6)?,
+            unix_path.to_string_lossy().into_owned(),
+        ],
+        output_files: Vec::new(),
+        setup: None,
+        run_from_copy: false,
+        unprivileged: false,
+        env: Vec::new(),
+    };
+    let mut outputs = Vec::new();
+    for cycle in [false, true] {
+        let session = Session::new(spec.clone())?;
+        let app = if cycle {
+            session.spawn_without_reference()?
+        } else {
+            session.spawn_without_shim()?
+        };
+        let app = app.wait_ready()?;
+        let (c4, _) = t4.accept().context("accept tcp4")?;
+        let (c6, _) = t6.accept().context("accept tcp6")?;
+        let (cu, _) = unix.accept().context("accept unix")?;
+        let app = if cycle {
+            checkpoint_kill_restore(app)?.0
+        } else {
+            for c in [&c4, &c6] {
+                set_linger_zero(c)?;
+            }
+            app
+        };
+        drop((c4, c6, cu));
+        app.finish()?.assert_exit_code(0)?;
+        let out = fs::read(session.stdout_path()).context("read out.txt")?;
+        let text = String::from_utf8_lossy(&out).into_owned();
+        if !text.contains("tcp4: read fails with ECONNRESET\ntcp4: end of file\n") {
+            bail!("the connection was not reset (restored: {cycle}):\n{text}");
+        }
+        session.passed();
+        outputs.push(out);
+    }
+    if outputs[0] != outputs[1] {
+        bail!(
+            "stdout differs from an uninterrupted run: {}",
+            snapshim_testapps::diff_summary(&outputs[0], &outputs[1])
+        );
+    }
+    Ok(())
+}
+
+/// `SO_LINGER` with a zero timeout: closing sends a RST.
+fn set_linger_zero(s: &TcpStream) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a linger struct with its size, on a socket this test owns.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        bail!("SO_LINGER: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
