@@ -221,9 +221,11 @@ fn copy_elsewhere(img: &Snapshot) -> Result<Snapshot> {
     Ok(Snapshot::at(img.session(), copy))
 }
 
-/// The whole client script against `sockserv`, with a checkpoint, SIGKILL and restore in the
-/// middle when `cycle`; returns the program's stdout.
-fn serve_clients(p: Ports, outside: &Outside, cycle: bool) -> Result<Vec<u8>> {
+/// The whole client script against `sockserv`, with `cycles` (0 to 2) checkpoints, each
+/// followed by SIGKILL and a restore, between its rounds of requests; returns the program's
+/// stdout.
+fn serve_clients(p: Ports, outside: &Outside, cycles: u32) -> Result<Vec<u8>> {
+    let cycle = cycles > 0;
     let session = Session::new(sockserv(p, &outside.path()))?;
     let app = if cycle {
         session.spawn_without_reference()?
@@ -258,6 +260,15 @@ fn serve_clients(p: Ports, outside: &Outside, cycle: bool) -> Result<Vec<u8>> {
     if after != before {
         bail!("answers before {before:?}, after {after:?}");
     }
+    let app = if cycles == 2 {
+        checkpoint_kill_restore(app)?.0
+    } else {
+        app
+    };
+    let again = ask_everyone(p, session.dir())?;
+    if again != before {
+        bail!("answers before {before:?}, after a second restore {again:?}");
+    }
     let bye = ask(p, Via::Tcp4, "QUIT")?;
     let fin = app.finish()?;
     fin.assert_exit_code(0)?;
@@ -273,9 +284,10 @@ fn serve_clients(p: Ports, outside: &Outside, cycle: bool) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Every kind of socket comes back: the same ports and names answer the same, the queued data
-/// and options are there, a client held across the checkpoint is dropped and reconnects, and
-/// stdout is byte for byte an uninterrupted run's.
+/// Every kind of socket comes back, over two checkpoint/restore cycles: the same ports and
+/// names answer the same, the queued data and options are there, a client held across the
+/// first checkpoint is dropped and reconnects, and stdout is byte for byte an uninterrupted
+/// run's.
 #[test]
 fn servers_answer_on_the_same_ports_after_a_restore() -> Result<()> {
     if !ipv6_loopback()? {
@@ -283,8 +295,8 @@ fn servers_answer_on_the_same_ports_after_a_restore() -> Result<()> {
     }
     let p = free_ports()?;
     let outside = Outside::new("serve")?;
-    let uninterrupted = serve_clients(p, &outside, false)?;
-    let restored = serve_clients(p, &outside, true)?;
+    let uninterrupted = serve_clients(p, &outside, 0)?;
+    let restored = serve_clients(p, &outside, 2)?;
     if restored != uninterrupted {
         bail!(
             "stdout differs from an uninterrupted run: {}",
