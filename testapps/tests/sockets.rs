@@ -77,6 +77,11 @@ impl Outside {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).context(format!("create {}", dir.display()))?;
         let socket = UnixDatagram::bind(dir.join("outside.sock")).context("bind outside.sock")?;
+        // Reachable by an app running as nobody.
+        for path in [dir.clone(), dir.join("outside.sock")] {
+            fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+                .context(format!("chmod {}", path.display()))?;
+        }
         socket
             .set_read_timeout(Some(CLIENT_TIMEOUT))
             .context("timeout")?;
@@ -311,12 +316,26 @@ fn servers_answer_on_the_same_ports_after_a_restore() -> Result<()> {
 /// port is free again the same image restores.
 #[test]
 fn a_busy_port_is_refused_in_one_line() -> Result<()> {
+    busy_port(false)
+}
+
+/// The same as nobody, whose restore runs in a user namespace of its own.
+#[test]
+fn a_busy_port_is_refused_in_one_line_as_nobody() -> Result<()> {
+    busy_port(true)
+}
+
+fn busy_port(unprivileged: bool) -> Result<()> {
     if !ipv6_loopback()? {
         return Ok(());
     }
     let p = free_ports()?;
-    let outside = Outside::new("busy")?;
-    let session = Session::new(sockserv(p, &outside.path()))?;
+    let outside = Outside::new(if unprivileged { "busy-nobody" } else { "busy" })?;
+    let mut spec = sockserv(p, &outside.path());
+    if unprivileged {
+        spec = spec.unprivileged();
+    }
+    let session = Session::new(spec)?;
     let app = session.spawn_without_reference()?.wait_ready()?;
     let img = app.checkpoint()?;
     app.kill()?;

@@ -102,14 +102,10 @@ pub fn bind_again(fd: RawFd, s: &Socket) -> Result<(), String> {
     }
     r.map_err(|e| match e.raw_os_error() {
         Some(libc::EADDRINUSE) if s.family == libc::AF_INET || s.family == libc::AF_INET6 => {
-            format!(
-                "port {} ({}) is in use by another program",
-                port(a),
-                describe(s, a)
-            )
+            format!("port {} is in use by another program", port(a))
         }
-        Some(libc::EADDRINUSE) => format!("{} is in use by another program", describe(s, a)),
-        _ => format!("cannot bind {}: {e}", describe(s, a)),
+        Some(libc::EADDRINUSE) => "its address is in use by another program".into(),
+        _ => format!("cannot bind: {e}"),
     })
 }
 
