@@ -18,6 +18,7 @@ const APPS: &[&str] = &[
     "incr",
     "sockserv",
     "sockreset",
+    "sockfds",
 ];
 
 fn main() {

@@ -10,7 +10,9 @@
 //!   uninterrupted run driven by the same client;
 //! - a port taken by someone else in between makes the restore fail with one line naming the
 //!   port, and the port's owner keeps it; once it is free the same image restores;
-//! - `python3 -m http.server` serves the same file on the same port after a restore.
+//! - `python3 -m http.server` serves the same file on the same port after a restore;
+//! - a descriptor in flight in a Unix socket pair is left to the program by the checkpoint and
+//!   makes the restore fail in one line naming the socket.
 //!
 //! Needs `cargo build --release --workspace` first.
 
@@ -521,5 +523,42 @@ fn set_linger_zero(s: &TcpStream) -> Result<()> {
     if r != 0 {
         bail!("SO_LINGER: {}", std::io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// A descriptor in flight in a Unix socket (`SCM_RIGHTS`) cannot be restored: the checkpoint
+/// leaves it where it is (the program receives it afterwards), and the restore of that image
+/// fails in one line naming the descriptor and why.
+#[test]
+fn a_descriptor_in_flight_is_refused_in_one_line() -> Result<()> {
+    let spec = AppSpec {
+        name: "sockfds".into(),
+        program: c_app("sockfds"),
+        args: Vec::new(),
+        output_files: Vec::new(),
+        setup: None,
+        run_from_copy: false,
+        unprivileged: false,
+        env: Vec::new(),
+    };
+    let session = Session::new(spec)?;
+    let app = session.spawn_without_reference()?.wait_ready()?;
+    let holder = app
+        .stderr_so_far()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("in flight on descriptor ")
+                .map(str::to_string)
+        })
+        .ok_or_else(|| Failure::new("sockfds did not say which descriptor holds it"))?;
+    let img = app.checkpoint()?;
+    app.signal(libc::SIGUSR1)?;
+    app.finish()?.assert_exit_code(0)?;
+    let refused = session.try_restore(img.path())?;
+    let msg = expect_clean_refusal(&refused, &["SCM_RIGHTS"])?;
+    if !msg.contains(&format!("descriptor {holder} ")) {
+        bail!("the message does not name descriptor {holder}: {msg}");
+    }
+    session.passed();
     Ok(())
 }
