@@ -4,7 +4,8 @@
  * A small server holding one socket of each kind snapshim restores, driven by a client (the
  * test, tests/sockets.rs); its stdout depends only on what clients ask, so a run checkpointed,
  * killed and restored prints exactly what an uninterrupted run does:
- *   - TCP listeners on 127.0.0.1:PORT_TCP4 (SO_REUSEADDR, TCP_NODELAY, SO_KEEPALIVE, backlog 7)
+ *   - TCP listeners on 127.0.0.1:PORT_TCP4 (SO_REUSEADDR, TCP_NODELAY, SO_KEEPALIVE, backlog 7,
+ *     and on a second descriptor, a dup)
  *     and [::1]:PORT_TCP6 (IPV6_V6ONLY, SO_REUSEPORT, SO_RCVBUF 65536, backlog 5, non-blocking);
  *   - UDP sockets bound to 127.0.0.1:PORT_UDP4 and [::1]:PORT_UDP6;
  *   - Unix stream listeners at the relative path srv.sock and the abstract name
@@ -30,6 +31,7 @@
 #include <stddef.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -43,7 +45,7 @@ static socklen_t llen[NLISTEN];
 
 #define MAXCONN 64
 static int conn[MAXCONN], conn_of[MAXCONN];
-static int ud, un, sp[2], dp[2], out, nl;
+static int ud, un, sp[2], dp[2], out, nl, t4dup;
 
 static int check(int r, const char *what)
 {
@@ -157,6 +159,7 @@ static void setup(char **argv)
 	nl = check(socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE), "netlink");
 	struct sockaddr_nl snl = {.nl_family = AF_NETLINK};
 	check(bind(nl, (struct sockaddr *)&snl, sizeof snl), "bind netlink");
+	t4dup = check(dup(lfd[T4]), "dup");
 	for (int i = 0; i < NLISTEN; i++) {
 		llen[i] = sizeof laddr[i];
 		check(getsockname(lfd[i], (struct sockaddr *)&laddr[i], &llen[i]), "getsockname");
@@ -204,6 +207,9 @@ static void check_everything(int rcvbuf6)
 	want_int(lfd[T4], SOL_SOCKET, SO_KEEPALIVE, 1, "tcp4 SO_KEEPALIVE");
 	want_int(lfd[T4], SOL_SOCKET, SO_REUSEADDR, 1, "tcp4 SO_REUSEADDR");
 	want_int(lfd[T4], SOL_SOCKET, SO_ACCEPTCONN, 1, "tcp4 listening");
+	struct stat st1, st2;
+	if (fstat(lfd[T4], &st1) || fstat(t4dup, &st2) || st1.st_ino != st2.st_ino)
+		fail("the tcp4 listener and its dup are not one socket any more");
 	want_int(lfd[T6], IPPROTO_IPV6, IPV6_V6ONLY, 1, "tcp6 IPV6_V6ONLY");
 	want_int(lfd[T6], SOL_SOCKET, SO_REUSEPORT, 1, "tcp6 SO_REUSEPORT");
 	want_int(lfd[T6], SOL_SOCKET, SO_REUSEADDR, 0, "tcp6 SO_REUSEADDR");

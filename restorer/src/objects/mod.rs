@@ -55,7 +55,7 @@ pub enum Prepared {
 pub struct Prepare {
     pub high_base: RawFd,
     pub pipes: pipe::Pipes,
-    pub socket_pairs: socket::Pairs,
+    pub sockets: socket::Sockets,
 }
 
 impl Prepare {
@@ -95,7 +95,7 @@ pub fn prepare_fds(meta: &Metadata) -> Result<FdPlan, String> {
     let mut cx = Prepare {
         high_base: (max_fd + 1).max(64),
         pipes: pipe::Pipes::default(),
-        socket_pairs: socket::Pairs::default(),
+        sockets: socket::Sockets::default(),
     };
     let mut moves = Vec::new();
     let mut inherit = Vec::new();
@@ -116,7 +116,7 @@ pub fn prepare_fds(meta: &Metadata) -> Result<FdPlan, String> {
     }
     cx.pipes
         .close_unused(|end| moves.iter().any(|m| m.1 == end));
-    cx.socket_pairs
+    cx.sockets
         .close_unused(|end| moves.iter().any(|m| m.1 == end));
     Ok(FdPlan {
         moves,

@@ -6,7 +6,7 @@
 //!   line naming it), listening with the same backlog;
 //! - `Connected` (datagram sockets): bound again if it had a name, connected to the same peer;
 //! - `Pair`: both ends of a Unix socket pair made by the first of the two descriptors
-//!   ([`Pairs`]), each end's queued data sent again through the other end;
+//!   ([`Sockets`]), each end's queued data sent again through the other end;
 //! - `Reset`: a stream connection that cannot go on, made as one that was reset ([`reset`]);
 //! - `Refused`: the restore fails naming the descriptor.
 //!
@@ -21,14 +21,18 @@ use snapshim_image::{FdState, Socket, SocketRole};
 
 use super::{move_high, status_flags, Prepare, Prepared};
 
-/// The Unix socket pairs made so far: (id of an end, its spare number), both ends listed.
+/// The sockets made so far: every one by its id (a socket the program had on two numbers is
+/// made once), and both ends of each Unix socket pair from the moment its first end is made.
 #[derive(Default)]
-pub struct Pairs(Vec<(u64, RawFd)>);
+pub struct Sockets {
+    made: Vec<(u64, RawFd)>,
+    pair_ends: Vec<(u64, RawFd)>,
+}
 
-impl Pairs {
-    /// Closes the ends that no descriptor of the program became (`used`).
+impl Sockets {
+    /// Closes the pair ends that no descriptor of the program became (`used`).
     pub fn close_unused(&self, used: impl Fn(RawFd) -> bool) {
-        for &(_, fd) in &self.0 {
+        for &(_, fd) in &self.pair_ends {
             if !used(fd) {
                 // SAFETY: closing our own descriptor.
                 unsafe { libc::close(fd) };
@@ -40,6 +44,9 @@ impl Pairs {
 pub fn prepare(cx: &mut Prepare, f: &FdState, s: &Socket) -> Result<Prepared, String> {
     let what = addr::describe(s, if s.local.len() > 2 { &s.local } else { &s.peer });
     let fail = |why: String| format!("cannot restore descriptor {} ({what}): {why}", f.fd);
+    if let Some(&(_, fd)) = cx.sockets.made.iter().find(|m| m.0 == s.id) {
+        return Ok(Prepared::At(fd));
+    }
     let fd = match &s.role {
         SocketRole::Refused { why } => return Err(fail(why.clone())),
         SocketRole::Pair { peer, queued } => pair_end(cx, s, *peer, queued).map_err(fail)?,
@@ -57,6 +64,7 @@ pub fn prepare(cx: &mut Prepare, f: &FdState, s: &Socket) -> Result<Prepared, St
     };
     // SAFETY: F_SETFL on our descriptor (O_NONBLOCK and friends).
     unsafe { libc::fcntl(fd, libc::F_SETFL, status_flags(f)) };
+    cx.sockets.made.push((s.id, fd));
     Ok(Prepared::At(fd))
 }
 
@@ -149,8 +157,8 @@ fn set_options(fd: RawFd, s: &Socket) -> Result<(), String> {
 /// One end of a Unix socket pair: the first end made creates both; each end's queued data is
 /// sent through the other end.
 fn pair_end(cx: &mut Prepare, s: &Socket, peer: u64, queued: &[Vec<u8>]) -> Result<RawFd, String> {
-    let find = |pairs: &Pairs, id| pairs.0.iter().find(|p| p.0 == id).map(|p| p.1);
-    if find(&cx.socket_pairs, s.id).is_none() {
+    let find = |sockets: &Sockets, id| sockets.pair_ends.iter().find(|p| p.0 == id).map(|p| p.1);
+    if find(&cx.sockets, s.id).is_none() {
         let mut ends = [0; 2];
         // SAFETY: ends is a valid out-array of two descriptors.
         if unsafe {
@@ -169,10 +177,10 @@ fn pair_end(cx: &mut Prepare, s: &Socket, peer: u64, queued: &[Vec<u8>]) -> Resu
         }
         let a = move_high(ends[0], cx.high_base)?;
         let b = move_high(ends[1], cx.high_base)?;
-        cx.socket_pairs.0.push((s.id, a));
-        cx.socket_pairs.0.push((peer, b));
+        cx.sockets.pair_ends.push((s.id, a));
+        cx.sockets.pair_ends.push((peer, b));
     }
-    let (mine, other) = (find(&cx.socket_pairs, s.id), find(&cx.socket_pairs, peer));
+    let (mine, other) = (find(&cx.sockets, s.id), find(&cx.sockets, peer));
     let (Some(mine), Some(other)) = (mine, other) else {
         return Err("its peer is not the other end of its pair".into());
     };
