@@ -1,8 +1,8 @@
 //! What only the kernel's socket diagnostics (`NETLINK_SOCK_DIAG`) tell: the backlog a socket
 //! listens with, and which socket a Unix socket is connected to (its peer's inode, which is how
 //! the two ends of a `socketpair` find each other). One dump of the listening TCP sockets per
-//! IP family and one of every Unix socket, each a netlink request answered by a stream of
-//! `inet_diag_msg` / `unix_diag_msg` records.
+//! IP family (a stream of `inet_diag_msg` records), and one request per Unix socket, by inode
+//! (one `unix_diag_msg` with its attributes).
 #![allow(unsafe_code)]
 
 use alloc::vec::Vec;
@@ -28,11 +28,16 @@ pub struct Info {
     pub peer: u64,
 }
 
-/// Every socket the diagnostics told of; `None` where the kernel refused them.
-pub struct Diag(Option<Vec<Info>>);
+/// The kernel's socket diagnostics: the listening TCP sockets (one dump per IP family, taken
+/// at once) and Unix sockets (asked one by one, by inode, so the cost does not grow with the
+/// number of Unix sockets on the machine). `nl` is -1 where the kernel refused them.
+pub struct Diag {
+    nl: i32,
+    listeners: Vec<Info>,
+}
 
 impl Diag {
-    /// Asks the kernel (one netlink socket, closed before returning).
+    /// Opens the netlink socket (closed when the `Diag` is dropped) and takes the dumps.
     pub fn collect() -> Diag {
         // SAFETY: plain socket creation.
         let nl = unsafe {
@@ -43,60 +48,86 @@ impl Diag {
                 libc::NETLINK_SOCK_DIAG
             )
         };
-        let Ok(nl) = sys::check(nl).map(|fd| fd as i32) else {
-            return Diag(None);
+        let mut d = Diag {
+            nl: sys::check(nl).map_or(-1, |fd| fd as i32),
+            listeners: Vec::new(),
         };
-        let mut out = Vec::new();
-        let ok = [libc::AF_INET, libc::AF_INET6]
-            .iter()
-            .all(|&family| dump(nl, &inet_request(family as u8), &mut out, inet_info))
-            && dump(nl, &unix_request(), &mut out, unix_info);
-        sys::close(nl);
-        Diag(ok.then_some(out))
+        let ok = d.nl >= 0
+            && [libc::AF_INET, libc::AF_INET6].iter().all(|&family| {
+                exchange(
+                    d.nl,
+                    &inet_request(family as u8),
+                    &mut d.listeners,
+                    inet_info,
+                )
+            });
+        if !ok && d.nl >= 0 {
+            sys::close(d.nl);
+            d.nl = -1;
+        }
+        d
     }
 
-    /// Whether the kernel answered at all.
+    /// Whether the kernel answers at all.
     pub fn available(&self) -> bool {
-        self.0.is_some()
+        self.nl >= 0
     }
 
-    pub fn get(&self, ino: u64) -> Info {
-        let found = self
-            .0
-            .as_ref()
-            .and_then(|v| v.iter().find(|i| i.ino == ino));
+    /// An IP socket: its backlog if it is a listening TCP socket.
+    pub fn inet(&self, ino: u64) -> Info {
+        let found = self.listeners.iter().find(|i| i.ino == ino);
         found.copied().unwrap_or(Info {
+            ino,
+            ..Info::default()
+        })
+    }
+
+    /// A Unix socket: its peer, and its backlog if it listens.
+    pub fn unix(&self, ino: u64) -> Info {
+        let mut out = Vec::new();
+        if self.nl >= 0 {
+            exchange(self.nl, &unix_request(ino as u32), &mut out, unix_info);
+        }
+        out.first().copied().unwrap_or(Info {
             ino,
             ..Info::default()
         })
     }
 }
 
+impl Drop for Diag {
+    fn drop(&mut self) {
+        if self.nl >= 0 {
+            sys::close(self.nl);
+        }
+    }
+}
+
 /// `nlmsghdr` + `inet_diag_req_v2`: the listening TCP sockets of one family.
 fn inet_request(family: u8) -> Vec<u8> {
-    let mut r = header(16 + 56);
+    let mut r = header(16 + 56, libc::NLM_F_DUMP);
     r.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
     r.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
     r.resize(16 + 56, 0); // inet_diag_sockid: any
     r
 }
 
-/// `nlmsghdr` + `unix_diag_req`: every Unix socket, with its peer and queue lengths.
-fn unix_request() -> Vec<u8> {
-    let mut r = header(16 + 24);
+/// `nlmsghdr` + `unix_diag_req`: the Unix socket `ino`, with its peer and queue lengths.
+fn unix_request(ino: u32) -> Vec<u8> {
+    let mut r = header(16 + 24, 0);
     r.extend_from_slice(&[libc::AF_UNIX as u8, 0, 0, 0]);
     r.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
-    r.extend_from_slice(&0u32.to_ne_bytes()); // any inode
+    r.extend_from_slice(&ino.to_ne_bytes());
     r.extend_from_slice(&(UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_ne_bytes());
-    r.resize(16 + 24, 0); // cookie: any
+    r.extend_from_slice(&[0xff; 8]); // cookie: INET_DIAG_NOCOOKIE, any
     r
 }
 
-fn header(len: u32) -> Vec<u8> {
+fn header(len: u32, dump: i32) -> Vec<u8> {
     let mut h = Vec::with_capacity(len as usize);
     h.extend_from_slice(&len.to_ne_bytes());
     h.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    let flags = (libc::NLM_F_REQUEST | dump) as u16;
     h.extend_from_slice(&flags.to_ne_bytes());
     h.extend_from_slice(&[0; 8]); // sequence, port id
     h
@@ -146,8 +177,11 @@ fn unix_info(msg: &[u8]) -> Option<Info> {
     Some(info)
 }
 
-/// Sends one dump request and reads its answer to the end, each record through `parse`.
-fn dump(nl: i32, req: &[u8], out: &mut Vec<Info>, parse: fn(&[u8]) -> Option<Info>) -> bool {
+/// Sends one request and reads its answer, each record through `parse`: a dump to its end
+/// (`NLMSG_DONE`), a request for one socket to its one record. False if the kernel answered
+/// with an error.
+fn exchange(nl: i32, req: &[u8], out: &mut Vec<Info>, parse: fn(&[u8]) -> Option<Info>) -> bool {
+    let dump = u16_at(req, 6) & libc::NLM_F_DUMP as u16 != 0;
     // SAFETY: a zeroed sockaddr_nl is the kernel's address.
     let mut kernel: libc::sockaddr_nl = unsafe { core::mem::zeroed() };
     kernel.nl_family = libc::AF_NETLINK as u16;
@@ -182,6 +216,9 @@ fn dump(nl: i32, req: &[u8], out: &mut Vec<Info>, parse: fn(&[u8]) -> Option<Inf
                 NLMSG_DONE => return true,
                 NLMSG_ERROR => return false,
                 _ => out.extend(parse(&buf[off + 16..off + len])),
+            }
+            if !dump {
+                return true;
             }
             off += (len + 3) & !3;
         }

@@ -58,7 +58,10 @@ pub fn capture(fd: i32, st: &libc::stat, diag: &mut Option<Diag>) -> FdKind {
     let listening = int_opt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == Some(1);
     let local = name(fd, libc::SYS_getsockname);
     let peer = name(fd, libc::SYS_getpeername);
-    let info = diag.get(st.st_ino);
+    let info = match family {
+        libc::AF_UNIX => diag.unix(st.st_ino),
+        _ => diag.inet(st.st_ino),
+    };
     let role = match family {
         _ if listening => match info.backlog {
             Some(backlog) => SocketRole::Listening { backlog },
