@@ -137,3 +137,56 @@ pub fn set_int(fd: RawFd, level: i32, name: i32, v: i32) -> bool {
     // SAFETY: an int option passed by pointer with its size.
     unsafe { libc::setsockopt(fd, level, name, (&v as *const i32).cast(), 4) == 0 }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use snapshim_image::SocketRole;
+
+    fn socket(family: i32, sock_type: i32, local: Vec<u8>) -> Socket {
+        Socket {
+            id: 1,
+            family,
+            sock_type,
+            protocol: 0,
+            local,
+            peer: Vec::new(),
+            options: Vec::new(),
+            role: SocketRole::Bound,
+        }
+    }
+
+    fn sockaddr_un(name: &[u8]) -> Vec<u8> {
+        let mut a = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
+        a.extend_from_slice(name);
+        a
+    }
+
+    #[test]
+    fn addresses_are_named_as_users_know_them() {
+        let mut v4 = vec![0u8; 16];
+        v4[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+        v4[2..4].copy_from_slice(&8080u16.to_be_bytes());
+        v4[4..8].copy_from_slice(&[127, 0, 0, 1]);
+        let s = socket(libc::AF_INET, libc::SOCK_STREAM, v4.clone());
+        assert_eq!(port(&v4), 8080);
+        assert_eq!(describe(&s, &v4), "TCP 127.0.0.1 port 8080");
+
+        let mut v6 = vec![0u8; 28];
+        v6[..2].copy_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+        v6[2..4].copy_from_slice(&53u16.to_be_bytes());
+        v6[23] = 1;
+        let s = socket(libc::AF_INET6, libc::SOCK_DGRAM, v6.clone());
+        assert_eq!(describe(&s, &v6), "UDP ::1 port 53");
+
+        let s = socket(libc::AF_UNIX, libc::SOCK_STREAM, Vec::new());
+        assert_eq!(
+            describe(&s, &sockaddr_un(b"/run/x.sock\0")),
+            "Unix socket /run/x.sock"
+        );
+        assert_eq!(describe(&s, &sockaddr_un(b"\0name")), "Unix socket @name");
+        assert_eq!(describe(&s, &sockaddr_un(b"")), "unnamed Unix socket");
+        let s = socket(libc::AF_NETLINK, libc::SOCK_RAW, Vec::new());
+        assert_eq!(describe(&s, &[]), "netlink socket (protocol 0)");
+    }
+}

@@ -224,3 +224,51 @@ fn exchange(nl: i32, req: &[u8], out: &mut Vec<Info>, parse: fn(&[u8]) -> Option
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `unix_diag_msg` of a listening socket (inode 77) with a `UNIX_DIAG_PEER` (0) and a
+    /// `UNIX_DIAG_RQLEN` attribute (2 waiting, backlog 9).
+    #[test]
+    fn unix_records_give_the_peer_and_backlog() {
+        let mut m = vec![libc::AF_UNIX as u8, 1, TCP_LISTEN as u8, 0];
+        m.extend_from_slice(&77u32.to_ne_bytes());
+        m.extend_from_slice(&[0; 8]);
+        for (kind, payload) in [
+            (UNIX_DIAG_PEER, 0u64.to_ne_bytes()[..4].to_vec()),
+            (
+                UNIX_DIAG_RQLEN,
+                [2u32.to_ne_bytes(), 9u32.to_ne_bytes()].concat(),
+            ),
+        ] {
+            m.extend_from_slice(&(4 + payload.len() as u16).to_ne_bytes());
+            m.extend_from_slice(&kind.to_ne_bytes());
+            m.extend_from_slice(&payload);
+        }
+        let info = unix_info(&m).unwrap();
+        assert_eq!((info.ino, info.peer, info.backlog), (77, 0, Some(9)));
+        // Connected, not listening: the peer, no backlog.
+        m[2] = 1;
+        m[20..24].copy_from_slice(&78u32.to_ne_bytes());
+        let info = unix_info(&m).unwrap();
+        assert_eq!((info.peer, info.backlog), (78, None));
+    }
+
+    #[test]
+    fn requests_are_the_sizes_the_kernel_expects() {
+        let r = unix_request(5);
+        assert_eq!(r.len(), 40);
+        assert_eq!(u32_at(&r, 0), 40);
+        assert_eq!(u16_at(&r, 6), libc::NLM_F_REQUEST as u16);
+        assert_eq!(u32_at(&r, 24), 5);
+        let r = inet_request(libc::AF_INET6 as u8);
+        assert_eq!((r.len(), u32_at(&r, 0)), (72, 72));
+        assert_eq!(
+            u16_at(&r, 6),
+            (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16
+        );
+        assert_eq!(u32_at(&r, 20), 1 << TCP_LISTEN);
+    }
+}

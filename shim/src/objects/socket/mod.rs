@@ -62,11 +62,16 @@ pub fn capture(fd: i32, st: &libc::stat, diag: &mut Option<Diag>) -> FdKind {
         libc::AF_UNIX => diag.unix(st.st_ino),
         _ => diag.inet(st.st_ino),
     };
+    let tcp = sock_type == libc::SOCK_STREAM && protocol == libc::IPPROTO_TCP;
     let role = match family {
-        _ if listening => match info.backlog {
-            Some(backlog) => SocketRole::Listening { backlog },
-            None => refused("its listen backlog is unknown (no socket diagnostics)"),
-        },
+        libc::AF_UNIX | libc::AF_INET | libc::AF_INET6
+            if listening && (tcp || family == libc::AF_UNIX) =>
+        {
+            match info.backlog {
+                Some(backlog) => SocketRole::Listening { backlog },
+                None => refused("its listen backlog is unknown (no socket diagnostics)"),
+            }
+        }
         libc::AF_INET | libc::AF_INET6 => inet_role(fd, sock_type, protocol, &local, &peer),
         libc::AF_UNIX if info.peer != 0 => SocketRole::Pair {
             peer: info.peer,
