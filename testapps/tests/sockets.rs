@@ -562,3 +562,68 @@ fn a_descriptor_in_flight_is_refused_in_one_line() -> Result<()> {
     session.passed();
     Ok(())
 }
+
+/// A connected UDP client's port, one the kernel handed out by itself, taken by someone else
+/// between the checkpoint and the restore: the restore goes on with another port and one
+/// warning, and the client's next datagram still reaches its peer.
+#[test]
+fn a_client_port_taken_meanwhile_is_replaced() -> Result<()> {
+    let peer = UdpSocket::bind("127.0.0.1:0").context("bind the peer")?;
+    peer.set_read_timeout(Some(CLIENT_TIMEOUT))
+        .context("timeout")?;
+    let peer_port = peer.local_addr().context("port")?.port();
+    let script = "import signal, socket, sys\n\
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+        s.connect(('127.0.0.1', int(sys.argv[1])))\n\
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])\n\
+        print('port', s.getsockname()[1], file=sys.stderr)\n\
+        print('READY', file=sys.stderr, flush=True)\n\
+        signal.sigwait([signal.SIGUSR1])\n\
+        s.send(b'still talking')\n\
+        print('PASS')\n";
+    let spec = AppSpec {
+        name: "udp-client".into(),
+        program: PYTHON.into(),
+        args: vec![
+            "-I".into(),
+            "-c".into(),
+            script.into(),
+            peer_port.to_string(),
+        ],
+        output_files: Vec::new(),
+        setup: None,
+        run_from_copy: false,
+        unprivileged: false,
+        env: Vec::new(),
+    };
+    let session = Session::new(spec)?;
+    let app = session.spawn_without_reference()?.wait_ready()?;
+    let port: u16 = app
+        .stderr_so_far()
+        .lines()
+        .find_map(|l| l.strip_prefix("port ")?.trim().parse().ok())
+        .ok_or_else(|| Failure::new("the client did not print its port"))?;
+    let img = app.checkpoint()?;
+    app.kill()?;
+    let _squatter = UdpSocket::bind(("127.0.0.1", port)).context("take the client's port")?;
+    let mut restored = session.restore_with(img.path(), &["--stats"])?;
+    restored.wait_for(RESUMING)?;
+    let warned = restored.stderr_so_far();
+    if !warned.contains(&format!("UDP 127.0.0.1 port {port}): the port is taken")) {
+        bail!("no warning about the taken port:\n{warned}");
+    }
+    restored.signal(libc::SIGUSR1)?;
+    let mut buf = [0u8; 64];
+    let (n, from) = peer
+        .recv_from(&mut buf)
+        .context("receive from the restored client")?;
+    if &buf[..n] != b"still talking" || from.port() == port {
+        bail!(
+            "received {:?} from {from}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    }
+    restored.finish()?.assert_exit_code(0)?;
+    session.passed();
+    Ok(())
+}

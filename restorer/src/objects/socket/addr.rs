@@ -109,6 +109,41 @@ pub fn bind_again(fd: RawFd, s: &Socket) -> Result<(), String> {
     })
 }
 
+/// Binds a socket that does not listen (a client's, or a datagram socket's) to its saved
+/// address. An IP port in the range the kernel hands out by itself (`ip_local_port_range`: it
+/// was most likely not chosen by the program) that someone else holds now is replaced by
+/// another one; returns whether it was. Any other port is bound as [`bind_again`] does.
+pub fn bind_client(fd: RawFd, s: &Socket) -> Result<bool, String> {
+    let ip = s.family == libc::AF_INET || s.family == libc::AF_INET6;
+    if !ip || !ephemeral(port(&s.local)) {
+        return bind_again(fd, s).map(|()| false);
+    }
+    match sockaddr_call(libc::bind, fd, &s.local) {
+        Ok(()) => Ok(false),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
+            let mut any = s.local.clone();
+            any[2..4].copy_from_slice(&[0, 0]);
+            sockaddr_call(libc::bind, fd, &any)
+                .map(|()| true)
+                .map_err(|e| format!("cannot bind: {e}"))
+        }
+        Err(e) => Err(format!("cannot bind: {e}")),
+    }
+}
+
+/// Whether `port` is in this machine's `ip_local_port_range`.
+fn ephemeral(port: u16) -> bool {
+    let range =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut bounds = range
+        .split_whitespace()
+        .filter_map(|v| v.parse::<u16>().ok());
+    match (bounds.next(), bounds.next()) {
+        (Some(lo), Some(hi)) => (lo..=hi).contains(&port),
+        _ => false,
+    }
+}
+
 fn in_use(r: &Result<(), Error>) -> bool {
     matches!(r, Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE))
 }

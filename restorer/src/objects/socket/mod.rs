@@ -5,6 +5,8 @@
 //!   (`addr::bind_again`: a port or socket file someone else holds fails the restore with one
 //!   line naming it), listening with the same backlog;
 //! - `Connected` (datagram sockets): bound again if it had a name, connected to the same peer;
+//!   a socket that does not listen and whose port, taken now, is one the kernel hands out by
+//!   itself gets another port, with a warning (`addr::bind_client`);
 //! - `Pair`: both ends of a Unix socket pair made by the first of the two descriptors
 //!   ([`Sockets`]), each end's queued data sent again through the other end;
 //! - `Reset`: a stream connection that cannot go on, made as one that was reset ([`reset`]);
@@ -53,7 +55,7 @@ pub fn prepare(cx: &mut Prepare, f: &FdState, s: &Socket) -> Result<Prepared, St
         SocketRole::Reset => move_high(reset::reset(s).map_err(fail)?, cx.high_base)?,
         role => {
             let fd = create(s.family, s.sock_type, s.protocol).map_err(fail)?;
-            let made = set_options(fd, s).and_then(|()| connect_as(fd, s, role));
+            let made = set_options(fd, s).and_then(|()| connect_as(fd, s, role, f.fd));
             if let Err(why) = made {
                 // SAFETY: our own socket, abandoned.
                 unsafe { libc::close(fd) };
@@ -68,14 +70,26 @@ pub fn prepare(cx: &mut Prepare, f: &FdState, s: &Socket) -> Result<Prepared, St
     Ok(Prepared::At(fd))
 }
 
-/// Binds, listens or connects a fresh socket as `role` says.
-fn connect_as(fd: RawFd, s: &Socket, role: &SocketRole) -> Result<(), String> {
+/// Binds, listens or connects a fresh socket as `role` says, for the program's descriptor
+/// `number`.
+fn connect_as(fd: RawFd, s: &Socket, role: &SocketRole, number: RawFd) -> Result<(), String> {
+    let bind_client = || match addr::bind_client(fd, s)? {
+        true => {
+            eprintln!(
+                "snapshim-restore: warning: descriptor {number} ({}): the port is taken, another \
+                 one is used",
+                addr::describe(s, &s.local)
+            );
+            Ok(())
+        }
+        false => Ok(()),
+    };
     let named = match s.family {
         libc::AF_INET | libc::AF_INET6 => addr::port(&s.local) != 0,
         _ => s.local.len() > 2,
     };
     match role {
-        SocketRole::Bound => addr::bind_again(fd, s),
+        SocketRole::Bound => bind_client(),
         SocketRole::Listening { backlog } => {
             addr::bind_again(fd, s)?;
             // SAFETY: listen on our own bound socket.
@@ -89,7 +103,7 @@ fn connect_as(fd: RawFd, s: &Socket, role: &SocketRole) -> Result<(), String> {
         }
         SocketRole::Connected => {
             if named {
-                addr::bind_again(fd, s)?;
+                bind_client()?;
             }
             addr::sockaddr_call(libc::connect, fd, &s.peer).map_err(|e| {
                 format!(
