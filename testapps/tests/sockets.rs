@@ -12,7 +12,8 @@
 //!   port, and the port's owner keeps it; once it is free the same image restores;
 //! - `python3 -m http.server` serves the same file on the same port after a restore;
 //! - a descriptor in flight in a Unix socket pair is left to the program by the checkpoint and
-//!   makes the restore fail in one line naming the socket.
+//!   makes the restore fail in one line naming the socket;
+//! - a UDP client's port taken meanwhile is replaced, with one warning.
 //!
 //! Needs `cargo build --release --workspace` first.
 
