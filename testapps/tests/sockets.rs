@@ -395,6 +395,9 @@ fn python_http_server_serves_the_same_file_after_a_restore() -> Result<()> {
     let mut app = session.spawn_without_reference()?;
     app.wait_for(&format!("(http://127.0.0.1:{port}/) ..."))?;
     let page = http_get(port, "/page.txt")?;
+    if page != "the same page\n".repeat(1000) {
+        bail!("the server did not serve page.txt: {} bytes", page.len());
+    }
     let mut held = TcpStream::connect(("127.0.0.1", port)).context("connect")?;
     held.set_read_timeout(Some(CLIENT_TIMEOUT))
         .context("timeout")?;
@@ -416,23 +419,18 @@ fn python_http_server_serves_the_same_file_after_a_restore() -> Result<()> {
     Ok(())
 }
 
-/// `GET path` over HTTP/1.0; the body (the status must be 200).
-fn http_get(port: u16, path: &str) -> Result<Vec<u8>> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).context("connect")?;
-    s.set_read_timeout(Some(CLIENT_TIMEOUT))
-        .context("timeout")?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .context("send the request")?;
-    let mut all = Vec::new();
-    s.read_to_end(&mut all).context("read the response")?;
-    let split = all
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| Failure::new("no end of headers in the response"))?;
-    if !all.starts_with(b"HTTP/1.0 200") {
-        bail!("response: {}", String::from_utf8_lossy(&all[..split]));
+/// `GET path` with Python's `urllib` (a status other than 200 is an error); the body.
+fn http_get(port: u16, path: &str) -> Result<String> {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let fetch = "import sys, urllib.request\n\
+        sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=60).read().decode())";
+    let mut cmd = std::process::Command::new(PYTHON);
+    cmd.args(["-I", "-c", fetch, &url]);
+    let got = snapshim_testapps::process::run_captured(&mut cmd, CLIENT_TIMEOUT)?;
+    if !got.status.success() {
+        bail!("GET {url} failed:\n{}", got.report());
     }
-    Ok(all[split + 4..].to_vec())
+    Ok(got.stdout)
 }
 
 /// `sockreset` holds connections to the test's listeners: TCP over IPv4 and IPv6, and a Unix
