@@ -331,22 +331,25 @@ fn fd_kind(k: &FdKind) -> String {
     }
 }
 
-/// "socket 1234 (family 2, type 1, protocol 6): Listening { backlog: 128 }, 9 options".
+/// "TCP 127.0.0.1 port 8080, listening (backlog 128), 21 options".
 fn socket(s: &Socket) -> String {
+    use snapshim_image::objects::socket::describe;
     let role = match &s.role {
+        SocketRole::Unbound => "unbound".to_string(),
+        SocketRole::Bound => "bound".to_string(),
+        SocketRole::Listening { backlog } => format!("listening (backlog {backlog})"),
+        SocketRole::Connected => format!("connected to {}", describe(s, &s.peer)),
         SocketRole::Pair { peer, queued } => format!(
             "pair with socket {peer}, {} queued",
             human_bytes(queued.iter().map(|q| q.len() as u64).sum())
         ),
+        SocketRole::Reset => "connection to outside, restored reset".to_string(),
         SocketRole::Refused { why } => format!("NOT RESTORED: {why}"),
-        role => format!("{role:?}"),
     };
     format!(
-        "socket {} (family {}, type {}, protocol {}): {role}, {} options",
+        "socket {} {}, {role}, {} options",
         s.id,
-        s.family,
-        s.sock_type,
-        s.protocol,
+        describe(s, &s.local),
         s.options.len()
     )
 }
