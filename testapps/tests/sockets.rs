@@ -13,7 +13,8 @@
 //! - `python3 -m http.server` serves the same file on the same port after a restore;
 //! - a descriptor in flight in a Unix socket pair is left to the program by the checkpoint and
 //!   makes the restore fail in one line naming the socket;
-//! - a UDP client's port taken meanwhile is replaced, with one warning.
+//! - a UDP client's port taken meanwhile is replaced, with one warning;
+//! - socket pairs with large queues (many stream pieces, datagrams of many sizes) keep them.
 //!
 //! Needs `cargo build --release --workspace` first.
 
@@ -624,5 +625,72 @@ fn a_client_port_taken_meanwhile_is_replaced() -> Result<()> {
     }
     restored.finish()?.assert_exit_code(0)?;
     session.passed();
+    Ok(())
+}
+
+/// Socket pairs holding much data: 80,000 bytes queued in a stream pair (written in eight
+/// pieces) and ten datagrams of different sizes in a datagram pair (the most this machine's
+/// `net.unix.max_dgram_qlen` of 10 lets wait) come back whole, in order, with their boundaries,
+/// after a checkpoint, SIGKILL and a restore.
+#[test]
+fn socket_pairs_keep_large_queues() -> Result<()> {
+    let script = "import signal, socket, sys, hashlib\n\
+        a, b = socket.socketpair()\n\
+        c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+        a.setblocking(False)\n\
+        c.setblocking(False)\n\
+        data = bytes(i * 7 % 251 for i in range(80000))\n\
+        for i in range(0, len(data), 10000): a.sendall(data[i:i + 10000])\n\
+        grams = [bytes([n]) * (n * 397 % 9000 + 1) for n in range(10)]\n\
+        for g in grams: c.send(g)\n\
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])\n\
+        print('READY', file=sys.stderr, flush=True)\n\
+        signal.sigwait([signal.SIGUSR1])\n\
+        b.setblocking(False)\n\
+        got = b''\n\
+        while len(got) < len(data): got += b.recv(1 << 20)\n\
+        try:\n    b.recv(1); sys.exit('more stream data than was sent')\n\
+        except BlockingIOError: pass\n\
+        print('stream', len(got), hashlib.sha256(got).hexdigest()[:16], got == data)\n\
+        d.setblocking(False)\n\
+        back = [d.recv(65536) for _ in grams]\n\
+        print('datagrams', len(back), back == grams)\n\
+        print('PASS' if got == data and back == grams else 'FAIL')\n";
+    let spec = AppSpec {
+        name: "big-pairs".into(),
+        program: PYTHON.into(),
+        args: vec!["-I".into(), "-c".into(), script.into()],
+        output_files: Vec::new(),
+        setup: None,
+        run_from_copy: false,
+        unprivileged: false,
+        env: Vec::new(),
+    };
+    let mut outputs = Vec::new();
+    for cycle in [false, true] {
+        let session = Session::new(spec.clone())?;
+        let mut app = if cycle {
+            session.spawn_without_reference()?.wait_ready()?
+        } else {
+            session.spawn_without_shim()?.wait_ready()?
+        };
+        if cycle {
+            app = checkpoint_kill_restore(app)?.0;
+        }
+        app.signal(libc::SIGUSR1)?;
+        app.finish()?.assert_exit_code(0)?;
+        let out = fs::read(session.stdout_path()).context("read out.txt")?;
+        if !out.ends_with(b"True\nPASS\n") {
+            bail!("restored: {cycle}:\n{}", String::from_utf8_lossy(&out));
+        }
+        session.passed();
+        outputs.push(out);
+    }
+    if outputs[0] != outputs[1] {
+        bail!(
+            "stdout differs from an uninterrupted run: {}",
+            snapshim_testapps::diff_summary(&outputs[0], &outputs[1])
+        );
+    }
     Ok(())
 }
