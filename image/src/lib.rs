@@ -40,8 +40,8 @@ pub use lineage::Lineage;
 pub use objects::{
     CharDevice, Directory, Duplicate, Epoll, EpollWatch, Eventfd, FdKind, FdState, FileIdentity,
     Inherited, Inotify, InotifyWatch, IntervalTimer, MmFields, PageRun, PageSpan, Pipe, Process,
-    Region, RegionKind, RegularFile, Rlimit, SigAction, Signalfd, ThreadState, Timerfd,
-    Unsupported,
+    Region, RegionKind, RegularFile, Rlimit, SigAction, Signalfd, SockOpt, Socket, SocketRole,
+    ThreadState, Timerfd, Unsupported,
 };
 
 /// Addresses shared by the shim and the restorer.
@@ -85,7 +85,7 @@ pub const VERSION_MAJOR: u16 = 1;
 /// [`Metadata::inherited`], [`Metadata::merged_from`] and [`FLAG_DELTA`]. Older images still
 /// load (the new fields read as empty; they are full images). 1.4 added the descriptor kinds
 /// [`FdKind::Eventfd`], [`FdKind::Timerfd`], [`FdKind::Signalfd`], [`FdKind::Epoll`],
-/// [`FdKind::Duplicate`] and [`FdKind::Inotify`]
+/// [`FdKind::Duplicate`], [`FdKind::Inotify`] and [`FdKind::Socket`]
 /// (variants appended: 1.3 metadata decodes unchanged), and the lineage record after the
 /// metadata ([`Metadata::lineage`]).
 pub const VERSION_MINOR: u16 = 4;

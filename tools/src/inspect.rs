@@ -8,7 +8,7 @@ use serde_json::json;
 
 use snapshim_image::{
     CharDevice, Directory, FdKind, FdState, Image, Inherited, Metadata, Pipe, Region, RegionKind,
-    RegularFile, SigAction, Unsupported,
+    RegularFile, SigAction, Socket, SocketRole, Unsupported,
 };
 
 use crate::parse::{format_ms, format_time, human_bytes, signal_name};
@@ -389,7 +389,31 @@ fn fd_kind(k: &FdKind) -> String {
                 .collect();
             format!("inotify watching [{}]", w.join("; "))
         }
+        FdKind::Socket(s) => socket(s),
     }
+}
+
+/// "TCP 127.0.0.1 port 8080, listening (backlog 128), 21 options".
+fn socket(s: &Socket) -> String {
+    use snapshim_image::objects::socket::describe;
+    let role = match &s.role {
+        SocketRole::Unbound => "unbound".to_string(),
+        SocketRole::Bound => "bound".to_string(),
+        SocketRole::Listening { backlog } => format!("listening (backlog {backlog})"),
+        SocketRole::Connected => format!("connected to {}", describe(s, &s.peer)),
+        SocketRole::Pair { peer, queued } => format!(
+            "pair with socket {peer}, {} queued",
+            human_bytes(queued.iter().map(|q| q.len() as u64).sum())
+        ),
+        SocketRole::Reset => "connection to outside, restored reset".to_string(),
+        SocketRole::Refused { why } => format!("NOT RESTORED: {why}"),
+    };
+    format!(
+        "socket {} {}, {role}, {} options",
+        s.id,
+        describe(s, &s.local),
+        s.options.len()
+    )
 }
 
 fn sa_flags(flags: u64) -> String {

@@ -9,7 +9,7 @@ pub struct Inherited {
     pub desc: String,
 }
 
-/// Not restorable yet (socket, eventfd, ...): reopened as /dev/null, and said so.
+/// Not restorable yet (eventfd, epoll, ...): reopened as /dev/null, and said so.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Unsupported {
     pub desc: String,

@@ -24,6 +24,7 @@ pub mod process;
 pub mod regular_file;
 pub mod signalfd;
 pub mod signals;
+pub mod socket;
 pub mod threads;
 pub mod timerfd;
 pub mod timers;
@@ -40,6 +41,7 @@ pub use process::{MmFields, Process, Rlimit};
 pub use regular_file::RegularFile;
 pub use signalfd::Signalfd;
 pub use signals::SigAction;
+pub use socket::{SockOpt, Socket, SocketRole};
 pub use threads::ThreadState;
 pub use timerfd::Timerfd;
 pub use timers::IntervalTimer;
@@ -70,6 +72,7 @@ pub enum FdKind {
     Epoll(Epoll),
     Duplicate(Duplicate),
     Inotify(Inotify),
+    Socket(Socket),
 }
 
 /// The same open file as descriptor `of` (a lower number of the process), as `dup` makes:
@@ -95,6 +98,7 @@ impl FdKind {
             FdKind::Epoll(_) => "epoll",
             FdKind::Duplicate(_) => "duplicate",
             FdKind::Inotify(_) => "inotify",
+            FdKind::Socket(_) => "socket",
         }
     }
 }
@@ -129,6 +133,46 @@ mod tests {
         Unsupported {
             desc: String,
         },
+    }
+
+    /// Format 1.4 appended `FdKind::Socket`: it round-trips, and every earlier variant keeps
+    /// its number (the test below).
+    #[test]
+    fn sockets_round_trip() {
+        let roles = [
+            SocketRole::Unbound,
+            SocketRole::Bound,
+            SocketRole::Listening { backlog: 128 },
+            SocketRole::Connected,
+            SocketRole::Pair {
+                peer: 7,
+                queued: vec![b"d1".to_vec(), Vec::new()],
+            },
+            SocketRole::Reset,
+            SocketRole::Refused {
+                why: "descriptors are in flight in it (SCM_RIGHTS)".into(),
+            },
+        ];
+        for role in roles {
+            let kind = FdKind::Socket(Socket {
+                id: 6,
+                family: 10,
+                sock_type: 1,
+                protocol: 6,
+                local: vec![10, 0, 0x1f, 0x90],
+                peer: Vec::new(),
+                options: vec![SockOpt {
+                    level: 1,
+                    name: 2,
+                    value: 1i32.to_ne_bytes().to_vec(),
+                }],
+                role,
+            });
+            let bytes = postcard::to_allocvec(&kind).unwrap();
+            assert_eq!(bytes[0], 12, "Socket is the thirteenth variant");
+            assert_eq!(postcard::from_bytes::<FdKind>(&bytes).unwrap(), kind);
+            assert_eq!(kind.name(), "socket");
+        }
     }
 
     #[test]

@@ -66,7 +66,7 @@ fn why(u: &Unsupported) -> &'static str {
     if d.starts_with("anon_inode:[eventpoll]") {
         "an epoll instance watching a file the program no longer holds a descriptor of"
     } else if d.starts_with("socket:") {
-        "sockets are not restored yet"
+        "this kind of socket, or its state, is not restored (see docs/limits.md, Sockets)"
     } else if d.starts_with("anon_inode:inotify") {
         "the path of one of its watches is unknown (only watches added through \
          inotify_add_watch under the shim are restored)"

@@ -1,7 +1,7 @@
 //! The restore side of each kind of process state: one module per kind, named as in the image
 //! crate's `objects/` and the shim's (`memory`, `regular_file`, `directory`, `char_device`,
-//! `pipe`, `inherited`, `eventfd`, `timerfd`, `signalfd`, `epoll`, `inotify`, `signals`, `timers`,
-//! `threads`, `process`).
+//! `pipe`, `socket`, `inherited`, `eventfd`, `timerfd`, `signalfd`, `epoll`, `inotify`, `signals`,
+//! `timers`, `threads`, `process`).
 //!
 //! Descriptors are restored in two steps, so that no number the program had can be taken by
 //! something the restorer still needs, and nothing of the program's exists while a later
@@ -33,6 +33,7 @@ pub mod process;
 pub mod regular_file;
 pub mod signalfd;
 pub mod signals;
+pub mod socket;
 pub mod threads;
 pub mod timerfd;
 pub mod timers;
@@ -70,6 +71,7 @@ pub enum Prepared {
 pub struct Prepare {
     pub high_base: RawFd,
     pub pipes: pipe::Pipes,
+    pub sockets: socket::Sockets,
 }
 
 impl Prepare {
@@ -119,6 +121,7 @@ pub fn prepare_fds(meta: &Metadata, leave_closed: bool) -> Result<FdPlan, String
     let mut cx = Prepare {
         high_base: (max_fd + 1).max(64),
         pipes: pipe::Pipes::default(),
+        sockets: socket::Sockets::default(),
     };
     let mut moves = Vec::new();
     let mut inherit = Vec::new();
@@ -137,6 +140,7 @@ pub fn prepare_fds(meta: &Metadata, leave_closed: bool) -> Result<FdPlan, String
             FdKind::Epoll(s) => epoll::prepare(&cx, f, s)?,
             FdKind::Duplicate(d) => duplicate(&cx, f, d, &moves)?,
             FdKind::Inotify(s) => inotify::prepare(&cx, f, s)?,
+            FdKind::Socket(s) => socket::prepare(&mut cx, f, s)?,
         };
         match prepared {
             Prepared::At(high) => moves.push((f.fd, high, f.cloexec)),
@@ -150,6 +154,8 @@ pub fn prepare_fds(meta: &Metadata, leave_closed: bool) -> Result<FdPlan, String
     cx.pipes
         .close_unused(|end| moves.iter().any(|m| m.1 == end));
     epoll::warn_dropped(meta, &closed);
+    cx.sockets
+        .close_unused(|end| moves.iter().any(|m| m.1 == end));
     Ok(FdPlan {
         moves,
         inherit,

@@ -26,6 +26,7 @@ pub mod process;
 pub mod regular_file;
 pub mod signalfd;
 pub mod signals;
+pub mod socket;
 pub mod threads;
 pub mod timerfd;
 pub mod timers;
@@ -37,6 +38,7 @@ pub fn fds(own: impl Fn(i32) -> bool) -> Vec<FdState> {
         return out;
     };
     let mut pipes = pipe::Ends::new();
+    let mut diag = None;
     for fd in list {
         if own(fd) {
             continue;
@@ -64,6 +66,8 @@ pub fn fds(own: impl Fn(i32) -> bool) -> Vec<FdState> {
             char_device::capture(target)
         } else if fmt == libc::S_IFIFO && target.starts_with("pipe:") {
             pipe::capture(fd, flags, &st, &mut pipes)
+        } else if fmt == libc::S_IFSOCK {
+            socket::capture(fd, &st, &mut diag)
         } else if let Some(kind) = anon_inode(fd, &target, &info) {
             kind
         } else {
@@ -79,6 +83,7 @@ pub fn fds(own: impl Fn(i32) -> bool) -> Vec<FdState> {
     pipe::pair_up(&mut out, &pipes);
     epoll::resolve(&mut out);
     mark_duplicates(&mut out);
+    socket::pair_up(&mut out);
     out
 }
 
