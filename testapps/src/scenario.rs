@@ -591,7 +591,8 @@ impl Running {
     }
 
     /// `snapshim checkpoint PID`: must succeed and print the path of the committed image, which
-    /// `latest` must point at.
+    /// `latest` must point at: the session's image directory's, or for a restored program the
+    /// directory of the image it was restored from (its images go there).
     pub fn checkpoint(&self) -> Result<Snapshot> {
         let started = Instant::now();
         let c = self.try_checkpoint()?;
@@ -611,7 +612,11 @@ impl Running {
             .ok_or_else(|| fail("no image path in the output".into()))?;
         let path = fs::canonicalize(&printed)
             .map_err(|e| fail(format!("printed {} but: {e}", printed.display())))?;
-        let latest = self.session.image_dir().join(snapshim_image::LATEST);
+        let dir = match self.restored_from.as_ref().and_then(|p| p.parent()) {
+            Some(d) => d.to_path_buf(),
+            None => self.session.image_dir(),
+        };
+        let latest = dir.join(snapshim_image::LATEST);
         match fs::canonicalize(&latest) {
             Ok(target) if target == path => {}
             Ok(target) => {
