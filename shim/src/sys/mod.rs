@@ -101,6 +101,31 @@ pub fn block_all_signals() -> u64 {
     old
 }
 
+/// glibc's internal signal for credential changes: `setuid`, `setgroups`... send it to every
+/// other thread of the process and wait until each has run glibc's handler (which makes the
+/// same change in that thread). A thread of the shim that glibc knows of (a `pthread`: the
+/// helper) must let it through when it may be waited for, or the program hangs. (glibc's
+/// other internal signal, SIGCANCEL (32), stays blocked: only `pthread_cancel` of a thread
+/// sends it, and nothing may cancel the helper.)
+pub const SIGSETXID: i32 = 33;
+
+/// The mask bit of a (1-based) signal number.
+pub const fn sig_bit(sig: i32) -> u64 {
+    1u64 << (sig - 1)
+}
+
+/// Lets [`SIGSETXID`] through in this thread (`allow`), or blocks it again.
+pub fn allow_setxid(allow: bool) {
+    let set = sig_bit(SIGSETXID);
+    let how = if allow {
+        libc::SIG_UNBLOCK
+    } else {
+        libc::SIG_BLOCK
+    };
+    // SAFETY: rt_sigprocmask with a valid 8-byte set and no old set.
+    unsafe { sc!(libc::SYS_rt_sigprocmask, how, &set as *const u64, 0u64, 8) };
+}
+
 pub fn restore_signals(old: &u64) {
     // SAFETY: rt_sigprocmask with a valid 8-byte mask.
     unsafe {
