@@ -35,7 +35,7 @@ pub mod standby;
 pub mod write;
 pub use error::ImageError;
 pub use objects::{
-    CharDevice, Directory, FdKind, FdState, FileIdentity, Inherited, IntervalTimer, MmFields,
+    CharDevice, Credentials, Directory, FdKind, FdState, FileIdentity, Inherited, IntervalTimer, MmFields,
     PageRun, PageSpan, Pipe, Process, Region, RegionKind, RegularFile, Rlimit, SigAction,
     ThreadState, Unsupported,
 };
@@ -79,8 +79,10 @@ pub const VERSION_MAJOR: u16 = 1;
 /// 1.1 added [`Metadata::clock_boottime_ns`]; 1.2 added [`Metadata::build_ids`] and
 /// [`Metadata::vdso`]; 1.3 added incremental (delta) images: [`Metadata::parent`],
 /// [`Metadata::inherited`], [`Metadata::merged_from`] and [`FLAG_DELTA`]. Older images still
-/// load (the new fields read as empty; they are full images).
-pub const VERSION_MINOR: u16 = 3;
+/// load (the new fields read as empty; they are full images). 1.4 added
+/// [`Metadata::credentials`] (empty in older images: the restored program keeps the
+/// restorer's credentials, as before).
+pub const VERSION_MINOR: u16 = 4;
 /// Header flag: a delta image, which stores only the pages written since its parent
 /// ([`Metadata::parent`]); restoring it needs the chain of images down to a full one.
 pub const FLAG_DELTA: u32 = 1;
@@ -311,6 +313,10 @@ pub struct Metadata {
     /// `image_id` of the chain's newest image and replaces it.
     pub merged_from: Option<MergedFrom>,
     // ---- end of format 1.3 ------------------------------------------------------------------
+    // ---- format 1.4 -------------------------------------------------------------------------
+    /// Each thread's credentials, by TID (threads of the shim included). Empty in older images.
+    pub credentials: Vec<Credentials>,
+    // ---- end of format 1.4 ------------------------------------------------------------------
 }
 
 /// What a merged image replaced.
@@ -407,6 +413,23 @@ struct MetadataV1_2 {
     vdso: VdsoImage,
 }
 
+/// [`Metadata`] as format 1.3 wrote it (see [`MetadataV1_0`]).
+#[derive(Deserialize)]
+struct MetadataV1_3 {
+    process: Process,
+    shim: ShimInfo,
+    threads: Vec<ThreadState>,
+    regions: Vec<Region>,
+    runs: Vec<PageRun>,
+    fds: Vec<FdState>,
+    clock_boottime_ns: u64,
+    build_ids: Vec<BuildId>,
+    vdso: VdsoImage,
+    parent: Option<ParentRef>,
+    inherited: Vec<PageSpan>,
+    merged_from: Option<MergedFrom>,
+}
+
 /// Decodes metadata written by format version 1.`minor`: every byte must belong to it.
 fn decode_metadata(bytes: &[u8], minor: u16) -> Result<Metadata, ImageError> {
     fn whole<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ImageError> {
@@ -419,8 +442,26 @@ fn decode_metadata(bytes: &[u8], minor: u16) -> Result<Metadata, ImageError> {
             Err(e) => Err(ImageError::MetadataDecode(e.to_string())),
         }
     }
-    if minor >= 3 {
+    if minor >= 4 {
         return whole(bytes);
+    }
+    if minor == 3 {
+        let m: MetadataV1_3 = whole(bytes)?;
+        return Ok(Metadata {
+            process: m.process,
+            shim: m.shim,
+            threads: m.threads,
+            regions: m.regions,
+            runs: m.runs,
+            fds: m.fds,
+            clock_boottime_ns: m.clock_boottime_ns,
+            build_ids: m.build_ids,
+            vdso: m.vdso,
+            parent: m.parent,
+            inherited: m.inherited,
+            merged_from: m.merged_from,
+            credentials: Vec::new(),
+        });
     }
     let (m, build_ids, vdso) = match minor {
         0 => {
@@ -468,6 +509,7 @@ fn decode_metadata(bytes: &[u8], minor: u16) -> Result<Metadata, ImageError> {
         parent: None,
         inherited: Vec::new(),
         merged_from: None,
+        credentials: Vec::new(),
     })
 }
 

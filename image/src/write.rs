@@ -64,6 +64,7 @@ mod tests {
             parent,
             inherited: vec![],
             merged_from: None,
+            credentials: Vec::new(),
         }
     }
 

@@ -474,6 +474,7 @@ fn generate(rng: &mut Rng) -> Sample {
         parent: None,
         inherited: Vec::new(),
         merged_from: None,
+        credentials: Vec::new(),
     };
     let (meta_bytes, meta_crc) = encode_metadata(&meta);
     let mut header = Header::new(rng.next(), rng.next());

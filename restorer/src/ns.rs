@@ -697,6 +697,7 @@ mod tests {
             parent: None,
             inherited: Vec::new(),
             merged_from: None,
+            credentials: Vec::new(),
         };
         assert_eq!(
             unreproducible_ids(&meta(300, &[300, 301, 305]), 32768),

@@ -73,10 +73,23 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
     let trigger = trigger_signal(pid)?;
     require_handler(pid, trigger)?;
     let signo = request_signal(pid, trigger)?;
+    // Its namespaces are looked up and entered while we may still read them: a program that
+    // changed its credentials is not dumpable, and once we are its user its /proc/PID/ns/*
+    // are closed to us.
+    // (When it has its own user namespace, we become its user first: that user owns it.)
+    let inner = pid_in_own_namespace(pid)?;
+    let mut entered = false;
+    if inner.is_some() && same_namespace(pid, "user") {
+        enter_namespaces(pid)?;
+        entered = true;
+    }
     become_owner_of(pid)?;
+    if inner.is_some() && !entered {
+        enter_namespaces(pid)?;
+    }
     let (read_end, write_end) = pipe()?;
     let value = request_value(&write_end)?;
-    let sender = match pid_in_own_namespace(pid)? {
+    let sender = match inner {
         None => {
             sigqueue(pid, signo, value)?;
             None
@@ -191,14 +204,12 @@ impl Drop for Sender {
     }
 }
 
-/// Enters the user namespace (if not ours) and the PID namespace of `pid`, forks a child there,
-/// which sends the request to `inner` (the program's PID as it sees it).
-fn send_from_namespace(pid: i32, inner: i32, signo: i32, value: u64) -> Result<Sender> {
+/// Enters the user namespace (if not ours) and the PID namespace of `pid`; our children are
+/// born in the latter.
+fn enter_namespaces(pid: i32) -> Result<()> {
     let enter = |kind: &str, flag: CloneFlags| -> Result<()> {
         let path = format!("/proc/{pid}/ns/{kind}");
-        if std::fs::read_link(&path).ok()
-            == std::fs::read_link(format!("/proc/self/ns/{kind}")).ok()
-        {
+        if same_namespace(pid, kind) {
             return Ok(());
         }
         let ns = File::open(&path).map_err(|e| Failure::op(format!("cannot open {path}: {e}")))?;
@@ -210,7 +221,19 @@ fn send_from_namespace(pid: i32, inner: i32, signo: i32, value: u64) -> Result<S
         })
     };
     enter("user", CloneFlags::CLONE_NEWUSER)?;
-    enter("pid", CloneFlags::CLONE_NEWPID)?;
+    enter("pid", CloneFlags::CLONE_NEWPID)
+}
+
+/// Whether `pid`'s namespace of `kind` is ours (false when it cannot be told).
+fn same_namespace(pid: i32, kind: &str) -> bool {
+    let link = |p: String| std::fs::read_link(p).ok();
+    let theirs = link(format!("/proc/{pid}/ns/{kind}"));
+    theirs.is_some() && theirs == link(format!("/proc/self/ns/{kind}"))
+}
+
+/// Forks a child in the PID namespace we entered ([`enter_namespaces`]), which sends the
+/// request to `inner` (the program's PID as it sees it).
+fn send_from_namespace(pid: i32, inner: i32, signo: i32, value: u64) -> Result<Sender> {
     let (hold_r, hold_w) = pipe()?;
     let (mut ack_r, ack_w) = pipe()?;
     // SAFETY: single-threaded; the child only makes system calls and exits.

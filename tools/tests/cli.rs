@@ -698,6 +698,7 @@ fn write_image(path: &Path, seq: u64, mapped: &Path) {
         parent: None,
         inherited: Vec::new(),
         merged_from: None,
+        credentials: Vec::new(),
     };
     let (meta, meta_crc) = encode_metadata(&meta);
     let mut h = Header::new(

@@ -31,7 +31,7 @@ pub use pipe::Pipe;
 pub use process::{MmFields, Process, Rlimit};
 pub use regular_file::RegularFile;
 pub use signals::SigAction;
-pub use threads::ThreadState;
+pub use threads::{Credentials, ThreadState};
 pub use timers::IntervalTimer;
 
 /// One open descriptor of the process.

@@ -456,6 +456,7 @@ pub fn finish(
         parent: cap.delta.as_ref().map(|d| d.parent.clone()),
         inherited,
         merged_from: None,
+        credentials: cap.credentials.clone(),
     };
     let tail = image::write::tail(
         &meta,
