@@ -11,6 +11,7 @@ missing=()
 command -v cc >/dev/null || missing+=(build-essential)
 [[ -x /usr/bin/python3 ]] || missing+=(python3)
 command -v setpriv >/dev/null || missing+=(util-linux)
+[[ -x /usr/bin/memcached ]] || missing+=(memcached)
 if ((${#missing[@]})); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
         echo "test.sh: installing ${missing[*]}"

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 const APPS: &[&str] = &[
-    "single", "threads", "fpu", "signals", "files", "pattern", "ids", "wpasync", "incr",
+    "single", "threads", "fpu", "signals", "files", "pattern", "ids", "wpasync", "incr", "creds",
 ];
 
 fn main() {

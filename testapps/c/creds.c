@@ -8,9 +8,11 @@
  * drops to nobody with raw system calls (setgroups, setresgid, setresuid), as setpriv-like
  * code does, and the other threads stay root, so the threads' credentials differ.
  *
- * Usage: creds [ROUNDS] [MODE]     (MODE: same (default) or mixed)
+ * Usage: creds [ROUNDS] [MODE]     (default 3000 rounds, about 1.5 s here; MODE: same
+ * (default) or mixed)
  * Must run as root. READY is printed once the credentials are dropped. stdout holds the
- * progress and, at the end, each thread's credentials (the same in every run).
+ * progress and, at the end, each thread's credentials as it reads them itself and as
+ * /proc/thread-self/status shows them (the same in every run).
  */
 #define _GNU_SOURCE
 #include <grp.h>
@@ -30,6 +32,28 @@ static char at_start[200];
 static int mixed;
 static char problem[WORKERS + 1][480];
 static char final[WORKERS + 1][200];
+static char status[WORKERS + 1][400];
+
+/* The Uid, Gid and Groups lines of /proc/thread-self/status, joined by " | ". */
+static void status_of_thread(char *out, size_t n)
+{
+	char line[256];
+	size_t k = 0;
+	FILE *f = fopen("/proc/thread-self/status", "r");
+
+	out[0] = 0;
+	if (!f) {
+		snprintf(out, n, "cannot open /proc/thread-self/status");
+		return;
+	}
+	while (fgets(line, sizeof line, f) && k < n) {
+		if (strncmp(line, "Uid:", 4) && strncmp(line, "Gid:", 4) && strncmp(line, "Groups:", 7))
+			continue;
+		line[strcspn(line, "\n")] = 0;
+		k += snprintf(out + k, n - k, "%s%s", k ? " | " : "", line);
+	}
+	fclose(f);
+}
 
 /* This thread's credentials, from the kernel (not glibc's cache: there is none). */
 static void creds_of_thread(char *out, size_t n)
@@ -95,12 +119,13 @@ static void *worker(void *arg)
 		check(self);
 	}
 	creds_of_thread(final[self], sizeof final[self]);
+	status_of_thread(status[self], sizeof status[self]);
 	return (void *)(uintptr_t)x;
 }
 
 int main(int argc, char **argv)
 {
-	int rounds = argc > 1 ? atoi(argv[1]) : 150;
+	int rounds = argc > 1 ? atoi(argv[1]) : 3000;
 	pthread_t t[WORKERS + 1];
 	gid_t nobody = NOBODY;
 	uint64_t x = 7;
@@ -137,6 +162,7 @@ int main(int argc, char **argv)
 	for (int i = 1; i <= WORKERS; i++)
 		pthread_join(t[i], NULL);
 	creds_of_thread(final[0], sizeof final[0]);
+	status_of_thread(status[0], sizeof status[0]);
 	for (int i = 0; i <= WORKERS; i++)
 		if (problem[i][0])
 			fail("%s", problem[i]);
@@ -145,6 +171,9 @@ int main(int argc, char **argv)
 	for (int i = 0; i <= WORKERS; i++)
 		printf("thread %d: %s\n", i,
 		       strcmp(final[i], at_start) == 0 ? "as at the start" : final[i]);
+	for (int i = 0; i <= WORKERS; i++)
+		if (strcmp(final[i], at_start) != 0)
+			printf("thread %d status: %s\n", i, status[i]);
 	pass();
 	return 0;
 }

@@ -24,6 +24,7 @@ pub const APP_NAMES: &[&str] = &[
     "pattern",
     "ids",
     "incr",
+    "creds",
 ];
 
 /// Prepares an app's working directory (input files) before it starts.
@@ -68,7 +69,7 @@ impl AppSpec {
     /// One of [`APP_NAMES`], with its default arguments.
     pub fn named(name: &str) -> Result<AppSpec> {
         Ok(match name {
-            "single" | "threads" | "fpu" | "signals" | "pattern" | "ids" | "incr" => {
+            "single" | "threads" | "fpu" | "signals" | "pattern" | "ids" | "incr" | "creds" => {
                 AppSpec::new(name, c_app(name), &[])
             }
             "files" => AppSpec {
