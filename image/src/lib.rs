@@ -35,8 +35,8 @@ pub mod standby;
 pub mod write;
 pub use error::ImageError;
 pub use objects::{
-    CharDevice, Credentials, Directory, FdKind, FdState, FileIdentity, Inherited, IntervalTimer, MmFields,
-    PageRun, PageSpan, Pipe, Process, Region, RegionKind, RegularFile, Rlimit, SigAction,
+    CharDevice, Credentials, Directory, FdKind, FdState, FileIdentity, Inherited, IntervalTimer,
+    MmFields, PageRun, PageSpan, Pipe, Process, Region, RegionKind, RegularFile, Rlimit, SigAction,
     ThreadState, Unsupported,
 };
 

@@ -272,7 +272,10 @@ pub fn credentials(s: &Slot) -> Result<Credentials, String> {
         tid: s.tid.load(Relaxed),
         uid: load(&s.uid),
         gid: load(&s.gid),
-        groups: s.groups[..n as usize].iter().map(|g| g.load(Relaxed)).collect(),
+        groups: s.groups[..n as usize]
+            .iter()
+            .map(|g| g.load(Relaxed))
+            .collect(),
     })
 }
 
