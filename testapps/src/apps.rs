@@ -25,6 +25,7 @@ pub const APP_NAMES: &[&str] = &[
     "ids",
     "incr",
     "creds",
+    "waits",
 ];
 
 /// Prepares an app's working directory (input files) before it starts.
@@ -69,9 +70,8 @@ impl AppSpec {
     /// One of [`APP_NAMES`], with its default arguments.
     pub fn named(name: &str) -> Result<AppSpec> {
         Ok(match name {
-            "single" | "threads" | "fpu" | "signals" | "pattern" | "ids" | "incr" | "creds" => {
-                AppSpec::new(name, c_app(name), &[])
-            }
+            "single" | "threads" | "fpu" | "signals" | "pattern" | "ids" | "incr" | "creds"
+            | "waits" => AppSpec::new(name, c_app(name), &[]),
             "files" => AppSpec {
                 output_files: vec![FILES_OUTPUT.to_string()],
                 setup: Some(write_files_input),

@@ -31,19 +31,20 @@ fn creds_session(spec: AppSpec) -> Result<Arc<Session>> {
     Ok(session)
 }
 
-/// Root drops to nobody through glibc with four threads running; checkpoint at a random
-/// moment after the drop, SIGKILL, restore; then the restored program is checkpointed and
-/// restored again.
+/// Root drops to nobody through glibc with four threads running; checkpoint right after the
+/// drop (READY), SIGKILL, restore; the restored program is checkpointed again after PHASE 2,
+/// killed and restored once more.
 #[test]
 fn dropping_privileges_survives_a_checkpoint_and_two_restores() -> Result<()> {
     if !needs::root("to change credentials")? {
         return Ok(());
     }
     let session = creds_session(AppSpec::named("creds")?)?;
-    let app = session.spawn()?.wait_ready()?.pause_randomly()?;
+    let app = session.spawn()?.wait_ready()?;
     let img = app.checkpoint()?;
     app.kill()?;
-    let restored = img.restore()?.pause_randomly()?;
+    let mut restored = img.restore()?;
+    restored.wait_for("PHASE 2")?;
     let img2 = restored.checkpoint()?;
     restored.kill()?;
     img2.restore()?

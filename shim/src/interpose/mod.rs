@@ -18,5 +18,6 @@
 mod memory;
 mod signals;
 mod threads;
+mod waits;
 
 pub use signals::real_sigaction;
