@@ -1,8 +1,8 @@
 /*
  * waits: threads blocked the whole time in the calls that a signal handler interrupts for
  * good (epoll_wait, epoll_pwait, poll, ppoll, select, pselect, nanosleep, clock_nanosleep
- * relative and absolute, usleep, sigtimedwait, sem_timedwait, pthread_cond_timedwait, pause,
- * sigsuspend), each without a timeout (woken at the end) and with one (timing out again and
+ * relative and absolute, usleep, sigtimedwait, sem_timedwait, pthread_cond_timedwait, a raw
+ * futex wait with a relative and with an absolute timeout, pause, sigsuspend), each without a timeout (woken at the end) and with one (timing out again and
  * again), while the main thread computes. None of them may ever see EINTR, whatever
  * checkpoints and restores happen meanwhile: only the program's own SIGUSR1, sent at the end
  * to the pause and sigsuspend threads, may interrupt those two, and must.
@@ -20,7 +20,9 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <linux/futex.h>
 #include <sys/select.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -188,6 +190,28 @@ static int w_cond_timedwait(int timed)
 	return e == ETIMEDOUT ? 0 : -1;
 }
 
+static uint32_t futex_word; /* never changes: each wait times out */
+
+static int w_futex(int timed)
+{
+	struct timespec ts = ms_ts(SLICE_MS);
+	long r;
+
+	if (timed) { /* FUTEX_WAIT_BITSET: absolute, on CLOCK_MONOTONIC */
+		clock_gettime(CLOCK_MONOTONIC, &ts);
+		ts.tv_nsec += SLICE_MS * 1000000L;
+		if (ts.tv_nsec >= 1000000000L) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000L;
+		}
+		r = syscall(SYS_futex, &futex_word, FUTEX_WAIT_BITSET_PRIVATE, 0, &ts, NULL,
+			    FUTEX_BITSET_MATCH_ANY);
+	} else { /* FUTEX_WAIT: relative */
+		r = syscall(SYS_futex, &futex_word, FUTEX_WAIT_PRIVATE, 0, &ts, NULL, 0);
+	}
+	return r < 0 && errno == ETIMEDOUT ? 0 : -1;
+}
+
 /* pause and sigsuspend end only with SIGUSR1 (the program's), and must end with EINTR. */
 static int w_pause(int timed)
 {
@@ -220,6 +244,8 @@ static struct waiter waiters[] = {
 	{.name = "clock_nanosleep abs", .wait = w_clock_nanosleep, .timed = 1}, {.name = "usleep", .wait = w_usleep, .timed = 1},
 	{.name = "sigtimedwait", .wait = w_sigtimedwait, .timed = 1}, {.name = "sem_timedwait", .wait = w_sem_timedwait, .timed = 1},
 	{.name = "pthread_cond_timedwait", .wait = w_cond_timedwait, .timed = 1},
+	{.name = "futex", .wait = w_futex, .timed = 0},
+	{.name = "futex abs", .wait = w_futex, .timed = 1},
 	{.name = "pause", .wait = w_pause, .timed = 0},               {.name = "sigsuspend", .wait = w_sigsuspend, .timed = 0},
 };
 #define NWAITERS (int)(sizeof waiters / sizeof waiters[0])

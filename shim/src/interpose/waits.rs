@@ -1,7 +1,8 @@
 //! Blocking calls that a signal handler interrupts for good: the kernel restarts `read`,
 //! `wait`, a `futex` without timeout... after a handler installed with `SA_RESTART` (as the
 //! shim's are), but `epoll_wait`, `poll`, `select`, `nanosleep`, `clock_nanosleep`, `pause`,
-//! `sigsuspend`, `sigtimedwait` and a timed `sem_wait` return `EINTR` after any handler. The
+//! `sigsuspend`, `sigtimedwait`, a timed `sem_wait` and a `futex` wait with a timeout return
+//! `EINTR` after any handler. The
 //! shim's quiesce signal reaches every thread at every checkpoint, so without these wrappers
 //! an event loop would see `EINTR` at each one, and a restored thread (which resumes by
 //! returning from that handler) once more.
@@ -10,7 +11,9 @@
 //! handlers ran on this thread since the call began (`state::signals_seen`: the program's
 //! handlers are counted by the trampoline of `signals.rs`), calls it again with the time that
 //! is left (measured on `CLOCK_MONOTONIC` from a deadline taken at the start, or the kernel's
-//! remainder for the sleeps; an absolute timeout is passed again as it is). An interruption
+//! remainder for the sleeps; an absolute timeout is passed again as it is). Timed futex waits
+//! are seen where the program makes them with `syscall(SYS_futex, ...)`; glibc's own (inside
+//! `pthread_cond_timedwait`, `pthread_mutex_timedlock`...) already retry. An interruption
 //! with a handler of the program's among those that ran is returned as it is. Signal masks
 //! passed to `ppoll`, `pselect`, `epoll_pwait` and `sigsuspend` lose the shim's two signals,
 //! as `sigprocmask` does, or a checkpoint could not park the thread.
@@ -547,4 +550,51 @@ pub unsafe extern "C" fn sem_clockwait(
             return r;
         }
     }
+}
+
+type Syscall = unsafe extern "C" fn(c_long, ...) -> c_long;
+
+/// # Safety
+/// As `syscall(2)`, which takes up to six arguments after the number: declared here with all
+/// six (a variadic caller passes them in the same registers, and glibc's reads all six too).
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn syscall(
+    n: c_long,
+    a1: c_long,
+    a2: c_long,
+    a3: c_long,
+    a4: c_long,
+    a5: c_long,
+    a6: c_long,
+) -> c_long {
+    let f = real!(syscall: Syscall);
+    if n != libc::SYS_futex || a4 == 0 || !is_timed_wait(a2 as c_int) {
+        // SAFETY: forwarded with the caller's contract.
+        return unsafe { f(n, a1, a2, a3, a4, a5, a6) };
+    }
+    // FUTEX_WAIT's timeout is relative (CLOCK_MONOTONIC); the others' absolute.
+    let relative = a2 as c_int & libc::FUTEX_CMD_MASK == libc::FUTEX_WAIT;
+    let d = if relative {
+        Deadline::after_ts(a4 as *const timespec)
+    } else {
+        None
+    };
+    let mut w = Watch::new();
+    loop {
+        let left = d.map(|d| d.left_ts());
+        let t = left.as_ref().map_or(a4, |t| t as *const timespec as c_long);
+        // SAFETY: forwarded with the caller's contract; t is theirs or a live timespec.
+        let r = unsafe { f(n, a1, a2, a3, t, a5, a6) };
+        if !w.again_errno(r) {
+            return r;
+        }
+    }
+}
+
+/// The futex operations that wait with a timeout.
+fn is_timed_wait(op: c_int) -> bool {
+    matches!(
+        op & libc::FUTEX_CMD_MASK,
+        libc::FUTEX_WAIT | libc::FUTEX_WAIT_BITSET | libc::FUTEX_WAIT_REQUEUE_PI
+    )
 }
