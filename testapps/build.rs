@@ -8,7 +8,7 @@ use std::process::Command;
 
 const APPS: &[&str] = &[
     "single", "threads", "fpu", "signals", "files", "pattern", "ids", "wpasync", "incr", "creds",
-    "waits",
+    "waits", "usr2",
 ];
 
 fn main() {

@@ -43,3 +43,19 @@ fn blocked_calls_see_no_eintr_after_restores() -> Result<()> {
         .finish()?
         .assert_same_output_as_uninterrupted()
 }
+
+/// The program's own SIGUSR2 handler (HotSpot and ruby have one) runs: snapshim's checkpoint
+/// signal is SIGRTMAX by default. Three checkpoints by `snapshim checkpoint`, output identical
+/// (the app checks every raise reached its handler, and that sigaction reports it).
+#[test]
+fn the_programs_sigusr2_handler_runs() -> Result<()> {
+    const CHECKPOINTS: u32 = 3;
+    let session = Session::new(AppSpec::named("usr2")?)?;
+    let mut app = session.spawn()?.wait_ready()?;
+    for _ in 0..CHECKPOINTS {
+        let d = session.checkpoint_window()? / CHECKPOINTS;
+        app = app.pause(d.mul_f64(session.random_unit()));
+        app.checkpoint()?;
+    }
+    app.finish()?.assert_same_output_as_uninterrupted()
+}

@@ -6,7 +6,8 @@
 //!  snapshim checkpoint                          program with libsnapshim.so
 //!  -------------------                          ---------------------------
 //!  /proc/PID/maps has libsnapshim.so?
-//!  trigger = SNAPSHIM_SIGNAL from /proc/PID/environ, else SIGUSR2
+//!  trigger = SNAPSHIM_SIGNAL from /proc/PID/environ, else SIGRTMAX (SIGUSR2 for a shim
+//!            that does not export snapshim_checkpoint_signal_is_sigrtmax: an older one)
 //!  /proc/PID/status SigCgt has the trigger?
 //!  the library exports snapshim_requests_on_quiesce_signal?
 //!    yes: signal = the quiesce signal (SIGRTMAX-1, or -2), which SigCgt must have too
@@ -345,9 +346,13 @@ fn require_handler(pid: i32, signo: i32) -> Result<()> {
     Ok(())
 }
 
-/// The checkpoint signal of `pid`: `SNAPSHIM_SIGNAL` in its environment, else SIGUSR2.
+/// The checkpoint signal of `pid`: `SNAPSHIM_SIGNAL` in its environment, else its shim's
+/// default: SIGRTMAX, or SIGUSR2 for an older shim.
 fn trigger_signal(pid: i32) -> Result<i32> {
     match proc::environ_var(pid, "SNAPSHIM_SIGNAL")?.as_deref() {
+        None | Some("") if shim_exports(pid, settings::RT_DEFAULT_SYMBOL) => {
+            Ok(settings::default_signal())
+        }
         None | Some("") => Ok(libc::SIGUSR2),
         Some(v) => parse::parse_signal(v).map_err(|why| {
             Failure::op(format!(
@@ -375,6 +380,11 @@ fn request_signal(pid: i32, trigger: i32) -> Result<i32> {
 /// (`/proc/PID/root`), else in ours. False when it cannot be told: a shim that has the symbol
 /// also answers requests sent with the checkpoint signal.
 fn takes_queued_requests(pid: i32) -> bool {
+    shim_exports(pid, settings::QUEUED_REQUESTS_SYMBOL)
+}
+
+/// Whether the `libsnapshim.so` mapped in `pid` exports `symbol` (see [`takes_queued_requests`]).
+fn shim_exports(pid: i32, symbol: &str) -> bool {
     let Ok(Some(lib)) = proc::mapped_path(pid, crate::launch::SHIM_LIB) else {
         return false;
     };
@@ -388,7 +398,7 @@ fn takes_queued_requests(pid: i32) -> bool {
     let Ok(map) = (unsafe { memmap2::Mmap::map(&file) }) else {
         return false;
     };
-    exports(&map, settings::QUEUED_REQUESTS_SYMBOL)
+    exports(&map, symbol)
 }
 
 /// Whether the ELF shared object `elf` exports (defines in its dynamic symbol table) `name`.
