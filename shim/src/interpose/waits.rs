@@ -552,11 +552,12 @@ pub unsafe extern "C" fn sem_clockwait(
     }
 }
 
-type Syscall = unsafe extern "C" fn(c_long, ...) -> c_long;
-
 /// # Safety
 /// As `syscall(2)`, which takes up to six arguments after the number: declared here with all
 /// six (a variadic caller passes them in the same registers, and glibc's reads all six too).
+/// Made here as glibc makes it (the system call, errno from a result in -4095..-1), without
+/// looking glibc's up: the shim's own code (Rust's std) calls `syscall` too, maybe in the
+/// writer, where `dlsym` could wait for a lock a parked thread holds.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn syscall(
     n: c_long,
@@ -567,10 +568,23 @@ pub unsafe extern "C" fn syscall(
     a5: c_long,
     a6: c_long,
 ) -> c_long {
-    let f = real!(syscall: Syscall);
+    let f = |a4: c_long| {
+        // SAFETY: the caller's system call, with the caller's arguments (a4 maybe ours: a live
+        // timespec).
+        let r = unsafe {
+            sys::syscall6(
+                n as i64, a1 as u64, a2 as u64, a3 as u64, a4 as u64, a5 as u64, a6 as u64,
+            )
+        };
+        if (-4095..0).contains(&r) {
+            // SAFETY: this thread's errno slot.
+            unsafe { *libc::__errno_location() = -r as c_int };
+            return -1;
+        }
+        r as c_long
+    };
     if n != libc::SYS_futex || a4 == 0 || !is_timed_wait(a2 as c_int) {
-        // SAFETY: forwarded with the caller's contract.
-        return unsafe { f(n, a1, a2, a3, a4, a5, a6) };
+        return f(a4);
     }
     // FUTEX_WAIT's timeout is relative (CLOCK_MONOTONIC); the others' absolute.
     let relative = a2 as c_int & libc::FUTEX_CMD_MASK == libc::FUTEX_WAIT;
@@ -583,8 +597,7 @@ pub unsafe extern "C" fn syscall(
     loop {
         let left = d.map(|d| d.left_ts());
         let t = left.as_ref().map_or(a4, |t| t as *const timespec as c_long);
-        // SAFETY: forwarded with the caller's contract; t is theirs or a live timespec.
-        let r = unsafe { f(n, a1, a2, a3, t, a5, a6) };
+        let r = f(t);
         if !w.again_errno(r) {
             return r;
         }
