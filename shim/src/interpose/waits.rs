@@ -573,7 +573,7 @@ pub unsafe extern "C" fn syscall(
         // timespec).
         let r = unsafe {
             sys::syscall6(
-                n as i64, a1 as u64, a2 as u64, a3 as u64, a4 as u64, a5 as u64, a6 as u64,
+                n, a1 as u64, a2 as u64, a3 as u64, a4 as u64, a5 as u64, a6 as u64,
             )
         };
         if (-4095..0).contains(&r) {
@@ -581,7 +581,7 @@ pub unsafe extern "C" fn syscall(
             unsafe { *libc::__errno_location() = -r as c_int };
             return -1;
         }
-        r as c_long
+        r
     };
     if n != libc::SYS_futex || a4 == 0 || !is_timed_wait(a2 as c_int) {
         return f(a4);
