@@ -38,10 +38,10 @@ pub mod write;
 pub use error::ImageError;
 pub use lineage::Lineage;
 pub use objects::{
-    CharDevice, Directory, Duplicate, Epoll, EpollWatch, Eventfd, FdKind, FdState, FileIdentity,
-    Inherited, Inotify, InotifyWatch, IntervalTimer, MmFields, PageRun, PageSpan, Pipe, Process,
-    Region, RegionKind, RegularFile, Rlimit, SigAction, Signalfd, SockOpt, Socket, SocketRole,
-    ThreadState, Timerfd, Unsupported,
+    CharDevice, Credentials, Directory, Duplicate, Epoll, EpollWatch, Eventfd, FdKind, FdState,
+    FileIdentity, Inherited, Inotify, InotifyWatch, IntervalTimer, MmFields, PageRun, PageSpan, Pipe,
+    Process, Region, RegionKind, RegularFile, Rlimit, SigAction, Signalfd, SockOpt, Socket,
+    SocketRole, ThreadState, Timerfd, Unsupported,
 };
 
 /// Addresses shared by the shim and the restorer.
@@ -86,8 +86,9 @@ pub const VERSION_MAJOR: u16 = 1;
 /// load (the new fields read as empty; they are full images). 1.4 added the descriptor kinds
 /// [`FdKind::Eventfd`], [`FdKind::Timerfd`], [`FdKind::Signalfd`], [`FdKind::Epoll`],
 /// [`FdKind::Duplicate`], [`FdKind::Inotify`] and [`FdKind::Socket`]
-/// (variants appended: 1.3 metadata decodes unchanged), and the lineage record after the
-/// metadata ([`Metadata::lineage`]).
+/// (variants appended: 1.3 metadata decodes unchanged), and after the metadata a record of
+/// [`Metadata::lineage`] and [`Metadata::credentials`] (each thread's; empty in older images:
+/// the restored program keeps the restorer's credentials, as before).
 pub const VERSION_MINOR: u16 = 4;
 /// Header flag: a delta image, which stores only the pages written since its parent
 /// ([`Metadata::parent`]); restoring it needs the chain of images down to a full one.
@@ -319,11 +320,15 @@ pub struct Metadata {
     /// `image_id` of the chain's newest image and replaces it.
     pub merged_from: Option<MergedFrom>,
     // ---- end of format 1.3 ------------------------------------------------------------------
-    /// Format 1.4: the lineage, generation and instance that wrote the image. Encoded after the
-    /// fields above by [`encode_metadata`] (a record of its own, so that the fields above keep
-    /// format 1.3's encoding); `None` in older images.
+    // ---- format 1.4: encoded after the fields above by [`encode_metadata`], as one record of
+    // their own, so that the fields above keep format 1.3's encoding; empty in older images.
+    /// The lineage, generation and instance that wrote the image.
     #[serde(skip)]
     pub lineage: Option<Lineage>,
+    /// Each thread's credentials, by TID (threads of the shim included).
+    #[serde(skip)]
+    pub credentials: Vec<Credentials>,
+    // ---- end of format 1.4 ------------------------------------------------------------------
 }
 
 /// What a merged image replaced.
@@ -438,7 +443,7 @@ fn decode_metadata(bytes: &[u8], minor: u16) -> Result<Metadata, ImageError> {
     if minor >= 4 {
         let (mut m, rest) = postcard::take_from_bytes::<Metadata>(bytes)
             .map_err(|e| ImageError::MetadataDecode(e.to_string()))?;
-        m.lineage = whole(rest)?;
+        (m.lineage, m.credentials) = whole(rest)?;
         return Ok(m);
     }
     let (m, build_ids, vdso) = match minor {
@@ -488,6 +493,7 @@ fn decode_metadata(bytes: &[u8], minor: u16) -> Result<Metadata, ImageError> {
         inherited: Vec::new(),
         merged_from: None,
         lineage: None,
+        credentials: Vec::new(),
     })
 }
 
@@ -918,7 +924,8 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// Encodes metadata for the file. Returns the bytes and their checksum.
 pub fn encode_metadata(m: &Metadata) -> (Vec<u8>, u32) {
     let mut bytes = postcard::to_allocvec(m).expect("metadata always serializes");
-    bytes.extend(postcard::to_allocvec(&m.lineage).expect("a lineage always serializes"));
+    let v1_4 = (&m.lineage, &m.credentials);
+    bytes.extend(postcard::to_allocvec(&v1_4).expect("format 1.4's record always serializes"));
     let crc = crc32fast::hash(&bytes);
     (bytes, crc)
 }

@@ -80,7 +80,7 @@ pub struct Settings {
     pub dir: PathBuf,
     /// `SNAPSHIM_NAME`; None: the executable's file name.
     pub name: Option<String>,
-    /// `SNAPSHIM_SIGNAL`, default SIGUSR2.
+    /// `SNAPSHIM_SIGNAL`, default [`default_signal`] (SIGRTMAX).
     pub signal: i32,
     /// `SNAPSHIM_INTERVAL` in milliseconds.
     pub interval_ms: Option<u64>,
@@ -119,7 +119,7 @@ impl Settings {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
         let name = env(NAME);
         let signal = match env(SIGNAL) {
-            None => libc::SIGUSR2,
+            None => default_signal(),
             Some(s) => match parse_signal(&s) {
                 Ok(n) => n,
                 Err(_) => {
@@ -435,6 +435,18 @@ fn rt_offset(rest: &str, sign: char) -> Option<i32> {
         .then_some(n)
 }
 
+/// The checkpoint signal when `SNAPSHIM_SIGNAL` is not set: `SIGRTMAX`, a real-time signal
+/// programs leave alone. (It was SIGUSR2, which HotSpot and ruby handle themselves: their
+/// handlers never ran under the shim.) The quiesce signal is then `SIGRTMAX-1`, as before.
+pub fn default_signal() -> i32 {
+    libc::SIGRTMAX()
+}
+
+/// The symbol a shim exports when its checkpoint signal, without `SNAPSHIM_SIGNAL`, is
+/// [`default_signal`]; an older shim without it uses SIGUSR2. `snapshim checkpoint` picks the
+/// signal it checks and sends by it.
+pub const RT_DEFAULT_SYMBOL: &str = "snapshim_checkpoint_signal_is_sigrtmax";
+
 /// The shim's second signal, given its checkpoint signal `trigger`: `SIGRTMAX-1`, or `SIGRTMAX-2`
 /// when the checkpoint signal is `SIGRTMAX-1`. The shim parks threads with it for a snapshot
 /// (sent with `tgkill`), and `snapshim checkpoint` sends its requests with it (`sigqueue`): a
@@ -490,7 +502,8 @@ mod tests {
         assert!(warnings.is_empty());
         assert_eq!(s.dir, PathBuf::from(DEFAULT_DIR));
         assert_eq!(s.name, None);
-        assert_eq!(s.signal, libc::SIGUSR2);
+        assert_eq!(s.signal, libc::SIGRTMAX());
+        assert_eq!(quiesce_signal(s.signal), libc::SIGRTMAX() - 1);
         assert_eq!(s.interval_ms, None);
         assert_eq!(s.keep, DEFAULT_KEEP);
         assert_eq!(s.cow, Cow::Auto);

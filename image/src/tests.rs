@@ -28,6 +28,7 @@ pub(crate) fn sample_meta(runs: Vec<PageRun>) -> Metadata {
         inherited: Vec::new(),
         merged_from: None,
         lineage: None,
+        credentials: Vec::new(),
     }
 }
 
@@ -406,6 +407,64 @@ fn format_1_1_image_loads_as_a_full_image() {
     assert_eq!(img.meta.clock_boottime_ns, 0x1234_5678_9abc);
     assert!(img.meta.parent.is_none() && img.meta.inherited.is_empty());
     assert!(img.meta.merged_from.is_none());
+}
+
+/// A format 1.3 image (metadata up to `merged_from`) loads, with no credentials recorded;
+/// credentials round-trip in this format.
+#[test]
+fn format_1_3_image_loads_without_credentials() {
+    #[derive(Serialize)]
+    struct V1_3<'a> {
+        process: &'a Process,
+        shim: &'a ShimInfo,
+        threads: &'a Vec<ThreadState>,
+        regions: &'a Vec<Region>,
+        runs: &'a Vec<PageRun>,
+        fds: &'a Vec<FdState>,
+        clock_boottime_ns: u64,
+        build_ids: &'a Vec<BuildId>,
+        vdso: &'a VdsoImage,
+        parent: &'a Option<ParentRef>,
+        inherited: &'a Vec<PageSpan>,
+        merged_from: &'a Option<MergedFrom>,
+    }
+    let old = |m: &Metadata| {
+        let bytes = postcard::to_allocvec(&V1_3 {
+            process: &m.process,
+            shim: &m.shim,
+            threads: &m.threads,
+            regions: &m.regions,
+            runs: &m.runs,
+            fds: &m.fds,
+            clock_boottime_ns: m.clock_boottime_ns,
+            build_ids: &m.build_ids,
+            vdso: &m.vdso,
+            parent: &m.parent,
+            inherited: &m.inherited,
+            merged_from: &m.merged_from,
+        })
+        .unwrap();
+        let crc = crc32fast::hash(&bytes);
+        (bytes, crc)
+    };
+    let img = open_bytes(&sample_image_with(old, 3)).unwrap();
+    assert_eq!(img.header.minor, 3);
+    assert_eq!(img.meta.clock_boottime_ns, 0x1234_5678_9abc);
+    assert!(img.meta.credentials.is_empty());
+
+    let creds = Credentials {
+        tid: 42,
+        uid: [65534, 65534, 0],
+        gid: [65534; 3],
+        groups: vec![65534, 27],
+    };
+    let with = |m: &Metadata| {
+        let mut m = m.clone();
+        m.credentials = vec![creds.clone()];
+        encode_metadata(&m)
+    };
+    let img = open_bytes(&sample_image_with(with, VERSION_MINOR)).unwrap();
+    assert_eq!(img.meta.credentials, vec![creds.clone()]);
 }
 
 /// Each inconsistency of the 1.3 fields is refused with its own reason.

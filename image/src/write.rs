@@ -65,6 +65,7 @@ mod tests {
             inherited: vec![],
             merged_from: None,
             lineage: None,
+            credentials: Vec::new(),
         }
     }
 

@@ -475,6 +475,7 @@ fn generate(rng: &mut Rng) -> Sample {
         inherited: Vec::new(),
         merged_from: None,
         lineage: None,
+        credentials: Vec::new(),
     };
     let (meta_bytes, meta_crc) = encode_metadata(&meta);
     let mut header = Header::new(rng.next(), rng.next());

@@ -698,6 +698,7 @@ mod tests {
             inherited: Vec::new(),
             merged_from: None,
             lineage: None,
+            credentials: Vec::new(),
         };
         assert_eq!(
             unreproducible_ids(&meta(300, &[300, 301, 305]), 32768),

@@ -196,9 +196,10 @@ fn plan_pages(chain: &Chain, verify_ns: u64, opt: &Options) -> Result<Vec<PRun>,
 }
 
 /// Step 2: this machine can run the image: the CPU has the register state the threads saved,
-/// and every mapped file is the one the program mapped, or one the user allowed to differ.
+/// we may give the threads their credentials back, and every mapped file is the one the program mapped, or one the user allowed to differ.
 pub fn check_machine(meta: &Metadata, allowed: &[String]) -> Result<(), RestoreError> {
     threads::check_cpu(meta)?;
+    threads::check_credentials(meta)?;
     memory::check_mapped_files(meta, allowed)?;
     Ok(())
 }

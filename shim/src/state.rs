@@ -3,6 +3,7 @@
 //! the timeline of the last pause. Atomics only: readable from signal handlers and interposed
 //! functions alike.
 
+use core::cell::Cell;
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering::Relaxed};
 
 use crate::sys;
@@ -39,3 +40,31 @@ pub fn mark(i: usize) {
 /// Set by the engine (`engine::uffd::store`), read by the memory capture.
 pub static COPY_STORE: AtomicU64 = AtomicU64::new(0);
 pub static COPY_STORE_PAGES: AtomicU64 = AtomicU64::new(0);
+
+std::thread_local! {
+    /// Signals handled by this thread in the shim's own handlers (quiesce, trigger), and in the
+    /// program's handlers (which the shim calls through a trampoline, see
+    /// `interpose/signals.rs`). Const-initialised, without destructor: reading or bumping them
+    /// is a plain TLS access, fine in a signal handler. A blocking call interrupted while only
+    /// the first changed was interrupted by the shim alone (`interpose/waits.rs`).
+    static SHIM_SIGNALS: Cell<u64> = const { Cell::new(0) };
+    static PROGRAM_SIGNALS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Called first by the shim's signal handlers.
+pub fn note_shim_signal() {
+    SHIM_SIGNALS.with(|c| c.set(c.get().wrapping_add(1)));
+}
+
+/// Called by the trampoline before it runs a handler of the program's.
+pub fn note_program_signal() {
+    PROGRAM_SIGNALS.with(|c| c.set(c.get().wrapping_add(1)));
+}
+
+/// (shim, program) signals this thread has handled so far.
+pub fn signals_seen() -> (u64, u64) {
+    (
+        SHIM_SIGNALS.with(Cell::get),
+        PROGRAM_SIGNALS.with(Cell::get),
+    )
+}

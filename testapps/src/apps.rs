@@ -26,6 +26,9 @@ pub const APP_NAMES: &[&str] = &[
     "incr",
     "allocs",
     "events",
+    "creds",
+    "waits",
+    "usr2",
 ];
 
 /// Prepares an app's working directory (input files) before it starts.
@@ -85,7 +88,7 @@ impl AppSpec {
     pub fn named(name: &str) -> Result<AppSpec> {
         Ok(match name {
             "single" | "threads" | "fpu" | "signals" | "pattern" | "ids" | "incr" | "allocs"
-            | "events" => AppSpec::new(name, c_app(name), &[]),
+            | "events" | "creds" | "waits" | "usr2" => AppSpec::new(name, c_app(name), &[]),
             "files" => AppSpec {
                 output_files: vec![FILES_OUTPUT.to_string()],
                 setup: Some(write_files_input),

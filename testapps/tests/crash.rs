@@ -63,7 +63,7 @@ fn killed_at_random_instants_during_checkpoints() -> Result<()> {
         let took = checkpoint_duration(&first)?;
         let at = took.mul_f64(1.5 * session.random_unit());
         eprintln!("[{i}] {engine}: a checkpoint takes {took:?}; killing {at:?} into the next");
-        app.signal(libc::SIGUSR2)?;
+        app.signal(snapshim_image::settings::default_signal())?;
         let app = app.pause(at);
         app.kill()?;
         latest(&session)?

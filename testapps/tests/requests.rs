@@ -258,13 +258,15 @@ fn a_request_on_the_checkpoint_signal_is_still_answered() -> Result<()> {
     let session = Session::new(AppSpec::named("ids")?.arg("40").arg("hold"))?;
     let mut app = session.spawn_without_reference()?.wait_ready()?;
     app.wait_for("WAITING")?;
-    // As an older `snapshim checkpoint` asks: SIGUSR2 queued with the descriptor alone.
+    // As an older `snapshim checkpoint` asks: the checkpoint signal queued with the descriptor
+    // alone.
     let (mut r, w) = pipe()?;
     let value = libc::sigval {
         sival_ptr: w.as_raw_fd() as usize as *mut libc::c_void,
     };
+    let trigger = snapshim_image::settings::default_signal();
     // SAFETY: plain values; the pointer is never dereferenced.
-    if unsafe { libc::sigqueue(app.pid() as i32, libc::SIGUSR2, value) } != 0 {
+    if unsafe { libc::sigqueue(app.pid() as i32, trigger, value) } != 0 {
         bail!("sigqueue: {}", std::io::Error::last_os_error());
     }
     // The reply is one line, written at once.

@@ -6,7 +6,8 @@
 //!  snapshim checkpoint                          program with libsnapshim.so
 //!  -------------------                          ---------------------------
 //!  /proc/PID/maps has libsnapshim.so?
-//!  trigger = SNAPSHIM_SIGNAL from /proc/PID/environ, else SIGUSR2
+//!  trigger = SNAPSHIM_SIGNAL from /proc/PID/environ, else SIGRTMAX (SIGUSR2 for a shim
+//!            that does not export snapshim_checkpoint_signal_is_sigrtmax: an older one)
 //!  /proc/PID/status SigCgt has the trigger?
 //!  the library exports snapshim_requests_on_quiesce_signal?
 //!    yes: signal = the quiesce signal (SIGRTMAX-1, or -2), which SigCgt must have too
@@ -74,10 +75,23 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
     let trigger = trigger_signal(pid)?;
     require_handler(pid, trigger)?;
     let signo = request_signal(pid, trigger)?;
+    // Its namespaces are looked up and entered while we may still read them: a program that
+    // changed its credentials is not dumpable, and once we are its user its /proc/PID/ns/*
+    // are closed to us.
+    // (When it has its own user namespace, we become its user first: that user owns it.)
+    let inner = pid_in_own_namespace(pid)?;
+    let mut entered = false;
+    if inner.is_some() && same_namespace(pid, "user") {
+        enter_namespaces(pid)?;
+        entered = true;
+    }
     become_owner_of(pid)?;
+    if inner.is_some() && !entered {
+        enter_namespaces(pid)?;
+    }
     let (read_end, write_end) = pipe()?;
     let value = request_value(&write_end)?;
-    let sender = match pid_in_own_namespace(pid)? {
+    let sender = match inner {
         None => {
             sigqueue(pid, signo, value)?;
             None
@@ -290,14 +304,12 @@ impl Drop for Sender {
     }
 }
 
-/// Enters the user namespace (if not ours) and the PID namespace of `pid`, forks a child there,
-/// which sends the request to `inner` (the program's PID as it sees it).
-fn send_from_namespace(pid: i32, inner: i32, signo: i32, value: u64) -> Result<Sender> {
+/// Enters the user namespace (if not ours) and the PID namespace of `pid`; our children are
+/// born in the latter.
+fn enter_namespaces(pid: i32) -> Result<()> {
     let enter = |kind: &str, flag: CloneFlags| -> Result<()> {
         let path = format!("/proc/{pid}/ns/{kind}");
-        if std::fs::read_link(&path).ok()
-            == std::fs::read_link(format!("/proc/self/ns/{kind}")).ok()
-        {
+        if same_namespace(pid, kind) {
             return Ok(());
         }
         let ns = File::open(&path).map_err(|e| Failure::op(format!("cannot open {path}: {e}")))?;
@@ -309,7 +321,19 @@ fn send_from_namespace(pid: i32, inner: i32, signo: i32, value: u64) -> Result<S
         })
     };
     enter("user", CloneFlags::CLONE_NEWUSER)?;
-    enter("pid", CloneFlags::CLONE_NEWPID)?;
+    enter("pid", CloneFlags::CLONE_NEWPID)
+}
+
+/// Whether `pid`'s namespace of `kind` is ours (false when it cannot be told).
+fn same_namespace(pid: i32, kind: &str) -> bool {
+    let link = |p: String| std::fs::read_link(p).ok();
+    let theirs = link(format!("/proc/{pid}/ns/{kind}"));
+    theirs.is_some() && theirs == link(format!("/proc/self/ns/{kind}"))
+}
+
+/// Forks a child in the PID namespace we entered ([`enter_namespaces`]), which sends the
+/// request to `inner` (the program's PID as it sees it).
+fn send_from_namespace(pid: i32, inner: i32, signo: i32, value: u64) -> Result<Sender> {
     let (hold_r, hold_w) = pipe()?;
     let (mut ack_r, ack_w) = pipe()?;
     // SAFETY: single-threaded; the child only makes system calls and exits.
@@ -421,9 +445,13 @@ fn require_handler(pid: i32, signo: i32) -> Result<()> {
     Ok(())
 }
 
-/// The checkpoint signal of `pid`: `SNAPSHIM_SIGNAL` in its environment, else SIGUSR2.
+/// The checkpoint signal of `pid`: `SNAPSHIM_SIGNAL` in its environment, else its shim's
+/// default: SIGRTMAX, or SIGUSR2 for an older shim.
 fn trigger_signal(pid: i32) -> Result<i32> {
     match proc::environ_var(pid, "SNAPSHIM_SIGNAL")?.as_deref() {
+        None | Some("") if shim_exports(pid, settings::RT_DEFAULT_SYMBOL) => {
+            Ok(settings::default_signal())
+        }
         None | Some("") => Ok(libc::SIGUSR2),
         Some(v) => parse::parse_signal(v).map_err(|why| {
             Failure::op(format!(
@@ -451,6 +479,11 @@ fn request_signal(pid: i32, trigger: i32) -> Result<i32> {
 /// (`/proc/PID/root`), else in ours. False when it cannot be told: a shim that has the symbol
 /// also answers requests sent with the checkpoint signal.
 fn takes_queued_requests(pid: i32) -> bool {
+    shim_exports(pid, settings::QUEUED_REQUESTS_SYMBOL)
+}
+
+/// Whether the `libsnapshim.so` mapped in `pid` exports `symbol` (see [`takes_queued_requests`]).
+fn shim_exports(pid: i32, symbol: &str) -> bool {
     let Ok(Some(lib)) = proc::mapped_path(pid, crate::launch::SHIM_LIB) else {
         return false;
     };
@@ -464,7 +497,7 @@ fn takes_queued_requests(pid: i32) -> bool {
     let Ok(map) = (unsafe { memmap2::Mmap::map(&file) }) else {
         return false;
     };
-    exports(&map, settings::QUEUED_REQUESTS_SYMBOL)
+    exports(&map, symbol)
 }
 
 /// Whether the ELF shared object `elf` exports (defines in its dynamic symbol table) `name`.

@@ -67,7 +67,7 @@ pub type Result<T> = std::result::Result<T, Failure>;
     about = "Transparent checkpoint/restart for Linux programs",
     long_about = "Transparent checkpoint/restart for Linux programs.\n\n\
         A program started with `snapshim run` (or with LD_PRELOAD=libsnapshim.so) writes an \
-        image of itself when it receives the checkpoint signal (SIGUSR2 by default), on a \
+        image of itself when it receives the checkpoint signal (SIGRTMAX by default), on a \
         timer, or when asked with `snapshim checkpoint PID`. `snapshim restore IMAGE` brings \
         it back, here or on another machine."
 )]
@@ -108,7 +108,8 @@ pub struct RunArgs {
     /// Name of the image directory inside DIR, SNAPSHIM_NAME [default: the program's file name]
     #[arg(long, value_name = "NAME", value_parser = name_arg)]
     pub name: Option<String>,
-    /// Checkpoint signal (USR2, SIGUSR1, RTMIN+3, or a number), SNAPSHIM_SIGNAL [default: USR2]
+    /// Checkpoint signal (USR2, SIGUSR1, RTMIN+3, RTMAX-2, or a number), SNAPSHIM_SIGNAL
+    /// [default: RTMAX]
     #[arg(long, value_name = "SIG", value_parser = parse::signal_arg)]
     pub signal: Option<String>,
     /// Number of images to keep, SNAPSHIM_KEEP [default: 3]
@@ -145,7 +146,8 @@ pub struct RunArgs {
 ///
 /// Sends a request with sigqueue, on the shim's second signal (SIGRTMAX-1, which queues: any
 /// number of requests at once are each answered), or to an older shim on the program's
-/// checkpoint signal (SNAPSHIM_SIGNAL in its environment, else SIGUSR2); only after checking
+/// checkpoint signal (SNAPSHIM_SIGNAL in its environment, else SIGUSR2, an older shim's
+/// default); only after checking
 /// that libsnapshim.so is loaded in it and handles the signal. Then waits for the shim's report
 /// and prints where the image is.
 #[derive(Args)]

@@ -700,6 +700,7 @@ fn write_image(path: &Path, seq: u64, mapped: &Path) {
         inherited: Vec::new(),
         merged_from: None,
         lineage: None,
+        credentials: Vec::new(),
     };
     let (meta, meta_crc) = encode_metadata(&meta);
     let mut h = Header::new(

@@ -42,7 +42,7 @@ pub use regular_file::RegularFile;
 pub use signalfd::Signalfd;
 pub use signals::SigAction;
 pub use socket::{SockOpt, Socket, SocketRole};
-pub use threads::ThreadState;
+pub use threads::{Credentials, ThreadState};
 pub use timerfd::Timerfd;
 pub use timers::IntervalTimer;
 

@@ -21,3 +21,16 @@ pub struct ThreadState {
     /// The shim's own helper thread.
     pub helper: bool,
 }
+
+/// A thread's credentials (format 1.4): the kernel keeps them per thread. glibc's `setuid`,
+/// `setgroups`... change every thread alike; a raw system call changes only its caller's.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Credentials {
+    pub tid: i32,
+    /// Real, effective and saved user ID.
+    pub uid: [u32; 3],
+    /// Real, effective and saved group ID.
+    pub gid: [u32; 3],
+    /// Supplementary groups, as `getgroups` lists them.
+    pub groups: Vec<u32>,
+}

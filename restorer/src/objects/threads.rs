@@ -19,6 +19,30 @@ pub fn check_cpu(meta: &Metadata) -> Result<(), String> {
     Ok(())
 }
 
+/// Each restored thread takes back the credentials it had (the shim does it, see
+/// `shim/src/objects/threads.rs`), which only root can do in general: any other user must be
+/// the one every thread of the program ran as (supplementary groups are then left as they
+/// are: an unprivileged user namespace cannot set them).
+pub fn check_credentials(meta: &Metadata) -> Result<(), String> {
+    // SAFETY: geteuid and getegid cannot fail.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if uid == 0 {
+        return Ok(());
+    }
+    match meta
+        .credentials
+        .iter()
+        .find(|c| c.uid != [uid; 3] || c.gid != [gid; 3])
+    {
+        None => Ok(()),
+        Some(c) => Err(format!(
+            "thread {} of the program ran as uid {:?}, gid {:?} (real, effective, saved): only \
+             root can restore it (this restore runs as uid {uid}, gid {gid})",
+            c.tid, c.uid, c.gid
+        )),
+    }
+}
+
 /// The plan's threads, and which of them is the main thread (the one whose TID is the PID,
 /// else the first that is not the shim's helper). `exact_tids`: each is created with its
 /// saved TID.

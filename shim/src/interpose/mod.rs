@@ -29,5 +29,6 @@ mod malloc;
 mod memory;
 mod signals;
 mod threads;
+mod waits;
 
 pub use signals::real_sigaction;

@@ -1,13 +1,18 @@
 //! The signal API, so the program cannot block, ignore or replace the shim's two signals (the
 //! trigger, SIGUSR2 by default, and the internal quiesce signal). What the program asks for on
 //! those signals is remembered and reported as a clash, once.
+//!
+//! The program's own handlers are installed behind a trampoline that counts, per thread, the
+//! signals they handle (`state::note_program_signal`) before calling them: an interrupted wait
+//! during which only the shim's handlers ran is the shim's doing and is resumed
+//! (`waits.rs`). `sigaction` reports the program's handler and flags, never the trampoline.
 #![allow(unsafe_code)]
 
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
 
 use libc::{c_int, sigset_t};
 
-use crate::state::{QUIESCE_SIG, TRIGGER_SIG};
+use crate::state::{self, QUIESCE_SIG, TRIGGER_SIG};
 use crate::sys;
 
 /// The next definition of `name` (glibc's), looked up once into `cache`.
@@ -67,6 +72,75 @@ fn clash(sig: c_int) {
     }
 }
 
+/// The program's handler of each signal and whether it takes three arguments (SA_SIGINFO),
+/// for [`trampoline`].
+static PROGRAM_HANDLER: [AtomicUsize; 65] = [const { AtomicUsize::new(0) }; 65];
+static PROGRAM_SIGINFO: [AtomicBool; 65] = [const { AtomicBool::new(false) }; 65];
+
+type Handler3 = extern "C" fn(c_int, *mut libc::siginfo_t, *mut libc::c_void);
+type Handler1 = extern "C" fn(c_int);
+
+/// Installed in place of every handler of the program's: counts the signal, runs the handler.
+extern "C" fn trampoline(sig: c_int, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    state::note_program_signal();
+    let i = (sig as usize).min(64);
+    let h = PROGRAM_HANDLER[i].load(Relaxed);
+    if h <= libc::SIG_IGN {
+        return;
+    }
+    if PROGRAM_SIGINFO[i].load(Relaxed) {
+        // SAFETY: the program installed h as a three-argument (SA_SIGINFO) handler.
+        unsafe { core::mem::transmute::<usize, Handler3>(h)(sig, info, uc) }
+    } else {
+        // SAFETY: the program installed h as a one-argument handler.
+        unsafe { core::mem::transmute::<usize, Handler1>(h)(sig) }
+    }
+}
+
+/// `sigaction` for a signal that is not the shim's: a handler goes behind [`trampoline`].
+///
+/// # Safety
+/// As `sigaction(2)`: `act` and `old` are null or valid.
+unsafe fn program_sigaction(
+    sig: c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> c_int {
+    if !(1..=64).contains(&sig) {
+        return real_sigaction(sig, act, old);
+    }
+    let i = sig as usize;
+    let (was_h, was_si) = (
+        PROGRAM_HANDLER[i].load(Relaxed),
+        PROGRAM_SIGINFO[i].load(Relaxed),
+    );
+    // SAFETY: a zeroed sigaction is a valid value.
+    let mut prev: libc::sigaction = unsafe { core::mem::zeroed() };
+    // SAFETY: act is null or valid per the contract.
+    let r = match unsafe { act.as_ref() } {
+        Some(a) if a.sa_sigaction > libc::SIG_IGN => {
+            let mut ours = *a;
+            PROGRAM_SIGINFO[i].store(a.sa_flags & libc::SA_SIGINFO != 0, Relaxed);
+            PROGRAM_HANDLER[i].store(a.sa_sigaction, Relaxed);
+            ours.sa_sigaction = trampoline as *const () as usize;
+            ours.sa_flags |= libc::SA_SIGINFO;
+            real_sigaction(sig, &ours, &mut prev)
+        }
+        _ => real_sigaction(sig, act, &mut prev),
+    };
+    if r == 0 && !old.is_null() {
+        if prev.sa_sigaction == trampoline as *const () as usize {
+            prev.sa_sigaction = was_h;
+            if !was_si {
+                prev.sa_flags &= !libc::SA_SIGINFO;
+            }
+        }
+        // SAFETY: old is valid per the contract.
+        unsafe { *old = prev };
+    }
+    r
+}
+
 /// # Safety
 /// As `sigaction(2)`: `act` and `old` are null or valid.
 #[cfg_attr(not(test), no_mangle)]
@@ -76,7 +150,8 @@ pub unsafe extern "C" fn sigaction(
     old: *mut libc::sigaction,
 ) -> c_int {
     if !is_ours(sig) {
-        return real_sigaction(sig, act, old);
+        // SAFETY: forwarded with the caller's contract.
+        return unsafe { program_sigaction(sig, act, old) };
     }
     let i = (sig != TRIGGER_SIG.load(Relaxed)) as usize;
     if !old.is_null() {
@@ -132,7 +207,7 @@ pub unsafe extern "C" fn bsd_signal(sig: c_int, handler: libc::sighandler_t) -> 
 }
 
 /// Removes our signals from a set the program wants to block.
-fn filtered(how: c_int, set: *const sigset_t, copy: &mut sigset_t) -> *const sigset_t {
+pub(super) fn filtered(how: c_int, set: *const sigset_t, copy: &mut sigset_t) -> *const sigset_t {
     if set.is_null() || how == libc::SIG_UNBLOCK {
         return set;
     }

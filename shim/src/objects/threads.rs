@@ -1,5 +1,6 @@
 //! Threads, capture side: what the kernel keeps about a thread outside memory (TID, fs base,
-//! robust list, alternate signal stack, signal mask, name, rseq registration). Each thread
+//! robust list, alternate signal stack, signal mask, name, rseq registration, credentials).
+//! Each thread
 //! records its own into a [`Slot`] as it parks (signal context: atomics and raw system calls
 //! only); the capture turns the slots into the image's [`ThreadState`]s; a restored thread
 //! redoes its kernel state from its slot ([`restore_thread`]).
@@ -8,11 +9,13 @@
 use alloc::string::String;
 use core::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::*};
 
-use snapshim_image::ThreadState;
+use snapshim_image::{Credentials, ThreadState};
 
 use crate::sys::{self, sc};
 
 pub const MAX_THREADS: usize = 4096;
+/// Supplementary groups a thread may have for a checkpoint (the slot holds them).
+pub const MAX_GROUPS: usize = 32;
 
 /// What one parked thread left for the writer. Written by the thread itself before it parks,
 /// read by the writer after it has seen `PARKED` count it.
@@ -28,6 +31,12 @@ pub struct Slot {
     pub altstack_size: AtomicU64,
     pub sigmask: AtomicU64,
     pub name: [AtomicU64; 2],
+    /// Real, effective, saved user and group IDs.
+    pub uid: [AtomicU32; 3],
+    pub gid: [AtomicU32; 3],
+    /// Number of supplementary groups (more than [`MAX_GROUPS`]: -1), and the groups.
+    pub ngroups: AtomicI32,
+    pub groups: [AtomicU32; MAX_GROUPS],
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -42,6 +51,10 @@ const SLOT_INIT: Slot = Slot {
     altstack_size: AtomicU64::new(0),
     sigmask: AtomicU64::new(0),
     name: [AtomicU64::new(0), AtomicU64::new(0)],
+    uid: [const { AtomicU32::new(0) }; 3],
+    gid: [const { AtomicU32::new(0) }; 3],
+    ngroups: AtomicI32::new(0),
+    groups: [const { AtomicU32::new(0) }; MAX_GROUPS],
 };
 pub static SLOTS: [Slot; MAX_THREADS] = [SLOT_INIT; MAX_THREADS];
 /// The helper's own slot (it parks through the same mechanism, on the writer stack).
@@ -103,6 +116,57 @@ pub fn record_thread(slot: &Slot) {
     unsafe { sc!(libc::SYS_prctl, libc::PR_GET_NAME, name.as_mut_ptr()) };
     slot.name[0].store(u64::from_le_bytes(name[..8].try_into().unwrap()), Relaxed);
     slot.name[1].store(u64::from_le_bytes(name[8..].try_into().unwrap()), Relaxed);
+    record_credentials(slot);
+}
+
+/// This thread's credentials (the kernel's, per thread), into `slot`.
+fn record_credentials(slot: &Slot) {
+    let (u, g) = (sys::getresuid(), sys::getresgid());
+    for i in 0..3 {
+        slot.uid[i].store(u[i], Relaxed);
+        slot.gid[i].store(g[i], Relaxed);
+    }
+    let mut groups = [0u32; MAX_GROUPS];
+    let n = sys::getgroups(&mut groups).map_or(-1, |n| n as i32);
+    slot.ngroups.store(n, Relaxed);
+    for (d, s) in slot.groups.iter().zip(&groups[..n.max(0) as usize]) {
+        d.store(*s, Relaxed);
+    }
+}
+
+/// Gives a restored thread the credentials it had (it starts with the restorer's). The groups
+/// only when it starts as root: an unprivileged restorer cannot set them (and its user
+/// namespace shows groups it does not map as 65534), and it refuses images whose user and
+/// group IDs it cannot give back (`restorer/src/objects/threads.rs`). Failing here leaves a
+/// thread with the wrong identity: one line, and the process ends.
+fn restore_credentials(slot: &Slot) {
+    let load = |a: &[AtomicU32; 3]| [a[0].load(Relaxed), a[1].load(Relaxed), a[2].load(Relaxed)];
+    let (uid, gid) = (load(&slot.uid), load(&slot.gid));
+    let n = slot.ngroups.load(Relaxed).clamp(0, MAX_GROUPS as i32) as usize;
+    let mut groups = [0u32; MAX_GROUPS];
+    for (d, s) in groups.iter_mut().zip(&slot.groups[..n]) {
+        *d = s.load(Relaxed);
+    }
+    let mut now = [0u32; MAX_GROUPS];
+    let same_groups = sys::getgroups(&mut now).is_ok_and(|m| now[..m] == groups[..n]);
+    let mut r = Ok(());
+    if sys::getresuid()[1] == 0 && !same_groups {
+        r = sys::setgroups(&groups[..n]);
+    }
+    if r.is_ok() && sys::getresgid() != gid {
+        r = sys::setresgid(gid);
+    }
+    if r.is_ok() && sys::getresuid() != uid {
+        r = sys::setresuid(uid);
+    }
+    if r.is_err() {
+        let _ = sys::write_all(
+            2,
+            b"snapshim: a restored thread cannot take back the user, group or supplementary \
+              group IDs it had at the checkpoint; the process ends\n",
+        );
+        sys::exit_group(1);
+    }
 }
 
 /// Registers (or, with `unregister`, unregisters) glibc's rseq area of the calling thread.
@@ -159,6 +223,8 @@ pub fn restore_thread(slot: &Slot) {
     name[15] = 0;
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
     unsafe { sc!(libc::SYS_prctl, libc::PR_SET_NAME, name.as_ptr()) };
+    // Last: giving up root may take away what the steps above need.
+    restore_credentials(slot);
 }
 
 /// Offsets (from the thread pointer) of 32-bit words equal to the calling thread's TID, within
@@ -189,6 +255,28 @@ pub fn tid_at(off: i32) -> bool {
 /// The helper's own per-thread fix-ups in a restored process.
 pub fn record_restored_helper() {
     restore_thread(&HELPER_SLOT);
+}
+
+/// The image's record of the credentials of the thread that parked in `s`; an error if it has
+/// more supplementary groups than a slot holds.
+pub fn credentials(s: &Slot) -> Result<Credentials, String> {
+    let n = s.ngroups.load(Relaxed);
+    if n < 0 {
+        return Err(alloc::format!(
+            "thread {} has more than {MAX_GROUPS} supplementary groups",
+            s.tid.load(Relaxed)
+        ));
+    }
+    let load = |a: &[AtomicU32; 3]| [a[0].load(Relaxed), a[1].load(Relaxed), a[2].load(Relaxed)];
+    Ok(Credentials {
+        tid: s.tid.load(Relaxed),
+        uid: load(&s.uid),
+        gid: load(&s.gid),
+        groups: s.groups[..n as usize]
+            .iter()
+            .map(|g| g.load(Relaxed))
+            .collect(),
+    })
 }
 
 /// The image's record of the thread that parked in `s`.

@@ -5,7 +5,7 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use snapshim_image::{BuildId, FdState, Lineage, Process, ThreadState, VdsoImage};
+use snapshim_image::{BuildId, Credentials, FdState, Lineage, Process, ThreadState, VdsoImage};
 
 use crate::config::Config;
 use crate::objects::memory::{self, MapsEntry};
@@ -19,6 +19,8 @@ pub struct Captured {
     pub fds: Vec<FdState>,
     pub process: Process,
     pub threads: Vec<ThreadState>,
+    /// Format 1.4: each thread's credentials.
+    pub credentials: Vec<Credentials>,
     /// CLOCK_BOOTTIME read right after `process.clock_monotonic_ns`.
     pub boottime_ns: u64,
     /// Format 1.2: build-ids of the mapped files, and the vDSO (see objects/memory.rs).
@@ -40,6 +42,7 @@ impl Captured {
             fds: self.fds.clone(),
             process: self.process.clone(),
             threads: self.threads.clone(),
+            credentials: self.credentials.clone(),
             boottime_ns: self.boottime_ns,
             build_ids: self.build_ids.clone(),
             vdso: self.vdso.clone(),
@@ -69,6 +72,11 @@ pub fn capture(cfg: &Config, nthreads: usize, image_fd: i32) -> Result<Captured,
         .map(|s| threads::thread_state(s, false))
         .collect();
     threads.push(threads::thread_state(&HELPER_SLOT, true));
+    let credentials = SLOTS[..n]
+        .iter()
+        .chain([&HELPER_SLOT])
+        .map(threads::credentials)
+        .collect::<Result<Vec<_>, _>>()?;
     let build_ids = memory::build_ids(&maps);
     let vdso = memory::vdso(&maps);
     Ok(Captured {
@@ -76,6 +84,7 @@ pub fn capture(cfg: &Config, nthreads: usize, image_fd: i32) -> Result<Captured,
         fds,
         process,
         threads,
+        credentials,
         boottime_ns,
         build_ids,
         vdso,

@@ -457,6 +457,7 @@ pub fn finish(
         inherited,
         merged_from: None,
         lineage: cap.lineage.clone(),
+        credentials: cap.credentials.clone(),
     };
     let tail = image::write::tail(
         &meta,

@@ -63,7 +63,8 @@ static SEQ: AtomicU64 = AtomicU64::new(0);
 pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
     // The program's signals must never run on this thread (a process-directed signal goes to
     // any thread that does not block it), nor may its handlers change memory while the writer
-    // copies it. Our trigger signal then lands on a program thread, which is fine.
+    // copies it. Our trigger signal then lands on a program thread, which is fine. The one
+    // exception is glibc's SIGSETXID, outside the writer: see `sys::allow_setxid`.
     let all = u64::MAX;
     // SAFETY: rt_sigprocmask with an 8-byte set; the raw call bypasses our own filter.
     unsafe {
@@ -79,6 +80,7 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
     if let Some(&off) = tid_candidates.iter().find(|&&o| threads::tid_at(o)) {
         threads::TID_OFFSET.store(off, Relaxed);
     }
+    sys::allow_setxid(true);
     let mut waiter = trigger::Waiter::new(cfg);
     loop {
         if !waiter.wait() {
@@ -309,6 +311,9 @@ fn take(
             STACK_END,
         )
     };
+    // The writer blocked SIGSETXID (see `writer_entry`); a credential change the program
+    // started meanwhile completes now.
+    sys::allow_setxid(true);
     if restored == 1 {
         crate::incremental::after_restore();
         resume::after_restore(nthreads);
@@ -362,6 +367,10 @@ fn take(
 extern "C" fn writer_entry(arg: *mut core::ffi::c_void) {
     // SAFETY: arg is the helper's Job, alive for the whole call.
     let job = unsafe { &mut *(arg as *mut Job) };
+    // glibc's credential handler must not run in the writer: it would write memory being
+    // captured or copied, and change the credentials the image is written with halfway. A
+    // program thread that changes credentials during a flush waits until the writer is done.
+    sys::allow_setxid(false);
     threads::record_thread(&HELPER_SLOT);
     threads::rseq(true);
     let r = match crate::sys::alloc::scratch_begin() {

@@ -103,19 +103,27 @@ pub static RESUMED: AtomicU32 = AtomicU32::new(0);
 /// before every snapshot, so it is 0 in every image (futex word).
 pub static NOTED: AtomicU32 = AtomicU32::new(0);
 /// Runs below `ctx_rsp`: counts this thread as parked and waits for the release.
+///
+/// glibc's SIGSETXID gets through while the thread waits: a thread of the program in the
+/// middle of `setuid` waits until every other thread has run glibc's handler, and may not
+/// park before that (glibc blocks signals in parts of it); blocked here, it would wait for the
+/// end of the pause and the pause for it. The handler runs below `ctx_rsp`, like `park`.
 extern "C" fn park(_: *mut core::ffi::c_void) {
     let gen = RELEASE.load(Acquire);
     PARKED.fetch_add(1, Release);
     sys::futex_wake(&PARKED);
+    sys::allow_setxid(true);
     while RELEASE.load(Acquire) == gen {
         sys::futex_wait(&RELEASE, gen, None);
     }
+    sys::allow_setxid(false);
 }
 
 /// Handler of the internal quiesce signal (installed with every signal masked). The same signal,
 /// queued by another process, is a `snapshim checkpoint` request: it is queued for the helper
 /// (`trigger.rs`) and never parks the thread, not even during a snapshot.
 pub extern "C" fn quiesce_handler(_sig: i32, info: *mut libc::siginfo_t, _uc: *mut libc::c_void) {
+    crate::state::note_shim_signal();
     // SAFETY: __errno_location returns this thread's errno slot.
     let errno = unsafe { *libc::__errno_location() };
     // SAFETY: info is the kernel's siginfo (SA_SIGINFO).

@@ -62,6 +62,13 @@ pub static DISABLED: AtomicU32 = AtomicU32::new(0);
 #[allow(non_upper_case_globals)]
 pub static snapshim_requests_on_quiesce_signal: u32 = 1;
 
+/// Exported so that `snapshim checkpoint` knows this shim's checkpoint signal, without
+/// `SNAPSHIM_SIGNAL`, is SIGRTMAX and not an older shim's SIGUSR2
+/// (`snapshim_image::settings::RT_DEFAULT_SYMBOL`).
+#[cfg_attr(not(test), no_mangle)]
+#[allow(non_upper_case_globals)]
+pub static snapshim_checkpoint_signal_is_sigrtmax: u32 = 1;
+
 /// Who wants the outcome of a checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Requester {
@@ -185,6 +192,7 @@ pub fn post(rec: Record) {
 
 /// Handler of the checkpoint signal: queues the request (see the module doc).
 pub extern "C" fn trigger_handler(_sig: i32, info: *mut libc::siginfo_t, _uc: *mut libc::c_void) {
+    crate::state::note_shim_signal();
     // SAFETY: errno slot of this thread; info is provided by the kernel (SA_SIGINFO).
     unsafe {
         let errno = *libc::__errno_location();
@@ -320,6 +328,10 @@ mod tests {
         assert_eq!(
             stringify!(snapshim_requests_on_quiesce_signal),
             snapshim_image::settings::QUEUED_REQUESTS_SYMBOL
+        );
+        assert_eq!(
+            stringify!(snapshim_checkpoint_signal_is_sigrtmax),
+            snapshim_image::settings::RT_DEFAULT_SYMBOL
         );
     }
 

@@ -101,6 +101,79 @@ pub fn block_all_signals() -> u64 {
     old
 }
 
+/// `getresuid` of the calling thread: real, effective, saved.
+pub fn getresuid() -> [u32; 3] {
+    let mut ids = [0u32; 3];
+    let p = ids.as_mut_ptr();
+    // SAFETY: three writable u32s.
+    unsafe { sc!(libc::SYS_getresuid, p, p.wrapping_add(1), p.wrapping_add(2)) };
+    ids
+}
+
+/// `getresgid` of the calling thread.
+pub fn getresgid() -> [u32; 3] {
+    let mut ids = [0u32; 3];
+    let p = ids.as_mut_ptr();
+    // SAFETY: three writable u32s.
+    unsafe { sc!(libc::SYS_getresgid, p, p.wrapping_add(1), p.wrapping_add(2)) };
+    ids
+}
+
+/// The calling thread's supplementary groups into `out`; their number (EINVAL: more than fit).
+pub fn getgroups(out: &mut [u32]) -> Result<usize> {
+    // SAFETY: out is writable for out.len() gids.
+    check(unsafe { sc!(libc::SYS_getgroups, out.len(), out.as_mut_ptr()) }).map(|n| n as usize)
+}
+
+/// Raw `setgroups`, `setresgid`, `setresuid`: the calling thread only (glibc's wrappers make
+/// the change in every thread).
+pub fn setgroups(groups: &[u32]) -> Result<()> {
+    // SAFETY: groups is readable for its length.
+    check(unsafe { sc!(libc::SYS_setgroups, groups.len(), groups.as_ptr()) }).map(|_| ())
+}
+
+pub fn setresgid(g: [u32; 3]) -> Result<()> {
+    // SAFETY: plain integers.
+    check(unsafe { sc!(libc::SYS_setresgid, g[0], g[1], g[2]) }).map(|_| ())
+}
+
+pub fn setresuid(u: [u32; 3]) -> Result<()> {
+    // SAFETY: plain integers.
+    check(unsafe { sc!(libc::SYS_setresuid, u[0], u[1], u[2]) }).map(|_| ())
+}
+
+/// Ends the whole process at once.
+pub fn exit_group(code: i32) -> ! {
+    // SAFETY: exit_group does not return.
+    unsafe { sc!(libc::SYS_exit_group, code) };
+    unreachable!()
+}
+
+/// glibc's internal signal for credential changes: `setuid`, `setgroups`... send it to every
+/// other thread of the process and wait until each has run glibc's handler (which makes the
+/// same change in that thread). A thread of the shim that glibc knows of (a `pthread`: the
+/// helper) must let it through when it may be waited for, or the program hangs. (glibc's
+/// other internal signal, SIGCANCEL (32), stays blocked: only `pthread_cancel` of a thread
+/// sends it, and nothing may cancel the helper.)
+pub const SIGSETXID: i32 = 33;
+
+/// The mask bit of a (1-based) signal number.
+pub const fn sig_bit(sig: i32) -> u64 {
+    1u64 << (sig - 1)
+}
+
+/// Lets [`SIGSETXID`] through in this thread (`allow`), or blocks it again.
+pub fn allow_setxid(allow: bool) {
+    let set = sig_bit(SIGSETXID);
+    let how = if allow {
+        libc::SIG_UNBLOCK
+    } else {
+        libc::SIG_BLOCK
+    };
+    // SAFETY: rt_sigprocmask with a valid 8-byte set and no old set.
+    unsafe { sc!(libc::SYS_rt_sigprocmask, how, &set as *const u64, 0u64, 8) };
+}
+
 pub fn restore_signals(old: &u64) {
     // SAFETY: rt_sigprocmask with a valid 8-byte mask.
     unsafe {
@@ -186,7 +259,33 @@ pub fn pwrite(fd: i32, buf: &[u8], off: u64) -> Result<usize> {
 pub fn open(path: &[u8], flags: i32, mode: u32) -> Result<i32> {
     assert!(path.last() == Some(&0));
     // SAFETY: path is NUL-terminated.
-    check(unsafe { sc!(libc::SYS_open, path.as_ptr(), flags, mode) }).map(|fd| fd as i32)
+    let r = check(unsafe { sc!(libc::SYS_open, path.as_ptr(), flags, mode) }).map(|fd| fd as i32);
+    match r {
+        Err(libc::EACCES) if path.starts_with(b"/proc/self/") => open_undumpable(path, flags),
+        r => r,
+    }
+}
+
+/// Opens a file of `/proc/self` that a process whose credentials changed may not open: such a
+/// process is not dumpable, so the kernel makes root the owner of its `/proc/PID` files, and
+/// `pagemap`, `mem` and `auxv` (mode 0400 or 0600) are closed to its own user. For the
+/// moment of the `open` the process is made dumpable, which gives them back to it (what
+/// `open` checks then is that the opener is this process); then it is put back. Another
+/// process of the same user could open them in that moment too: the image, which that user
+/// can read anyway, holds the same memory.
+fn open_undumpable(path: &[u8], flags: i32) -> Result<i32> {
+    // SAFETY: PR_GET_DUMPABLE takes no pointer.
+    let was = unsafe { sc!(libc::SYS_prctl, libc::PR_GET_DUMPABLE) };
+    if was != 0 {
+        return Err(libc::EACCES);
+    }
+    // SAFETY: PR_SET_DUMPABLE takes plain integers; path is NUL-terminated (checked above).
+    unsafe {
+        sc!(libc::SYS_prctl, libc::PR_SET_DUMPABLE, 1);
+        let r = check(sc!(libc::SYS_open, path.as_ptr(), flags, 0)).map(|fd| fd as i32);
+        sc!(libc::SYS_prctl, libc::PR_SET_DUMPABLE, 0);
+        r
+    }
 }
 
 pub fn close(fd: i32) {
@@ -393,10 +492,8 @@ pub fn fork_child(child: impl FnOnce() -> i32) -> Result<i32> {
     // SAFETY: without CLONE_VM the child has its own copy of memory, this stack included.
     let pid = check(unsafe { sc!(libc::SYS_clone, 0, 0, 0, 0, 0) })? as i32;
     if pid == 0 {
-        let status = child();
-        // SAFETY: ends the child without running any of the program's exit handlers.
-        unsafe { sc!(libc::SYS_exit_group, status) };
-        unreachable!();
+        // Ends the child without running any of the program's exit handlers.
+        exit_group(child());
     }
     Ok(pid)
 }
