@@ -281,3 +281,32 @@ fn next_image_name(image: &Path) -> Result<String> {
         .ok_or_else(|| format!("unexpected image name {name}"))?;
     Ok(snapshim_image::image_file_name(seq + 1))
 }
+
+/// Fencing ground: an image of an older generation of its lineage than the newest the
+/// directory's lock file records (written before a later restore: a late copy from a stale
+/// primary) is never staged, even numbered after every other image; the standby takes the
+/// newest image of the current generation.
+#[test]
+fn an_image_of_a_stale_generation_is_not_staged() -> Result<()> {
+    let app = App::spawn("threads")?.wait_ready()?;
+    let first = app.checkpoint()?;
+    app.kill()?;
+    let session = first.session().clone();
+    let mut restored = first.restore_with(&["--stats"])?;
+    restored.wait_for("CLOCK_MONOTONIC")?;
+    let second = restored.checkpoint()?;
+    restored.kill()?;
+    let stale = session.image_dir().join("ckpt-00000099.snap");
+    std::fs::copy(first.path(), &stale).context("copy the first image")?;
+    let sb = standby(&session, &session.image_dir())?;
+    let c = activate(&session, session.image_dir())?;
+    expect_activated_with(&c, second.path())?;
+    let done = sb.finish()?;
+    if !done.stderr.contains("generation 2 has run since") {
+        bail!(
+            "the standby did not say why it left the stale image\n--- its stderr ---\n{}",
+            done.stderr
+        );
+    }
+    done.assert_same_output_as_uninterrupted()
+}
