@@ -223,10 +223,16 @@ fn checkpoint_kill_restore(app: Running) -> Result<(Running, Snapshot)> {
     Ok((restored, copy))
 }
 
+/// A copy of `img` in a directory of its own (a restored program writes its images into the
+/// directory it was restored from, so each copy gets a new one).
 fn copy_elsewhere(img: &Snapshot) -> Result<Snapshot> {
-    let elsewhere = img.session().dir().join("elsewhere");
+    let name = img.path().file_name().expect("an image has a name");
+    let elsewhere = img
+        .session()
+        .dir()
+        .join(format!("elsewhere-{}", name.to_string_lossy()));
     fs::create_dir_all(&elsewhere).context(format!("create {}", elsewhere.display()))?;
-    let copy = elsewhere.join(img.path().file_name().expect("an image has a name"));
+    let copy = elsewhere.join(name);
     fs::copy(img.path(), &copy).context(format!("copy {}", img.path().display()))?;
     Ok(Snapshot::at(img.session(), copy))
 }
