@@ -38,10 +38,10 @@ pub mod write;
 pub use error::ImageError;
 pub use lineage::Lineage;
 pub use objects::{
-    CharDevice, Credentials, Directory, Duplicate, Epoll, EpollWatch, Eventfd, FdKind, FdState,
-    FileIdentity, Inherited, Inotify, InotifyWatch, IntervalTimer, MmFields, PageRun, PageSpan, Pipe,
-    Process, Region, RegionKind, RegularFile, Rlimit, SigAction, Signalfd, SockOpt, Socket,
-    SocketRole, ThreadState, Timerfd, Unsupported,
+    CharDevice, Credentials, DeletedFile, Directory, Duplicate, Epoll, EpollWatch, Eventfd, FdKind,
+    FdState, FileIdentity, Inherited, Inotify, InotifyWatch, IntervalTimer, Memfd, MmFields,
+    PageRun, PageSpan, Pipe, Process, Region, RegionKind, RegularFile, Rlimit, SigAction, Signalfd,
+    SockOpt, Socket, SocketRole, ThreadState, Timerfd, Unsupported,
 };
 
 /// Addresses shared by the shim and the restorer.
@@ -85,7 +85,7 @@ pub const VERSION_MAJOR: u16 = 1;
 /// [`Metadata::inherited`], [`Metadata::merged_from`] and [`FLAG_DELTA`]. Older images still
 /// load (the new fields read as empty; they are full images). 1.4 added the descriptor kinds
 /// [`FdKind::Eventfd`], [`FdKind::Timerfd`], [`FdKind::Signalfd`], [`FdKind::Epoll`],
-/// [`FdKind::Duplicate`], [`FdKind::Inotify`] and [`FdKind::Socket`]
+/// [`FdKind::Duplicate`], [`FdKind::Inotify`], [`FdKind::Socket`] and [`FdKind::DeletedFile`]
 /// (variants appended: 1.3 metadata decodes unchanged), and after the metadata a record of
 /// [`Metadata::lineage`] and [`Metadata::credentials`] (each thread's; empty in older images:
 /// the restored program keeps the restorer's credentials, as before).
