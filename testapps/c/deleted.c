@@ -8,7 +8,7 @@
  *     (checked against a copy in memory), read sequentially through its own offset;
  *   - a memfd ("snapshim-test", sealed against shrinking), grown every round;
  *   - a deleted file mapped MAP_SHARED whose descriptor is closed (only the mapping holds it).
- * Every 16 rounds: sizes, offsets, checksums. At the end: every byte of each file checked, the
+ * Every 4 rounds: sizes, offsets, checksums. At the end: every byte of each file checked, the
  * open flags, the memfd's name and seals.
  *
  * Usage: deleted [ROUNDS [sub|big]]      (ROUNDS: default 480)
@@ -204,7 +204,7 @@ int main(int argc, char **argv)
 		for (int k = 0; k < 500000; k++)
 			busy = mix64(busy + (uint64_t)k);
 
-		if (r % 16 == 15)
+		if (r % 4 == 3)
 			printf("round %d: log %lld at %lld/%lld, tmp %016llx at %lld, memfd %lld "
 			       "(%016llx), map %016llx\n",
 			       r + 1, (long long)size_of(log_rw), (long long)where(log_ro),

@@ -105,3 +105,78 @@ fn unsupported(target: String, why: &str) -> FdKind {
         desc: alloc::format!("{target}: {why}"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat_of(fd: i32) -> libc::stat {
+        super::super::fstat(fd).expect("fstat")
+    }
+
+    /// A file opened twice, unlinked, written: the first descriptor keeps the whole content,
+    /// the second names the first; a memfd keeps its name and seals; a file beyond the budget
+    /// is unsupported, with the reason.
+    #[test]
+    fn captures_content_sharing_memfds_and_the_budget() {
+        let dir = std::env::temp_dir().join(alloc::format!("snapshim-del-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("gone");
+        let a = std::fs::File::create(&path).unwrap();
+        let b = std::fs::File::open(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::io::Write::write_all(&mut &a, b"deleted but open").unwrap();
+        use std::os::fd::AsRawFd;
+        let (fa, fb) = (a.as_raw_fd(), b.as_raw_fd());
+        let mut seen = Seen::new();
+        let target = alloc::format!("{} (deleted)", path.display());
+        let FdKind::DeletedFile(first) = capture(fa, target.clone(), 16, &stat_of(fa), &mut seen)
+        else {
+            panic!("not a deleted file");
+        };
+        assert_eq!(first.content, b"deleted but open");
+        assert_eq!((first.offset, first.same_as), (16, None));
+        assert_eq!(first.path, path.to_str().unwrap());
+        let FdKind::DeletedFile(second) = capture(fb, target.clone(), 0, &stat_of(fb), &mut seen)
+        else {
+            panic!("not a deleted file");
+        };
+        assert_eq!((second.same_as, second.content.len()), (Some(fa), 0));
+
+        // SAFETY: a new memfd from a NUL-terminated name; closed below.
+        let m = unsafe { libc::memfd_create(c"cache".as_ptr(), libc::MFD_ALLOW_SEALING) };
+        assert!(m >= 0);
+        // SAFETY: plain integer arguments on our descriptor.
+        let sealed = unsafe { libc::fcntl(m, libc::F_ADD_SEALS, libc::F_SEAL_GROW) };
+        assert_eq!(sealed, 0);
+        let FdKind::DeletedFile(mem) = capture(
+            m,
+            "/memfd:cache (deleted)".into(),
+            0,
+            &stat_of(m),
+            &mut seen,
+        ) else {
+            panic!("not a deleted file");
+        };
+        let memfd = mem.memfd.expect("a memfd");
+        assert_eq!(
+            (memfd.name.as_str(), memfd.seals),
+            ("cache", libc::F_SEAL_GROW as u32)
+        );
+
+        seen.budget = 3;
+        let mut st = stat_of(m);
+        st.st_ino ^= 1;
+        let FdKind::Unsupported(u) = capture(fa, target, 0, &st_with_size(&mut st, 4), &mut seen)
+        else {
+            panic!("a file beyond the budget is kept");
+        };
+        assert!(u.desc.ends_with("64 MiB an image keeps"), "{}", u.desc);
+        sys::close(m);
+    }
+
+    fn st_with_size(st: &mut libc::stat, size: i64) -> libc::stat {
+        st.st_size = size;
+        *st
+    }
+}
