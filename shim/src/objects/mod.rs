@@ -92,8 +92,8 @@ pub fn fds(own: impl Fn(i32) -> bool) -> Vec<FdState> {
 }
 
 /// A descriptor of one of the kinds that are rebuilt from their state alone (eventfd, timerfd,
-/// signalfd, epoll, inotify, a deleted file) that is the same open file as a lower one (`dup`) becomes a
-/// [`Duplicate`] of it, so that the restore gives both numbers one object again.
+/// signalfd, epoll, inotify, a deleted file) that is the same open file as a lower one (`dup`)
+/// becomes a [`Duplicate`] of it, so that the restore gives both numbers one object again.
 fn mark_duplicates(out: &mut [FdState]) {
     let pid = sys::getpid();
     let rebuilt = |k: &FdKind| {
