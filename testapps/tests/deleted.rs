@@ -9,13 +9,13 @@
 
 use std::path::Path;
 
-use snapshim_image::{FdKind, Image};
-use snapshim_testapps::{bail, needs, App, AppSpec, Result, Session};
+use snapshim_image::{FdKind, Image, FLAG_DELTA};
+use snapshim_testapps::{bail, needs, App, AppSpec, Failure, Result, Session};
 
 /// The deleted files of the image at `path`: (plain files holding content, memfds, those
 /// sharing another's content).
 fn deleted_files(path: &Path) -> Result<(usize, usize, usize)> {
-    let img = Image::open(path).map_err(|e| snapshim_testapps::Failure::new(e.to_string()))?;
+    let img = Image::open(path).map_err(|e| Failure::new(e.to_string()))?;
     let mut n = (0, 0, 0);
     for f in &img.meta.fds {
         if let FdKind::DeletedFile(d) = &f.kind {
@@ -83,6 +83,37 @@ fn deleted_files_survive_two_cycles() -> Result<()> {
         .assert_same_output_as_uninterrupted()
 }
 
+/// A delta image (incremental checkpoints) holds the deleted files whole too: restored from a
+/// chain of a full image and a delta. Without the shared mapping, as under the fork engine
+/// (incremental checkpoints use fork or stop).
+#[test]
+fn deleted_files_restore_from_a_delta_image() -> Result<()> {
+    let spec = AppSpec::named("deleted")?
+        .arg("480")
+        .arg("private")
+        .env("SNAPSHIM_INCREMENTAL", "on")
+        .env("SNAPSHIM_FULL_EVERY", "100")
+        .env("SNAPSHIM_FULL_FRACTION", "100");
+    let app = Session::new(spec)?.spawn()?.wait_ready()?;
+    let full = app.checkpoint()?;
+    let delta = app.checkpoint()?;
+    app.kill()?;
+    for (img, want_delta) in [(&full, false), (&delta, true)] {
+        let image = Image::open(img.path()).map_err(|e| Failure::new(e.to_string()))?;
+        if (image.header.flags & FLAG_DELTA != 0) != want_delta {
+            bail!("{} is not the kind of image expected", img.path().display());
+        }
+    }
+    let found = deleted_files(delta.path())?;
+    if found != (2, 1, 2) {
+        bail!("the delta holds (files, memfds, shared) = {found:?} deleted files, not (2, 1, 2)");
+    }
+    delta
+        .restore()?
+        .finish()?
+        .assert_same_output_as_uninterrupted()
+}
+
 /// The directory the files were deleted from is gone at the restore (as on another machine):
 /// they are re-created in the image's directory instead.
 #[test]
@@ -93,7 +124,7 @@ fn deleted_files_restore_when_their_directory_is_gone() -> Result<()> {
     app.kill()?;
     let sub = session.dir().join("sub");
     std::fs::remove_dir_all(&sub)
-        .map_err(|e| snapshim_testapps::Failure::new(format!("remove {}: {e}", sub.display())))?;
+        .map_err(|e| Failure::new(format!("remove {}: {e}", sub.display())))?;
     img.restore()?
         .finish()?
         .assert_same_output_as_uninterrupted()
