@@ -24,6 +24,7 @@ has_c_library mimalloc || missing+=(libmimalloc-dev)
 [[ -x /usr/bin/redis-server ]] || missing+=(redis-server)
 [[ -x /usr/bin/redis-cli ]] || missing+=(redis-tools)
 [[ -x /usr/bin/memcached ]] || missing+=(memcached)
+[[ -x /usr/bin/sqlite3 ]] || missing+=(sqlite3)
 if ((${#missing[@]})); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
         echo "test.sh: installing ${missing[*]}"

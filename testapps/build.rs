@@ -25,6 +25,7 @@ const APPS: &[&str] = &[
     "creds",
     "waits",
     "usr2",
+    "deleted",
 ];
 
 /// The same as `C_FLAGS` in src/artifacts.rs (build scripts cannot import the crate).

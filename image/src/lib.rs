@@ -38,10 +38,10 @@ pub mod write;
 pub use error::ImageError;
 pub use lineage::Lineage;
 pub use objects::{
-    CharDevice, Credentials, Directory, Duplicate, Epoll, EpollWatch, Eventfd, FdKind, FdState,
-    FileIdentity, Inherited, Inotify, InotifyWatch, IntervalTimer, MmFields, PageRun, PageSpan,
-    Pipe, Process, Region, RegionKind, RegularFile, Rlimit, SigAction, Signalfd, SockOpt, Socket,
-    SocketRole, ThreadState, Timerfd, Unsupported,
+    CharDevice, Credentials, DeletedFile, Directory, Duplicate, Epoll, EpollWatch, Eventfd, FdKind,
+    FdState, FileIdentity, Inherited, Inotify, InotifyWatch, IntervalTimer, Memfd, MmFields,
+    PageRun, PageSpan, Pipe, Process, Region, RegionKind, RegularFile, Rlimit, SigAction, Signalfd,
+    SockOpt, Socket, SocketRole, ThreadState, Timerfd, Unsupported,
 };
 
 /// Addresses shared by the shim and the restorer.
@@ -85,7 +85,7 @@ pub const VERSION_MAJOR: u16 = 1;
 /// [`Metadata::inherited`], [`Metadata::merged_from`] and [`FLAG_DELTA`]. Older images still
 /// load (the new fields read as empty; they are full images). 1.4 added the descriptor kinds
 /// [`FdKind::Eventfd`], [`FdKind::Timerfd`], [`FdKind::Signalfd`], [`FdKind::Epoll`],
-/// [`FdKind::Duplicate`], [`FdKind::Inotify`] and [`FdKind::Socket`]
+/// [`FdKind::Duplicate`], [`FdKind::Inotify`], [`FdKind::Socket`] and [`FdKind::DeletedFile`]
 /// (variants appended: 1.3 metadata decodes unchanged), and after the metadata a record of
 /// [`Metadata::lineage`] and [`Metadata::credentials`] (each thread's; empty in older images:
 /// the restored program keeps the restorer's credentials, as before).
@@ -922,10 +922,19 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// Encodes metadata for the file. Returns the bytes and their checksum.
+///
+/// The bytes are allocated once, at their exact size: the shim encodes in its writer, whose
+/// scratch heap never frees, and metadata holding deleted files' content can be tens of MiB
+/// (a growing vector would take about twice that again).
 pub fn encode_metadata(m: &Metadata) -> (Vec<u8>, u32) {
-    let mut bytes = postcard::to_allocvec(m).expect("metadata always serializes");
     let v1_4 = (&m.lineage, &m.credentials);
-    bytes.extend(postcard::to_allocvec(&v1_4).expect("format 1.4's record always serializes"));
+    let main = postcard::experimental::serialized_size(m).expect("metadata always serializes");
+    let tail = postcard::experimental::serialized_size(&v1_4)
+        .expect("format 1.4's record always serializes");
+    let mut bytes = vec![0u8; main + tail];
+    let (head, rest) = bytes.split_at_mut(main);
+    postcard::to_slice(m, head).expect("metadata fits its own size");
+    postcard::to_slice(&v1_4, rest).expect("format 1.4's record fits its own size");
     let crc = crc32fast::hash(&bytes);
     (bytes, crc)
 }

@@ -264,7 +264,8 @@ pub fn descriptors(
     let region_fds = memory::open_region_files(meta)?;
     // The program's directory first: a Unix socket bound by a relative path binds again there.
     process::enter_cwd(meta)?;
-    let fd_plan = objects::prepare_fds(meta, opt.unrestorable == Unrestorable::Closed)?;
+    let image_dir = chain.head().path.parent().unwrap_or(Path::new("/tmp"));
+    let fd_plan = objects::prepare_fds(meta, image_dir, opt.unrestorable == Unrestorable::Closed)?;
     // Stays open in the program (phase 2 does not close it): the shim's image directory.
     let lock = claim.keep(fd_plan.high_base)?;
     let high = |fd| objects::move_high(fd, fd_plan.high_base);

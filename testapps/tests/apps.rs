@@ -115,6 +115,13 @@ fn threads_py_uninterrupted_runs_are_deterministic() -> Result<()> {
 }
 
 #[test]
+fn deleted_uninterrupted_runs_are_deterministic() -> Result<()> {
+    // Inode numbers and the names of its deleted files differ from run to run; the output
+    // must not.
+    deterministic("deleted", 2)
+}
+
+#[test]
 fn allocs_uninterrupted_runs_are_deterministic() -> Result<()> {
     // Three threads allocate at once: the allocator's choices differ from run to run, the
     // output must not.

@@ -390,7 +390,21 @@ fn fd_kind(k: &FdKind) -> String {
             format!("inotify watching [{}]", w.join("; "))
         }
         FdKind::Socket(s) => socket(s),
+        FdKind::DeletedFile(d) => deleted_file(d),
     }
+}
+
+/// "deleted file /tmp/x (offset 5, 1.0 KiB kept, mode 600)", "memfd cache (...), seals 0xf".
+fn deleted_file(d: &snapshim_image::DeletedFile) -> String {
+    let what = match &d.memfd {
+        Some(m) => format!("memfd {} (seals {:#x})", m.name, m.seals),
+        None => format!("deleted file {}", d.path),
+    };
+    let content = match d.same_as {
+        Some(of) => format!("the same file as descriptor {of}"),
+        None => format!("{} kept", human_bytes(d.content.len() as u64)),
+    };
+    format!("{what} (offset {}, {content}, mode {:o})", d.offset, d.mode)
 }
 
 /// "TCP 127.0.0.1 port 8080, listening (backlog 128), 21 options".

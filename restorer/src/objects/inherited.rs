@@ -70,8 +70,8 @@ fn why(u: &Unsupported) -> &'static str {
     } else if d.starts_with("anon_inode:inotify") {
         "the path of one of its watches is unknown (only watches added through \
          inotify_add_watch under the shim are restored)"
-    } else if d.ends_with(" (deleted)") {
-        "deleted files are not restored yet"
+    } else if d.contains(" (deleted)") {
+        "a deleted file whose content the image does not hold (see docs/limits.md, Deleted files)"
     } else {
         "snapshim does not restore this kind of descriptor"
     }

@@ -1,7 +1,7 @@
 //! The restore side of each kind of process state: one module per kind, named as in the image
-//! crate's `objects/` and the shim's (`memory`, `regular_file`, `directory`, `char_device`,
-//! `pipe`, `socket`, `inherited`, `eventfd`, `timerfd`, `signalfd`, `epoll`, `inotify`, `signals`,
-//! `timers`, `threads`, `process`).
+//! crate's `objects/` and the shim's (`memory`, `regular_file`, `deleted_file`, `directory`,
+//! `char_device`, `pipe`, `socket`, `inherited`, `eventfd`, `timerfd`, `signalfd`, `epoll`,
+//! `inotify`, `signals`, `timers`, `threads`, `process`).
 //!
 //! Descriptors are restored in two steps, so that no number the program had can be taken by
 //! something the restorer still needs, and nothing of the program's exists while a later
@@ -22,6 +22,7 @@
 //! `threads`, `process`), or are set here (`process`: cwd, umask, personality).
 
 pub mod char_device;
+pub mod deleted_file;
 pub mod directory;
 pub mod epoll;
 pub mod eventfd;
@@ -72,6 +73,9 @@ pub struct Prepare {
     pub high_base: RawFd,
     pub pipes: pipe::Pipes,
     pub sockets: socket::Sockets,
+    /// The directory of the image being restored: where a deleted file is re-created when its
+    /// own directory is not there (`deleted_file.rs`).
+    pub image_dir: std::path::PathBuf,
 }
 
 impl Prepare {
@@ -116,12 +120,17 @@ pub fn unrestorable(meta: &Metadata) -> Option<String> {
 /// Opens everything the program's descriptor table needs, on numbers above any of its own.
 /// A descriptor that cannot be rebuilt is an error, or with `leave_closed` one that fails
 /// every call with `EBADF`.
-pub fn prepare_fds(meta: &Metadata, leave_closed: bool) -> Result<FdPlan, String> {
+pub fn prepare_fds(
+    meta: &Metadata,
+    image_dir: &std::path::Path,
+    leave_closed: bool,
+) -> Result<FdPlan, String> {
     let max_fd = meta.fds.iter().map(|f| f.fd).max().unwrap_or(2);
     let mut cx = Prepare {
         high_base: (max_fd + 1).max(64),
         pipes: pipe::Pipes::default(),
         sockets: socket::Sockets::default(),
+        image_dir: image_dir.to_path_buf(),
     };
     let mut moves = Vec::new();
     let mut inherit = Vec::new();
@@ -141,6 +150,7 @@ pub fn prepare_fds(meta: &Metadata, leave_closed: bool) -> Result<FdPlan, String
             FdKind::Duplicate(d) => duplicate(&cx, f, d, &moves)?,
             FdKind::Inotify(s) => inotify::prepare(&cx, f, s)?,
             FdKind::Socket(s) => socket::prepare(&mut cx, f, s)?,
+            FdKind::DeletedFile(s) => deleted_file::prepare(&cx, f, s, &moves)?,
         };
         match prepared {
             Prepared::At(high) => moves.push((f.fd, high, f.cloexec)),

@@ -15,6 +15,7 @@ use snapshim_image::{Duplicate, FdKind, FdState};
 use crate::sys::{self, sc};
 
 pub mod char_device;
+pub mod deleted_file;
 pub mod directory;
 pub mod epoll;
 pub mod eventfd;
@@ -39,6 +40,7 @@ pub fn fds(own: impl Fn(i32) -> bool) -> Vec<FdState> {
     };
     let mut pipes = pipe::Ends::new();
     let mut diag = None;
+    let mut deleted_files = deleted_file::Seen::new();
     for fd in list {
         if own(fd) {
             continue;
@@ -60,6 +62,8 @@ pub fn fds(own: impl Fn(i32) -> bool) -> Vec<FdState> {
         let deleted = target.ends_with(" (deleted)");
         let kind = if fmt == libc::S_IFREG && !deleted {
             regular_file::capture(target, pos, &st)
+        } else if fmt == libc::S_IFREG {
+            deleted_file::capture(fd, target, pos, &st, &mut deleted_files)
         } else if fmt == libc::S_IFDIR && !deleted {
             directory::capture(target)
         } else if fmt == libc::S_IFCHR {
@@ -88,8 +92,8 @@ pub fn fds(own: impl Fn(i32) -> bool) -> Vec<FdState> {
 }
 
 /// A descriptor of one of the kinds that are rebuilt from their state alone (eventfd, timerfd,
-/// signalfd, epoll, inotify) that is the same open file as a lower one (`dup`) becomes a
-/// [`Duplicate`] of it, so that the restore gives both numbers one object again.
+/// signalfd, epoll, inotify, a deleted file) that is the same open file as a lower one (`dup`)
+/// becomes a [`Duplicate`] of it, so that the restore gives both numbers one object again.
 fn mark_duplicates(out: &mut [FdState]) {
     let pid = sys::getpid();
     let rebuilt = |k: &FdKind| {
@@ -100,6 +104,7 @@ fn mark_duplicates(out: &mut [FdState]) {
                 | FdKind::Signalfd(_)
                 | FdKind::Epoll(_)
                 | FdKind::Inotify(_)
+                | FdKind::DeletedFile(_)
         )
     };
     for i in 0..out.len() {
