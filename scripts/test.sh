@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the workspace and runs every test, from any directory. Installs the few Debian packages
-# the tests need (a C compiler, python3, setpriv, jemalloc, tcmalloc, mimalloc, redis-server)
+# the tests need (a C compiler, python3, setpriv, jemalloc, tcmalloc, mimalloc, redis-server,
+# memcached, nginx, node)
 # only if one is missing and we are root.
 # With CI set, a test whose needs the machine does not meet (root, userfaultfd) fails instead of
 # being skipped (testapps/src/needs.rs).
@@ -25,11 +26,14 @@ has_c_library mimalloc || missing+=(libmimalloc-dev)
 [[ -x /usr/bin/redis-cli ]] || missing+=(redis-tools)
 [[ -x /usr/bin/memcached ]] || missing+=(memcached)
 [[ -x /usr/bin/sqlite3 ]] || missing+=(sqlite3)
+# testapps/tests/servers.rs: the servers it starts (redis-server and memcached above).
+[[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
+[[ -x /usr/bin/node ]] || missing+=(nodejs)
 if ((${#missing[@]})); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
         echo "test.sh: installing ${missing[*]}"
         apt-get update
-        # The tests run redis-server themselves: keep the package from starting its service
+        # The tests run the servers themselves: keep the packages from starting their services
         # (invoke-rc.d and deb-systemd-invoke obey policy-rc.d; exit 101 = action forbidden).
         if [[ ! -e /usr/sbin/policy-rc.d ]]; then
             printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d

@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::process::Command;
 
+#[rustfmt::skip]
 const APPS: &[&str] = &[
     "single",
     "threads",

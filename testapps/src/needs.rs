@@ -119,7 +119,7 @@ pub fn c_library_found(lib: &str) -> bool {
 }
 
 /// `userfaultfd(O_CLOEXEC | O_NONBLOCK)` succeeds (without `UFFD_USER_MODE_ONLY`).
-fn userfaultfd_opens() -> bool {
+pub fn userfaultfd_opens() -> bool {
     // SAFETY: userfaultfd takes only flags and returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
     if fd < 0 {

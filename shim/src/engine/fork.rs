@@ -3,11 +3,17 @@
 //! writes and commits the image from its copy-on-write view of memory, frozen at that instant,
 //! with raw system calls and the shim's own allocator only (no lock the program may hold), and
 //! reports one line on a pipe. The program is released as soon as the child exists.
+//!
+//! The kernel leaves out of a child the memory its parent advised `MADV_DONTFORK` (V8, the
+//! JavaScript engine of node, does so for its heap): the child would store it as empty pages and
+//! the image would restore with that memory zeroed. The child checks its view first
+//! ([`check_view`]) and fails the checkpoint with one line instead.
 #![allow(unsafe_code)]
 
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use crate::objects::memory::{read_maps, MapsEntry};
 use crate::sys::{self, sc};
 
 /// The writer child: its PID and the pipe it reports on.
@@ -38,6 +44,34 @@ pub fn spawn(report: [i32; 2], write: impl FnOnce() -> Result<u64, String>) -> s
         let _ = sys::write_all(report[1], line.as_bytes());
         0
     })
+}
+
+/// In the writer child: every readable mapping of the snapshot (`maps`, captured in the pause)
+/// is mapped in the child too, else (memory advised `MADV_DONTFORK`) the error to report.
+pub fn check_view(maps: &[MapsEntry]) -> Result<(), String> {
+    let child = read_maps()
+        .map_err(|e| alloc::format!("cannot read /proc/self/maps in the writer: errno {e}"))?;
+    match maps.iter().find(|m| {
+        m.prot & libc::PROT_READ as u32 != 0
+            && !covered(m.start, m.end, child.iter().map(|c| (c.start, c.end)))
+    }) {
+        Some(m) => Err(alloc::format!(
+            "memory at {:#x}-{:#x} is advised MADV_DONTFORK, which the fork engine cannot see; \
+             SNAPSHIM_COW=stop (or uffd) can checkpoint this program",
+            m.start,
+            m.end
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Whether the mappings `child` (`[start, end)` pairs, disjoint, as the kernel lists them)
+/// cover `[start, end)` entirely.
+fn covered(start: u64, end: u64, child: impl Iterator<Item = (u64, u64)>) -> bool {
+    let inside: u64 = child
+        .map(|(s, e)| e.min(end).saturating_sub(s.max(start)))
+        .sum();
+    inside == end - start
 }
 
 /// Minor page faults of this process so far (children excluded).
@@ -95,4 +129,21 @@ pub fn wait(pid: i32, report: i32) -> Result<u64, String> {
         ));
     }
     Err("the writer process ended without a report".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::covered;
+
+    #[test]
+    fn a_mapping_is_covered_only_by_mappings_over_all_of_it() {
+        let child = [(0x1000, 0x3000), (0x3000, 0x5000), (0x8000, 0x9000)];
+        assert!(covered(0x1000, 0x5000, child.iter().copied()));
+        assert!(covered(0x2000, 0x4000, child.iter().copied()));
+        assert!(covered(0x8000, 0x9000, child.iter().copied()));
+        // A hole (memory left out of the child) anywhere in it.
+        assert!(!covered(0x4000, 0x9000, child.iter().copied()));
+        assert!(!covered(0x6000, 0x7000, child.iter().copied()));
+        assert!(!covered(0x8000, 0xa000, child.iter().copied()));
+    }
 }

@@ -493,7 +493,8 @@ fn write_image(job: &mut Job) -> Result<String, String> {
             };
             let seq = job.seq;
             let forked = fork::spawn(report, || {
-                let mut r = flush::write_out(cfg, &cap, &t)
+                let mut r = fork::check_view(&cap.maps)
+                    .and_then(|()| flush::write_out(cfg, &cap, &t))
                     .and_then(|b| commit::commit(cfg, &t, seq).map(|()| b));
                 if r.is_ok() && cap.delta.is_some() && cfg.twin_full {
                     // Testing aid: a full image of the same instant, beside the delta.
