@@ -24,6 +24,8 @@ has_c_library mimalloc || missing+=(libmimalloc-dev)
 [[ -x /usr/bin/redis-server ]] || missing+=(redis-server)
 [[ -x /usr/bin/redis-cli ]] || missing+=(redis-tools)
 [[ -x /usr/bin/memcached ]] || missing+=(memcached)
+# testapps/tests/timers.rs: ruby's POSIX timer.
+[[ -x /usr/bin/ruby ]] || missing+=(ruby)
 if ((${#missing[@]})); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
         echo "test.sh: installing ${missing[*]}"

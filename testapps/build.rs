@@ -8,8 +8,24 @@ use std::path::Path;
 use std::process::Command;
 
 const APPS: &[&str] = &[
-    "single", "threads", "fpu", "signals", "files", "pattern", "ids", "wpasync", "incr", "allocs",
-    "events", "sockserv", "sockreset", "sockfds", "creds", "waits", "usr2",
+    "single",
+    "threads",
+    "fpu",
+    "signals",
+    "files",
+    "pattern",
+    "ids",
+    "wpasync",
+    "incr",
+    "allocs",
+    "events",
+    "sockserv",
+    "sockreset",
+    "sockfds",
+    "creds",
+    "waits",
+    "usr2",
+    "timers",
 ];
 
 /// The same as `C_FLAGS` in src/artifacts.rs (build scripts cannot import the crate).

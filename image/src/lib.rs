@@ -39,8 +39,8 @@ pub use error::ImageError;
 pub use lineage::Lineage;
 pub use objects::{
     CharDevice, Credentials, Directory, Duplicate, Epoll, EpollWatch, Eventfd, FdKind, FdState,
-    FileIdentity, Inherited, Inotify, InotifyWatch, IntervalTimer, MmFields, PageRun, PageSpan, Pipe,
-    Process, Region, RegionKind, RegularFile, Rlimit, SigAction, Signalfd, SockOpt, Socket,
+    FileIdentity, Inherited, Inotify, InotifyWatch, IntervalTimer, MmFields, PageRun, PageSpan,
+    Pipe, Process, Region, RegionKind, RegularFile, Rlimit, SigAction, Signalfd, SockOpt, Socket,
     SocketRole, ThreadState, Timerfd, Unsupported,
 };
 

@@ -29,6 +29,7 @@ pub const APP_NAMES: &[&str] = &[
     "creds",
     "waits",
     "usr2",
+    "timers",
 ];
 
 /// Prepares an app's working directory (input files) before it starts.
@@ -88,7 +89,9 @@ impl AppSpec {
     pub fn named(name: &str) -> Result<AppSpec> {
         Ok(match name {
             "single" | "threads" | "fpu" | "signals" | "pattern" | "ids" | "incr" | "allocs"
-            | "events" | "creds" | "waits" | "usr2" => AppSpec::new(name, c_app(name), &[]),
+            | "events" | "creds" | "waits" | "usr2" | "timers" => {
+                AppSpec::new(name, c_app(name), &[])
+            }
             "files" => AppSpec {
                 output_files: vec![FILES_OUTPUT.to_string()],
                 setup: Some(write_files_input),
