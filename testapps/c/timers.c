@@ -4,7 +4,9 @@
  * Four timers (IDs printed): A, CLOCK_MONOTONIC, periodic, SIGEV_SIGNAL with a value, counted by
  * the main thread with sigwaitinfo; B, CLOCK_MONOTONIC, periodic, SIGEV_THREAD_ID at the worker
  * thread, counted there; C, CLOCK_REALTIME, one-shot in an hour, SIGEV_SIGNAL; D, SIGEV_NONE,
- * one-shot in an hour with a 7 s interval. Signals blocked and pending from the start: SIGUSR1
+ * one-shot in an hour with a 7 s interval; E, CLOCK_MONOTONIC, periodic, its signal blocked and
+ * never waited for: exactly one stays pending (a timer's signal is queued once, the rest are
+ * overruns). Signals blocked and pending from the start: SIGUSR1
  * (kill) and two SIGRTMIN+1 with sigqueue values for the process; SIGUSR2 (pthread_kill) and
  * SIGRTMIN+2 with a value for the worker. At the end: each tick's siginfo was right, C and D
  * still armed as set, every pending signal still there with its siginfo, in order, and every
@@ -25,10 +27,11 @@
 
 #define SIG_A (SIGRTMIN + 3)
 #define SIG_B (SIGRTMIN + 4)
+#define SIG_E (SIGRTMIN + 5)
 #define HOUR 3600
 
 static int ticks = 150;
-static timer_t ta, tb, tc, td;
+static timer_t ta, tb, tc, td, te;
 static char worker_report[512];
 
 static void make_timer(timer_t *t, clockid_t clock, int notify, int sig, int value, pid_t tid)
@@ -127,6 +130,26 @@ static void check_long(timer_t t, const char *name, long interval_s)
 	printf("timer %s armed, interval %ld s\n", name, interval_s);
 }
 
+/* Timer E's signal: pending exactly once, from the timer. */
+static void timer_once(timer_t t)
+{
+	sigset_t s;
+	siginfo_t si;
+	struct timespec zero = { 0, 0 };
+
+	sigemptyset(&s);
+	sigaddset(&s, SIG_E);
+	if (sigtimedwait(&s, &si, &zero) != SIG_E)
+		fail("timer E: no signal pending");
+	if (si.si_code != SI_TIMER || si.si_value.sival_int != 0xe0e ||
+	    si.si_timerid != (int)(intptr_t)t)
+		fail("timer E: code %d value %d timer %d", si.si_code, si.si_value.sival_int,
+		     si.si_timerid);
+	if (sigtimedwait(&s, &si, &zero) != -1 || errno != EAGAIN)
+		fail("timer E: its signal was pending more than once");
+	printf("timer E pending once\n");
+}
+
 int main(int argc, char **argv)
 {
 	sigset_t all;
@@ -137,7 +160,7 @@ int main(int argc, char **argv)
 	if (argc > 1)
 		ticks = atoi(argv[1]);
 	sigemptyset(&all);
-	for (int s = SIGRTMIN + 1; s <= SIGRTMIN + 4; s++)
+	for (int s = SIGRTMIN + 1; s <= SIGRTMIN + 5; s++)
 		sigaddset(&all, s);
 	sigaddset(&all, SIGUSR1);
 	sigaddset(&all, SIGUSR2);
@@ -152,8 +175,9 @@ int main(int argc, char **argv)
 	make_timer(&tb, CLOCK_MONOTONIC, SIGEV_THREAD_ID, SIG_B, 0xb0b, wtid);
 	make_timer(&tc, CLOCK_REALTIME, SIGEV_SIGNAL, SIGALRM, 0xc0c, 0);
 	make_timer(&td, CLOCK_MONOTONIC, SIGEV_NONE, 0, 0, 0);
-	printf("timer ids %d %d %d %d\n", (int)(intptr_t)ta, (int)(intptr_t)tb,
-	       (int)(intptr_t)tc, (int)(intptr_t)td);
+	make_timer(&te, CLOCK_MONOTONIC, SIGEV_SIGNAL, SIG_E, 0xe0e, 0);
+	printf("timer ids %d %d %d %d %d\n", (int)(intptr_t)ta, (int)(intptr_t)tb,
+	       (int)(intptr_t)tc, (int)(intptr_t)td, (int)(intptr_t)te);
 
 	kill(getpid(), SIGUSR1);
 	sigqueue(getpid(), SIGRTMIN + 1, (union sigval){ .sival_int = 101 });
@@ -165,6 +189,7 @@ int main(int argc, char **argv)
 		fail("write: %s", strerror(errno));
 	arm(tc, HOUR * 1000L, 0);
 	arm(td, HOUR * 1000L, 7000);
+	arm(te, 5, 5);
 	arm(ta, 10, 10);
 	arm(tb, 10, 10);
 	ready();
@@ -176,8 +201,10 @@ int main(int argc, char **argv)
 	take(SIGUSR1, SI_USER, 0, "main", report, sizeof report);
 	take(SIGRTMIN + 1, SI_QUEUE, 101, "main", report, sizeof report);
 	take(SIGRTMIN + 1, SI_QUEUE, 102, "main", report, sizeof report);
+	timer_once(te);
 	printf("%s%s", report, worker_report);
-	if (timer_delete(ta) || timer_delete(tb) || timer_delete(tc) || timer_delete(td))
+	if (timer_delete(ta) || timer_delete(tb) || timer_delete(tc) || timer_delete(td) ||
+	    timer_delete(te))
 		fail("timer_delete: %s", strerror(errno));
 	pass();
 	return 0;

@@ -36,13 +36,17 @@ fn timers_and_pending_signals_survive_checkpoints() -> Result<()> {
     app.finish()?.assert_same_output_as_uninterrupted()
 }
 
-/// Checkpoint at a random moment, SIGKILL, restore: the same timer IDs, clocks, notifications,
+/// Checkpoint at a random moment of the first half, SIGKILL, restore: the same timer IDs, clocks, notifications,
 /// intervals and time left, and the pending signals with their siginfo; then the restored
 /// program is checkpointed again after PHASE 2, killed and restored once more.
 #[test]
 fn timers_and_pending_signals_come_back_after_restores() -> Result<()> {
     let session = Session::new(AppSpec::named("timers")?)?;
-    let app = session.spawn()?.wait_ready()?.pause_randomly()?;
+    // Before PHASE 2 (halfway), which the restored program is waited for.
+    let before_phase2 = session
+        .checkpoint_window()?
+        .mul_f64(0.4 * session.random_unit());
+    let app = session.spawn()?.wait_ready()?.pause(before_phase2);
     let img = app.checkpoint()?;
     app.kill()?;
     let mut restored = img.restore()?;

@@ -10,6 +10,7 @@ use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize};
 
 use snapshim_image::SigAction;
 
+use super::timers;
 use crate::state;
 use crate::sys::{self, sc};
 
@@ -65,23 +66,27 @@ const PENDING_INIT: Pending = Pending {
 static PENDING: [Pending; MAX_PENDING] = [PENDING_INIT; MAX_PENDING];
 /// Entries claimed in `PENDING` (past `MAX_PENDING`: some did not fit).
 static N_PENDING: AtomicUsize = AtomicUsize::new(0);
+/// A thread had more than `MAX_PER_PASS` pending: the rest were not noted.
+static TOO_MANY: AtomicBool = AtomicBool::new(false);
 /// Entries written: `requeue_pending` reads only entries complete at the snapshot.
 static DONE: [AtomicBool; MAX_PENDING] = [const { AtomicBool::new(false) }; MAX_PENDING];
 
 /// Before the threads are asked to park (helper).
 pub fn reset_pending() {
+    TOO_MANY.store(false, Relaxed);
     let n = N_PENDING.swap(0, AcqRel).min(MAX_PENDING);
     for d in &DONE[..n] {
         d.store(false, Relaxed);
     }
 }
 
-/// In the writer: fails the checkpoint when pending signals did not fit.
+/// In the writer: fails the checkpoint when pending signals did not fit (`MAX_PENDING` in all,
+/// `MAX_PER_PASS` for one thread, or for the process).
 pub fn check_pending() -> Result<usize, String> {
     let n = N_PENDING.load(Acquire);
-    if n > MAX_PENDING {
+    if n > MAX_PENDING || TOO_MANY.load(Acquire) {
         return Err(alloc::format!(
-            "more than {MAX_PENDING} signals pending (blocked) at the checkpoint"
+            "more than {MAX_PENDING} signals pending, or {MAX_PER_PASS} for one thread (blocked)"
         ));
     }
     Ok(n)
@@ -107,21 +112,26 @@ pub fn note_pending() {
     if set & !left_alone() == 0 {
         return;
     }
+    let keep = left_alone() | timers::periodic_timer_signals();
     let (pid, tid) = (sys::getpid(), sys::gettid());
-    pass(b"SigPnd:\t", tid, tid);
+    pass(b"SigPnd:\t", keep, tid, tid);
     if tid == pid {
-        pass(b"ShdPnd:\t", 0, tid);
+        pass(b"ShdPnd:\t", keep, 0, tid);
     }
 }
 
-/// Dequeues what the `field` line of `/proc/thread-self/status` names, notes each under `owner`
-/// (0: the process), then queues them again in the same order.
-fn pass(field: &[u8], owner: i32, me: i32) {
+/// Dequeues what the `field` line of `/proc/thread-self/status` names but `keep`, notes each
+/// under `owner` (0: the process), then queues them again in the same order.
+fn pass(field: &[u8], keep: u64, owner: i32, me: i32) {
     let mut mine = [0u16; MAX_PER_PASS];
     let mut n = 0;
-    while n < MAX_PER_PASS {
-        let set = status_mask(field) & !left_alone();
+    loop {
+        let set = status_mask(field) & !keep;
         if set == 0 {
+            break;
+        }
+        if n == MAX_PER_PASS {
+            TOO_MANY.store(true, Release);
             break;
         }
         let one = 1u64 << set.trailing_zeros();
@@ -198,21 +208,7 @@ pub fn requeue_pending(tid: i32) {
 /// The hexadecimal mask on the `field` line of this thread's status file (0 if unreadable).
 fn status_mask(field: &[u8]) -> u64 {
     let mut buf = [0u8; 4096];
-    let Ok(fd) = sys::open(
-        b"/proc/thread-self/status\0",
-        libc::O_RDONLY | libc::O_CLOEXEC,
-        0,
-    ) else {
-        return 0;
-    };
-    let mut len = 0;
-    while len < buf.len() {
-        match sys::read(fd, &mut buf[len..]) {
-            Ok(0) | Err(_) => break,
-            Ok(k) => len += k,
-        }
-    }
-    sys::close(fd);
+    let len = sys::read_small_file(b"/proc/thread-self/status\0", &mut buf);
     let text = &buf[..len];
     let Some(at) = text.windows(field.len()).position(|w| w == field) else {
         return 0;

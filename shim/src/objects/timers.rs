@@ -278,3 +278,39 @@ mod tests {
         assert!(parse_timers("ID: 1\nnotify: bogus/pid.1\n").is_none());
     }
 }
+
+/// The signals periodic POSIX timers send, as a mask (bit `s - 1` for signal `s`), for the
+/// quiesce handler: the pending signal of such a timer is the timer's own, which holds the
+/// timer still until it is taken (and then re-arms it), so it must stay where it is.
+/// Async-signal-safe: raw calls, a stack buffer (timers past its 4 KiB are not seen).
+pub fn periodic_timer_signals() -> u64 {
+    let mut buf = [0u8; 4096];
+    let len = sys::read_small_file(b"/proc/self/timers\0", &mut buf);
+    let (mut id, mut signo, mut mask) = (-1i64, 0i64, 0u64);
+    for line in buf[..len].split(|&c| c == b'\n') {
+        if let Some(v) = line.strip_prefix(b"ID: ") {
+            id = decimal(v);
+        } else if let Some(v) = line.strip_prefix(b"signal: ") {
+            signo = decimal(v);
+        } else if line.starts_with(b"notify: ") && !line.starts_with(b"notify: none") {
+            let mut spec = [0i64; 4];
+            // SAFETY: timer_gettime writes one struct itimerspec (4 longs).
+            let r = unsafe { sc!(libc::SYS_timer_gettime, id, spec.as_mut_ptr()) };
+            if r == 0 && (spec[0] | spec[1]) != 0 && (1..=64).contains(&signo) {
+                mask |= 1 << (signo - 1);
+            }
+        }
+    }
+    mask
+}
+
+/// The decimal number at the start of `v` (-1 if none).
+fn decimal(v: &[u8]) -> i64 {
+    let digits = v.iter().take_while(|c| c.is_ascii_digit());
+    if v.first().is_none_or(|c| !c.is_ascii_digit()) {
+        return -1;
+    }
+    digits.fold(0i64, |n, &c| {
+        n.saturating_mul(10).saturating_add((c - b'0') as i64)
+    })
+}
