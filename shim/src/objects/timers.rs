@@ -245,40 +245,6 @@ fn restore_one(
         .map_err(|_| "timer_settime refused it")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_every_timer_and_its_notification() {
-        let text = "ID: 3\nsignal: 38/00000000deadbeef\nnotify: signal/tid.4711\nClockID: 1\n\
-                    ID: 0\nsignal: 14/0000000000000000\nnotify: none/pid.12\nClockID: 0\n";
-        let timers = parse_timers(text).unwrap();
-        assert_eq!(
-            timers,
-            [
-                Parsed {
-                    id: 3,
-                    signo: 38,
-                    value: 0xdead_beef,
-                    notify: libc::SIGEV_SIGNAL | libc::SIGEV_THREAD_ID,
-                    tid: 4711,
-                    clock: 1
-                },
-                Parsed {
-                    id: 0,
-                    signo: 14,
-                    notify: libc::SIGEV_NONE,
-                    ..Parsed::default()
-                }
-            ]
-        );
-        assert_eq!(parse_timers(""), Some(Vec::new()));
-        assert!(parse_timers("ID: x\n").is_none());
-        assert!(parse_timers("ID: 1\nnotify: bogus/pid.1\n").is_none());
-    }
-}
-
 /// The signals periodic POSIX timers send, as a mask (bit `s - 1` for signal `s`), for the
 /// quiesce handler: the pending signal of such a timer is the timer's own, which holds the
 /// timer still until it is taken (and then re-arms it), so it must stay where it is.
@@ -313,4 +279,46 @@ fn decimal(v: &[u8]) -> i64 {
     digits.fold(0i64, |n, &c| {
         n.saturating_mul(10).saturating_add((c - b'0') as i64)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_timer_and_its_notification() {
+        let text = "ID: 3\nsignal: 38/00000000deadbeef\nnotify: signal/tid.4711\nClockID: 1\n\
+                    ID: 0\nsignal: 14/0000000000000000\nnotify: none/pid.12\nClockID: 0\n";
+        let timers = parse_timers(text).unwrap();
+        assert_eq!(
+            timers,
+            [
+                Parsed {
+                    id: 3,
+                    signo: 38,
+                    value: 0xdead_beef,
+                    notify: libc::SIGEV_SIGNAL | libc::SIGEV_THREAD_ID,
+                    tid: 4711,
+                    clock: 1
+                },
+                Parsed {
+                    id: 0,
+                    signo: 14,
+                    notify: libc::SIGEV_NONE,
+                    ..Parsed::default()
+                }
+            ]
+        );
+        assert_eq!(parse_timers(""), Some(Vec::new()));
+        assert!(parse_timers("ID: x\n").is_none());
+        assert!(parse_timers("ID: 1\nnotify: bogus/pid.1\n").is_none());
+    }
+
+    #[test]
+    fn decimal_reads_the_leading_number() {
+        assert_eq!(decimal(b"38/00000000deadbeef"), 38);
+        assert_eq!(decimal(b"0"), 0);
+        assert_eq!(decimal(b"/1"), -1);
+        assert_eq!(decimal(b""), -1);
+    }
 }
