@@ -44,8 +44,9 @@ pub fn sigactions() -> Vec<SigAction> {
 // (itself: `rt_tgsigqueueinfo` to its own TID, `rt_sigqueueinfo` from the thread whose TID is
 // the PID, the only callers the kernel lets queue any siginfo), so the running program keeps
 // them. `PENDING` is a static of the shim, part of the image's memory: a restored thread queues
-// its own again in `requeue_pending`, the main thread the process's. The shim's own two signals
-// and glibc's (SIGCANCEL, SIGSETXID) are left alone.
+// its own again in `requeue_pending`, the main thread the process's. Left alone: the shim's own
+// two signals, glibc's (SIGCANCEL, SIGSETXID), and the signals of periodic POSIX timers (see
+// `timers::periodic_timer_signals`).
 
 /// At most this many pending signals per checkpoint; more fails it.
 pub const MAX_PENDING: usize = 256;

@@ -321,4 +321,44 @@ mod tests {
         assert_eq!(decimal(b"/1"), -1);
         assert_eq!(decimal(b""), -1);
     }
+
+    /// The fallback for kernels without PR_TIMER_CREATE_RESTORE_IDS: filler timers up to the
+    /// ID (this kernel hands out increasing IDs), the timer armed as recorded.
+    #[test]
+    fn filler_timers_reach_the_wanted_id() {
+        let none = [0u64, (libc::SIGEV_NONE as u64) << 32, 0, 0, 0, 0, 0, 0];
+        let mut first = 0i32;
+        // SAFETY: timer_create reads the sigevent and writes the ID; the timer is deleted.
+        unsafe {
+            sc!(
+                libc::SYS_timer_create,
+                libc::CLOCK_MONOTONIC,
+                none.as_ptr(),
+                &mut first as *mut i32
+            );
+            sc!(libc::SYS_timer_delete, first);
+        }
+        let t = TIMER_INIT;
+        t.id.store(first + 4, Relaxed);
+        t.clock.store(libc::CLOCK_MONOTONIC, Relaxed);
+        t.notify.store(libc::SIGEV_NONE, Relaxed);
+        t.interval_ns.store(7_000_000_000, Relaxed);
+        t.left_ns.store(3_600_000_000_000, Relaxed);
+        let mut fillers = Vec::new();
+        assert_eq!(restore_one(&t, false, &mut fillers), Ok(()));
+        assert_eq!(fillers, [first + 1, first + 2, first + 3]);
+        let mut spec = [0i64; 4];
+        // SAFETY: timer_gettime writes one struct itimerspec; then the timers are deleted.
+        unsafe {
+            assert_eq!(
+                sc!(libc::SYS_timer_gettime, first + 4, spec.as_mut_ptr()),
+                0
+            );
+            for id in fillers.iter().chain([&(first + 4)]) {
+                sc!(libc::SYS_timer_delete, *id);
+            }
+        }
+        assert_eq!(spec[0], 7);
+        assert!(spec[2] > 3000 && spec[2] <= 3600);
+    }
 }
