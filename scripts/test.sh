@@ -29,6 +29,8 @@ has_c_library mimalloc || missing+=(libmimalloc-dev)
 # testapps/tests/servers.rs: the servers it starts (redis-server and memcached above).
 [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
 [[ -x /usr/bin/node ]] || missing+=(nodejs)
+# testapps/tests/timers.rs: ruby's POSIX timer.
+[[ -x /usr/bin/ruby ]] || missing+=(ruby)
 if ((${#missing[@]})); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
         echo "test.sh: installing ${missing[*]}"

@@ -27,6 +27,7 @@ const APPS: &[&str] = &[
     "waits",
     "usr2",
     "deleted",
+    "timers",
 ];
 
 /// The same as `C_FLAGS` in src/artifacts.rs (build scripts cannot import the crate).

@@ -30,6 +30,7 @@ pub const APP_NAMES: &[&str] = &[
     "waits",
     "usr2",
     "deleted",
+    "timers",
 ];
 
 /// Prepares an app's working directory (input files) before it starts.
@@ -89,7 +90,7 @@ impl AppSpec {
     pub fn named(name: &str) -> Result<AppSpec> {
         Ok(match name {
             "single" | "threads" | "fpu" | "signals" | "pattern" | "ids" | "incr" | "allocs"
-            | "events" | "creds" | "waits" | "usr2" | "deleted" => {
+            | "events" | "creds" | "waits" | "usr2" | "deleted" | "timers" => {
                 AppSpec::new(name, c_app(name), &[])
             }
             "files" => AppSpec {

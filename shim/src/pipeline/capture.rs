@@ -65,6 +65,8 @@ pub fn capture(cfg: &Config, nthreads: usize, image_fd: i32) -> Result<Captured,
     let lock = crate::owner::LOCK_FD.load(core::sync::atomic::Ordering::Relaxed);
     fds.retain(|f| f.fd != crate::incremental::own_fd() && f.fd != image_fd && f.fd != lock);
     let process = process::capture(cfg);
+    objects::timers::capture_posix_timers()?;
+    objects::signals::check_pending()?;
     let boottime_ns = sys::clock_ns(libc::CLOCK_BOOTTIME);
     let n = nthreads.min(threads::MAX_THREADS);
     let mut threads: Vec<ThreadState> = SLOTS[..n]

@@ -30,6 +30,7 @@
 use core::sync::atomic::{AtomicU32, Ordering::*};
 
 use super::trigger;
+use crate::objects::signals;
 use crate::objects::threads::{record_thread, restore_thread, MAX_THREADS, NEXT_SLOT, SLOTS};
 use crate::sys;
 
@@ -135,11 +136,13 @@ pub extern "C" fn quiesce_handler(_sig: i32, info: *mut libc::siginfo_t, _uc: *m
         if i < MAX_THREADS {
             let slot = &SLOTS[i];
             record_thread(slot);
+            signals::note_pending();
             // SAFETY: the ctx word is this slot's; park runs on this stack below it.
             let restored =
                 unsafe { snapshim_ctx_call(slot.ctx_rsp.as_ptr(), park, core::ptr::null_mut(), 0) };
             if restored == 1 {
                 restore_thread(slot);
+                signals::requeue_pending(slot.tid.load(Relaxed));
                 RESUMED.fetch_add(1, Release);
                 sys::futex_wake(&RESUMED);
                 while NOTED.load(Acquire) == 0 {

@@ -8,6 +8,7 @@ use core::sync::atomic::Ordering::*;
 
 use super::park;
 use crate::engine::uffd;
+use crate::objects::signals;
 use crate::objects::threads::{self, SLOTS};
 use crate::state;
 use crate::sys;
@@ -18,6 +19,7 @@ pub fn quiesce() -> Result<usize, String> {
     let pid = sys::getpid();
     let sig = state::QUIESCE_SIG.load(Relaxed);
     threads::NEXT_SLOT.store(0, Relaxed);
+    signals::reset_pending();
     park::PARKED.store(0, Relaxed);
     park::RESUMED.store(0, Relaxed);
     park::NOTED.store(0, Relaxed);

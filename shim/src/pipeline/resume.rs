@@ -6,7 +6,7 @@ use core::sync::atomic::Ordering::*;
 use snapshim_image::layout::{RESERVED_END, RESERVED_START};
 
 use super::{park, trigger};
-use crate::objects::{memory, threads};
+use crate::objects::{memory, threads, timers};
 use crate::sys;
 
 /// Lets parked threads go (once per snapshot).
@@ -29,6 +29,7 @@ pub fn after_restore(nthreads: usize) {
     // with the image are the original's to answer; requests to this process reach it once the
     // threads run again, and are kept.
     trigger::discard_stale();
+    timers::restore_posix_timers();
     park::NOTED.store(1, Release);
     sys::futex_wake(&park::NOTED);
     threads::record_restored_helper();

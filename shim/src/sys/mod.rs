@@ -310,6 +310,25 @@ pub fn read_file(path: &[u8], buf: &mut ::alloc::vec::Vec<u8>) -> Result<usize> 
     r
 }
 
+/// Reads up to `buf.len()` bytes of a small (/proc) file into `buf`, without allocating (for
+/// signal handlers); returns the length read, 0 if the file cannot be read.
+pub fn read_small_file(path: &[u8], buf: &mut [u8]) -> usize {
+    let Ok(fd) = open(path, libc::O_RDONLY | libc::O_CLOEXEC, 0) else {
+        return 0;
+    };
+    let mut len = 0;
+    while len < buf.len() {
+        match read(fd, &mut buf[len..]) {
+            Ok(0) => break,
+            Ok(k) => len += k,
+            Err(libc::EINTR) => {}
+            Err(_) => break,
+        }
+    }
+    close(fd);
+    len
+}
+
 /// `readlink(path)` into a String (path NUL-terminated).
 pub fn readlink(path: &[u8]) -> Result<::alloc::string::String> {
     assert!(path.last() == Some(&0));
