@@ -197,21 +197,11 @@ extern "C" fn init() {
 /// `SNAPSHIM_ANNOUNCE` (`snapshim run`, whose PID this process has): takes the image
 /// directory now and says where the images go, or refuses to start the program when the
 /// directory the user named is in use. A script says it again as its interpreter, with the
-/// same PID: the directory the script took goes if it is still empty
-/// (`SNAPSHIM_ANNOUNCED_DIR`).
+/// same PID: the directories the earlier stages took go if they are still empty.
 fn announce(cfg: &config::Config) {
-    const ANNOUNCED: &std::ffi::CStr = c"SNAPSHIM_ANNOUNCED_DIR";
-    let before = std::env::var_os("SNAPSHIM_ANNOUNCED_DIR");
     match owner::acquire(cfg) {
         Ok(dir) => {
-            if let Some(b) = before.filter(|b| std::path::Path::new(b) != dir) {
-                owner::remove_if_unused(std::path::Path::new(&b));
-            }
-            let mut value = dir.as_os_str().as_encoded_bytes().to_vec();
-            value.push(0);
-            // SAFETY: the constructor runs before main, on the only thread there is; both
-            // strings are NUL-terminated.
-            unsafe { libc::setenv(ANNOUNCED.as_ptr(), value.as_ptr().cast(), 1) };
+            owner::remove_earlier_stages(&dir);
             warn(&format!(
                 "PID {} ({}), images in {}/",
                 std::process::id(),

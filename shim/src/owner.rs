@@ -81,10 +81,33 @@ pub fn acquire(cfg: &Config) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
-/// A directory an earlier program of this process took before it `exec`ed this one (a script
-/// and its interpreter, `env`...: `snapshim run` announces each): removed if nothing but its
-/// lock file is in it.
-pub fn remove_if_unused(dir: &Path) {
+/// The directories beside `dir` that earlier programs of this process took before they
+/// `exec`ed this one (a script and its interpreter, `env`...: `snapshim run` announces each),
+/// known by their lock record's PID: each goes if nothing but its lock file is in it.
+pub fn remove_earlier_stages(dir: &Path) {
+    let Some(base) = dir.parent() else { return };
+    let mut c = base.as_os_str().as_encoded_bytes().to_vec();
+    c.push(0);
+    let Ok(names) = sys::list_dir_names(&c) else {
+        return;
+    };
+    for n in names.iter().filter(|n| *n != "." && *n != "..") {
+        let other = base.join(n);
+        let ours = std::fs::read_to_string(other.join(LOCK_FILE))
+            .ok()
+            .and_then(|t| Record::parse(&t))
+            .is_some_and(|r| r.pid == std::process::id() && r.last.is_empty());
+        if other != dir && ours {
+            if let Ok(held) = lineage::try_lock(&other) {
+                remove_if_unused(&other);
+                drop(held);
+            }
+        }
+    }
+}
+
+/// Removes `dir` if nothing but its lock file is in it.
+fn remove_if_unused(dir: &Path) {
     let mut c = dir.as_os_str().as_encoded_bytes().to_vec();
     c.push(0);
     match sys::list_dir_names(&c) {

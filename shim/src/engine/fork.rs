@@ -46,8 +46,8 @@ pub fn spawn(report: [i32; 2], write: impl FnOnce() -> Result<u64, String>) -> s
     })
 }
 
-/// In the writer child: every readable mapping of the snapshot (`maps`, captured in the pause)
-/// is mapped in the child too, else (memory advised `MADV_DONTFORK`) the error to report.
+/// In the writer child: every readable mapping the parent had right before the fork (`maps`) is
+/// mapped in the child too, else (memory advised `MADV_DONTFORK`) the error to report.
 pub fn check_view(maps: &[MapsEntry]) -> Result<(), String> {
     let child = read_maps()
         .map_err(|e| alloc::format!("cannot read /proc/self/maps in the writer: errno {e}"))?;

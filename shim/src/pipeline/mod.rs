@@ -492,8 +492,11 @@ fn write_image(job: &mut Job) -> Result<String, String> {
                 }
             };
             let seq = job.seq;
+            // The map right before the fork (the uffd engine may have given back its store since
+            // the capture): what the child lacks of it was advised MADV_DONTFORK.
+            let parent_view = memory::read_maps().unwrap_or_default();
             let forked = fork::spawn(report, || {
-                let mut r = fork::check_view(&cap.maps)
+                let mut r = fork::check_view(&parent_view)
                     .and_then(|()| flush::write_out(cfg, &cap, &t))
                     .and_then(|b| commit::commit(cfg, &t, seq).map(|()| b));
                 if r.is_ok() && cap.delta.is_some() && cfg.twin_full {
