@@ -147,6 +147,39 @@ fn without_ours(set: *const sigset_t, copy: &mut sigset_t) -> *const sigset_t {
     filtered(libc::SIG_SETMASK, set, copy)
 }
 
+/// Makes `call` (which returns -1 and sets errno on failure) again for as long as it fails with
+/// EINTR because of the shim's signals alone; returns what it returned otherwise.
+fn retry<R: Copy + Into<c_long>>(mut call: impl FnMut() -> R) -> R {
+    let mut w = Watch::new();
+    loop {
+        let r = call();
+        if !w.again_errno(r.into()) {
+            return r;
+        }
+    }
+}
+
+/// [`retry`] for a timeout in milliseconds (negative: none), given each time as the time left.
+fn retry_ms(timeout: c_int, mut call: impl FnMut(c_int) -> c_int) -> c_int {
+    let d = Deadline::after_ms(timeout);
+    retry(|| call(d.map_or(timeout, |d| d.left_ms())))
+}
+
+/// [`retry`] for a relative timeout (null: none), given each time as the time left.
+fn retry_ts<R: Copy + Into<c_long>>(
+    timeout: *const timespec,
+    mut call: impl FnMut(*const timespec) -> R,
+) -> R {
+    let d = Deadline::after_ts(timeout);
+    retry(|| {
+        let left = d.map(|d| d.left_ts());
+        call(
+            left.as_ref()
+                .map_or(core::ptr::null(), |t| t as *const timespec),
+        )
+    })
+}
+
 type EpollWait = unsafe extern "C" fn(c_int, *mut libc::epoll_event, c_int, c_int) -> c_int;
 type EpollPwait =
     unsafe extern "C" fn(c_int, *mut libc::epoll_event, c_int, c_int, *const sigset_t) -> c_int;
@@ -190,15 +223,8 @@ pub unsafe extern "C" fn epoll_wait(
     timeout: c_int,
 ) -> c_int {
     let f = real!(epoll_wait: EpollWait);
-    let (mut w, d) = (Watch::new(), Deadline::after_ms(timeout));
-    loop {
-        let t = d.map_or(timeout, |d| d.left_ms());
-        // SAFETY: forwarded with the caller's contract.
-        let r = unsafe { f(epfd, events, max, t) };
-        if !w.again_errno(r as c_long) {
-            return r;
-        }
-    }
+    // SAFETY: forwarded with the caller's contract.
+    retry_ms(timeout, |t| unsafe { f(epfd, events, max, t) })
 }
 
 /// # Safety
@@ -215,15 +241,8 @@ pub unsafe extern "C" fn epoll_pwait(
     // SAFETY: an all-zero sigset is valid.
     let mut copy: sigset_t = unsafe { core::mem::zeroed() };
     let set = without_ours(set, &mut copy);
-    let (mut w, d) = (Watch::new(), Deadline::after_ms(timeout));
-    loop {
-        let t = d.map_or(timeout, |d| d.left_ms());
-        // SAFETY: forwarded with the caller's contract.
-        let r = unsafe { f(epfd, events, max, t, set) };
-        if !w.again_errno(r as c_long) {
-            return r;
-        }
-    }
+    // SAFETY: forwarded with the caller's contract.
+    retry_ms(timeout, |t| unsafe { f(epfd, events, max, t, set) })
 }
 
 /// # Safety
@@ -240,18 +259,8 @@ pub unsafe extern "C" fn epoll_pwait2(
     // SAFETY: an all-zero sigset is valid.
     let mut copy: sigset_t = unsafe { core::mem::zeroed() };
     let set = without_ours(set, &mut copy);
-    let (mut w, d) = (Watch::new(), Deadline::after_ts(timeout));
-    loop {
-        let left = d.map(|d| d.left_ts());
-        let t = left
-            .as_ref()
-            .map_or(core::ptr::null(), |t| t as *const timespec);
-        // SAFETY: forwarded with the caller's contract; t is null or a live timespec.
-        let r = unsafe { f(epfd, events, max, t, set) };
-        if !w.again_errno(r as c_long) {
-            return r;
-        }
-    }
+    // SAFETY: forwarded with the caller's contract; t is null or a live timespec.
+    retry_ts(timeout, |t| unsafe { f(epfd, events, max, t, set) })
 }
 
 /// # Safety
@@ -259,15 +268,8 @@ pub unsafe extern "C" fn epoll_pwait2(
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, n: libc::nfds_t, timeout: c_int) -> c_int {
     let f = real!(poll: Poll);
-    let (mut w, d) = (Watch::new(), Deadline::after_ms(timeout));
-    loop {
-        let t = d.map_or(timeout, |d| d.left_ms());
-        // SAFETY: forwarded with the caller's contract.
-        let r = unsafe { f(fds, n, t) };
-        if !w.again_errno(r as c_long) {
-            return r;
-        }
-    }
+    // SAFETY: forwarded with the caller's contract.
+    retry_ms(timeout, |t| unsafe { f(fds, n, t) })
 }
 
 /// # Safety
@@ -283,18 +285,8 @@ pub unsafe extern "C" fn ppoll(
     // SAFETY: an all-zero sigset is valid.
     let mut copy: sigset_t = unsafe { core::mem::zeroed() };
     let set = without_ours(set, &mut copy);
-    let (mut w, d) = (Watch::new(), Deadline::after_ts(timeout));
-    loop {
-        let left = d.map(|d| d.left_ts());
-        let t = left
-            .as_ref()
-            .map_or(core::ptr::null(), |t| t as *const timespec);
-        // SAFETY: forwarded with the caller's contract; t is null or a live timespec.
-        let r = unsafe { f(fds, n, t, set) };
-        if !w.again_errno(r as c_long) {
-            return r;
-        }
-    }
+    // SAFETY: forwarded with the caller's contract; t is null or a live timespec.
+    retry_ts(timeout, |t| unsafe { f(fds, n, t, set) })
 }
 
 /// # Safety
@@ -348,18 +340,8 @@ pub unsafe extern "C" fn pselect(
     // SAFETY: an all-zero sigset is valid.
     let mut copy: sigset_t = unsafe { core::mem::zeroed() };
     let set = without_ours(set, &mut copy);
-    let (mut w, d) = (Watch::new(), Deadline::after_ts(timeout));
-    loop {
-        let left = d.map(|d| d.left_ts());
-        let t = left
-            .as_ref()
-            .map_or(core::ptr::null(), |t| t as *const timespec);
-        // SAFETY: forwarded with the caller's contract; t is null or a live timespec.
-        let res = unsafe { f(n, r, wr, e, t, set) };
-        if !w.again_errno(res as c_long) {
-            return res;
-        }
-    }
+    // SAFETY: forwarded with the caller's contract; t is null or a live timespec.
+    retry_ts(timeout, |t| unsafe { f(n, r, wr, e, t, set) })
 }
 
 /// # Safety
@@ -452,14 +434,8 @@ pub unsafe extern "C" fn sleep(s: c_uint) -> c_uint {
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn pause() -> c_int {
     let f = real!(pause: Pause);
-    let mut w = Watch::new();
-    loop {
-        // SAFETY: no arguments.
-        let r = unsafe { f() };
-        if !w.again_errno(r as c_long) {
-            return r;
-        }
-    }
+    // SAFETY: no arguments.
+    retry(|| unsafe { f() })
 }
 
 /// # Safety
@@ -470,14 +446,8 @@ pub unsafe extern "C" fn sigsuspend(set: *const sigset_t) -> c_int {
     // SAFETY: an all-zero sigset is valid.
     let mut copy: sigset_t = unsafe { core::mem::zeroed() };
     let set = without_ours(set, &mut copy);
-    let mut w = Watch::new();
-    loop {
-        // SAFETY: forwarded with the caller's contract.
-        let r = unsafe { f(set) };
-        if !w.again_errno(r as c_long) {
-            return r;
-        }
-    }
+    // SAFETY: forwarded with the caller's contract.
+    retry(|| unsafe { f(set) })
 }
 
 /// # Safety
@@ -489,18 +459,8 @@ pub unsafe extern "C" fn sigtimedwait(
     timeout: *const timespec,
 ) -> c_int {
     let f = real!(sigtimedwait: Sigtimedwait);
-    let (mut w, d) = (Watch::new(), Deadline::after_ts(timeout));
-    loop {
-        let left = d.map(|d| d.left_ts());
-        let t = left
-            .as_ref()
-            .map_or(core::ptr::null(), |t| t as *const timespec);
-        // SAFETY: forwarded with the caller's contract; t is null or a live timespec.
-        let r = unsafe { f(set, info, t) };
-        if !w.again_errno(r as c_long) {
-            return r;
-        }
-    }
+    // SAFETY: forwarded with the caller's contract; t is null or a live timespec.
+    retry_ts(timeout, |t| unsafe { f(set, info, t) })
 }
 
 /// # Safety
@@ -508,14 +468,8 @@ pub unsafe extern "C" fn sigtimedwait(
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn sigwaitinfo(set: *const sigset_t, info: *mut libc::siginfo_t) -> c_int {
     let f = real!(sigwaitinfo: Sigwaitinfo);
-    let mut w = Watch::new();
-    loop {
-        // SAFETY: forwarded with the caller's contract.
-        let r = unsafe { f(set, info) };
-        if !w.again_errno(r as c_long) {
-            return r;
-        }
-    }
+    // SAFETY: forwarded with the caller's contract.
+    retry(|| unsafe { f(set, info) })
 }
 
 /// # Safety
@@ -523,14 +477,8 @@ pub unsafe extern "C" fn sigwaitinfo(set: *const sigset_t, info: *mut libc::sigi
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn sem_timedwait(sem: *mut libc::sem_t, abs: *const timespec) -> c_int {
     let f = real!(sem_timedwait: SemTimedwait);
-    let mut w = Watch::new();
-    loop {
-        // SAFETY: forwarded with the caller's contract.
-        let r = unsafe { f(sem, abs) };
-        if !w.again_errno(r as c_long) {
-            return r;
-        }
-    }
+    // SAFETY: forwarded with the caller's contract.
+    retry(|| unsafe { f(sem, abs) })
 }
 
 /// # Safety
@@ -542,14 +490,8 @@ pub unsafe extern "C" fn sem_clockwait(
     abs: *const timespec,
 ) -> c_int {
     let f = real!(sem_clockwait: SemClockwait);
-    let mut w = Watch::new();
-    loop {
-        // SAFETY: forwarded with the caller's contract.
-        let r = unsafe { f(sem, clock, abs) };
-        if !w.again_errno(r as c_long) {
-            return r;
-        }
-    }
+    // SAFETY: forwarded with the caller's contract.
+    retry(|| unsafe { f(sem, clock, abs) })
 }
 
 /// # Safety
@@ -593,15 +535,10 @@ pub unsafe extern "C" fn syscall(
     } else {
         None
     };
-    let mut w = Watch::new();
-    loop {
+    retry(|| {
         let left = d.map(|d| d.left_ts());
-        let t = left.as_ref().map_or(a4, |t| t as *const timespec as c_long);
-        let r = f(t);
-        if !w.again_errno(r) {
-            return r;
-        }
-    }
+        f(left.as_ref().map_or(a4, |t| t as *const timespec as c_long))
+    })
 }
 
 /// The futex operations that wait with a timeout.
