@@ -27,9 +27,9 @@
  * Usage: events [ROUNDS] [inotify|pidfd]   (default 2500, about 1.5 s here).
  *   inotify  also an inotify descriptor watching ev-b (IN_CREATE | IN_DELETE, watch 2: ev-a had
  *            watch 1, removed since) and ev-c (IN_CREATE | IN_ONESHOT, watch 3), relative to
- *            the working directory; each round creates ev-b/rN, waits for its IN_CREATE and
- *            removes it, and prints the watches (number:mask). An IN_Q_OVERFLOW (what a restore
- *            gives) is answered as programs do, by looking again: rN exists. Their count is
+ *            the working directory; each round makes a directory ev-b/rN-<random>, waits for
+ *            its IN_CREATE, and prints the watches (number:mask). An IN_Q_OVERFLOW (what a
+ *            restore gives) is answered as programs do, by looking again: it exists. Their count is
  *            reported on stderr at the end ("INOTIFY overflows N").
  *   pidfd    also holds a pidfd (which snapshim does not restore); at the end a read on it is
  *            reported on stderr ("PIDFD <errno name>": EINVAL from a pidfd).
@@ -42,6 +42,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/inotify.h>
+#include <sys/random.h>
 #include <poll.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
@@ -78,17 +79,29 @@ static void setup_inotify(void)
 	check(inotify_add_watch(in, "ev-c", IN_CREATE | IN_ONESHOT) == 3, "inotify_add_watch ev-c");
 }
 
-/* Creates ev-b/rN and waits until inotify reports it (or an overflow says it may not). */
+/*
+ * Makes a directory ev-b/rN-<random> and waits until inotify reports it (or an overflow says it
+ * may not). What a round leaves in the file system outlives a restore (the original may have run
+ * on past the checkpoint before it was killed), so a round must not depend on it: a directory
+ * (no descriptor open across the round), a name no run used (a collision with one the original
+ * made after the checkpoint is made again), never removed (so looking again after an overflow
+ * finds it).
+ */
 static void inotify_round(int i)
 {
-	char name[32], path[64], buf[4096] __attribute__((aligned(8)));
+	char name[64], path[96], buf[4096] __attribute__((aligned(8)));
 	struct pollfd p = { .fd = in, .events = POLLIN };
 	int seen = 0;
 
-	snprintf(name, sizeof name, "r%d", i);
-	snprintf(path, sizeof path, "ev-b/%s", name);
-	int fd = open(path, O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
-	check(fd >= 0 && close(fd) == 0, "create a file in ev-b");
+	for (;;) {
+		uint64_t r;
+		check(getrandom(&r, sizeof r, 0) == sizeof r, "getrandom");
+		snprintf(name, sizeof name, "r%d-%016llx", i, (unsigned long long)r);
+		snprintf(path, sizeof path, "ev-b/%s", name);
+		if (mkdir(path, 0700) == 0)
+			break;
+		check(errno == EEXIST, "make a directory in ev-b");
+	}
 	while (!seen) {
 		ssize_t n = read(in, buf, sizeof buf);
 		if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
@@ -109,7 +122,6 @@ static void inotify_round(int i)
 			q += sizeof *e + e->len;
 		}
 	}
-	check(unlink(path) == 0, "unlink");
 }
 
 /* "wd:mask" of every watch of `in`, sorted by wd (fdinfo lists them newest first). */
