@@ -30,8 +30,7 @@ pub fn prepare(cx: &Prepare, f: &FdState, t: &Timerfd) -> Result<Prepared, Strin
         ));
     }
     let fd = move_high(fd, cx.high_base)?;
-    if t.value_ns > 0 {
-        let (value, settime_flags) = when(t);
+    if let Some((value, settime_flags)) = when(t) {
         let spec = libc::itimerspec {
             it_interval: timespec(t.interval_ns as i64),
             it_value: timespec(value),
@@ -52,18 +51,26 @@ pub fn prepare(cx: &Prepare, f: &FdState, t: &Timerfd) -> Result<Prepared, Strin
     Ok(Prepared::At(fd))
 }
 
-/// The `it_value` and flags to arm it with (see the module comment).
-fn when(t: &Timerfd) -> (i64, i32) {
+/// The `it_value` and flags to arm it with (see the module comment); `None`: it was not armed.
+///
+/// An interval timer can be armed with no time left: its expiration was due at the checkpoint
+/// (the kernel reports no time left rather than a negative one, and a timer that expired is
+/// stopped until it is read). It expires at once, then every interval.
+fn when(t: &Timerfd) -> Option<(i64, i32)> {
+    if t.value_ns == 0 && t.interval_ns == 0 {
+        return None;
+    }
+    let left = t.value_ns.max(1) as i64;
     if t.settime_flags & libc::TFD_TIMER_ABSTIME == 0 {
-        return (t.value_ns as i64, 0);
+        return Some((left, 0));
     }
     let realtime = matches!(t.clock, libc::CLOCK_REALTIME | libc::CLOCK_REALTIME_ALARM);
     let deadline = if realtime {
-        t.now_ns.saturating_add(t.value_ns as i64)
+        t.now_ns.saturating_add(left)
     } else {
-        clock_ns(t.clock).saturating_add(t.value_ns as i64)
+        clock_ns(t.clock).saturating_add(left)
     };
-    (deadline.max(1), t.settime_flags)
+    Some((deadline, t.settime_flags))
 }
 
 fn set_ticks(fd: RawFd, ticks: u64) -> i32 {
@@ -114,8 +121,29 @@ mod tests {
 
     #[test]
     fn a_relative_timer_keeps_its_time_left() {
-        assert_eq!(when(&timer(libc::CLOCK_REALTIME, 0)), (2_000_000_000, 0));
-        assert_eq!(when(&timer(libc::CLOCK_MONOTONIC, 0)), (2_000_000_000, 0));
+        assert_eq!(
+            when(&timer(libc::CLOCK_REALTIME, 0)),
+            Some((2_000_000_000, 0))
+        );
+        assert_eq!(
+            when(&timer(libc::CLOCK_MONOTONIC, 0)),
+            Some((2_000_000_000, 0))
+        );
+    }
+
+    #[test]
+    fn an_interval_timer_due_at_the_checkpoint_stays_armed() {
+        let due = Timerfd {
+            value_ns: 0,
+            interval_ns: 1_000_000,
+            ..timer(libc::CLOCK_MONOTONIC, 0)
+        };
+        assert_eq!(when(&due), Some((1, 0)));
+        let stopped = Timerfd {
+            interval_ns: 0,
+            ..due
+        };
+        assert_eq!(when(&stopped), None);
     }
 
     #[test]
@@ -123,14 +151,15 @@ mod tests {
         let flags = libc::TFD_TIMER_ABSTIME | libc::TFD_TIMER_CANCEL_ON_SET;
         assert_eq!(
             when(&timer(libc::CLOCK_REALTIME, flags)),
-            (1_002_000_000_000, flags)
+            Some((1_002_000_000_000, flags))
         );
     }
 
     #[test]
     fn an_absolute_monotonic_timer_keeps_its_time_left_on_this_clock() {
         let before = clock_ns(libc::CLOCK_MONOTONIC);
-        let (deadline, flags) = when(&timer(libc::CLOCK_MONOTONIC, libc::TFD_TIMER_ABSTIME));
+        let (deadline, flags) =
+            when(&timer(libc::CLOCK_MONOTONIC, libc::TFD_TIMER_ABSTIME)).expect("armed");
         let after = clock_ns(libc::CLOCK_MONOTONIC);
         assert_eq!(flags, libc::TFD_TIMER_ABSTIME);
         assert!(deadline >= before + 2_000_000_000 && deadline <= after + 2_000_000_000);
