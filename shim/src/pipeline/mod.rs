@@ -38,8 +38,8 @@ use snapshim_image::layout::{STACK_END, STACK_START};
 use crate::config::{Config, Incremental};
 use crate::engine::{self, fork, stop, uffd, Engine, Moment};
 use crate::incremental::{merger, policy};
-use crate::objects::memory;
 use crate::objects::threads::{self, HELPER_SLOT};
+use crate::objects::{memory, socket};
 use crate::owner;
 use crate::state::{mark, MARKS};
 use crate::sys::{self, sc};
@@ -435,6 +435,7 @@ fn write_image(job: &mut Job) -> Result<String, String> {
     let path = t.path.display().to_string();
     // The uffd engine sets up during the pause; where it cannot, this checkpoint uses fork.
     let live = if job.engine == Engine::Uffd {
+        uffd::set_serves_clients(socket::serves_clients(&cap.fds));
         let layout = memory::layout(&cap.maps);
         match uffd::begin(&cap.maps, &layout.wanted) {
             Ok(table) => Some((table, layout)),

@@ -67,7 +67,7 @@ mod store;
 mod table;
 
 use server::*;
-pub use server::{help_from_end, hot, set_copy_ahead, set_fault_around};
+pub use server::{help_from_end, hot, set_copy_ahead, set_fault_around, set_serves_clients};
 use state::*;
 use store::*;
 pub use store::{kept_store_bytes, set_keep_store};

@@ -2,7 +2,7 @@
 //! (saving the block around each, [`Around`]), and the writer's copying ahead from the far end.
 #![allow(unsafe_code)]
 
-use core::sync::atomic::{AtomicU64, AtomicU8, Ordering::*};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::*};
 
 use snapshim_image::layout::STACK_START;
 
@@ -18,10 +18,36 @@ use super::table::*;
 pub(super) static AROUND: AtomicU64 =
     AtomicU64::new(snapshim_image::settings::DEFAULT_FAULT_AROUND);
 
+/// Whether the user chose [`AROUND`] (`SNAPSHIM_FAULT_AROUND`): it then holds for every program.
+static AROUND_CHOSEN: AtomicBool = AtomicBool::new(false);
+
+/// Whether the program being checkpointed serves clients (it listens on a socket or holds a
+/// TCP connection): each of its faults then saves one page. A server's requests write here and
+/// there (redis updates an LRU clock on every read), which looks to the server like a program
+/// writing all over its memory: growing blocks would make a request wait for a 2 MiB copy. One
+/// page per fault keeps the largest latency of a request to a few milliseconds
+/// (docs/benchmarks.md, redis), at the price of more faults for the program as a whole.
+static SERVES_CLIENTS: AtomicBool = AtomicBool::new(false);
+
 /// Sets the largest fault-around block (rounded down to a power of two, one page to 2 MiB).
 pub fn set_fault_around(bytes: u64) {
     let b = bytes.clamp(PAGE, 2 << 20);
     AROUND.store(1 << (63 - b.leading_zeros()), Relaxed);
+    AROUND_CHOSEN.store(true, Relaxed);
+}
+
+/// Says, at each checkpoint, whether the program serves clients (see [`SERVES_CLIENTS`]).
+pub fn set_serves_clients(yes: bool) {
+    SERVES_CLIENTS.store(yes, Relaxed);
+}
+
+/// The largest fault-around block for this checkpoint.
+fn around_cap() -> u64 {
+    if SERVES_CLIENTS.load(Relaxed) && !AROUND_CHOSEN.load(Relaxed) {
+        PAGE
+    } else {
+        AROUND.load(Relaxed)
+    }
 }
 
 /// How much the fault server saves around a write fault: the aligned block holding the page,
@@ -52,7 +78,7 @@ impl Around {
     }
 
     pub(super) fn block(&self) -> u64 {
-        (1u64 << self.shift).min(AROUND.load(Relaxed))
+        (1u64 << self.shift).min(around_cap())
     }
 
     /// The server was busy from `from` to `to` (monotonic ns) saving pages.
@@ -61,7 +87,7 @@ impl Around {
         if to.saturating_sub(self.since) < Self::INTERVAL_NS {
             return;
         }
-        let max = AROUND.load(Relaxed).trailing_zeros().max(Self::MIN_SHIFT);
+        let max = around_cap().trailing_zeros().max(Self::MIN_SHIFT);
         let elapsed = to - self.since;
         if self.busy * 10 > elapsed {
             self.shift = (self.shift + 1).min(max);
@@ -315,7 +341,7 @@ pub fn hot() -> bool {
 }
 
 /// The writer's hand while its last window is being written and the program is [`hot`]: saves
-/// and unprotects the block of [`AROUND`] bytes below `*back` (a position in `t.regions`,
+/// and unprotects the block of [`around_cap`] bytes below `*back` (a position in `t.regions`,
 /// walking down from the end), unless that reaches `front`, where the writer is. False when
 /// there is nothing left to do from this end.
 pub fn help_from_end(t: &Table, back: &mut (usize, u64), front: u64) -> bool {
@@ -331,7 +357,7 @@ pub fn help_from_end(t: &Table, back: &mut (usize, u64), front: u64) -> bool {
             *back = (ri - 1, t.regions[ri - 1].end);
             continue;
         }
-        let w = AROUND.load(Relaxed);
+        let w = around_cap();
         let from = ((end - 1) & !(w - 1)).max(r.start);
         if from < front {
             return false;

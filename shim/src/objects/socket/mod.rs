@@ -258,3 +258,17 @@ fn name(fd: i32, nr: i64) -> Vec<u8> {
     v.truncate((len as usize).min(v.len()));
     v
 }
+
+/// Whether the program serves clients, whose requests must not wait long during a checkpoint:
+/// it listens on a socket, or has an IP socket bound or connected (a UDP server, a TCP
+/// connection).
+pub fn serves_clients(fds: &[FdState]) -> bool {
+    fds.iter().any(|f| match &f.kind {
+        FdKind::Socket(s) => match s.role {
+            SocketRole::Listening { .. } => true,
+            SocketRole::Unbound | SocketRole::Refused { .. } | SocketRole::Pair { .. } => false,
+            _ => s.family == libc::AF_INET || s.family == libc::AF_INET6,
+        },
+        _ => false,
+    })
+}
