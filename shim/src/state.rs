@@ -42,18 +42,12 @@ pub static COPY_STORE: AtomicU64 = AtomicU64::new(0);
 pub static COPY_STORE_PAGES: AtomicU64 = AtomicU64::new(0);
 
 std::thread_local! {
-    /// Signals handled by this thread in the shim's own handlers (quiesce, trigger), and in the
-    /// program's handlers (which the shim calls through a trampoline, see
-    /// `interpose/signals.rs`). Const-initialised, without destructor: reading or bumping them
-    /// is a plain TLS access, fine in a signal handler. A blocking call interrupted while only
-    /// the first changed was interrupted by the shim alone (`interpose/waits.rs`).
-    static SHIM_SIGNALS: Cell<u64> = const { Cell::new(0) };
+    /// Handlers of the program's that ran on this thread (the shim calls them through a
+    /// trampoline, see `interpose/signals.rs`). Const-initialised, without destructor: reading
+    /// or bumping it is a plain TLS access, fine in a signal handler. A blocking call
+    /// interrupted while it did not change was not interrupted for the program
+    /// (`interpose/waits.rs`).
     static PROGRAM_SIGNALS: Cell<u64> = const { Cell::new(0) };
-}
-
-/// Called first by the shim's signal handlers.
-pub fn note_shim_signal() {
-    SHIM_SIGNALS.with(|c| c.set(c.get().wrapping_add(1)));
 }
 
 /// Called by the trampoline before it runs a handler of the program's.
@@ -61,10 +55,7 @@ pub fn note_program_signal() {
     PROGRAM_SIGNALS.with(|c| c.set(c.get().wrapping_add(1)));
 }
 
-/// (shim, program) signals this thread has handled so far.
-pub fn signals_seen() -> (u64, u64) {
-    (
-        SHIM_SIGNALS.with(Cell::get),
-        PROGRAM_SIGNALS.with(Cell::get),
-    )
+/// Handlers of the program's this thread has run so far.
+pub fn program_signals_seen() -> u64 {
+    PROGRAM_SIGNALS.with(Cell::get)
 }

@@ -7,8 +7,8 @@
 //! an event loop would see `EINTR` at each one, and a restored thread (which resumes by
 //! returning from that handler) once more.
 //!
-//! Each wrapper calls glibc's function and, when it fails with `EINTR` while only the shim's
-//! handlers ran on this thread since the call began (`state::signals_seen`: the program's
+//! Each wrapper calls glibc's function and, when it fails with `EINTR` while no handler of the
+//! program's ran on this thread since the call began (`state::program_signals_seen`: the program's
 //! handlers are counted by the trampoline of `signals.rs`), calls it again with the time that
 //! is left (measured on `CLOCK_MONOTONIC` from a deadline taken at the start, or the kernel's
 //! remainder for the sleeps; an absolute timeout is passed again as it is). Timed futex waits
@@ -62,24 +62,26 @@ fn errno() -> c_int {
     unsafe { *libc::__errno_location() }
 }
 
-/// Whether an interruption since [`Watch::new`] (or the last `again`) was the shim's alone.
+/// Whether an interruption since [`Watch::new`] was the program's: one of its handlers ran on
+/// this thread. Any other is the shim's to hide: its own handlers ran here, or this thread was
+/// woken for a checkpoint request (sent to the process, `trigger.rs`) that another thread took
+/// before it could, and returns `EINTR` having run no handler at all. The kernel does the same
+/// for the program's own process-wide signals, and after a stop and a continue: an `EINTR`
+/// that no handler explains is one no program can count on, so it is never passed on.
 struct Watch {
-    shim: u64,
     program: u64,
 }
 
 impl Watch {
     fn new() -> Watch {
-        let (shim, program) = state::signals_seen();
-        Watch { shim, program }
+        Watch {
+            program: state::program_signals_seen(),
+        }
     }
 
     /// `interrupted`: the call failed with EINTR. True when it must be made again.
     fn again(&mut self, interrupted: bool) -> bool {
-        let (shim, program) = state::signals_seen();
-        let ours = interrupted && shim != self.shim && program == self.program;
-        self.shim = shim;
-        ours
+        interrupted && state::program_signals_seen() == self.program
     }
 
     /// For calls that return -1 and set errno.

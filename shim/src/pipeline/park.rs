@@ -124,7 +124,6 @@ extern "C" fn park(_: *mut core::ffi::c_void) {
 /// queued by another process, is a `snapshim checkpoint` request: it is queued for the helper
 /// (`trigger.rs`) and never parks the thread, not even during a snapshot.
 pub extern "C" fn quiesce_handler(_sig: i32, info: *mut libc::siginfo_t, _uc: *mut libc::c_void) {
-    crate::state::note_shim_signal();
     // SAFETY: __errno_location returns this thread's errno slot.
     let errno = unsafe { *libc::__errno_location() };
     // SAFETY: info is the kernel's siginfo (SA_SIGINFO).

@@ -192,7 +192,6 @@ pub fn post(rec: Record) {
 
 /// Handler of the checkpoint signal: queues the request (see the module doc).
 pub extern "C" fn trigger_handler(_sig: i32, info: *mut libc::siginfo_t, _uc: *mut libc::c_void) {
-    crate::state::note_shim_signal();
     // SAFETY: errno slot of this thread; info is provided by the kernel (SA_SIGINFO).
     unsafe {
         let errno = *libc::__errno_location();
