@@ -89,8 +89,13 @@ impl Prepare {
             .custom_flags(status_flags(f) | extra)
             .open(path)
             .map_err(|e| {
+                let since = if e.kind() == std::io::ErrorKind::NotFound {
+                    "; it was there at the checkpoint: it was removed or renamed since"
+                } else {
+                    ""
+                };
                 format!(
-                    "cannot reopen {path} (descriptor {} of the program): {e}",
+                    "cannot reopen {path} (descriptor {} of the program): {e}{since}",
                     f.fd
                 )
             })?;
