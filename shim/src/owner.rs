@@ -153,7 +153,13 @@ fn some_dir<T>(
             Err(e @ LockError::Busy { .. }) => {
                 first_busy.get_or_insert_with(|| e.to_string());
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => {
+                let errno = match &e {
+                    LockError::Io { source, .. } => source.raw_os_error().unwrap_or(0),
+                    LockError::Busy { .. } => 0,
+                };
+                return Err(alloc::format!("{e}{}", access_hint(errno, &dir)));
+            }
         }
     }
     Err(alloc::format!(
@@ -250,14 +256,40 @@ pub fn note(checkpointing: bool, committed: Option<(&str, &str, u64)>) {
 }
 
 /// Our descriptor is still the lock, and the lock file is still the directory's (someone may
-/// have removed the directory).
+/// have removed the directory). A program that gave up root's privileges may no longer see
+/// the file: the descriptor is then all there is to go by.
 fn still_held(o: &Owner) -> bool {
+    use std::os::unix::fs::MetadataExt;
     let fd = LOCK_FD.load(Relaxed);
-    let on_disk = std::fs::metadata(o.dir.join(LOCK_FILE)).ok().map(|m| {
-        use std::os::unix::fs::MetadataExt;
-        (m.dev(), m.ino())
-    });
-    fd >= 0 && file_id(fd) == Some(o.lock_id) && on_disk == Some(o.lock_id)
+    let ours = fd >= 0 && file_id(fd) == Some(o.lock_id);
+    match std::fs::metadata(o.dir.join(LOCK_FILE)) {
+        Ok(m) => ours && (m.dev(), m.ino()) == o.lock_id,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => ours,
+        Err(_) => false,
+    }
+}
+
+/// What to add to an error of `errno` on the image directory: when access was denied to a
+/// program that runs as another user than the directory's owner (one that gave up root's
+/// privileges after it started, as servers do), what to do about it.
+pub fn access_hint(errno: i32, dir: &Path) -> String {
+    if errno != libc::EACCES && errno != libc::EPERM {
+        return String::new();
+    }
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let owner = dir
+        .ancestors()
+        .find_map(|d| std::fs::metadata(d).ok())
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+    match owner {
+        Some(uid) if uid != euid => alloc::format!(
+            "; this program runs as uid {euid} now and {} is uid {uid}'s: a program that changes \
+             its user after it starts needs an image directory that user can write (--dir)",
+            dir.display()
+        ),
+        _ => String::new(),
+    }
 }
 
 fn file_id(fd: i32) -> Option<(u64, u64)> {

@@ -52,6 +52,31 @@ fn dropping_privileges_survives_a_checkpoint_and_two_restores() -> Result<()> {
         .assert_same_output_as_uninterrupted()
 }
 
+/// Root drops to nobody, whose image directory is root's: the checkpoint fails with one line
+/// that says why and what to do, and the program goes on untouched; once the directory is
+/// nobody's, the next checkpoint is taken and restores as usual.
+#[test]
+fn a_program_that_dropped_root_is_told_its_image_directory_is_not_its_own() -> Result<()> {
+    if !needs::root("to change credentials")? {
+        return Ok(());
+    }
+    let session = Session::new(AppSpec::named("creds")?.arg("6000"))?;
+    let app = session.spawn()?.wait_ready()?;
+    let c = app.try_checkpoint()?;
+    let line = expect_clean_refusal(&c, &["Permission denied", "runs as uid 65534 now"])?;
+    if !line.contains("uid 0's") || !line.contains("--dir") {
+        bail!("the refusal does not say whose the directory is and what to do: {line:?}");
+    }
+    let dir = session.snapshim_dir();
+    std::os::unix::fs::chown(&dir, Some(NOBODY), Some(NOBODY))
+        .context(format!("chown {}", dir.display()))?;
+    let img = app.checkpoint()?;
+    app.kill()?;
+    img.restore()?
+        .finish()?
+        .assert_same_output_as_uninterrupted()
+}
+
 /// One thread alone drops to nobody with raw system calls while the others stay root: each
 /// thread is restored with its own credentials.
 #[test]

@@ -40,7 +40,10 @@ pub fn create_named_target(cfg: &Config, name: &str) -> Result<Target, String> {
         .recursive(true)
         .mode(0o700)
         .create(&dir)
-        .map_err(|e| alloc::format!("cannot create image directory {}: {e}", dir.display()))?;
+        .map_err(|e| {
+            let hint = crate::owner::access_hint(e.raw_os_error().unwrap_or(0), &dir);
+            alloc::format!("cannot create image directory {}: {e}{hint}", dir.display())
+        })?;
     let path = dir.join(name);
     let tmp = dir.join(alloc::format!(".{name}.tmp"));
     let fd = sys::open(
@@ -48,7 +51,7 @@ pub fn create_named_target(cfg: &Config, name: &str) -> Result<Target, String> {
         libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
         0o600,
     )
-    .map_err(|e| errmsg("create image file", &tmp, e))?;
+    .map_err(|e| errmsg("create image file", &tmp, e) + &crate::owner::access_hint(e, &dir))?;
     Ok(Target { dir, tmp, path, fd })
 }
 
