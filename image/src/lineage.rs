@@ -173,11 +173,20 @@ pub fn try_lock(dir: &Path) -> Result<Held, LockError> {
         dir: dir.to_path_buf(),
         source,
     };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io)?;
+    // The directories above may be shared with other programs' image directories: others may
+    // pass through them (a program that gives up root's privileges keeps its own directory,
+    // `shim/src/interpose/credentials.rs`), not list them.
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(parent)
+            .map_err(io)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(io(e)),
+        _ => {}
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -269,6 +269,24 @@ fn still_held(o: &Owner) -> bool {
     }
 }
 
+/// Hands the image directory this instance holds (itself, its lock file and its images) to
+/// `uid`: the program is about to give up root's privileges for that user's, as whom it writes
+/// its next images. Signals stay blocked meanwhile, so that no checkpoint parks this thread
+/// while it holds the owner's lock.
+pub fn hand_over(uid: u32) {
+    let old = sys::block_all_signals();
+    if let Some(o) = owner().as_ref() {
+        let chown = |p: &Path| std::os::unix::fs::lchown(p, Some(uid), None);
+        let _ = chown(&o.dir);
+        if let Ok(entries) = std::fs::read_dir(&o.dir) {
+            entries.flatten().for_each(|e| {
+                let _ = chown(&e.path());
+            });
+        }
+    }
+    sys::restore_signals(&old);
+}
+
 /// What to add to an error of `errno` on the image directory: when access was denied to a
 /// program that runs as another user than the directory's owner (one that gave up root's
 /// privileges after it started, as servers do), what to do about it.
@@ -278,15 +296,17 @@ pub fn access_hint(errno: i32, dir: &Path) -> String {
     }
     // SAFETY: geteuid cannot fail.
     let euid = unsafe { libc::geteuid() };
-    let owner = dir
-        .ancestors()
-        .find_map(|d| std::fs::metadata(d).ok())
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m));
+    // The first directory on the way that this user can look at, and its owner.
+    let owner = dir.ancestors().find_map(|d| {
+        let m = std::fs::metadata(d).ok()?;
+        Some((d, std::os::unix::fs::MetadataExt::uid(&m)))
+    });
     match owner {
-        Some(uid) if uid != euid => alloc::format!(
+        Some((d, uid)) if uid != euid => alloc::format!(
             "; this program runs as uid {euid} now and {} is uid {uid}'s: a program that changes \
-             its user after it starts needs an image directory that user can write (--dir)",
-            dir.display()
+             its user after it starts needs an image directory that user can reach and write \
+             (--dir)",
+            d.display()
         ),
         _ => String::new(),
     }

@@ -59,6 +59,9 @@ pub struct AppSpec {
     /// Libraries preloaded after the shim (`LD_PRELOAD=libsnapshim.so LIB...`), and alone in
     /// runs without the shim: an allocator such as `libjemalloc.so.2`.
     pub preload: Vec<String>,
+    /// Start the app under the shim through `snapshim run` (which takes the image directory
+    /// at start), not with `LD_PRELOAD` alone (the directory is taken at the first checkpoint).
+    pub through_run: bool,
 }
 
 impl AppSpec {
@@ -75,6 +78,7 @@ impl AppSpec {
             unprivileged: false,
             env: Vec::new(),
             preload: Vec::new(),
+            through_run: false,
         }
     }
 
@@ -144,6 +148,12 @@ impl AppSpec {
     /// See [`AppSpec::unprivileged`].
     pub fn unprivileged(mut self) -> AppSpec {
         self.unprivileged = true;
+        self
+    }
+
+    /// See [`AppSpec::through_run`].
+    pub fn through_run(mut self) -> AppSpec {
+        self.through_run = true;
         self
     }
 

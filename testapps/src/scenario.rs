@@ -262,7 +262,13 @@ impl Session {
             std::os::unix::fs::chown(&out_path, Some(NOBODY), Some(NOBODY))
                 .context(format!("chown {}", out_path.display()))?;
         }
-        let mut cmd = self.command(&self.program);
+        let mut cmd = if with_shim && self.spec.through_run {
+            let mut c = self.command(&self.tools()?.tool);
+            c.arg("run").arg("--").arg(&self.program);
+            c
+        } else {
+            self.command(&self.program)
+        };
         cmd.args(&self.spec.args)
             .current_dir(&self.dir)
             .stdin(Stdio::null())

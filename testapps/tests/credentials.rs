@@ -77,6 +77,27 @@ fn a_program_that_dropped_root_is_told_its_image_directory_is_not_its_own() -> R
         .assert_same_output_as_uninterrupted()
 }
 
+/// Started through `snapshim run` as root (the image directory is taken at start, as root's),
+/// the program drops to nobody for good: the directory is handed to nobody before the change,
+/// so its checkpoints are taken as nobody's and restore as usual; twice.
+#[test]
+fn a_program_that_drops_root_under_snapshim_run_keeps_its_image_directory() -> Result<()> {
+    if !needs::root("to change credentials")? {
+        return Ok(());
+    }
+    let session = Session::new(AppSpec::named("creds")?.through_run())?;
+    let app = session.spawn()?.wait_ready()?;
+    let img = app.checkpoint()?;
+    app.kill()?;
+    let mut restored = img.restore()?;
+    restored.wait_for("PHASE 2")?;
+    let img2 = restored.checkpoint()?;
+    restored.kill()?;
+    img2.restore()?
+        .finish()?
+        .assert_same_output_as_uninterrupted()
+}
+
 /// One thread alone drops to nobody with raw system calls while the others stay root: each
 /// thread is restored with its own credentials.
 #[test]

@@ -134,6 +134,7 @@ fn sockserv(p: Ports, outside: &Path) -> AppSpec {
         unprivileged: false,
         env: Vec::new(),
         preload: Vec::new(),
+        through_run: false,
     }
 }
 
@@ -399,6 +400,7 @@ fn python_http_server_serves_the_same_file_after_a_restore() -> Result<()> {
         unprivileged: false,
         env: Vec::new(),
         preload: Vec::new(),
+        through_run: false,
     };
     let session = Session::new(spec)?;
     let mut app = session.spawn_without_reference()?;
@@ -472,6 +474,7 @@ fn established_connections_come_back_reset() -> Result<()> {
         unprivileged: false,
         env: Vec::new(),
         preload: Vec::new(),
+        through_run: false,
     };
     let mut outputs = Vec::new();
     for cycle in [false, true] {
@@ -550,6 +553,7 @@ fn a_descriptor_in_flight_is_refused_in_one_line() -> Result<()> {
         unprivileged: false,
         env: Vec::new(),
         preload: Vec::new(),
+        through_run: false,
     };
     let session = Session::new(spec)?;
     let app = session.spawn_without_reference()?.wait_ready()?;
@@ -606,6 +610,7 @@ fn a_client_port_taken_meanwhile_is_replaced() -> Result<()> {
         unprivileged: false,
         env: Vec::new(),
         preload: Vec::new(),
+        through_run: false,
     };
     let session = Session::new(spec)?;
     let app = session.spawn_without_reference()?.wait_ready()?;
@@ -677,6 +682,7 @@ fn socket_pairs_keep_large_queues() -> Result<()> {
         unprivileged: false,
         env: Vec::new(),
         preload: Vec::new(),
+        through_run: false,
     };
     let mut outputs = Vec::new();
     for cycle in [false, true] {

@@ -16,6 +16,8 @@
 //!   unmaps them during a flush.
 //! - `inotify_add_watch`, whose path the kernel does not tell a checkpoint (noted for
 //!   `objects::inotify`).
+//! - The setuid family, so that a program giving up root's privileges for good first hands
+//!   its image directory to its new user (`credentials.rs`).
 //!
 //! With `SNAPSHIM_DISABLE` every one of them only forwards: each extra it adds depends on state
 //! that only an active shim sets (`state::ACTIVE`, the signals, a flush, the reserved range).
@@ -24,6 +26,34 @@
 //! through these symbols.
 #![allow(unsafe_code)]
 
+use core::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+/// glibc's definition of `name`, looked up once into `cache`.
+fn next(cache: &AtomicUsize, name: &core::ffi::CStr) -> usize {
+    let mut f = cache.load(Relaxed);
+    if f == 0 {
+        // SAFETY: dlsym with a NUL-terminated name; RTLD_NEXT finds glibc's definition.
+        f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
+        cache.store(f, Relaxed);
+    }
+    f
+}
+
+fn c_str(s: &'static str) -> &'static core::ffi::CStr {
+    core::ffi::CStr::from_bytes_with_nul(s.as_bytes()).expect("NUL-terminated")
+}
+
+/// Calls glibc's `$name` (looked up once) as a function of type `$ty`.
+macro_rules! real {
+    ($name:ident: $ty:ty) => {{
+        static CACHE: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+        let f = super::next(&CACHE, super::c_str(concat!(stringify!($name), "\0")));
+        // SAFETY: f is glibc's function of that name, whose C signature is $ty.
+        unsafe { core::mem::transmute::<usize, $ty>(f) }
+    }};
+}
+
+mod credentials;
 mod files;
 mod malloc;
 mod memory;

@@ -24,38 +24,11 @@
 //! clock is this machine's: the time left is capped at the call's whole timeout.
 #![allow(unsafe_code)]
 
-use core::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-
 use libc::{c_int, c_long, c_uint, sigset_t, timespec, timeval};
 
 use super::signals::filtered;
 use crate::state;
 use crate::sys;
-
-/// glibc's definition of `name`, looked up once into `cache`.
-fn next(cache: &AtomicUsize, name: &core::ffi::CStr) -> usize {
-    let mut f = cache.load(Relaxed);
-    if f == 0 {
-        // SAFETY: dlsym with a NUL-terminated name; RTLD_NEXT finds glibc's definition.
-        f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
-        cache.store(f, Relaxed);
-    }
-    f
-}
-
-/// Calls glibc's `$name` (looked up once) as a function of type `$ty`.
-macro_rules! real {
-    ($name:ident: $ty:ty) => {{
-        static CACHE: AtomicUsize = AtomicUsize::new(0);
-        let f = next(&CACHE, c_str(concat!(stringify!($name), "\0")));
-        // SAFETY: f is glibc's function of that name, whose C signature is $ty.
-        unsafe { core::mem::transmute::<usize, $ty>(f) }
-    }};
-}
-
-fn c_str(s: &'static str) -> &'static core::ffi::CStr {
-    core::ffi::CStr::from_bytes_with_nul(s.as_bytes()).expect("NUL-terminated")
-}
 
 fn errno() -> c_int {
     // SAFETY: this thread's errno slot.
