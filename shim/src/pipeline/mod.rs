@@ -421,6 +421,9 @@ fn write_image(job: &mut Job) -> Result<String, String> {
         }
     };
     mark(2);
+    // The copy store filled in for this flush counts in the resident memory read at the pause.
+    let store = uffd::prepared_store_bytes();
+    cap.process.resident_bytes = cap.process.resident_bytes.saturating_sub(store);
     if cfg.incremental != Incremental::Off {
         // Delta or full, the tracking scan re-protects what was written: the next delta
         // starts from this instant (incremental/).

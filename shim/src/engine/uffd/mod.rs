@@ -70,7 +70,7 @@ use server::*;
 pub use server::{help_from_end, hot, set_copy_ahead, set_fault_around, set_serves_clients};
 use state::*;
 use store::*;
-pub use store::{kept_store_bytes, set_keep_store};
+pub use store::{kept_store_bytes, prepared_store_bytes, set_keep_store};
 use table::*;
 pub use table::{
     copy_of, huge_pages_split, is_no_data, mark_lost, unprotect, PlanRegion, Table, STORED_BIT,

@@ -46,6 +46,16 @@ pub fn kept_store_bytes() -> u64 {
     }
 }
 
+/// Bytes of the copy store mapped and filled in for the coming flush: they count in the
+/// process's resident memory at its pause, and are not the program's.
+pub fn prepared_store_bytes() -> u64 {
+    if STORE.load(Acquire) == 0 {
+        0
+    } else {
+        STORE_FILLED.load(Relaxed)
+    }
+}
+
 /// Copy-store slots for `pages` pages with data: at most one copy per page, plus slack for the
 /// slots a saver loses when the writer or another saver publishes a page first.
 pub(super) fn store_cap(pages: u64) -> u64 {
