@@ -47,7 +47,10 @@ fn c_str(s: &'static str) -> &'static core::ffi::CStr {
 macro_rules! real {
     ($name:ident: $ty:ty) => {{
         static CACHE: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
-        let f = super::next(&CACHE, super::c_str(concat!(stringify!($name), "\0")));
+        let f = crate::interpose::next(
+            &CACHE,
+            crate::interpose::c_str(concat!(stringify!($name), "\0")),
+        );
         // SAFETY: f is glibc's function of that name, whose C signature is $ty.
         unsafe { core::mem::transmute::<usize, $ty>(f) }
     }};
