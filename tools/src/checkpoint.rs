@@ -90,7 +90,13 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
         enter_namespaces(pid)?;
     }
     let (read_end, write_end) = pipe()?;
-    let value = request_value(&write_end)?;
+    let shim_stops = a.kill && shim_exports(pid, settings::STOP_AFTER_SYMBOL);
+    let mut value = request_value(&write_end)?;
+    if shim_stops {
+        value |= settings::STOP_AFTER_BIT as u64;
+    }
+    // Opened before the request: the PID cannot be another process's when we wait on it.
+    let pidfd = if a.kill { Some(pidfd_open(pid)?) } else { None };
     let sender = match inner {
         None => {
             sigqueue(pid, signo, value)?;
@@ -102,7 +108,14 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
     let line = wait_for_reply(pid, read_end, a.timeout, show_progress);
     drop(sender);
     drop(write_end);
-    let outcome = line.and_then(|line| report(pid, &line, &a));
+    let mut outcome = line.and_then(|line| report(pid, &line, &a));
+    if let (Some(pidfd), Ok(details)) = (pidfd, &mut outcome) {
+        let line = stop(pid, pidfd, shim_stops, a.timeout)?;
+        if !a.quiet && !a.json {
+            println!("{line}");
+        }
+        details.push(line);
+    }
     if let Some(file) = &a.log {
         let lines = match &outcome {
             Ok(details) => details.clone(),
@@ -131,6 +144,7 @@ fn report(pid: i32, line: &str, a: &CheckpointArgs) -> Result<Vec<String>> {
                     "engine": c.engine,
                     "kind": c.kind,
                     "pages_copied_before_write": c.copied,
+                    "stopped": a.kill,
                 }))
                 .map(|()| details);
             }
@@ -175,6 +189,50 @@ fn report(pid: i32, line: &str, a: &CheckpointArgs) -> Result<Vec<String>> {
         ))),
         Err(why) => Err(Failure::op(format!("checkpoint of PID {pid}: {why}"))),
     }
+}
+
+/// `--kill`, once the image is committed: the shim kills the program itself (`shim_stops`),
+/// else we do; then waits until it is gone. Returns the line that says so.
+fn stop(pid: i32, pidfd: OwnedFd, shim_stops: bool, timeout: Duration) -> Result<String> {
+    if !shim_stops {
+        // SAFETY: kill takes plain values.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let mut pfd = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    loop {
+        match poll(
+            &mut pfd,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(1..) => {
+                return Ok(format!(
+                    "program {pid} stopped (SIGKILL) after the checkpoint"
+                ))
+            }
+            Err(Errno::EINTR) => continue,
+            _ => {
+                return Err(Failure::op(format!(
+                    "checkpoint committed, but process {pid} did not stop within {}",
+                    humantime(timeout)
+                )))
+            }
+        }
+    }
+}
+
+/// `pidfd_open(pid, 0)`: readable once the process has ended.
+fn pidfd_open(pid: i32) -> Result<OwnedFd> {
+    // SAFETY: pidfd_open takes plain values and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(Failure::op(format!(
+            "cannot watch process {pid}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: a descriptor the kernel just gave us, owned from here on.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
 }
 
 /// What the shim's statistics beside the image (`ckpt-N.json`) say of the checkpoint, one
