@@ -60,6 +60,7 @@ use std::time::{Duration, Instant};
 
 use snapshim_image::settings;
 
+use crate::keeper;
 use crate::parse::{self, Reply};
 use crate::proc;
 use crate::{CheckpointArgs, Failure, Result};
@@ -110,11 +111,12 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
     drop(write_end);
     let mut outcome = line.and_then(|line| report(pid, &line, &a));
     if let (Some(pidfd), Ok(details)) = (pidfd, &mut outcome) {
-        let line = stop(pid, pidfd, shim_stops, a.timeout)?;
-        if !a.quiet && !a.json {
-            println!("{line}");
+        for line in stop(pid, pidfd, shim_stops, a.timeout)? {
+            if !a.quiet && !a.json {
+                println!("{line}");
+            }
+            details.push(line);
         }
-        details.push(line);
     }
     if let Some(file) = &a.log {
         let lines = match &outcome {
@@ -191,13 +193,25 @@ fn report(pid: i32, line: &str, a: &CheckpointArgs) -> Result<Vec<String>> {
     }
 }
 
-/// `--kill`, once the image is committed: the shim kills the program itself (`shim_stops`),
-/// else we do; then waits until it is gone. Returns the line that says so.
-fn stop(pid: i32, pidfd: OwnedFd, shim_stops: bool, timeout: Duration) -> Result<String> {
-    if !shim_stops {
-        // SAFETY: kill takes plain values.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    }
+/// `--kill`, once the image is committed: takes the program's connections held in repair mode
+/// for a keeper ([`keeper`]), kills the program (a shim that stops by itself, `shim_stops`,
+/// waits for it), waits until it is gone and starts the keeper. Returns the lines that say so.
+fn stop(pid: i32, pidfd: OwnedFd, shim_stops: bool, timeout: Duration) -> Result<Vec<String>> {
+    let held = if shim_stops {
+        keeper::take(pid, &pidfd)
+    } else {
+        Vec::new()
+    };
+    // SAFETY: pidfd_send_signal takes plain values (no siginfo).
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
     let mut pfd = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     loop {
@@ -205,11 +219,7 @@ fn stop(pid: i32, pidfd: OwnedFd, shim_stops: bool, timeout: Duration) -> Result
             &mut pfd,
             PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
         ) {
-            Ok(1..) => {
-                return Ok(format!(
-                    "program {pid} stopped (SIGKILL) after the checkpoint"
-                ))
-            }
+            Ok(1..) => break,
             Err(Errno::EINTR) => continue,
             _ => {
                 return Err(Failure::op(format!(
@@ -219,6 +229,19 @@ fn stop(pid: i32, pidfd: OwnedFd, shim_stops: bool, timeout: Duration) -> Result
             }
         }
     }
+    let mut lines = vec![format!(
+        "program {pid} stopped (SIGKILL) after the checkpoint"
+    )];
+    if !held.is_empty() {
+        let n = held.len();
+        keeper::spawn(held)?;
+        lines.push(format!(
+            "{n} live TCP connection(s) kept silent for a restore with --tcp-established \
+             (for up to {})",
+            humantime(keeper::KEEP_FOR)
+        ));
+    }
+    Ok(lines)
 }
 
 /// `pidfd_open(pid, 0)`: readable once the process has ended.

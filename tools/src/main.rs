@@ -18,6 +18,7 @@ mod checkpoint;
 mod enterable;
 mod inspect;
 mod json;
+mod keeper;
 mod launch;
 mod ls;
 mod merge;
@@ -88,6 +89,13 @@ enum Command {
     Merge(MergeArgs),
     Check(CheckArgs),
     Ps(PsArgs),
+    /// Keep a killed program's live TCP connections for its restore (started by
+    /// `snapshim checkpoint --kill`)
+    #[command(name = "keep-tcp", hide = true)]
+    KeepTcp {
+        /// The sockets, inherited
+        fds: Vec<i32>,
+    },
 }
 
 /// Run a program with snapshim loaded (LD_PRELOAD), replacing this process
@@ -333,6 +341,7 @@ fn main() -> ExitCode {
         Command::Merge(a) => merge::merge(&a.image, a.quiet),
         Command::Check(a) => check::check(a),
         Command::Ps(a) => ps::ps(a.json),
+        Command::KeepTcp { fds } => keeper::run(&fds),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

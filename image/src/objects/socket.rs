@@ -91,6 +91,14 @@ pub struct TcpRepair {
     pub timestamp: u32,
 }
 
+/// The abstract Unix socket name on which `snapshim checkpoint --kill` keeps the killed
+/// program's connection `id` (a socket inode) open in repair mode until a restore asks for it
+/// (connects there), so that the peer's packets meanwhile are dropped instead of answered with
+/// a reset by a port without a socket.
+pub fn keeper_name(id: u64) -> String {
+    format!("snapshim-tcp-keeper-{id}")
+}
+
 /// The port of an IP address (0 for other families).
 pub fn port(a: &[u8]) -> u16 {
     a.get(2..4).map_or(0, |p| u16::from_be_bytes([p[0], p[1]]))

@@ -40,14 +40,25 @@ pub fn let_go() {
 }
 
 /// The last checkpoint is committed and answered: the program ends here, its threads still
-/// parked. SIGKILL, as if the user had sent it: its connections held in repair mode
-/// (`objects::socket::repair`) go without a word to their peers.
+/// parked. `snapshim checkpoint --kill` first takes its own descriptors of the connections held
+/// in repair mode (`objects::socket::repair`), so that they stay open, silent, until the
+/// restore, then sends SIGKILL; if it has not within [`STOP_WAIT_NS`], the program kills
+/// itself (its held connections then close, silently too).
 pub fn stop_program() -> ! {
+    let t = libc::timespec {
+        tv_sec: (STOP_WAIT_NS / 1_000_000_000) as i64,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec; no remainder asked for.
+    unsafe { sc!(libc::SYS_nanosleep, &t as *const libc::timespec, 0) };
     loop {
         // SAFETY: kill takes plain values; SIGKILL to ourselves does not return.
         unsafe { sc!(libc::SYS_kill, sys::getpid(), libc::SIGKILL) };
     }
 }
+
+/// How long a program whose last checkpoint is committed waits for the requester's SIGKILL.
+pub const STOP_WAIT_NS: u64 = 30_000_000_000;
 
 /// In a restored process: wait for every thread's fix-ups, then take the reserved range back
 /// (it still holds the restorer, which the threads have left by now).

@@ -52,6 +52,10 @@ pub fn prepare(cx: &mut Prepare, f: &FdState, s: &Socket) -> Result<Prepared, St
     if let Some(&(_, fd)) = cx.sockets.made.iter().find(|m| m.0 == s.id) {
         return Ok(Prepared::At(fd));
     }
+    if let SocketRole::Established { .. } = s.role {
+        // Alive or reset, the original must be gone first.
+        repair::take_from_keeper(s.id);
+    }
     let fd = match &s.role {
         SocketRole::Refused { why } => return Err(fail(why.clone())),
         SocketRole::Pair { peer, queued } => pair_end(cx, s, *peer, queued).map_err(fail)?,

@@ -58,6 +58,23 @@ pub fn check_privilege(meta: &Metadata) -> Result<(), String> {
     })
 }
 
+/// If `snapshim checkpoint --kill` keeps the original connection `id` (see tools/src/keeper.rs),
+/// asks the keeper to let it go and waits until it has (end of file): from then on the port has
+/// no socket for the connection until ours is connected.
+pub fn take_from_keeper(id: u64) {
+    use std::io::Read;
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixStream};
+    let name = snapshim_image::objects::socket::keeper_name(id);
+    let Ok(addr) = SocketAddr::from_abstract_name(name.as_bytes()) else {
+        return;
+    };
+    if let Ok(mut c) = UnixStream::connect_addr(&addr) {
+        let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+        let _ = c.read(&mut [0u8; 1]);
+    }
+}
+
 /// A socket holding the connection `s` as `r` describes it.
 pub fn restore(s: &Socket, r: &TcpRepair) -> Result<RawFd, String> {
     let fd = create(s.family, libc::SOCK_STREAM, libc::IPPROTO_TCP)?;
