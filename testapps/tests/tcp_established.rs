@@ -1,0 +1,256 @@
+//! Live TCP connections across a checkpoint, SIGKILL and a restore (`--tcp-established`), only
+//! on 127.0.0.1. Root is needed (TCP_REPAIR needs CAP_NET_ADMIN).
+//!
+//! `tcpcount` (`c/tcpcount.c`) serves one client, this test's own, which keeps one connection
+//! for the whole run: rounds of [`BATCH`] requests sent at once, then their answers read and
+//! each checked byte for byte. At a random round the client stops after sending its batch
+//! (requests wait unread on the server's side, answers fill its send queue), the program is
+//! checkpointed with `snapshim checkpoint --kill` (the image must hold the connection alive with
+//! both queues non-empty), the client reads on and sends one more request while the program is
+//! gone, and the image is restored from a copy in another directory:
+//!
+//! - with `--tcp-established` the client never sees a reset or an end of file, gets every
+//!   answer exactly once and in order, and both sides' outputs are those of an uninterrupted
+//!   run (the same client, no checkpoint);
+//! - without it (the same kind of image), the client's connection is reset, as before.
+//!
+//! Needs `cargo build --release --workspace` first.
+
+use std::fs;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use snapshim_image::{FdKind, Image, SocketRole};
+use snapshim_testapps::artifacts::c_app;
+use snapshim_testapps::{
+    bail, needs, AppSpec, Context, Failure, Result, Running, Session, Snapshot,
+};
+
+/// Requests per round, and rounds; each answer is [`ANSWER`] bytes: 16 MiB a round, more than
+/// the client's receive buffer and the server's send buffer hold together.
+const BATCH: u64 = 4096;
+const ROUNDS: u64 = 8;
+const ANSWER: usize = 4096;
+/// A bound on every client read, so a broken restore fails the test instead of hanging it.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn mix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The answer `tcpcount` gives to `n`.
+fn answer(n: u64) -> Vec<u8> {
+    let mut words = vec![mix64(n)];
+    for i in 1..(ANSWER / 8) as u64 {
+        words.push(mix64(words[i as usize - 1] ^ i));
+    }
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// Where the client stops: after sending the batch of round `round`, it says so and waits
+/// for `go`. Each round then sends one extra request, answered after the batch.
+struct Stop {
+    round: u64,
+    stopped: Sender<()>,
+    go: Receiver<()>,
+}
+
+/// The client's whole run over one connection; returns what it saw (the same in every run that
+/// goes well) or how the connection failed.
+fn client(port: u16, stop: Option<Stop>) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    let (mut answers, mut next, mut extra) = (0u64, 0u64, 0u64);
+    for round in 0..ROUNDS {
+        let batch: Vec<u64> = (next..next + BATCH).collect();
+        next += BATCH;
+        let bytes: Vec<u8> = batch.iter().flat_map(|n| n.to_le_bytes()).collect();
+        s.write_all(&bytes)?;
+        let mut expect = batch;
+        if let Some(st) = stop.as_ref().filter(|st| st.round == round) {
+            let _ = st.stopped.send(());
+            let _ = st.go.recv();
+        }
+        // One more request, sent after the stop: while the program is gone, it must not be
+        // lost (every round sends one, so every run sends the same).
+        extra = u64::MAX - round;
+        s.write_all(&extra.to_le_bytes())?;
+        expect.push(extra);
+        let mut buf = vec![0u8; ANSWER];
+        for n in expect {
+            s.read_exact(&mut buf)?;
+            if buf != answer(n) {
+                return Err(std::io::Error::other(format!(
+                    "the answer to request {n} is wrong (answer {answers})"
+                )));
+            }
+            answers += 1;
+        }
+    }
+    s.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)?;
+    Ok(format!(
+        "{answers} answers as expected, the last extra request {extra}, then end of file after \
+         {} more bytes",
+        rest.len()
+    ))
+}
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
+    Ok(l.local_addr().context("port")?.port())
+}
+
+fn tcpcount(port: u16) -> AppSpec {
+    AppSpec::new("tcpcount", c_app("tcpcount"), &["4", &port.to_string()])
+        .env("SNAPSHIM_TCP_ESTABLISHED", "1")
+}
+
+/// One run without a checkpoint: the client's account and the program's stdout.
+fn uninterrupted(port: u16) -> Result<(String, Vec<u8>)> {
+    let session = Session::new(tcpcount(port))?;
+    let app = session.spawn_without_reference()?.wait_ready()?;
+    let seen = client(port, None).context("the client of the uninterrupted run")?;
+    app.finish()?.assert_exit_code(0)?;
+    let out = fs::read(session.stdout_path()).context("read out.txt")?;
+    session.passed();
+    Ok((seen, out))
+}
+
+/// Starts the program and its client, which stops at a random round; returns once it has.
+fn start_and_stop_client(
+    port: u16,
+) -> Result<(Running, JoinHandle<std::io::Result<String>>, Sender<()>)> {
+    let session = Session::new(tcpcount(port))?;
+    let app = session.spawn_without_reference()?.wait_ready()?;
+    let round = 1 + (session.random_unit() * (ROUNDS - 2) as f64) as u64;
+    let (stopped, at_stop) = channel();
+    let (go, wait_go) = channel();
+    let stop = Stop {
+        round,
+        stopped,
+        go: wait_go,
+    };
+    let handle = std::thread::spawn(move || client(port, Some(stop)));
+    if at_stop.recv().is_err() {
+        let e = handle
+            .join()
+            .map_err(|_| Failure::new("the client panicked"))?;
+        bail!("the client ended before its stop: {e:?}");
+    }
+    eprintln!("client stopped after sending round {round}");
+    Ok((app, handle, go))
+}
+
+/// `snapshim checkpoint --kill`, the program reaped, the image copied elsewhere; the image must
+/// hold the connection alive with data queued both ways.
+fn last_checkpoint(app: Running) -> Result<Snapshot> {
+    let img = app.checkpoint_with(&["--kill"])?;
+    app.kill()?;
+    let image = Image::open(img.path()).map_err(|e| Failure::new(e.to_string()))?;
+    let live = image.meta.fds.iter().find_map(|f| match &f.kind {
+        FdKind::Socket(s) => match &s.role {
+            SocketRole::Established { repair } => Some(repair.clone()),
+            _ => None,
+        },
+        _ => None,
+    });
+    let Some(r) = live else {
+        bail!("the image holds no connection captured alive");
+    };
+    eprintln!(
+        "captured: {} bytes to send ({} never sent), {} unread",
+        r.send_queue.len(),
+        r.unsent,
+        r.recv_queue.len()
+    );
+    if r.send_queue.is_empty() || r.recv_queue.is_empty() {
+        bail!(
+            "the checkpoint found the queues empty ({} to send, {} unread): the server was not \
+             in the middle of a round",
+            r.send_queue.len(),
+            r.recv_queue.len()
+        );
+    }
+    copy_elsewhere(&img)
+}
+
+/// A copy of `img` in a directory of its own.
+fn copy_elsewhere(img: &Snapshot) -> Result<Snapshot> {
+    let name = img.path().file_name().expect("an image has a name");
+    let elsewhere = img.session().dir().join("elsewhere");
+    fs::create_dir_all(&elsewhere).context(format!("create {}", elsewhere.display()))?;
+    let copy = elsewhere.join(name);
+    fs::copy(img.path(), &copy).context(format!("copy {}", img.path().display()))?;
+    Ok(Snapshot::at(img.session(), copy))
+}
+
+/// The connection goes on across `checkpoint --kill` and `--tcp-established`: the client sees
+/// no reset, every answer once and in order, and both outputs are an uninterrupted run's.
+#[test]
+fn a_live_connection_goes_on_across_a_restore() -> Result<()> {
+    if !needs::root("TCP_REPAIR, which needs CAP_NET_ADMIN")? {
+        return Ok(());
+    }
+    let port = free_port()?;
+    let (seen_before, out_before) = uninterrupted(port)?;
+    let (app, client, go) = start_and_stop_client(port)?;
+    let session = app.session().clone();
+    let copy = last_checkpoint(app)?;
+    // The client reads on while the program is gone, and sends a request.
+    let _ = go.send(());
+    let restored = copy.restore_with(&["--tcp-established"])?;
+    let seen = client
+        .join()
+        .map_err(|_| Failure::new("the client panicked"))?
+        .map_err(|e| Failure::new(format!("the client's connection failed: {e}")))?;
+    restored.finish()?.assert_exit_code(0)?;
+    if seen != seen_before {
+        bail!("the client saw {seen:?}, uninterrupted {seen_before:?}");
+    }
+    let out = fs::read(session.stdout_path()).context("read out.txt")?;
+    if out != out_before {
+        bail!(
+            "stdout differs from an uninterrupted run: {}",
+            snapshim_testapps::diff_summary(&out_before, &out)
+        );
+    }
+    session.passed();
+    Ok(())
+}
+
+/// The same kind of image restored without `--tcp-established`: the connection comes back
+/// reset on both sides, as it did before the option existed.
+#[test]
+fn without_the_option_the_client_sees_a_reset() -> Result<()> {
+    if !needs::root("TCP_REPAIR, which needs CAP_NET_ADMIN")? {
+        return Ok(());
+    }
+    let port = free_port()?;
+    let (app, client, go) = start_and_stop_client(port)?;
+    let session = app.session().clone();
+    let copy = last_checkpoint(app)?;
+    let _ = go.send(());
+    let restored = copy.restore()?;
+    let seen = client
+        .join()
+        .map_err(|_| Failure::new("the client panicked"))?;
+    match seen {
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => bail!("the client's connection should have been reset: {other:?}"),
+    }
+    restored.finish()?.assert_exit_code(0)?;
+    let out = fs::read_to_string(session.stdout_path()).context("read out.txt")?;
+    if !out.contains("connection ended: ECONNRESET") {
+        bail!("the restored server did not see its connection reset:\n{out}");
+    }
+    session.passed();
+    Ok(())
+}
