@@ -26,7 +26,8 @@ use std::time::Duration;
 use snapshim_image::{FdKind, Image, SocketRole};
 use snapshim_testapps::artifacts::c_app;
 use snapshim_testapps::{
-    bail, needs, AppSpec, Context, Failure, Result, Running, Session, Snapshot,
+    bail, expect_clean_refusal, needs, AppSpec, Context, Failure, Result, Running, Session,
+    Snapshot,
 };
 
 /// Requests per round, and rounds; each answer is [`ANSWER`] bytes: 16 MiB a round, more than
@@ -252,5 +253,95 @@ fn without_the_option_the_client_sees_a_reset() -> Result<()> {
         bail!("the restored server did not see its connection reset:\n{out}");
     }
     session.passed();
+    Ok(())
+}
+
+/// A client connected to `port` whose first request was answered (so the program has accepted
+/// the connection).
+fn connected_client(port: u16) -> Result<TcpStream> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).context("connect")?;
+    s.set_read_timeout(Some(CLIENT_TIMEOUT))
+        .context("timeout")?;
+    s.write_all(&7u64.to_le_bytes()).context("send a request")?;
+    let mut buf = vec![0u8; ANSWER];
+    s.read_exact(&mut buf).context("read the answer")?;
+    if buf != answer(7) {
+        bail!("the first answer is wrong");
+    }
+    Ok(s)
+}
+
+/// The role the image gives its one TCP connection.
+fn connection_role(img: &Snapshot) -> Result<SocketRole> {
+    let image = Image::open(img.path()).map_err(|e| Failure::new(e.to_string()))?;
+    image
+        .meta
+        .fds
+        .iter()
+        .find_map(|f| match &f.kind {
+            FdKind::Socket(s) if !s.peer.is_empty() => Some(s.role.clone()),
+            _ => None,
+        })
+        .ok_or_else(|| Failure::new("the image holds no connection"))
+}
+
+/// Without CAP_NET_ADMIN: the capture says once on stderr that connections are captured reset
+/// (and they are), and a restore with `--tcp-established` of an image holding a live connection
+/// is refused in one line before anything changes (root without CAP_NET_ADMIN: `setpriv`).
+#[test]
+fn without_privilege_each_side_says_so_in_one_line() -> Result<()> {
+    if !needs::root("a live connection captured as root, then nobody's capture")?
+        || !needs::program("/usr/bin/setpriv", "util-linux")?
+    {
+        return Ok(());
+    }
+    // nobody's program: captured as reset, with one line, once.
+    let port = free_port()?;
+    let nobody = Session::new(tcpcount(port).unprivileged())?;
+    let app = nobody.spawn_without_reference()?.wait_ready()?;
+    let held = connected_client(port)?;
+    let img = app.checkpoint()?;
+    let _ = app.checkpoint()?;
+    let role = connection_role(&img)?;
+    if role != SocketRole::Reset {
+        bail!("without privilege the connection was captured as {role:?}");
+    }
+    let said = app.stderr_so_far();
+    let lines: Vec<&str> = said.lines().filter(|l| l.contains("TCP_REPAIR")).collect();
+    if lines.len() != 1 || !lines[0].contains("CAP_NET_ADMIN") {
+        bail!("the program's stderr should say once why connections are captured reset:\n{said}");
+    }
+    drop((app, held));
+    nobody.passed();
+
+    // Captured alive as root; restored with --tcp-established without CAP_NET_ADMIN: refused.
+    let port = free_port()?;
+    let root = Session::new(tcpcount(port))?;
+    let app = root.spawn_without_reference()?.wait_ready()?;
+    let held = connected_client(port)?;
+    let live = app.checkpoint()?;
+    if !matches!(connection_role(&live)?, SocketRole::Established { .. }) {
+        bail!("as root the connection was not captured alive");
+    }
+    let copy = copy_elsewhere(&live)?;
+    let without = [
+        "setpriv",
+        "--bounding-set=-net_admin",
+        "--inh-caps=-net_admin",
+    ];
+    let c = root.try_restore_with(copy.path(), &["--tcp-established"], &without)?;
+    let msg = expect_clean_refusal(&c, &["CAP_NET_ADMIN"])?;
+    eprintln!("refused as expected: {msg}");
+    // Nothing changed: the program and its client go on.
+    let mut held = held;
+    held.write_all(&8u64.to_le_bytes())
+        .context("send a request")?;
+    let mut buf = vec![0u8; ANSWER];
+    held.read_exact(&mut buf).context("read the answer")?;
+    if buf != answer(8) {
+        bail!("after the refusal the program answered wrong");
+    }
+    drop((app, held));
+    root.passed();
     Ok(())
 }

@@ -50,11 +50,11 @@ pub fn check_privilege(meta: &Metadata) -> Result<(), String> {
     let r = set(fd, TCP_REPAIR, &1i32.to_ne_bytes());
     // SAFETY: our probe socket.
     unsafe { libc::close(fd) };
-    r.map_err(|e| {
-        format!(
-            "cannot restore TCP connections alive (--tcp-established): TCP_REPAIR is refused \
-             ({e}); it needs CAP_NET_ADMIN (root)"
-        )
+    r.map_err(|e| match e.raw_os_error() {
+        Some(libc::EPERM) => "cannot restore TCP connections alive (--tcp-established): \
+                              TCP_REPAIR needs CAP_NET_ADMIN, which this restore does not have"
+            .to_string(),
+        _ => format!("cannot restore TCP connections alive (--tcp-established): TCP_REPAIR: {e}"),
     })
 }
 

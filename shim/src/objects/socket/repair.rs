@@ -2,13 +2,16 @@
 //! as CRIU's `--tcp-established` does, for `snapshim-restore --tcp-established`:
 //!
 //! ```text
-//!  [last checkpoint: a filter that drops every packet is attached, so nothing the peer sends
-//!   from now on is taken (nor acknowledged): the peer sends it again to the restored socket]
+//!  a filter that drops every packet is attached: nothing the peer sends from now on is taken
+//!   (nor acknowledged), so the state read below cannot change under us, and an ACK cannot make
+//!   the kernel send (in repair mode: pretend to send) from the send queue meanwhile; the peer
+//!   sends it again, to this socket once the filter is gone, or to the restored one
 //!  TCP_REPAIR on                              needs CAP_NET_ADMIN; EPERM: captured as Reset
 //!  TCP_QUEUE_SEQ of each queue, SIOCOUTQ, SIOCOUTQNSD, SIOCINQ
 //!  each queue peeked (TCP_REPAIR_QUEUE + MSG_PEEK): nothing is taken from the program
 //!  TCP_REPAIR_WINDOW, TCP_MAXSEG, TCP_INFO (window scales, SACK, timestamps), TCP_TIMESTAMP
-//!  TCP_REPAIR off with TCP_REPAIR_OFF_NO_WP   no window probe: the peer sees nothing
+//!  TCP_REPAIR off with TCP_REPAIR_OFF_NO_WP   no window probe: the peer sees nothing; the
+//!                                             filter removed
 //!  [last checkpoint: left in repair mode, the filter kept (`HELD`): when the killed program's
 //!   descriptors close, a socket in repair mode goes without FIN nor RST (`__tcp_close` →
 //!   `tcp_disconnect`, which sends no reset in repair mode)]
@@ -73,8 +76,7 @@ pub fn capture(fd: i32) -> Option<TcpRepair> {
         return None;
     }
     let reuse = get_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR).unwrap_or(0);
-    let last = LAST.load(Relaxed);
-    let filtered = last && attach_drop_filter(fd);
+    let filtered = attach_drop_filter(fd);
     match set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, 1) {
         Ok(()) => {}
         Err(e) => {
@@ -93,7 +95,7 @@ pub fn capture(fd: i32) -> Option<TcpRepair> {
     }
     let state = read_state(fd);
     let _ = set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE);
-    if !(filtered && state.is_some() && hold(fd, reuse)) {
+    if !(LAST.load(Relaxed) && filtered && state.is_some() && hold(fd, reuse)) {
         leave_repair(fd, reuse, filtered);
     }
     state
