@@ -1,5 +1,5 @@
 //! Live TCP connections across a checkpoint, SIGKILL and a restore (`--tcp-established`), only
-//! on 127.0.0.1. Root is needed (TCP_REPAIR needs CAP_NET_ADMIN).
+//! on 127.0.0.1 and ::1. Root is needed (TCP_REPAIR needs CAP_NET_ADMIN).
 //!
 //! `tcpcount` (`c/tcpcount.c`) serves one client, this test's own, which keeps one connection
 //! for the whole run: rounds of [`BATCH`] requests sent at once, then their answers read and
@@ -64,8 +64,8 @@ struct Stop {
 
 /// The client's whole run over one connection; returns what it saw (the same in every run that
 /// goes well) or how the connection failed.
-fn client(port: u16, stop: Option<Stop>) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+fn client(at: Addr, stop: Option<Stop>) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(at.ip_port())?;
     s.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     let (mut answers, mut next, mut extra) = (0u64, 0u64, 0u64);
     for round in 0..ROUNDS {
@@ -104,21 +104,49 @@ fn client(port: u16, stop: Option<Stop>) -> std::io::Result<String> {
     ))
 }
 
-fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?;
-    Ok(l.local_addr().context("port")?.port())
+/// The server's address: 127.0.0.1 or ::1, and a port.
+#[derive(Clone, Copy)]
+struct Addr {
+    v6: bool,
+    port: u16,
 }
 
-fn tcpcount(port: u16) -> AppSpec {
-    AppSpec::new("tcpcount", c_app("tcpcount"), &["4", &port.to_string()])
-        .env("SNAPSHIM_TCP_ESTABLISHED", "1")
+impl Addr {
+    /// A port the kernel just gave out on the loopback address of that family.
+    fn free(v6: bool) -> Result<Addr> {
+        let ip = if v6 { "[::1]:0" } else { "127.0.0.1:0" };
+        let l = TcpListener::bind(ip).context(format!("bind {ip}"))?;
+        let port = l.local_addr().context("port")?.port();
+        Ok(Addr { v6, port })
+    }
+
+    fn ip_port(self) -> (&'static str, u16) {
+        (if self.v6 { "::1" } else { "127.0.0.1" }, self.port)
+    }
+}
+
+fn tcpcount(at: Addr) -> AppSpec {
+    let family = if at.v6 { "6" } else { "4" };
+    AppSpec::new(
+        "tcpcount",
+        c_app("tcpcount"),
+        &[family, &at.port.to_string()],
+    )
+    .env("SNAPSHIM_TCP_ESTABLISHED", "1")
+}
+
+fn ipv6_loopback() -> Result<bool> {
+    needs::check(
+        "the IPv6 loopback address ::1",
+        TcpListener::bind("[::1]:0").is_ok(),
+    )
 }
 
 /// One run without a checkpoint: the client's account and the program's stdout.
-fn uninterrupted(port: u16) -> Result<(String, Vec<u8>)> {
-    let session = Session::new(tcpcount(port))?;
+fn uninterrupted(at: Addr) -> Result<(String, Vec<u8>)> {
+    let session = Session::new(tcpcount(at))?;
     let app = session.spawn_without_reference()?.wait_ready()?;
-    let seen = client(port, None).context("the client of the uninterrupted run")?;
+    let seen = client(at, None).context("the client of the uninterrupted run")?;
     app.finish()?.assert_exit_code(0)?;
     let out = fs::read(session.stdout_path()).context("read out.txt")?;
     session.passed();
@@ -127,9 +155,9 @@ fn uninterrupted(port: u16) -> Result<(String, Vec<u8>)> {
 
 /// Starts the program and its client, which stops at a random round; returns once it has.
 fn start_and_stop_client(
-    port: u16,
+    at: Addr,
 ) -> Result<(Running, JoinHandle<std::io::Result<String>>, Sender<()>)> {
-    let session = Session::new(tcpcount(port))?;
+    let session = Session::new(tcpcount(at))?;
     let app = session.spawn_without_reference()?.wait_ready()?;
     let round = 1 + (session.random_unit() * (ROUNDS - 2) as f64) as u64;
     let (stopped, at_stop) = channel();
@@ -139,7 +167,7 @@ fn start_and_stop_client(
         stopped,
         go: wait_go,
     };
-    let handle = std::thread::spawn(move || client(port, Some(stop)));
+    let handle = std::thread::spawn(move || client(at, Some(stop)));
     if at_stop.recv().is_err() {
         let e = handle
             .join()
@@ -200,9 +228,21 @@ fn a_live_connection_goes_on_across_a_restore() -> Result<()> {
     if !needs::root("TCP_REPAIR, which needs CAP_NET_ADMIN")? {
         return Ok(());
     }
-    let port = free_port()?;
-    let (seen_before, out_before) = uninterrupted(port)?;
-    let (app, client, go) = start_and_stop_client(port)?;
+    live_across_a_restore(Addr::free(false)?)
+}
+
+/// The same over IPv6 (::1).
+#[test]
+fn a_live_ipv6_connection_goes_on_across_a_restore() -> Result<()> {
+    if !needs::root("TCP_REPAIR, which needs CAP_NET_ADMIN")? || !ipv6_loopback()? {
+        return Ok(());
+    }
+    live_across_a_restore(Addr::free(true)?)
+}
+
+fn live_across_a_restore(at: Addr) -> Result<()> {
+    let (seen_before, out_before) = uninterrupted(at)?;
+    let (app, client, go) = start_and_stop_client(at)?;
     let session = app.session().clone();
     let copy = last_checkpoint(app)?;
     // The client reads on while the program is gone, and sends a request.
@@ -234,8 +274,7 @@ fn without_the_option_the_client_sees_a_reset() -> Result<()> {
     if !needs::root("TCP_REPAIR, which needs CAP_NET_ADMIN")? {
         return Ok(());
     }
-    let port = free_port()?;
-    let (app, client, go) = start_and_stop_client(port)?;
+    let (app, client, go) = start_and_stop_client(Addr::free(false)?)?;
     let session = app.session().clone();
     let copy = last_checkpoint(app)?;
     let _ = go.send(());
@@ -258,8 +297,8 @@ fn without_the_option_the_client_sees_a_reset() -> Result<()> {
 
 /// A client connected to `port` whose first request was answered (so the program has accepted
 /// the connection).
-fn connected_client(port: u16) -> Result<TcpStream> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).context("connect")?;
+fn connected_client(at: Addr) -> Result<TcpStream> {
+    let mut s = TcpStream::connect(at.ip_port()).context("connect")?;
     s.set_read_timeout(Some(CLIENT_TIMEOUT))
         .context("timeout")?;
     s.write_all(&7u64.to_le_bytes()).context("send a request")?;
@@ -296,10 +335,10 @@ fn without_privilege_each_side_says_so_in_one_line() -> Result<()> {
         return Ok(());
     }
     // nobody's program: captured as reset, with one line, once.
-    let port = free_port()?;
-    let nobody = Session::new(tcpcount(port).unprivileged())?;
+    let at = Addr::free(false)?;
+    let nobody = Session::new(tcpcount(at).unprivileged())?;
     let app = nobody.spawn_without_reference()?.wait_ready()?;
-    let held = connected_client(port)?;
+    let held = connected_client(at)?;
     let img = app.checkpoint()?;
     let _ = app.checkpoint()?;
     let role = connection_role(&img)?;
@@ -315,10 +354,10 @@ fn without_privilege_each_side_says_so_in_one_line() -> Result<()> {
     nobody.passed();
 
     // Captured alive as root; restored with --tcp-established without CAP_NET_ADMIN: refused.
-    let port = free_port()?;
-    let root = Session::new(tcpcount(port))?;
+    let at = Addr::free(false)?;
+    let root = Session::new(tcpcount(at))?;
     let app = root.spawn_without_reference()?.wait_ready()?;
-    let held = connected_client(port)?;
+    let held = connected_client(at)?;
     let live = app.checkpoint()?;
     if !matches!(connection_role(&live)?, SocketRole::Established { .. }) {
         bail!("as root the connection was not captured alive");

@@ -213,3 +213,41 @@ fn set(fd: RawFd, name: i32, value: &[u8]) -> Result<(), std::io::Error> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(b: &[u8]) -> Vec<u32> {
+        b.chunks(4)
+            .map(|c| u32::from_ne_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn repair_options_are_the_kernels_pairs() {
+        let mut r = TcpRepair {
+            send_seq: 0,
+            recv_seq: 0,
+            send_queue: Vec::new(),
+            unsent: 0,
+            recv_queue: Vec::new(),
+            window: [0; 5],
+            mss: 1460,
+            wscale: Some((7, 9)),
+            sack: true,
+            timestamps: true,
+            timestamp: 0,
+        };
+        // struct tcp_repair_opt { opt_code, opt_val }: the window option carries the send
+        // scale in its low 16 bits and the receive scale in its high ones.
+        assert_eq!(
+            words(&repair_options(&r)),
+            [2, 1460, 3, 7 | 9 << 16, 4, 0, 8, 0]
+        );
+        r.wscale = None;
+        r.sack = false;
+        r.timestamps = false;
+        assert_eq!(words(&repair_options(&r)), [2, 1460]);
+    }
+}
