@@ -40,8 +40,11 @@ const SIOCINQ: u64 = 0x541B;
 const SIOCOUTQ: u64 = 0x5411;
 const SIOCOUTQNSD: u64 = 0x894B;
 const TCP_ESTABLISHED: u8 = 1;
-/// More queued than this in one connection is not captured alive.
-const MAX_QUEUED: usize = 64 << 20;
+/// The queued bytes one checkpoint keeps of all its connections together. They live in the
+/// writer's scratch heap, and twice once the metadata is encoded (see `deleted_file::BUDGET`,
+/// which shares the heap): a connection beyond what is left is captured as `Reset`.
+pub const BUDGET: usize = 16 << 20;
+static BUDGET_LEFT: AtomicUsize = AtomicUsize::new(BUDGET);
 
 /// `SNAPSHIM_TCP_ESTABLISHED`: capture established connections alive.
 static WANTED: AtomicBool = AtomicBool::new(false);
@@ -62,6 +65,7 @@ pub fn begin(wanted: bool, last: bool) {
     WANTED.store(wanted, Relaxed);
     LAST.store(last, Relaxed);
     HELD_N.store(0, Relaxed);
+    BUDGET_LEFT.store(BUDGET, Relaxed);
 }
 
 /// In a restored process: its sockets are new ones, none is held.
@@ -142,9 +146,11 @@ fn read_state(fd: i32) -> Option<TcpRepair> {
         ioctl(fd, SIOCOUTQNSD)?,
         ioctl(fd, SIOCINQ)?,
     );
-    if outq.max(inq) > MAX_QUEUED || unsent > outq {
+    let left = BUDGET_LEFT.load(Relaxed);
+    if outq + inq > left || unsent > outq {
         return None;
     }
+    BUDGET_LEFT.store(left - outq - inq, Relaxed);
     let recv_queue = peek(fd, inq)?;
     set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE).ok()?;
     let send_queue = peek(fd, outq)?;
