@@ -50,8 +50,9 @@ static BUDGET_LEFT: AtomicUsize = AtomicUsize::new(BUDGET);
 static WANTED: AtomicBool = AtomicBool::new(false);
 /// This checkpoint is the program's last (`snapshim checkpoint --kill`).
 static LAST: AtomicBool = AtomicBool::new(false);
-/// The "needs CAP_NET_ADMIN" line was written.
-static WARNED: AtomicBool = AtomicBool::new(false);
+/// `TCP_REPAIR` was refused (EPERM) and the "needs CAP_NET_ADMIN" line written: later
+/// checkpoints of this process do not try again.
+static DENIED: AtomicBool = AtomicBool::new(false);
 /// Sockets left in repair mode with the dropping filter, and their `SO_REUSEADDR` (repair mode
 /// changes it), for [`let_go`] if the last checkpoint fails after all.
 const MAX_HELD: usize = 256;
@@ -68,15 +69,20 @@ pub fn begin(wanted: bool, last: bool) {
     BUDGET_LEFT.store(BUDGET, Relaxed);
 }
 
-/// In a restored process: its sockets are new ones, none is held.
+/// In a restored process: its sockets are new ones, none is held; and it may run with other
+/// privileges than the original, so `TCP_REPAIR` is tried again.
 pub fn after_restore() {
     HELD_N.store(0, Relaxed);
+    DENIED.store(false, Relaxed);
 }
 
 /// An established TCP connection's repair state, when it is wanted and the kernel gives it;
 /// None: the connection is captured as `Reset`.
 pub fn capture(fd: i32) -> Option<TcpRepair> {
-    if !WANTED.load(Relaxed) || tcp_info(fd).map(|i| i[0]) != Some(TCP_ESTABLISHED) {
+    if !WANTED.load(Relaxed)
+        || DENIED.load(Relaxed)
+        || tcp_info(fd).map(|i| i[0]) != Some(TCP_ESTABLISHED)
+    {
         return None;
     }
     let reuse = get_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR).unwrap_or(0);
@@ -84,7 +90,7 @@ pub fn capture(fd: i32) -> Option<TcpRepair> {
     match set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR, 1) {
         Ok(()) => {}
         Err(e) => {
-            if e == libc::EPERM && !WARNED.swap(true, Relaxed) {
+            if e == libc::EPERM && !DENIED.swap(true, Relaxed) {
                 let _ = sys::write_all(
                     2,
                     b"snapshim: SNAPSHIM_TCP_ESTABLISHED: TCP_REPAIR needs CAP_NET_ADMIN; \
