@@ -37,6 +37,9 @@ const ROUNDS: u64 = 8;
 const ANSWER: usize = 4096;
 /// A bound on every client read, so a broken restore fails the test instead of hanging it.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The last line `snapshim-restore --stats` writes, from phase 2, once every descriptor of the
+/// program is in place and just before the program resumes.
+const RESUMING: &str = "CLOCK_MONOTONIC";
 
 fn mix64(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -247,7 +250,8 @@ fn live_across_a_restore(at: Addr) -> Result<()> {
     let copy = last_checkpoint(app)?;
     // The client reads on while the program is gone, and sends a request.
     let _ = go.send(());
-    let restored = copy.restore_with(&["--tcp-established"])?;
+    let mut restored = copy.restore_with(&["--tcp-established", "--stats"])?;
+    restored.wait_for(RESUMING)?;
     let seen = client
         .join()
         .map_err(|_| Failure::new("the client panicked"))?
@@ -278,7 +282,8 @@ fn without_the_option_the_client_sees_a_reset() -> Result<()> {
     let session = app.session().clone();
     let copy = last_checkpoint(app)?;
     let _ = go.send(());
-    let restored = copy.restore()?;
+    let mut restored = copy.restore_with(&["--stats"])?;
+    restored.wait_for(RESUMING)?;
     let seen = client
         .join()
         .map_err(|_| Failure::new("the client panicked"))?;

@@ -83,7 +83,8 @@ fn in_repair_mode(fd: RawFd) -> bool {
 }
 
 /// Starts the keeper with `held` (inherited), in a process group of its own, its standard
-/// streams on /dev/null; does not wait for it.
+/// input and error on /dev/null; returns once it listens (it then closes its standard output,
+/// a pipe to us), so that a restore started right after finds it.
 pub fn spawn(held: Vec<OwnedFd>) -> Result<()> {
     let exe = std::env::current_exe()
         .map_err(|e| Failure::op(format!("cannot find our own executable: {e}")))?;
@@ -95,12 +96,18 @@ pub fn spawn(held: Vec<OwnedFd>) -> Result<()> {
         cmd.arg(fd.as_raw_fd().to_string());
     }
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map(drop)
-        .map_err(|e| Failure::op(format!("cannot start the connection keeper: {e}")))
+        .map_err(|e| Failure::op(format!("cannot start the connection keeper: {e}")))?;
+    drop(held);
+    // End of file once it listens (or if it died).
+    if let Some(mut out) = child.stdout.take() {
+        let _ = std::io::Read::read_to_end(&mut out, &mut Vec::new());
+    }
+    Ok(())
 }
 
 /// `snapshim keep-tcp FD...`: keeps each socket until a restore connects to its keeper name,
@@ -113,6 +120,11 @@ pub fn run(fds: &[RawFd]) -> Result<()> {
         if let Some(listener) = listen_for(&held) {
             kept.push((held, listener));
         }
+    }
+    // Listening: the end of our standard output tells `spawn`.
+    if let Ok(null) = std::fs::File::open("/dev/null") {
+        // SAFETY: dup2 of our own descriptor onto standard output.
+        unsafe { libc::dup2(null.as_raw_fd(), 1) };
     }
     let until = Instant::now() + KEEP_FOR;
     while !kept.is_empty() {
