@@ -36,7 +36,7 @@ const BATCH: u64 = 4096;
 const ROUNDS: u64 = 8;
 const ANSWER: usize = 4096;
 /// A bound on every client read, so a broken restore fails the test instead of hanging it.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// The last line `snapshim-restore --stats` writes, from phase 2, once every descriptor of the
 /// program is in place and just before the program resumes.
 const RESUMING: &str = "CLOCK_MONOTONIC";
@@ -255,7 +255,19 @@ fn live_across_a_restore(at: Addr) -> Result<()> {
     let seen = client
         .join()
         .map_err(|_| Failure::new("the client panicked"))?
-        .map_err(|e| Failure::new(format!("the client's connection failed: {e}")))?;
+        .map_err(|e| {
+            let ss = std::process::Command::new("ss")
+                .args([
+                    "-tnoie",
+                    "state",
+                    "all",
+                    &format!("( sport = :{} or dport = :{} )", at.port, at.port),
+                ])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            Failure::new(format!("the client's connection failed: {e}\n{ss}"))
+        })?;
     restored.finish()?.assert_exit_code(0)?;
     if seen != seen_before {
         bail!("the client saw {seen:?}, uninterrupted {seen_before:?}");

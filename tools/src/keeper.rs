@@ -15,9 +15,9 @@
 //!  SIGKILL ──────────────────────────▶ gone; its sockets stay open
 //!  spawn keep-tcp FD... ────────────────────────────────────────────▶ listens on
 //!                                                                    @snapshim-tcp-keeper-INODE
-//!  snapshim-restore, per connection: connect there ─────────────────▶ closes its socket (silent,
-//!    read until end of file ◀──────────────────────────────────────── repair mode), then ours
-//!    bind, connect (repair mode) ...
+//!  snapshim-restore, per connection: connect there ─────────────────▶ hands its socket over
+//!    receives it ◀───────────────────────────────────────────────────── (SCM_RIGHTS), closes it
+//!    builds its own up to the bind, closes the original (silent in repair mode), connects
 //! ```
 //!
 //! The keeper gives up after [`KEEP_FOR`]: the connections then close, silently too, and the
@@ -154,15 +154,43 @@ pub fn run(fds: &[RawFd]) -> Result<()> {
                         std::ptr::null_mut(),
                     )
                 };
-                drop(held);
                 if c >= 0 {
+                    hand_over(c, held.as_raw_fd());
                     // SAFETY: the accepted connection, ours.
                     unsafe { libc::close(c) };
                 }
+                drop(held);
             }
         }
     }
     Ok(())
+}
+
+/// Sends `held` over the connection `c` (`SCM_RIGHTS`, with one byte): the restore closes it
+/// at the last moment, right before its own socket takes the connection over.
+fn hand_over(c: RawFd, held: RawFd) {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // CMSG_SPACE(sizeof(int)) is 24 on x86_64; u64 keeps it aligned.
+    let mut control = [0u64; 3];
+    // SAFETY: a zeroed msghdr is valid; its pointers are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: msg's control buffer holds one cmsghdr and one int; CMSG_* walk within it.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), held);
+        libc::sendmsg(c, &msg, libc::MSG_NOSIGNAL);
+    }
 }
 
 /// A listener on the keeper name of `held`'s socket (its inode).

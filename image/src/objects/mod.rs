@@ -169,6 +169,7 @@ mod tests {
                     sack: true,
                     timestamps: true,
                     timestamp: 123_456,
+                    realtime_ns: 1_765_000_000_000_000_000,
                 },
             },
         ];

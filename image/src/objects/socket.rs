@@ -87,8 +87,12 @@ pub struct TcpRepair {
     pub wscale: Option<(u8, u8)>,
     pub sack: bool,
     pub timestamps: bool,
-    /// `TCP_TIMESTAMP`: the connection's timestamp clock.
+    /// `TCP_TIMESTAMP`: the connection's timestamp clock (milliseconds, or microseconds when
+    /// its lowest bit is set).
     pub timestamp: u32,
+    /// CLOCK_REALTIME when `timestamp` was read: the restore moves the clock on by the time
+    /// since, so that its timestamps are not older than any the original sent meanwhile.
+    pub realtime_ns: u64,
 }
 
 /// The abstract Unix socket name on which `snapshim checkpoint --kill` keeps the killed

@@ -52,17 +52,21 @@ pub fn prepare(cx: &mut Prepare, f: &FdState, s: &Socket) -> Result<Prepared, St
     if let Some(&(_, fd)) = cx.sockets.made.iter().find(|m| m.0 == s.id) {
         return Ok(Prepared::At(fd));
     }
-    if let SocketRole::Established { .. } = s.role {
-        // Alive or reset, the original must be gone first.
-        repair::take_from_keeper(s.id);
-    }
+    // A connection `snapshim checkpoint --kill` kept: alive, it is closed at the last moment
+    // (`repair::restore`); reset, at once.
+    let original = match s.role {
+        SocketRole::Established { .. } => repair::take_from_keeper(s.id),
+        _ => None,
+    };
     let fd = match &s.role {
         SocketRole::Refused { why } => return Err(fail(why.clone())),
         SocketRole::Pair { peer, queued } => pair_end(cx, s, *peer, queued).map_err(fail)?,
-        SocketRole::Established { repair } if cx.tcp_established => {
-            move_high(repair::restore(s, repair).map_err(fail)?, cx.high_base)?
-        }
+        SocketRole::Established { repair } if cx.tcp_established => move_high(
+            repair::restore(s, repair, original).map_err(fail)?,
+            cx.high_base,
+        )?,
         SocketRole::Reset | SocketRole::Established { .. } => {
+            drop(original);
             move_high(reset::reset(s).map_err(fail)?, cx.high_base)?
         }
         role => {

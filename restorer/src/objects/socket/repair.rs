@@ -16,7 +16,7 @@
 //! The bind takes the connection's own address and port: a listener of the program on that
 //! port is no obstacle (repair mode forces reuse), but the address must be this machine's.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use snapshim_image::{Metadata, Socket, SocketRole, TcpRepair};
 
@@ -59,26 +59,57 @@ pub fn check_privilege(meta: &Metadata) -> Result<(), String> {
 }
 
 /// If `snapshim checkpoint --kill` keeps the original connection `id` (see tools/src/keeper.rs),
-/// asks the keeper to let it go and waits until it has (end of file): from then on the port has
-/// no socket for the connection until ours is connected.
-pub fn take_from_keeper(id: u64) {
-    use std::io::Read;
+/// takes it from the keeper (`SCM_RIGHTS`): ours from then on, to close (silently: it is in
+/// repair mode) at the last moment before the connection is taken over, since from its close
+/// until the new socket is connected the peer's packets find no socket and are answered with a
+/// reset.
+pub fn take_from_keeper(id: u64) -> Option<OwnedFd> {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixStream};
     let name = snapshim_image::objects::socket::keeper_name(id);
-    let Ok(addr) = SocketAddr::from_abstract_name(name.as_bytes()) else {
-        return;
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).ok()?;
+    let c = UnixStream::connect_addr(&addr).ok()?;
+    let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+    receive_fd(c.as_raw_fd())
+}
+
+/// One descriptor sent with `SCM_RIGHTS` on `c`.
+fn receive_fd(c: RawFd) -> Option<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
     };
-    if let Ok(mut c) = UnixStream::connect_addr(&addr) {
-        let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-        let _ = c.read(&mut [0u8; 1]);
+    let mut control = [0u64; 8];
+    // SAFETY: a zeroed msghdr is valid; its pointers are set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: msg points at valid buffers of the lengths it gives.
+    if unsafe { libc::recvmsg(c, &mut msg, libc::MSG_CMSG_CLOEXEC) } <= 0 {
+        return None;
+    }
+    // SAFETY: the kernel filled the control buffer; CMSG_* walk within msg_controllen.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null()
+            || (*cmsg).cmsg_level != libc::SOL_SOCKET
+            || (*cmsg).cmsg_type != libc::SCM_RIGHTS
+        {
+            return None;
+        }
+        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
+        Some(OwnedFd::from_raw_fd(fd))
     }
 }
 
-/// A socket holding the connection `s` as `r` describes it.
-pub fn restore(s: &Socket, r: &TcpRepair) -> Result<RawFd, String> {
+/// A socket holding the connection `s` as `r` describes it; `original`, the killed program's
+/// socket taken from the keeper, is closed right before the connection is taken over.
+pub fn restore(s: &Socket, r: &TcpRepair, original: Option<OwnedFd>) -> Result<RawFd, String> {
     let fd = create(s.family, libc::SOCK_STREAM, libc::IPPROTO_TCP)?;
-    match rebuild(fd, s, r) {
+    match rebuild(fd, s, r, original) {
         Ok(()) => Ok(fd),
         Err(e) => {
             // SAFETY: our own socket, abandoned (in repair mode: closing it sends nothing).
@@ -88,18 +119,23 @@ pub fn restore(s: &Socket, r: &TcpRepair) -> Result<RawFd, String> {
     }
 }
 
-fn rebuild(fd: RawFd, s: &Socket, r: &TcpRepair) -> Result<(), String> {
+fn rebuild(fd: RawFd, s: &Socket, r: &TcpRepair, original: Option<OwnedFd>) -> Result<(), String> {
     set_int(fd, TCP_REPAIR, 1, "TCP_REPAIR")?;
     set_int(fd, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE, "TCP_REPAIR_QUEUE")?;
     set_int(fd, TCP_QUEUE_SEQ, r.recv_seq as i32, "TCP_QUEUE_SEQ")?;
     set_int(fd, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE, "TCP_REPAIR_QUEUE")?;
     set_int(fd, TCP_QUEUE_SEQ, r.send_seq as i32, "TCP_QUEUE_SEQ")?;
     set_options(fd, s)?;
+    // The connection's MSS before `connect`, which sizes segments by it (`tcp_connect_init`);
+    // TCP_REPAIR_OPTIONS, after it, would leave the default of 536 in force. The kernel takes
+    // at most 32767 here (loopback's is 65483): best effort.
+    let _ = set_int(fd, libc::TCP_MAXSEG, r.mss.min(32767) as i32, "TCP_MAXSEG");
     sockaddr_call(libc::bind, fd, &s.local).map_err(|e| format!("cannot bind: {e}"))?;
+    drop(original);
     sockaddr_call(libc::connect, fd, &s.peer).map_err(|e| format!("cannot connect: {e}"))?;
     set(fd, TCP_REPAIR_OPTIONS, &repair_options(r)).map_err(|e| why("TCP_REPAIR_OPTIONS", e))?;
     if r.timestamps {
-        set_int(fd, TCP_TIMESTAMP, r.timestamp as i32, "TCP_TIMESTAMP")?;
+        set_int(fd, TCP_TIMESTAMP, timestamp_now(r) as i32, "TCP_TIMESTAMP")?;
     }
     let sent = r.send_queue.len() - (r.unsent as usize).min(r.send_queue.len());
     make_room(fd, r.recv_queue.len(), r.send_queue.len());
@@ -112,6 +148,25 @@ fn rebuild(fd: RawFd, s: &Socket, r: &TcpRepair) -> Result<(), String> {
     set(fd, TCP_REPAIR_WINDOW, &window).map_err(|e| why("TCP_REPAIR_WINDOW", e))?;
     set_int(fd, TCP_REPAIR, 0, "TCP_REPAIR")?;
     send_all(fd, &r.send_queue[sent..]).map_err(|e| format!("cannot send the unsent bytes: {e}"))
+}
+
+/// The connection's timestamp clock now: as captured, moved on by the time since (plus a second
+/// for clocks set meanwhile). Until the original was killed it may have sent segments (a
+/// retransmission, a window probe) stamped later than the capture; the peer drops a segment
+/// stamped older than the last it saw (PAWS), so the restored clock must not be behind. Later
+/// is harmless: round trips are measured on this clock alone. The lowest bit says microseconds
+/// and is kept.
+fn timestamp_now(r: &TcpRepair) -> u32 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(r.realtime_ns);
+    let elapsed_ns = now.saturating_sub(r.realtime_ns) + 1_000_000_000;
+    let ticks = if r.timestamp & 1 != 0 {
+        elapsed_ns / 1_000
+    } else {
+        elapsed_ns / 1_000_000
+    };
+    r.timestamp.wrapping_add(ticks as u32 & !1)
 }
 
 /// `struct tcp_repair_opt` entries (code, value) for `TCP_REPAIR_OPTIONS`.
@@ -238,6 +293,7 @@ mod tests {
             sack: true,
             timestamps: true,
             timestamp: 0,
+            realtime_ns: 0,
         };
         // struct tcp_repair_opt { opt_code, opt_val }: the window option carries the send
         // scale in its low 16 bits and the receive scale in its high ones.
@@ -249,5 +305,33 @@ mod tests {
         r.sack = false;
         r.timestamps = false;
         assert_eq!(words(&repair_options(&r)), [2, 1460]);
+    }
+
+    #[test]
+    fn the_timestamp_clock_moves_on_by_the_time_since_the_capture() {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME).unwrap();
+        let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        let mut r = TcpRepair {
+            send_seq: 0,
+            recv_seq: 0,
+            send_queue: Vec::new(),
+            unsent: 0,
+            recv_queue: Vec::new(),
+            window: [0; 5],
+            mss: 1460,
+            wscale: None,
+            sack: false,
+            timestamps: true,
+            timestamp: 1_000_000,
+            realtime_ns: now_ns - 5_000_000_000,
+        };
+        // Milliseconds: 5 s since, and the second of margin; the lowest bit stays clear.
+        let ms = timestamp_now(&r) - 1_000_000;
+        assert!((6_000..7_000).contains(&ms) && ms & 1 == 0, "{ms}");
+        // Microseconds (lowest bit set), across the 32-bit wrap.
+        r.timestamp = u32::MAX;
+        let us = timestamp_now(&r).wrapping_sub(u32::MAX);
+        assert!((6_000_000..7_000_000).contains(&us), "{us}");
+        assert_eq!(timestamp_now(&r) & 1, 1);
     }
 }

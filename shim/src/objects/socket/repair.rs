@@ -7,14 +7,18 @@
 //!   the kernel send (in repair mode: pretend to send) from the send queue meanwhile; the peer
 //!   sends it again, to this socket once the filter is gone, or to the restored one
 //!  TCP_REPAIR on                              needs CAP_NET_ADMIN; EPERM: captured as Reset
-//!  TCP_QUEUE_SEQ of each queue, SIOCOUTQ, SIOCOUTQNSD, SIOCINQ
+//!  TCP_REPAIR_WINDOW read, then set with a send window of 0: a transmission the kernel
+//!   deferred (small queues, pacing), which runs when one of our calls releases the socket,
+//!   cannot send new data while the state is read (nor, on a held socket, ever after)
+//!  TCP_QUEUE_SEQ of each queue, SIOCOUTQ, SIOCOUTQNSD, SIOCINQ, before and after: read again
+//!   until they agree
 //!  each queue peeked (TCP_REPAIR_QUEUE + MSG_PEEK): nothing is taken from the program
-//!  TCP_REPAIR_WINDOW, TCP_MAXSEG, TCP_INFO (window scales, SACK, timestamps), TCP_TIMESTAMP
-//!  TCP_REPAIR off with TCP_REPAIR_OFF_NO_WP   no window probe: the peer sees nothing; the
-//!                                             filter removed
-//!  [last checkpoint: left in repair mode, the filter kept (`HELD`): when the killed program's
-//!   descriptors close, a socket in repair mode goes without FIN nor RST (`__tcp_close` →
-//!   `tcp_disconnect`, which sends no reset in repair mode)]
+//!  TCP_MAXSEG, TCP_INFO (window scales, SACK, timestamps), TCP_TIMESTAMP
+//!  the window back, TCP_REPAIR off with TCP_REPAIR_OFF_NO_WP (no window probe: the peer sees
+//!   nothing), the filter removed
+//!  [last checkpoint: left in repair mode, window closed, the filter kept (`HELD`): when the
+//!   killed program's descriptors close, a socket in repair mode goes without FIN nor RST
+//!   (`__tcp_close` → `tcp_disconnect`, which sends no reset in repair mode)]
 //! ```
 //!
 //! Runs in the writer while every other thread is parked: raw system calls, scratch allocation.
@@ -103,12 +107,74 @@ pub fn capture(fd: i32) -> Option<TcpRepair> {
             return None;
         }
     }
-    let state = read_state(fd);
+    // The send window closed while the state is read: a transmission the kernel deferred
+    // (TCP small queues, pacing) and runs when a call of ours releases the socket cannot send
+    // new data meanwhile, nor, when the socket is held, after the capture.
+    let window = get_window(fd);
+    let frozen = window.is_some_and(|w| set_window(fd, [w[0], 0, w[2], w[3], w[4]]));
+    let state = window.filter(|_| frozen).and_then(|w| read_stable(fd, w));
     let _ = set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE);
     if !(LAST.load(Relaxed) && filtered && state.is_some() && hold(fd, reuse)) {
+        if let (Some(w), true) = (window, frozen) {
+            set_window(fd, w);
+        }
         leave_repair(fd, reuse, filtered);
     }
     state
+}
+
+/// [`read_state`] until two readings of the sequence numbers and queue sizes, before and
+/// after, agree (at most three tries): nothing moved while the queues were read.
+fn read_stable(fd: i32, window: [u32; 5]) -> Option<TcpRepair> {
+    let budget = BUDGET_LEFT.load(Relaxed);
+    for _ in 0..3 {
+        let before = marks(fd)?;
+        let state = read_state(fd, window);
+        if state.is_some() && marks(fd)? == before {
+            return state;
+        }
+        BUDGET_LEFT.store(budget, Relaxed);
+    }
+    None
+}
+
+/// `write_seq`, `rcv_nxt`, `SIOCOUTQ`, `SIOCOUTQNSD`, `SIOCINQ`.
+fn marks(fd: i32) -> Option<[usize; 5]> {
+    set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE).ok()?;
+    let write_seq = get_int(fd, libc::IPPROTO_TCP, TCP_QUEUE_SEQ)? as u32 as usize;
+    set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE).ok()?;
+    let rcv_nxt = get_int(fd, libc::IPPROTO_TCP, TCP_QUEUE_SEQ)? as u32 as usize;
+    let _ = set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE);
+    Some([
+        write_seq,
+        rcv_nxt,
+        ioctl(fd, SIOCOUTQ)?,
+        ioctl(fd, SIOCOUTQNSD)?,
+        ioctl(fd, SIOCINQ)?,
+    ])
+}
+
+/// `TCP_REPAIR_WINDOW`: `snd_wl1`, `snd_wnd`, `max_window`, `rcv_wnd`, `rcv_wup`.
+fn get_window(fd: i32) -> Option<[u32; 5]> {
+    let mut w = [0u8; 20];
+    (get(fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &mut w)? == 20).then_some(())?;
+    let word = |i: usize| u32::from_ne_bytes([w[i], w[i + 1], w[i + 2], w[i + 3]]);
+    Some([word(0), word(4), word(8), word(12), word(16)])
+}
+
+fn set_window(fd: i32, w: [u32; 5]) -> bool {
+    // SAFETY: struct tcp_repair_window is five u32, passed by pointer with its size.
+    let r = unsafe {
+        sc!(
+            libc::SYS_setsockopt,
+            fd,
+            libc::IPPROTO_TCP,
+            TCP_REPAIR_WINDOW,
+            w.as_ptr(),
+            20
+        )
+    };
+    sys::check(r).is_ok()
 }
 
 /// Takes every held socket out of repair mode, as the program had it: the last checkpoint
@@ -141,8 +207,9 @@ fn leave_repair(fd: i32, reuse: i32, filtered: bool) {
     }
 }
 
-/// Everything [`TcpRepair`] holds, read in repair mode.
-fn read_state(fd: i32) -> Option<TcpRepair> {
+/// Everything [`TcpRepair`] holds, read in repair mode; `window` as it was before the capture
+/// closed it.
+fn read_state(fd: i32, window: [u32; 5]) -> Option<TcpRepair> {
     set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE).ok()?;
     let write_seq = get_int(fd, libc::IPPROTO_TCP, TCP_QUEUE_SEQ)? as u32;
     set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE).ok()?;
@@ -160,9 +227,6 @@ fn read_state(fd: i32) -> Option<TcpRepair> {
     let recv_queue = peek(fd, inq)?;
     set_int(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE).ok()?;
     let send_queue = peek(fd, outq)?;
-    let mut w = [0u8; 20];
-    (get(fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &mut w)? == 20).then_some(())?;
-    let word = |i: usize| u32::from_ne_bytes([w[i], w[i + 1], w[i + 2], w[i + 3]]);
     let info = tcp_info(fd)?;
     let (options, scales) = (info[5], info[6]);
     Some(TcpRepair {
@@ -171,13 +235,14 @@ fn read_state(fd: i32) -> Option<TcpRepair> {
         send_queue,
         unsent: unsent as u32,
         recv_queue,
-        window: [word(0), word(4), word(8), word(12), word(16)],
+        window,
         mss: get_int(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG)? as u32,
         // TCPI_OPT_WSCALE; tcpi_snd_wscale in the low 4 bits, tcpi_rcv_wscale in the high.
         wscale: (options & 4 != 0).then_some((scales & 0xf, scales >> 4)),
         sack: options & 2 != 0,
         timestamps: options & 1 != 0,
         timestamp: get_int(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP)? as u32,
+        realtime_ns: sys::clock_ns(libc::CLOCK_REALTIME),
     })
 }
 
