@@ -156,10 +156,14 @@ pub fn run(fds: &[RawFd]) -> Result<()> {
                 };
                 if c >= 0 {
                     hand_over(c, held.as_raw_fd());
+                }
+                // Ours first, then the connection: its end of file tells the restore that
+                // the socket it received is the last reference.
+                drop(held);
+                if c >= 0 {
                     // SAFETY: the accepted connection, ours.
                     unsafe { libc::close(c) };
                 }
-                drop(held);
             }
         }
     }

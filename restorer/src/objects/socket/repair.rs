@@ -68,9 +68,13 @@ pub fn take_from_keeper(id: u64) -> Option<OwnedFd> {
     use std::os::unix::net::{SocketAddr, UnixStream};
     let name = snapshim_image::objects::socket::keeper_name(id);
     let addr = SocketAddr::from_abstract_name(name.as_bytes()).ok()?;
-    let c = UnixStream::connect_addr(&addr).ok()?;
+    let mut c = UnixStream::connect_addr(&addr).ok()?;
     let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-    receive_fd(c.as_raw_fd())
+    let original = receive_fd(c.as_raw_fd());
+    // End of file once the keeper has closed its own descriptor of it: ours is the last, and
+    // closing it ends the original at once.
+    let _ = std::io::Read::read(&mut c, &mut [0u8; 1]);
+    original
 }
 
 /// One descriptor sent with `SCM_RIGHTS` on `c`.
