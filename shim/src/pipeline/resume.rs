@@ -45,12 +45,22 @@ pub fn let_go() {
 /// restore, then sends SIGKILL; if it has not within [`STOP_WAIT_NS`], the program kills
 /// itself (its held connections then close, silently too).
 pub fn stop_program() -> ! {
-    let t = libc::timespec {
+    let mut t = libc::timespec {
         tv_sec: (STOP_WAIT_NS / 1_000_000_000) as i64,
         tv_nsec: 0,
     };
-    // SAFETY: a valid timespec; no remainder asked for.
-    unsafe { sc!(libc::SYS_nanosleep, &t as *const libc::timespec, 0) };
+    let mut left = t;
+    // SAFETY: valid timespecs; an interrupted sleep goes on with what is left.
+    while unsafe {
+        sc!(
+            libc::SYS_nanosleep,
+            &t as *const libc::timespec,
+            &mut left as *mut libc::timespec
+        )
+    } == -(libc::EINTR as i64)
+    {
+        t = left;
+    }
     loop {
         // SAFETY: kill takes plain values; SIGKILL to ourselves does not return.
         unsafe { sc!(libc::SYS_kill, sys::getpid(), libc::SIGKILL) };
