@@ -28,6 +28,7 @@ const APPS: &[&str] = &[
     "usr2",
     "deleted",
     "timers",
+    "tcpcount",
 ];
 
 /// The same as `C_FLAGS` in src/artifacts.rs (build scripts cannot import the crate).

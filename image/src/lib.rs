@@ -41,7 +41,7 @@ pub use objects::{
     CharDevice, Credentials, DeletedFile, Directory, Duplicate, Epoll, EpollWatch, Eventfd, FdKind,
     FdState, FileIdentity, Inherited, Inotify, InotifyWatch, IntervalTimer, Memfd, MmFields,
     PageRun, PageSpan, Pipe, Process, Region, RegionKind, RegularFile, Rlimit, SigAction, Signalfd,
-    SockOpt, Socket, SocketRole, ThreadState, Timerfd, Unsupported,
+    SockOpt, Socket, SocketRole, TcpRepair, ThreadState, Timerfd, Unsupported,
 };
 
 /// Addresses shared by the shim and the restorer.

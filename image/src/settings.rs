@@ -22,6 +22,10 @@ pub const COPY_AHEAD: &str = "SNAPSHIM_COPY_AHEAD";
 pub const KEEP_STORE: &str = "SNAPSHIM_KEEP_STORE";
 pub const HUGEPAGES: &str = "SNAPSHIM_HUGEPAGES";
 pub const TWIN_FULL: &str = "SNAPSHIM_TWIN_FULL";
+/// `SNAPSHIM_TCP_ESTABLISHED=1`: each checkpoint also captures the state of established TCP
+/// connections with `TCP_REPAIR` (needs CAP_NET_ADMIN), so that `snapshim-restore
+/// --tcp-established` can make them again alive; set by `snapshim run --tcp-established`.
+pub const TCP_ESTABLISHED: &str = "SNAPSHIM_TCP_ESTABLISHED";
 /// Set by `snapshim run` to its PID, which the program keeps: the shim of the process with
 /// that PID says on stderr where its images go (again after each `exec`, as a script becomes
 /// its interpreter); the programs it starts, with other PIDs, do not.
@@ -102,6 +106,8 @@ pub struct Settings {
     /// `SNAPSHIM_TWIN_FULL=1` (a testing aid): each delta also gets a full image of the same
     /// instant, `ckpt-N.twin` (not an image name: outside listings and retention).
     pub twin_full: bool,
+    /// `SNAPSHIM_TCP_ESTABLISHED=1`: capture established TCP connections with `TCP_REPAIR`.
+    pub tcp_established: bool,
     /// `SNAPSHIM_ANNOUNCE=PID`.
     pub announce: Option<u32>,
 }
@@ -226,6 +232,7 @@ impl Settings {
             keep_store,
             hugepages: env(HUGEPAGES).is_some_and(|v| v != "0"),
             twin_full: env(TWIN_FULL).is_some_and(|v| v != "0"),
+            tcp_established: env(TCP_ESTABLISHED).is_some_and(|v| v != "0"),
             announce: env(ANNOUNCE).and_then(|v| v.parse().ok()),
         };
         Ok((settings, warnings))
@@ -246,6 +253,8 @@ pub struct RunSettings {
     pub full_every: Option<u64>,
     pub full_fraction: Option<f64>,
     pub keep_store: Option<bool>,
+    /// `SNAPSHIM_TCP_ESTABLISHED=1` (`snapshim run --tcp-established`).
+    pub tcp_established: bool,
     /// The PID whose shim says where its images go (`snapshim run`'s own).
     pub announce: Option<u32>,
 }
@@ -280,6 +289,9 @@ impl RunSettings {
         }
         if let Some(k) = self.keep_store {
             v.push((KEEP_STORE, if k { "1" } else { "0" }.into()));
+        }
+        if self.tcp_established {
+            v.push((TCP_ESTABLISHED, "1".into()));
         }
         if let Some(pid) = self.announce {
             v.push((ANNOUNCE, pid.to_string().into()));
@@ -467,6 +479,16 @@ pub fn quiesce_signal(trigger: i32) -> i32 {
 /// request sent that way, and is sent the checkpoint signal instead, as it expects.
 pub const QUEUED_REQUESTS_SYMBOL: &str = "snapshim_requests_on_quiesce_signal";
 
+/// The symbol a shim exports when it stops the program after a checkpoint asked with
+/// [`STOP_AFTER_BIT`] (`snapshim checkpoint --kill`): the program stays parked from the pause
+/// to the commit, then its live TCP connections are left silently and it is killed. For a shim
+/// without it the tool kills the program itself once the image is committed.
+pub const STOP_AFTER_SYMBOL: &str = "snapshim_stops_after_request";
+
+/// In the descriptor half of a request's value (`sigqueue`): this checkpoint is the program's
+/// last (`--kill`). Descriptor numbers never reach it.
+pub const STOP_AFTER_BIT: u32 = 1 << 30;
+
 /// The usual name of a signal number: `SIGUSR2`, `SIGRTMIN+3`, or `SIG32` for numbers without
 /// a name.
 pub fn signal_name(signo: i32) -> String {
@@ -514,7 +536,7 @@ mod tests {
         assert_eq!(s.copy_ahead, Some(CopyAhead::Auto));
         assert_eq!(s.keep_store, DEFAULT_KEEP_STORE);
         assert!(!s.keep_store, "the copy store is given back by default");
-        assert!(!s.hugepages && !s.twin_full);
+        assert!(!s.hugepages && !s.twin_full && !s.tcp_established);
     }
 
     #[test]
@@ -628,6 +650,7 @@ mod tests {
             full_every: Some(3),
             full_fraction: Some(0.75),
             keep_store: Some(true),
+            tcp_established: true,
             announce: Some(77),
         };
         let env = run.env();
@@ -644,6 +667,7 @@ mod tests {
         assert_eq!(s.signal, libc::SIGHUP);
         assert_eq!(s.keep, 7);
         assert_eq!(s.announce, Some(77));
+        assert!(s.tcp_established);
         assert_eq!(s.incremental, Incremental::On);
         assert_eq!((s.full_every, s.full_fraction), (3, 0.75));
         assert!(s.keep_store);

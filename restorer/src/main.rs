@@ -105,6 +105,14 @@ struct Cli {
           verbatim_doc_comment)]
     unrestorable: Unrestorable,
 
+    /// Restore established TCP connections alive, as captured with TCP_REPAIR
+    ///
+    /// Only for connections the program's shim captured (SNAPSHIM_TCP_ESTABLISHED=1, `snapshim
+    /// run --tcp-established`), on the same address (this machine, or one that took the
+    /// address over). Needs CAP_NET_ADMIN. Without it they come back reset.
+    #[arg(long, verbatim_doc_comment)]
+    tcp_established: bool,
+
     /// Check everything ahead, then wait; resume within milliseconds when activated
     ///
     /// Does all the checks (page checksums included) for the newest image of IMAGE_OR_DIR,
@@ -211,6 +219,7 @@ fn parse(args: impl IntoIterator<Item = OsString>, pause_env: bool) -> Result<Co
                 Some(d) => Pick::New(Some(d)),
             },
             unrestorable: cli.unrestorable,
+            tcp_established: cli.tcp_established,
         },
     })
 }
@@ -300,6 +309,7 @@ mod tests {
                 allow_changed: vec![],
                 lineage: Pick::Continue,
                 unrestorable: Unrestorable::Fail,
+                tcp_established: false,
             }
         );
         assert!(

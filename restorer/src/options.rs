@@ -42,6 +42,9 @@ pub struct Options {
     /// The restored program's lineage (`--new-lineage`, see lineage.rs).
     pub lineage: crate::lineage::Pick,
     pub unrestorable: Unrestorable,
+    /// Established TCP connections captured with `TCP_REPAIR` come back alive
+    /// (`--tcp-established`); otherwise reset.
+    pub tcp_established: bool,
 }
 
 /// What changes while the restore runs.

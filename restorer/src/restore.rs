@@ -135,6 +135,9 @@ pub fn restore_image(
             return Err(refusal.into());
         }
     }
+    if opt.tcp_established {
+        objects::socket::repair::check_privilege(meta)?;
+    }
     let vdso_plan = kernel_mappings(meta)?;
     let lineage = claim.record(chain.head())?;
     crate::log!(
@@ -265,7 +268,12 @@ pub fn descriptors(
     // The program's directory first: a Unix socket bound by a relative path binds again there.
     process::enter_cwd(meta)?;
     let image_dir = chain.head().path.parent().unwrap_or(Path::new("/tmp"));
-    let fd_plan = objects::prepare_fds(meta, image_dir, opt.unrestorable == Unrestorable::Closed)?;
+    let fd_plan = objects::prepare_fds(
+        meta,
+        image_dir,
+        opt.unrestorable == Unrestorable::Closed,
+        opt.tcp_established,
+    )?;
     // Stays open in the program (phase 2 does not close it): the shim's image directory.
     let lock = claim.keep(fd_plan.high_base)?;
     let high = |fd| objects::move_high(fd, fd_plan.high_base);

@@ -31,6 +31,8 @@ pub struct Config {
     /// `SNAPSHIM_TWIN_FULL=1` (a testing aid): each delta also gets a full image of the same
     /// instant, `ckpt-N.twin` (not an image name: outside listings and retention).
     pub twin_full: bool,
+    /// `SNAPSHIM_TCP_ESTABLISHED=1`: established TCP connections are captured alive.
+    pub tcp_established: bool,
     pub exe: String,
     pub cmdline: Vec<String>,
     pub shim_path: String,
@@ -67,6 +69,7 @@ impl Config {
             full_every: s.full_every,
             full_fraction: s.full_fraction,
             twin_full: s.twin_full,
+            tcp_established: s.tcp_established,
             exe,
             cmdline,
             shim_path,

@@ -591,8 +591,15 @@ impl Running {
 
     /// Runs `snapshim checkpoint PID` and returns whatever it did.
     pub fn try_checkpoint(&self) -> Result<Captured> {
+        self.try_checkpoint_with(&[])
+    }
+
+    /// Runs `snapshim checkpoint OPTIONS... PID` and returns whatever it did.
+    pub fn try_checkpoint_with(&self, options: &[&str]) -> Result<Captured> {
         let mut cmd = self.session.command(&self.session.tools()?.tool);
-        cmd.arg("checkpoint").arg(self.pid().to_string());
+        cmd.arg("checkpoint")
+            .args(options)
+            .arg(self.pid().to_string());
         run_captured(&mut cmd, timeout())
     }
 
@@ -600,8 +607,14 @@ impl Running {
     /// `latest` must point at: the session's image directory's, or for a restored program the
     /// directory of the image it was restored from (its images go there).
     pub fn checkpoint(&self) -> Result<Snapshot> {
+        self.checkpoint_with(&[])
+    }
+
+    /// [`Running::checkpoint`] with options (`--kill`: the program is gone when it returns;
+    /// reap it with [`Running::kill`]).
+    pub fn checkpoint_with(&self, options: &[&str]) -> Result<Snapshot> {
         let started = Instant::now();
-        let c = self.try_checkpoint()?;
+        let c = self.try_checkpoint_with(options)?;
         let fail = |why: String| {
             Failure::new(format!(
                 "checkpoint of {} (pid {}): {why}\n{}\n--- app stderr so far ---\n{}",

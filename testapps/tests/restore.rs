@@ -19,6 +19,22 @@ fn restores_at_a_random_moment(name: &str) -> Result<()> {
         .assert_same_output_as_uninterrupted()
 }
 
+/// `snapshim checkpoint --kill` (the program's last checkpoint): the threads stay parked from
+/// the pause to the commit, the program is gone when the command returns, and the image
+/// restores.
+#[test]
+fn threads_restore_after_their_last_checkpoint() -> Result<()> {
+    let mut app = App::spawn("threads")?.wait_ready()?.pause_randomly()?;
+    let img = app.checkpoint_with(&["--kill"])?;
+    if app.is_running()? {
+        bail!("the program still runs after snapshim checkpoint --kill returned");
+    }
+    app.kill()?;
+    img.restore()?
+        .finish()?
+        .assert_same_output_as_uninterrupted()
+}
+
 /// 64 MiB rewritten every round, malloc churn on the brk heap.
 #[test]
 fn single_restores() -> Result<()> {

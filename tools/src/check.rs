@@ -132,7 +132,43 @@ fn probe_all() -> Vec<Feature> {
         set_mm_map(),
         kcmp(),
         timerfd_ticks(),
+        tcp_repair(),
     ]
+}
+
+/// Whether this user may put a TCP socket in repair mode (CAP_NET_ADMIN).
+fn tcp_repair() -> Feature {
+    const TCP_REPAIR: libc::c_int = 19;
+    // SAFETY: a plain socket, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    let on: libc::c_int = 1;
+    // SAFETY: an int option passed by pointer with its size, on our socket (or -1: EBADF).
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            TCP_REPAIR,
+            (&on as *const libc::c_int).cast(),
+            4,
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    if fd >= 0 {
+        // SAFETY: our probe socket.
+        unsafe { libc::close(fd) };
+    }
+    Feature {
+        name: "TCP_REPAIR",
+        available: r == 0,
+        detail: if r == 0 {
+            "usable by this user (CAP_NET_ADMIN)".into()
+        } else {
+            format!("{err} (needs CAP_NET_ADMIN)")
+        },
+        enables: "live TCP connections: SNAPSHIM_TCP_ESTABLISHED, snapshim-restore \
+                  --tcp-established (without it they come back reset)",
+        required: false,
+    }
 }
 
 fn proc_fs() -> Feature {

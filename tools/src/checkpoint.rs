@@ -60,6 +60,7 @@ use std::time::{Duration, Instant};
 
 use snapshim_image::settings;
 
+use crate::keeper;
 use crate::parse::{self, Reply};
 use crate::proc;
 use crate::{CheckpointArgs, Failure, Result};
@@ -90,7 +91,13 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
         enter_namespaces(pid)?;
     }
     let (read_end, write_end) = pipe()?;
-    let value = request_value(&write_end)?;
+    let shim_stops = a.kill && shim_exports(pid, settings::STOP_AFTER_SYMBOL);
+    let mut value = request_value(&write_end)?;
+    if shim_stops {
+        value |= settings::STOP_AFTER_BIT as u64;
+    }
+    // Opened before the request: the PID cannot be another process's when we wait on it.
+    let pidfd = if a.kill { Some(pidfd_open(pid)?) } else { None };
     let sender = match inner {
         None => {
             sigqueue(pid, signo, value)?;
@@ -102,7 +109,15 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
     let line = wait_for_reply(pid, read_end, a.timeout, show_progress);
     drop(sender);
     drop(write_end);
-    let outcome = line.and_then(|line| report(pid, &line, &a));
+    let mut outcome = line.and_then(|line| report(pid, &line, &a));
+    if let (Some(pidfd), Ok(details)) = (pidfd, &mut outcome) {
+        for line in stop(pid, pidfd, shim_stops, a.timeout)? {
+            if !a.quiet && !a.json {
+                println!("{line}");
+            }
+            details.push(line);
+        }
+    }
     if let Some(file) = &a.log {
         let lines = match &outcome {
             Ok(details) => details.clone(),
@@ -131,6 +146,7 @@ fn report(pid: i32, line: &str, a: &CheckpointArgs) -> Result<Vec<String>> {
                     "engine": c.engine,
                     "kind": c.kind,
                     "pages_copied_before_write": c.copied,
+                    "stopped": a.kill,
                 }))
                 .map(|()| details);
             }
@@ -175,6 +191,71 @@ fn report(pid: i32, line: &str, a: &CheckpointArgs) -> Result<Vec<String>> {
         ))),
         Err(why) => Err(Failure::op(format!("checkpoint of PID {pid}: {why}"))),
     }
+}
+
+/// `--kill`, once the image is committed: takes the program's connections held in repair mode
+/// for a keeper ([`keeper`]), kills the program (a shim that stops by itself, `shim_stops`,
+/// waits for it), waits until it is gone and starts the keeper. Returns the lines that say so.
+fn stop(pid: i32, pidfd: OwnedFd, shim_stops: bool, timeout: Duration) -> Result<Vec<String>> {
+    let held = if shim_stops {
+        keeper::take(pid, &pidfd)
+    } else {
+        Vec::new()
+    };
+    // SAFETY: pidfd_send_signal takes plain values (no siginfo).
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    let mut pfd = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    loop {
+        match poll(
+            &mut pfd,
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(1..) => break,
+            Err(Errno::EINTR) => continue,
+            _ => {
+                return Err(Failure::op(format!(
+                    "checkpoint committed, but process {pid} did not stop within {}",
+                    humantime(timeout)
+                )))
+            }
+        }
+    }
+    let mut lines = vec![format!(
+        "program {pid} stopped (SIGKILL) after the checkpoint"
+    )];
+    if !held.is_empty() {
+        let n = held.len();
+        keeper::spawn(held)?;
+        lines.push(format!(
+            "{n} live TCP connection(s) kept silent for a restore with --tcp-established \
+             (for up to {})",
+            humantime(keeper::KEEP_FOR)
+        ));
+    }
+    Ok(lines)
+}
+
+/// `pidfd_open(pid, 0)`: readable once the process has ended.
+fn pidfd_open(pid: i32) -> Result<OwnedFd> {
+    // SAFETY: pidfd_open takes plain values and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(Failure::op(format!(
+            "cannot watch process {pid}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: a descriptor the kernel just gave us, owned from here on.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
 }
 
 /// What the shim's statistics beside the image (`ckpt-N.json`) say of the checkpoint, one

@@ -421,6 +421,13 @@ fn socket(s: &Socket) -> String {
         ),
         SocketRole::Reset => "connection to outside, restored reset".to_string(),
         SocketRole::Refused { why } => format!("NOT RESTORED: {why}"),
+        SocketRole::Established { repair } => format!(
+            "connection to {}, captured live ({} to send, {} unread; --tcp-established \
+             restores it alive)",
+            describe(s, &s.peer),
+            human_bytes(repair.send_queue.len() as u64),
+            human_bytes(repair.recv_queue.len() as u64)
+        ),
     };
     format!(
         "socket {} {}, {role}, {} options",

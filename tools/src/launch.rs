@@ -44,6 +44,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         full_every: a.full_every.map(u64::from),
         full_fraction: a.full_fraction,
         keep_store: a.keep_store.then_some(true),
+        tcp_established: a.tcp_established,
         // The shim says where its images go (it alone knows: the executable's name after
         // symlinks, and a directory beside if that one is in use).
         announce: Some(std::process::id()),

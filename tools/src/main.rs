@@ -18,6 +18,7 @@ mod checkpoint;
 mod enterable;
 mod inspect;
 mod json;
+mod keeper;
 mod launch;
 mod ls;
 mod merge;
@@ -88,6 +89,13 @@ enum Command {
     Merge(MergeArgs),
     Check(CheckArgs),
     Ps(PsArgs),
+    /// Keep a killed program's live TCP connections for its restore (started by
+    /// `snapshim checkpoint --kill`)
+    #[command(name = "keep-tcp", hide = true)]
+    KeepTcp {
+        /// The sockets, inherited
+        fds: Vec<i32>,
+    },
 }
 
 /// Run a program with snapshim loaded (LD_PRELOAD), replacing this process
@@ -132,6 +140,11 @@ pub struct RunArgs {
     /// back after each checkpoint]
     #[arg(long)]
     pub keep_store: bool,
+    /// Also capture established TCP connections alive, with TCP_REPAIR (needs CAP_NET_ADMIN;
+    /// `snapshim-restore --tcp-established` restores them), SNAPSHIM_TCP_ESTABLISHED=1
+    /// [default: they come back reset]
+    #[arg(long)]
+    pub tcp_established: bool,
     /// The program and its arguments (after `--`)
     #[arg(
         required = true,
@@ -167,6 +180,12 @@ pub struct CheckpointArgs {
     /// Append what the checkpoint did (or why it failed) to FILE, with the time
     #[arg(long, value_name = "FILE")]
     pub log: Option<PathBuf>,
+    /// Make it the program's last checkpoint: the program stays stopped from the pause on and
+    /// is killed (SIGKILL) once the image is committed; its TCP connections captured alive
+    /// (SNAPSHIM_TCP_ESTABLISHED) end without a word to their peers, for a restore with
+    /// `snapshim-restore --tcp-established`. If the checkpoint fails, the program runs on
+    #[arg(long)]
+    pub kill: bool,
     /// Process to checkpoint (a program under snapshim, or a running snapshim-restore)
     #[arg(value_parser = clap::value_parser!(i32).range(1..))]
     pub pid: i32,
@@ -322,6 +341,7 @@ fn main() -> ExitCode {
         Command::Merge(a) => merge::merge(&a.image, a.quiet),
         Command::Check(a) => check::check(a),
         Command::Ps(a) => ps::ps(a.json),
+        Command::KeepTcp { fds } => keeper::run(&fds),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

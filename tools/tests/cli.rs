@@ -1062,6 +1062,7 @@ fn check_reports_every_feature_as_json_with_a_schema() {
         "time namespaces",
         "kcmp",
         "TFD_IOC_SET_TICKS",
+        "TCP_REPAIR",
     ] {
         assert!(names.contains(&name), "{name} missing from {names:?}");
     }

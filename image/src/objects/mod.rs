@@ -43,7 +43,7 @@ pub use process::{MmFields, Process, Rlimit};
 pub use regular_file::RegularFile;
 pub use signalfd::Signalfd;
 pub use signals::SigAction;
-pub use socket::{SockOpt, Socket, SocketRole};
+pub use socket::{SockOpt, Socket, SocketRole, TcpRepair};
 pub use threads::{Credentials, ThreadState};
 pub use timerfd::Timerfd;
 pub use timers::IntervalTimer;
@@ -155,6 +155,22 @@ mod tests {
             SocketRole::Reset,
             SocketRole::Refused {
                 why: "descriptors are in flight in it (SCM_RIGHTS)".into(),
+            },
+            SocketRole::Established {
+                repair: TcpRepair {
+                    send_seq: 0xfff0_0000,
+                    recv_seq: 17,
+                    send_queue: b"sent, then unsent".to_vec(),
+                    unsent: 6,
+                    recv_queue: b"unread".to_vec(),
+                    window: [1, 2, 3, 4, 5],
+                    mss: 65483,
+                    wscale: Some((7, 7)),
+                    sack: true,
+                    timestamps: true,
+                    timestamp: 123_456,
+                    realtime_ns: 1_765_000_000_000_000_000,
+                },
             },
         ];
         for role in roles {

@@ -57,6 +57,50 @@ pub enum SocketRole {
     Reset,
     /// Cannot be restored; the restore fails naming the descriptor, with this reason.
     Refused { why: String },
+    /// An established TCP connection captured with `TCP_REPAIR` (the program ran with
+    /// `SNAPSHIM_TCP_ESTABLISHED=1`): `snapshim-restore --tcp-established` makes it again alive,
+    /// with its sequence numbers, window and queued data; without that option it comes back
+    /// like [`SocketRole::Reset`]. Appended in format 1.4 (after every older role).
+    Established { repair: TcpRepair },
+}
+
+/// What `TCP_REPAIR` tells of an established connection, and what the restore hands back to it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TcpRepair {
+    /// `TCP_QUEUE_SEQ` of the send queue: the sequence number of its first byte (the oldest
+    /// byte not acknowledged).
+    pub send_seq: u32,
+    /// `TCP_QUEUE_SEQ` of the receive queue: the sequence number after its last byte.
+    pub recv_seq: u32,
+    /// The send queue (`SIOCOUTQ` bytes, peeked): sent and not acknowledged, then not sent.
+    pub send_queue: Vec<u8>,
+    /// How many bytes at the end of `send_queue` were never sent (`SIOCOUTQNSD`).
+    pub unsent: u32,
+    /// The receive queue (`SIOCINQ` bytes, peeked): arrived, not read by the program.
+    pub recv_queue: Vec<u8>,
+    /// `TCP_REPAIR_WINDOW`: `struct tcp_repair_window` (`snd_wl1`, `snd_wnd`, `max_window`,
+    /// `rcv_wnd`, `rcv_wup`).
+    pub window: [u32; 5],
+    /// `TCP_MAXSEG`.
+    pub mss: u32,
+    /// Window scales from `TCP_INFO` (send, receive), when both sides agreed on scaling.
+    pub wscale: Option<(u8, u8)>,
+    pub sack: bool,
+    pub timestamps: bool,
+    /// `TCP_TIMESTAMP`: the connection's timestamp clock (milliseconds, or microseconds when
+    /// its lowest bit is set).
+    pub timestamp: u32,
+    /// CLOCK_REALTIME when `timestamp` was read: the restore moves the clock on by the time
+    /// since, so that its timestamps are not older than any the original sent meanwhile.
+    pub realtime_ns: u64,
+}
+
+/// The abstract Unix socket name on which `snapshim checkpoint --kill` keeps the killed
+/// program's connection `id` (a socket inode) open in repair mode until a restore asks for it
+/// (connects there), so that the peer's packets meanwhile are dropped instead of answered with
+/// a reset by a port without a socket.
+pub fn keeper_name(id: u64) -> String {
+    format!("snapshim-tcp-keeper-{id}")
 }
 
 /// The port of an IP address (0 for other families).

@@ -76,6 +76,8 @@ pub struct Prepare {
     /// The directory of the image being restored: where a deleted file is re-created when its
     /// own directory is not there (`deleted_file.rs`).
     pub image_dir: std::path::PathBuf,
+    /// `--tcp-established`: `SocketRole::Established` comes back alive, not reset.
+    pub tcp_established: bool,
 }
 
 impl Prepare {
@@ -124,11 +126,13 @@ pub fn unrestorable(meta: &Metadata) -> Option<String> {
 
 /// Opens everything the program's descriptor table needs, on numbers above any of its own.
 /// A descriptor that cannot be rebuilt is an error, or with `leave_closed` one that fails
-/// every call with `EBADF`.
+/// every call with `EBADF`. With `tcp_established`, TCP connections captured alive are made
+/// again alive (`socket::repair`).
 pub fn prepare_fds(
     meta: &Metadata,
     image_dir: &std::path::Path,
     leave_closed: bool,
+    tcp_established: bool,
 ) -> Result<FdPlan, String> {
     let max_fd = meta.fds.iter().map(|f| f.fd).max().unwrap_or(2);
     let mut cx = Prepare {
@@ -136,6 +140,7 @@ pub fn prepare_fds(
         pipes: pipe::Pipes::default(),
         sockets: socket::Sockets::default(),
         image_dir: image_dir.to_path_buf(),
+        tcp_established,
     };
     let mut moves = Vec::new();
     let mut inherit = Vec::new();

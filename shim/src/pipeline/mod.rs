@@ -126,9 +126,10 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
                 let store = crate::engine::uffd::kept_store_bytes();
                 owner::note(false, Some((&s.path, s.engine.name(), store)));
                 alloc::format!(
-                    "ok path={} bytes={} pause_us={} total_us={} resident={} flush_us={} copied={} engine={} kind={}\n",
+                    "ok path={} bytes={} pause_us={} total_us={} resident={} flush_us={} copied={} engine={} kind={}{}\n",
                     s.path, s.bytes, s.pause_ns / 1000, s.total_ns / 1000, s.resident, s.flush_ns / 1000,
-                    s.copied, s.engine.name(), if s.delta { "delta" } else { "full" }
+                    s.copied, s.engine.name(), if s.delta { "delta" } else { "full" },
+                    if resume::HOLD.load(Relaxed) != 0 { " stopping=1" } else { "" }
                 )
             }
             Outcome::Failed(msg) => {
@@ -140,6 +141,10 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
         };
         for r in requests {
             trigger::answer(r, line.as_bytes());
+        }
+        // Only a committed last checkpoint still holds the threads.
+        if resume::HOLD.load(Relaxed) != 0 {
+            resume::stop_program();
         }
     }
 }
@@ -273,6 +278,10 @@ fn take(
     // Who asked while the file was created and memory protected joins this checkpoint: its
     // image is taken after they asked. A request from now on stays in the pipe for the next.
     trigger::drain(requests);
+    // A request for the program's last checkpoint holds the threads until the end.
+    let last = requests.iter().any(|r| r.stop);
+    resume::hold(last);
+    crate::objects::socket::repair::begin(cfg.tcp_established, last);
     let t0 = sys::monotonic_ns();
     for m in MARKS.iter() {
         m.store(0, Relaxed);
@@ -281,7 +290,7 @@ fn take(
     let nthreads = match quiesce::quiesce() {
         Ok(n) => n,
         Err(msg) => {
-            resume::release();
+            resume::let_go();
             if engine == Engine::Uffd {
                 uffd::teardown();
             }
@@ -355,6 +364,10 @@ fn take(
         })
     } else {
         SEQ.store(seq - 1, Relaxed);
+        if resume::HOLD.load(Relaxed) != 0 {
+            crate::objects::socket::repair::let_go();
+            resume::let_go();
+        }
         if r.retry {
             Outcome::Retry(text)
         } else {

@@ -47,6 +47,8 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicI32, AtomicU32, Ordering::*};
 
+use snapshim_image::settings::STOP_AFTER_BIT;
+
 use crate::config::Config;
 use crate::sys::{self, sc};
 
@@ -69,6 +71,12 @@ pub static snapshim_requests_on_quiesce_signal: u32 = 1;
 #[allow(non_upper_case_globals)]
 pub static snapshim_checkpoint_signal_is_sigrtmax: u32 = 1;
 
+/// Exported: tells `snapshim checkpoint --kill` that this shim stops the program itself after
+/// a checkpoint asked with `STOP_AFTER_BIT` (`snapshim_image::settings::STOP_AFTER_SYMBOL`).
+#[cfg_attr(not(test), no_mangle)]
+#[allow(non_upper_case_globals)]
+pub static snapshim_stops_after_request: u32 = 1;
+
 /// Who wants the outcome of a checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Requester {
@@ -78,6 +86,8 @@ pub struct Requester {
     pub fd: i32,
     /// The low 32 bits of that pipe's inode; 0: not given (an older `snapshim checkpoint`).
     pub ino: u32,
+    /// The checkpoint is to be the program's last (`snapshim checkpoint --kill`).
+    pub stop: bool,
 }
 
 impl Requester {
@@ -85,8 +95,9 @@ impl Requester {
     pub fn from_value(pid: i32, value: u64) -> Requester {
         Requester {
             pid,
-            fd: value as u32 as i32,
+            fd: (value as u32 & !STOP_AFTER_BIT) as i32,
             ino: (value >> 32) as u32,
+            stop: value as u32 & STOP_AFTER_BIT != 0,
         }
     }
 }
@@ -113,13 +124,15 @@ impl Record {
                 pid: 0,
                 fd: 0,
                 ino: 0,
+                stop: false,
             },
             Record::Request(r) => r,
         };
         let mut b = [0u8; RECORD_LEN];
         b[..4].copy_from_slice(&MAGIC);
         b[4..8].copy_from_slice(&r.pid.to_le_bytes());
-        b[8..12].copy_from_slice(&r.fd.to_le_bytes());
+        let fd = r.fd as u32 | if r.stop { STOP_AFTER_BIT } else { 0 };
+        b[8..12].copy_from_slice(&fd.to_le_bytes());
         b[12..].copy_from_slice(&r.ino.to_le_bytes());
         b
     }
@@ -136,8 +149,9 @@ impl Record {
         } else {
             Record::Request(Requester {
                 pid,
-                fd: word(8) as i32,
+                fd: (word(8) & !STOP_AFTER_BIT) as i32,
                 ino: word(12),
+                stop: word(8) & STOP_AFTER_BIT != 0,
             })
         })
     }
@@ -332,6 +346,10 @@ mod tests {
             stringify!(snapshim_checkpoint_signal_is_sigrtmax),
             snapshim_image::settings::RT_DEFAULT_SYMBOL
         );
+        assert_eq!(
+            stringify!(snapshim_stops_after_request),
+            snapshim_image::settings::STOP_AFTER_SYMBOL
+        );
     }
 
     #[test]
@@ -340,8 +358,10 @@ mod tests {
             pid: 4_194_303,
             fd: 7,
             ino: 0xdead_beef,
+            stop: false,
         };
-        for rec in [Record::Plain, Record::Request(r)] {
+        let last = Requester { stop: true, ..r };
+        for rec in [Record::Plain, Record::Request(r), Record::Request(last)] {
             let b = rec.encode();
             assert_eq!(b.len(), RECORD_LEN);
             assert_eq!(&b[..4], b"SRQ1");
@@ -372,9 +392,13 @@ mod tests {
             Requester {
                 pid: 42,
                 fd: 9,
-                ino: 0x0012_3456
+                ino: 0x0012_3456,
+                stop: false,
             }
         );
+        // `snapshim checkpoint --kill`: the bit above every descriptor number.
+        let r = Requester::from_value(42, 0x0012_3456_4000_0009);
+        assert!(r.stop && r.fd == 9);
         // An older `snapshim checkpoint` sends the descriptor alone.
         assert_eq!(Requester::from_value(42, 5).ino, 0);
     }

@@ -10,11 +10,14 @@
 //! - `Pair`: both ends of a Unix socket pair made by the first of the two descriptors
 //!   ([`Sockets`]), each end's queued data sent again through the other end;
 //! - `Reset`: a stream connection that cannot go on, made as one that was reset ([`reset`]);
+//! - `Established`: with `--tcp-established`, an established TCP connection made again alive
+//!   with `TCP_REPAIR` ([`repair`]); without it, reset like `Reset`;
 //! - `Refused`: the restore fails naming the descriptor.
 //!
 //! The descriptor's status flags (`O_NONBLOCK`) are set last.
 
 pub mod addr;
+pub mod repair;
 pub mod reset;
 
 use std::os::fd::RawFd;
@@ -49,10 +52,23 @@ pub fn prepare(cx: &mut Prepare, f: &FdState, s: &Socket) -> Result<Prepared, St
     if let Some(&(_, fd)) = cx.sockets.made.iter().find(|m| m.0 == s.id) {
         return Ok(Prepared::At(fd));
     }
+    // A connection `snapshim checkpoint --kill` kept: alive, it is closed at the last moment
+    // (`repair::restore`); reset, at once.
+    let original = match s.role {
+        SocketRole::Established { .. } => repair::take_from_keeper(s.id),
+        _ => None,
+    };
     let fd = match &s.role {
         SocketRole::Refused { why } => return Err(fail(why.clone())),
         SocketRole::Pair { peer, queued } => pair_end(cx, s, *peer, queued).map_err(fail)?,
-        SocketRole::Reset => move_high(reset::reset(s).map_err(fail)?, cx.high_base)?,
+        SocketRole::Established { repair } if cx.tcp_established => move_high(
+            repair::restore(s, repair, original).map_err(fail)?,
+            cx.high_base,
+        )?,
+        SocketRole::Reset | SocketRole::Established { .. } => {
+            drop(original);
+            move_high(reset::reset(s).map_err(fail)?, cx.high_base)?
+        }
         role => {
             let fd = create(s.family, s.sock_type, s.protocol).map_err(fail)?;
             let made = set_options(fd, s).and_then(|()| connect_as(fd, s, role, f.fd));

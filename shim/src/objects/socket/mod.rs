@@ -4,7 +4,8 @@
 //! role the restore plays for it (`SocketRole`): listening and bound sockets are bound again,
 //! datagram sockets connected outside reconnect, Unix sockets with both ends in the program
 //! become a pair again with their queued data ([`queue`]), stream connections to the outside
-//! come back reset.
+//! come back reset, or with `SNAPSHIM_TCP_ESTABLISHED` established TCP connections are captured
+//! alive ([`repair`]).
 //!
 //! Runs in the writer while every other thread is parked: raw system calls, scratch
 //! allocation, nothing that changes a socket's state for the program (queued data is peeked).
@@ -12,6 +13,7 @@
 
 pub mod diag;
 pub mod queue;
+pub mod repair;
 
 use alloc::vec::Vec;
 
@@ -100,7 +102,8 @@ fn refused(why: &str) -> SocketRole {
     SocketRole::Refused { why: why.into() }
 }
 
-/// TCP and UDP: a TCP connection comes back reset; a connected UDP socket reconnects.
+/// TCP and UDP: a TCP connection comes back reset (or alive: [`repair`]); a connected UDP
+/// socket reconnects.
 fn inet_role(fd: i32, sock_type: i32, protocol: i32, local: &[u8], peer: &[u8]) -> SocketRole {
     let port = local
         .get(2..4)
@@ -108,7 +111,11 @@ fn inet_role(fd: i32, sock_type: i32, protocol: i32, local: &[u8], peer: &[u8]) 
     let tcp = (sock_type, protocol) == (libc::SOCK_STREAM, libc::IPPROTO_TCP);
     let udp = (sock_type, protocol) == (libc::SOCK_DGRAM, libc::IPPROTO_UDP);
     match () {
-        _ if tcp && (!peer.is_empty() || was_connected(fd)) => SocketRole::Reset,
+        _ if tcp && !peer.is_empty() => match repair::capture(fd) {
+            Some(repair) => SocketRole::Established { repair },
+            None => SocketRole::Reset,
+        },
+        _ if tcp && was_connected(fd) => SocketRole::Reset,
         _ if udp && !peer.is_empty() => SocketRole::Connected,
         _ if (tcp || udp) && port != 0 => SocketRole::Bound,
         _ if tcp || udp => SocketRole::Unbound,
