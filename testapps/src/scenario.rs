@@ -702,6 +702,25 @@ impl Running {
         self.session.write_past_checkpoint()
     }
 
+    /// Two cycles from here: checkpoint, SIGKILL, restore; once the restored run prints
+    /// PHASE 2, checkpoint it, SIGKILL, restore again, and let that run end. The second image
+    /// must have a name of its own. Take the first checkpoint well before PHASE 2.
+    pub fn two_cycles(self) -> Result<Finished> {
+        let first = self.checkpoint()?;
+        self.kill()?;
+        let mut restored = first.restore()?;
+        restored.wait_for("PHASE 2")?;
+        let second = restored.checkpoint()?;
+        restored.kill()?;
+        if second.path() == first.path() {
+            bail!(
+                "the second checkpoint reused the first image's name {}",
+                first.path().display()
+            );
+        }
+        second.restore()?.finish()
+    }
+
     /// Waits for the process to exit (a hang is killed and reported).
     pub fn finish(mut self) -> Result<Finished> {
         let limit = timeout();

@@ -40,15 +40,10 @@ fn dropping_privileges_survives_a_checkpoint_and_two_restores() -> Result<()> {
         return Ok(());
     }
     let session = creds_session(AppSpec::named("creds")?)?;
-    let app = session.spawn()?.wait_ready()?;
-    let img = app.checkpoint()?;
-    app.kill()?;
-    let mut restored = img.restore()?;
-    restored.wait_for("PHASE 2")?;
-    let img2 = restored.checkpoint()?;
-    restored.kill()?;
-    img2.restore()?
-        .finish()?
+    session
+        .spawn()?
+        .wait_ready()?
+        .two_cycles()?
         .assert_same_output_as_uninterrupted()
 }
 
@@ -86,15 +81,10 @@ fn a_program_that_drops_root_under_snapshim_run_keeps_its_image_directory() -> R
         return Ok(());
     }
     let session = Session::new(AppSpec::named("creds")?.through_run())?;
-    let app = session.spawn()?.wait_ready()?;
-    let img = app.checkpoint()?;
-    app.kill()?;
-    let mut restored = img.restore()?;
-    restored.wait_for("PHASE 2")?;
-    let img2 = restored.checkpoint()?;
-    restored.kill()?;
-    img2.restore()?
-        .finish()?
+    session
+        .spawn()?
+        .wait_ready()?
+        .two_cycles()?
         .assert_same_output_as_uninterrupted()
 }
 

@@ -70,16 +70,9 @@ fn deleted_files_restore_under_the_fork_engine() -> Result<()> {
 /// program's next checkpoint.
 #[test]
 fn deleted_files_survive_two_cycles() -> Result<()> {
-    let app = App::spawn("deleted")?.wait_ready()?;
-    let first = app.checkpoint()?;
-    app.kill()?;
-    let mut restored = first.restore()?;
-    restored.wait_for("PHASE 2")?;
-    let second = restored.checkpoint()?;
-    restored.kill()?;
-    second
-        .restore()?
-        .finish()?
+    App::spawn("deleted")?
+        .wait_ready()?
+        .two_cycles()?
         .assert_same_output_as_uninterrupted()
 }
 

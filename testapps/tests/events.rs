@@ -72,19 +72,9 @@ fn event_loop_restores_under_the_fork_engine() -> Result<()> {
 /// A restored event loop is checkpointed again: what the restorer made is captured as well.
 #[test]
 fn event_loop_survives_two_cycles() -> Result<()> {
-    let app = App::spawn("events")?.wait_ready()?;
-    let first = app.checkpoint()?;
-    app.kill()?;
-    let mut restored = first.restore()?;
-    restored.wait_for("PHASE 2")?;
-    let second = restored.checkpoint()?;
-    restored.kill()?;
-    if second.path() == first.path() {
-        bail!("the second checkpoint reused the first image's name");
-    }
-    second
-        .restore()?
-        .finish()?
+    App::spawn("events")?
+        .wait_ready()?
+        .two_cycles()?
         .assert_same_output_as_uninterrupted()
 }
 
@@ -94,14 +84,7 @@ fn event_loop_survives_two_cycles() -> Result<()> {
 #[test]
 fn inotify_watches_survive_two_cycles_with_an_overflow_each() -> Result<()> {
     let session = Session::new(AppSpec::named("events")?.arg("2500").arg("inotify"))?;
-    let app = session.spawn()?.wait_ready()?;
-    let first = app.checkpoint()?;
-    app.kill()?;
-    let mut restored = first.restore()?;
-    restored.wait_for("PHASE 2")?;
-    let second = restored.checkpoint()?;
-    restored.kill()?;
-    let done = second.restore()?.finish()?;
+    let done = session.spawn()?.wait_ready()?.two_cycles()?;
     done.assert_same_output_as_uninterrupted()?;
     if !done.stderr.contains("INOTIFY overflows 2") {
         bail!(

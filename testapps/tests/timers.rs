@@ -47,13 +47,7 @@ fn timers_and_pending_signals_come_back_after_restores() -> Result<()> {
         .checkpoint_window()?
         .mul_f64(0.4 * session.random_unit());
     let app = session.spawn()?.wait_ready()?.pause(before_phase2);
-    let img = app.checkpoint()?;
-    app.kill()?;
-    let mut restored = img.restore()?;
-    restored.wait_for("PHASE 2")?;
-    let img2 = restored.checkpoint()?;
-    restored.kill()?;
-    assert_restored_cleanly(img2.restore()?.finish()?)
+    assert_restored_cleanly(app.two_cycles()?)
 }
 
 /// A plain ruby script (ruby's timer thread uses a POSIX timer): checkpointed, killed,
