@@ -5,7 +5,7 @@
 //! `no_mangle`, so the test runner's own calls are not interposed.
 //!
 //! - The signal API, so the program cannot block, ignore or replace the shim's two signals (the
-//!   trigger, SIGUSR2 by default, and the internal quiesce signal). What the program asks for on
+//!   trigger, SIGRTMAX by default, and the internal quiesce signal). What the program asks for on
 //!   those signals is remembered and reported as a clash, once.
 //! - The mmap family, so the program cannot map over the range kept for the restorer, and so the
 //!   uffd engine saves pages before they are unmapped, moved or discarded.

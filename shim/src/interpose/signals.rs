@@ -1,10 +1,10 @@
 //! The signal API, so the program cannot block, ignore or replace the shim's two signals (the
-//! trigger, SIGUSR2 by default, and the internal quiesce signal). What the program asks for on
+//! trigger, SIGRTMAX by default, and the internal quiesce signal). What the program asks for on
 //! those signals is remembered and reported as a clash, once.
 //!
 //! The program's own handlers are installed behind a trampoline that counts, per thread, the
 //! signals they handle (`state::note_program_signal`) before calling them: an interrupted wait
-//! during which only the shim's handlers ran is the shim's doing and is resumed
+//! during which no handler of the program's ran is not the program's to see and is resumed
 //! (`waits.rs`). `sigaction` reports the program's handler and flags, never the trampoline.
 #![allow(unsafe_code)]
 
