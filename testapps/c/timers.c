@@ -6,7 +6,9 @@
  * thread, counted there; C, CLOCK_REALTIME, one-shot in an hour, SIGEV_SIGNAL; D, SIGEV_NONE,
  * one-shot in an hour with a 7 s interval; E, CLOCK_MONOTONIC, periodic, its signal blocked and
  * never waited for: exactly one stays pending (a timer's signal is queued once, the rest are
- * overruns). Signals blocked and pending from the start: SIGUSR1
+ * overruns); F, CLOCK_REALTIME, SIGEV_NONE, set absolute an hour ahead: at the end its
+ * deadline must not have moved by the wall-clock time the program spent away (a restore
+ * that re-armed it relative would move it by that much). Signals blocked and pending from the start: SIGUSR1
  * (kill) and two SIGRTMIN+1 with sigqueue values for the process; SIGUSR2 (pthread_kill) and
  * SIGRTMIN+2 with a value for the worker. At the end: each tick's siginfo was right, C and D
  * still armed as set, every pending signal still there with its siginfo, in order, and every
@@ -18,6 +20,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -31,7 +34,7 @@
 #define HOUR 3600
 
 static int ticks = 150;
-static timer_t ta, tb, tc, td, te;
+static timer_t ta, tb, tc, td, te, tf;
 static char worker_report[512];
 
 static void make_timer(timer_t *t, clockid_t clock, int notify, int sig, int value, pid_t tid)
@@ -130,6 +133,39 @@ static void check_long(timer_t t, const char *name, long interval_s)
 	printf("timer %s armed, interval %ld s\n", name, interval_s);
 }
 
+static long long ns(struct timespec t)
+{
+	return t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+/* CLOCK_REALTIME minus CLOCK_MONOTONIC: grows by the time the program spent away (in a
+ * restore's time namespace CLOCK_MONOTONIC goes on from the checkpoint). */
+static long long wall_offset(void)
+{
+	struct timespec rt, mono;
+
+	clock_gettime(CLOCK_REALTIME, &rt);
+	clock_gettime(CLOCK_MONOTONIC, &mono);
+	return ns(rt) - ns(mono);
+}
+
+/* Timer F's deadline, `deadline` ns on CLOCK_REALTIME, is where it was, give or take 5 ms,
+ * whatever the time spent away (`away` ns: half of it is allowed too, so that a time away
+ * of a few ms cannot fail it). */
+static void check_deadline(timer_t t, long long deadline, long long away)
+{
+	struct itimerspec s;
+	struct timespec rt;
+
+	if (timer_gettime(t, &s) != 0 || clock_gettime(CLOCK_REALTIME, &rt) != 0)
+		fail("timer_gettime F: %s", strerror(errno));
+	long long moved = ns(rt) + ns(s.it_value) - deadline;
+	if (llabs(moved) > 5000000 + away / 2)
+		fail("timer F: its deadline moved by %lld ms (the program was away %lld ms)",
+		     moved / 1000000, away / 1000000);
+	printf("timer F keeps its deadline\n");
+}
+
 /* Timer E's signal: pending exactly once, from the timer. */
 static void timer_once(timer_t t)
 {
@@ -176,6 +212,7 @@ int main(int argc, char **argv)
 	make_timer(&tc, CLOCK_REALTIME, SIGEV_SIGNAL, SIGALRM, 0xc0c, 0);
 	make_timer(&td, CLOCK_MONOTONIC, SIGEV_NONE, 0, 0, 0);
 	make_timer(&te, CLOCK_MONOTONIC, SIGEV_SIGNAL, SIG_E, 0xe0e, 0);
+	make_timer(&tf, CLOCK_REALTIME, SIGEV_NONE, 0, 0, 0);
 	printf("timer ids %d %d %d %d %d\n", (int)(intptr_t)ta, (int)(intptr_t)tb,
 	       (int)(intptr_t)tc, (int)(intptr_t)td, (int)(intptr_t)te);
 
@@ -192,19 +229,26 @@ int main(int argc, char **argv)
 	arm(te, 5, 5);
 	arm(ta, 10, 10);
 	arm(tb, 10, 10);
+	struct timespec now;
+	clock_gettime(CLOCK_REALTIME, &now);
+	struct itimerspec at = { { 0, 0 }, { now.tv_sec + HOUR, now.tv_nsec } };
+	long long deadline = ns(at.it_value), offset = wall_offset();
+	if (timer_settime(tf, TIMER_ABSTIME, &at, NULL) != 0)
+		fail("timer_settime F: %s", strerror(errno));
 	ready();
 	wait_ticks(SIG_A, ta, 0xa0a, "main");
 	pthread_join(w, NULL);
 
 	check_long(tc, "C", 0);
 	check_long(td, "D", 7);
+	check_deadline(tf, deadline, wall_offset() - offset);
 	take(SIGUSR1, SI_USER, 0, "main", report, sizeof report);
 	take(SIGRTMIN + 1, SI_QUEUE, 101, "main", report, sizeof report);
 	take(SIGRTMIN + 1, SI_QUEUE, 102, "main", report, sizeof report);
 	timer_once(te);
 	printf("%s%s", report, worker_report);
 	if (timer_delete(ta) || timer_delete(tb) || timer_delete(tc) || timer_delete(td) ||
-	    timer_delete(te))
+	    timer_delete(te) || timer_delete(tf))
 		fail("timer_delete: %s", strerror(errno));
 	pass();
 	return 0;

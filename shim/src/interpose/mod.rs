@@ -18,6 +18,7 @@
 //!   `objects::inotify`).
 //! - The setuid family, so that a program giving up root's privileges for good first hands
 //!   its image directory to its new user (`credentials.rs`).
+//! - `timer_settime`, whose `TIMER_ABSTIME` the kernel does not tell (`timers.rs`).
 //!
 //! With `SNAPSHIM_DISABLE` every one of them only forwards: each extra it adds depends on state
 //! that only an active shim sets (`state::ACTIVE`, the signals, a flush, the reserved range).
@@ -62,6 +63,7 @@ mod malloc;
 mod memory;
 mod signals;
 mod threads;
+mod timers;
 mod waits;
 
 pub use signals::real_sigaction;

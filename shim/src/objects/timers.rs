@@ -6,7 +6,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering::*;
-use core::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize};
+use core::sync::atomic::{AtomicI32, AtomicI64, AtomicU64, AtomicUsize};
 
 use snapshim_image::IntervalTimer;
 
@@ -39,6 +39,39 @@ pub const MAX_POSIX_TIMERS: usize = 256;
 /// `prctl` option (Linux 6.15+): `timer_create` takes the ID it is given (CRIU's).
 const PR_TIMER_CREATE_RESTORE_IDS: i32 = 77;
 
+/// The IDs of the timers the program last set with an absolute deadline (`TIMER_ABSTIME`),
+/// which neither `/proc/self/timers` nor `timer_gettime` tell: noted by the interposed
+/// `timer_settime` (`note_settime`); -1 marks a free slot.
+static ABSOLUTE: [AtomicI32; MAX_POSIX_TIMERS] = [const { AtomicI32::new(-1) }; MAX_POSIX_TIMERS];
+
+/// Timer `id` was just set, with an absolute deadline or not. Async-signal-safe (atomics).
+pub fn note_settime(id: i32, absolute: bool) {
+    let slot = ABSOLUTE.iter().find(|s| s.load(Relaxed) == id);
+    match (slot, absolute) {
+        (Some(_), true) | (None, false) => {}
+        (Some(s), false) => s.store(-1, Relaxed),
+        (None, true) => {
+            // With the table full of absolute timers, this one comes back relative.
+            let free = |s: &&AtomicI32| s.compare_exchange(-1, id, Relaxed, Relaxed).is_ok();
+            let _ = ABSOLUTE.iter().find(free);
+        }
+    }
+}
+
+fn is_absolute(id: i32) -> bool {
+    ABSOLUTE.iter().any(|s| s.load(Relaxed) == id)
+}
+
+/// A wall-clock timer keeps its deadline across a restore: the time between checkpoint and
+/// restore passed for it as for the clock. (`CLOCK_MONOTONIC` and `CLOCK_BOOTTIME` go on from
+/// the checkpoint in the restore's time namespace: their time left is their deadline.)
+fn wall_clock(clock: i32) -> bool {
+    matches!(
+        clock,
+        libc::CLOCK_REALTIME | libc::CLOCK_REALTIME_ALARM | libc::CLOCK_TAI
+    )
+}
+
 /// One timer as `/proc/self/timers` and `timer_gettime` tell it.
 pub struct PosixTimer {
     id: AtomicI32,
@@ -51,6 +84,8 @@ pub struct PosixTimer {
     value: AtomicU64,
     interval_ns: AtomicU64,
     left_ns: AtomicU64,
+    /// For a wall-clock timer set absolute: its deadline on its clock (ns); 0 otherwise.
+    deadline_ns: AtomicI64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -63,6 +98,7 @@ const TIMER_INIT: PosixTimer = PosixTimer {
     value: AtomicU64::new(0),
     interval_ns: AtomicU64::new(0),
     left_ns: AtomicU64::new(0),
+    deadline_ns: AtomicI64::new(0),
 };
 static POSIX_TIMERS: [PosixTimer; MAX_POSIX_TIMERS] = [TIMER_INIT; MAX_POSIX_TIMERS];
 static N_POSIX_TIMERS: AtomicUsize = AtomicUsize::new(0);
@@ -94,8 +130,14 @@ pub fn capture_posix_timers() -> Result<usize, String> {
         r.value.store(t.value, Relaxed);
         r.interval_ns
             .store((spec[0] * 1_000_000_000 + spec[1]) as u64, Relaxed);
-        r.left_ns
-            .store((spec[2] * 1_000_000_000 + spec[3]) as u64, Relaxed);
+        let left = spec[2] * 1_000_000_000 + spec[3];
+        r.left_ns.store(left as u64, Relaxed);
+        let deadline = if left > 0 && wall_clock(t.clock) && is_absolute(t.id) {
+            sys::clock_ns(t.clock) as i64 + left
+        } else {
+            0
+        };
+        r.deadline_ns.store(deadline, Relaxed);
         n += 1;
     }
     N_POSIX_TIMERS.store(n, Release);
@@ -232,14 +274,21 @@ fn restore_one(
     if left == 0 {
         left = 1;
     }
+    // A wall-clock timer set absolute keeps its deadline (it expires at once if that passed).
+    let deadline = t.deadline_ns.load(Relaxed);
+    let (flags, value) = if deadline > 0 {
+        (libc::TIMER_ABSTIME, deadline as u64)
+    } else {
+        (0, left)
+    };
     let spec = [
         (interval / 1_000_000_000) as i64,
         (interval % 1_000_000_000) as i64,
-        (left / 1_000_000_000) as i64,
-        (left % 1_000_000_000) as i64,
+        (value / 1_000_000_000) as i64,
+        (value % 1_000_000_000) as i64,
     ];
     // SAFETY: timer_settime reads one struct itimerspec; no old value.
-    let r = unsafe { sc!(libc::SYS_timer_settime, got, 0, spec.as_ptr(), 0) };
+    let r = unsafe { sc!(libc::SYS_timer_settime, got, flags, spec.as_ptr(), 0) };
     sys::check(r)
         .map(|_| ())
         .map_err(|_| "timer_settime refused it")
