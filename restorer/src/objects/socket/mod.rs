@@ -145,6 +145,27 @@ pub fn create(family: i32, sock_type: i32, protocol: i32) -> Result<RawFd, Strin
     Ok(fd)
 }
 
+/// A Unix socket pair of `sock_type`, close-on-exec.
+pub fn pair(sock_type: i32) -> Result<[RawFd; 2], String> {
+    let mut ends = [0; 2];
+    // SAFETY: ends is a valid out-array of two descriptors.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            sock_type | libc::SOCK_CLOEXEC,
+            0,
+            ends.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "cannot create a socket pair: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(ends)
+}
+
 /// Sets each saved option that differs from the fresh socket's. The kernel doubles what is
 /// asked of `SO_RCVBUF`/`SO_SNDBUF` (and reports the double), so half is asked. An option
 /// this kernel refuses is a warning, not a failure.
@@ -189,22 +210,7 @@ fn set_options(fd: RawFd, s: &Socket) -> Result<(), String> {
 fn pair_end(cx: &mut Prepare, s: &Socket, peer: u64, queued: &[Vec<u8>]) -> Result<RawFd, String> {
     let find = |sockets: &Sockets, id| sockets.pair_ends.iter().find(|p| p.0 == id).map(|p| p.1);
     if find(&cx.sockets, s.id).is_none() {
-        let mut ends = [0; 2];
-        // SAFETY: ends is a valid out-array of two descriptors.
-        if unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                s.sock_type | libc::SOCK_CLOEXEC,
-                0,
-                ends.as_mut_ptr(),
-            )
-        } != 0
-        {
-            return Err(format!(
-                "cannot create a socket pair: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
+        let ends = pair(s.sock_type)?;
         let a = move_high(ends[0], cx.high_base)?;
         let b = move_high(ends[1], cx.high_base)?;
         cx.sockets.pair_ends.push((s.id, a));

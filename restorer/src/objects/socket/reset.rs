@@ -13,27 +13,12 @@ use std::os::fd::RawFd;
 use snapshim_image::Socket;
 
 use super::addr::sockaddr_call;
-use super::create;
+use super::{create, pair};
 
 /// A socket of `s`'s family and type that was reset.
 pub fn reset(s: &Socket) -> Result<RawFd, String> {
     if s.family == libc::AF_UNIX {
-        let mut ends = [0; 2];
-        // SAFETY: ends is a valid out-array of two descriptors.
-        if unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                s.sock_type | libc::SOCK_CLOEXEC,
-                0,
-                ends.as_mut_ptr(),
-            )
-        } != 0
-        {
-            return Err(format!(
-                "cannot create a socket pair: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
+        let ends = pair(s.sock_type)?;
         // SAFETY: the other end, ours; closing it ends the connection.
         unsafe { libc::close(ends[1]) };
         return Ok(ends[0]);
