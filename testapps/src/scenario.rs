@@ -702,10 +702,16 @@ impl Running {
         self.session.write_past_checkpoint()
     }
 
-    /// Two cycles from here: checkpoint, SIGKILL, restore; once the restored run prints
-    /// PHASE 2, checkpoint it, SIGKILL, restore again, and let that run end. The second image
-    /// must have a name of its own. Take the first checkpoint well before PHASE 2.
+    /// Two cycles from here: [`Running::two_images`], then a restore of the second image, and
+    /// that run's end.
     pub fn two_cycles(self) -> Result<Finished> {
+        self.two_images()?.restore()?.finish()
+    }
+
+    /// Checkpoint, SIGKILL, restore; once the restored run prints PHASE 2, checkpoint it and
+    /// SIGKILL it: the second image, which must have a name of its own. Take the first
+    /// checkpoint well before PHASE 2.
+    pub fn two_images(self) -> Result<Snapshot> {
         let first = self.checkpoint()?;
         self.kill()?;
         let mut restored = first.restore()?;
@@ -718,7 +724,7 @@ impl Running {
                 first.path().display()
             );
         }
-        second.restore()?.finish()
+        Ok(second)
     }
 
     /// Waits for the process to exit (a hang is killed and reported).

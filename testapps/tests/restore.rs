@@ -98,20 +98,8 @@ fn threads_survive_twenty_random_checkpoints() -> Result<()> {
 /// directory, whose `latest` must now be the second image).
 #[test]
 fn two_checkpoint_restore_cycles_in_a_row() -> Result<()> {
-    let app = App::spawn("threads")?.wait_ready()?;
     // Right after READY: well before PHASE 2, which the restored process must then print.
-    let first = app.checkpoint()?;
-    app.kill()?;
-    let mut restored = first.restore()?;
-    restored.wait_for("PHASE 2")?;
-    let second = restored.checkpoint()?;
-    restored.kill()?;
-    if second.path() == first.path() {
-        bail!(
-            "the second checkpoint reused the first image's name {}",
-            first.path().display()
-        );
-    }
+    let second = App::spawn("threads")?.wait_ready()?.two_images()?;
     let session = second.session().clone();
     session
         .restore_from(&session.image_dir())?
