@@ -429,6 +429,11 @@ fn write_image(job: &mut Job) -> Result<String, String> {
     let mut cap = match capture::capture(cfg, job.nthreads, t.fd) {
         Ok(cap) => cap,
         Err(msg) => {
+            // Memory the uffd engine protected before the pause must not stay protected with
+            // nobody serving its faults.
+            if job.engine == Engine::Uffd {
+                uffd::teardown();
+            }
             target::abandon(&t);
             return Err(msg);
         }
