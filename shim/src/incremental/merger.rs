@@ -110,6 +110,11 @@ pub fn maybe_merge(cfg: &Config, path: &str) {
     }
 }
 
+/// PID of the merger while one runs (0 if none): a child of the shim's, not of the program's.
+pub fn running() -> i32 {
+    MERGER.load(Relaxed)
+}
+
 /// Before each checkpoint: collects a finished merger. A merge that succeeded takes the merged
 /// deltas off the chain's length and size; the merged image becomes the base.
 ///

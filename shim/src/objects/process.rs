@@ -93,3 +93,58 @@ pub fn capture(cfg: &Config) -> Process {
     p.resident_bytes = memory::statm().map_or(0, |(resident, _)| resident * 4096);
     p
 }
+
+/// Refuses a checkpoint while the program has child processes (live, or exited and not yet
+/// reaped): the image would hold this process alone, and its restore would wait for children
+/// that are not there. The shim's own children are not the program's: the fork engine's writer
+/// has exit signal 0, and `own` names the others (the merger, which `execve` made an ordinary
+/// child).
+pub fn check_no_children(own: &[i32]) -> Result<(), String> {
+    let Ok(tids) = sys::list_numeric_dir(b"/proc/self/task\0") else {
+        return Ok(());
+    };
+    let mut buf = Vec::new();
+    let mut named = Vec::new();
+    for tid in tids {
+        let path = alloc::format!("/proc/self/task/{tid}/children\0");
+        if sys::read_file(path.as_bytes(), &mut buf).is_err() {
+            continue;
+        }
+        let pids: Vec<i32> = String::from_utf8_lossy(&buf)
+            .split_whitespace()
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        for pid in pids.into_iter().filter(|p| !own.contains(p)) {
+            if let Some(child) = program_child(pid, &mut buf) {
+                named.push(child);
+            }
+        }
+    }
+    if named.is_empty() {
+        return Ok(());
+    }
+    Err(alloc::format!(
+        "the program has child processes ({}); snapshim does not checkpoint process trees yet",
+        named.join(", ")
+    ))
+}
+
+/// `PID NAME` (with "exited, not reaped" for a zombie) of child `pid`, or None if it is gone
+/// or one of the shim's own (exit signal 0).
+fn program_child(pid: i32, buf: &mut Vec<u8>) -> Option<String> {
+    let path = alloc::format!("/proc/{pid}/stat\0");
+    sys::read_file(path.as_bytes(), buf).ok()?;
+    let text = String::from_utf8_lossy(buf);
+    let (open, close) = (text.find('(')?, text.rfind(')')?);
+    let fields: Vec<&str> = text[close + 1..].split_whitespace().collect();
+    // Field 3 is the state, field 38 the exit signal.
+    let exit_signal: i32 = fields.get(38 - 3)?.parse().ok()?;
+    if exit_signal == 0 {
+        return None;
+    }
+    let name = &text[open + 1..close];
+    Some(match fields.first() {
+        Some(&"Z") => alloc::format!("PID {pid} {name}, exited, not reaped"),
+        _ => alloc::format!("PID {pid} {name}"),
+    })
+}
