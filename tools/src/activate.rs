@@ -17,7 +17,8 @@ use snapshim_image::standby::{
     dir_socket_name, peer, pid_socket_name, watched_dir, ACTIVATE, RESUMED_PREFIX,
 };
 
-use crate::{ActivateArgs, Failure, Result};
+use crate::cli::ActivateArgs;
+use crate::failure::{Failure, Result};
 
 pub fn activate(a: ActivateArgs) -> Result<()> {
     let as_pid = a

@@ -13,7 +13,8 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult};
 use serde::Serialize;
 
-use crate::{CheckArgs, Failure, Result};
+use crate::cli::CheckArgs;
+use crate::failure::{Failure, Result};
 
 /// One probed feature.
 #[derive(Debug, Serialize)]

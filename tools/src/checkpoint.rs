@@ -60,10 +60,11 @@ use std::time::{Duration, Instant};
 
 use snapshim_image::settings;
 
+use crate::cli::CheckpointArgs;
+use crate::failure::{Failure, Result};
 use crate::keeper;
 use crate::parse::{self, Reply};
 use crate::proc;
-use crate::{CheckpointArgs, Failure, Result};
 
 /// How often the target's liveness is checked while waiting.
 const SLICE: Duration = Duration::from_millis(200);

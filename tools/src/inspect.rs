@@ -11,8 +11,8 @@ use snapshim_image::{
     RegularFile, SigAction, Socket, SocketRole, Unsupported,
 };
 
+use crate::failure::{Failure, Result};
 use crate::parse::{format_ms, format_time, human_bytes, signal_name};
-use crate::{Failure, Result};
 
 /// Resolves and opens an image, with errors in the tool's one-line form.
 fn open(arg: &Path) -> Result<Image> {

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use crate::{Failure, Result};
+use crate::failure::{Failure, Result};
 
 /// Version of the documents' layout. Fields are only ever added within a version.
 pub const SCHEMA: u32 = 1;

@@ -31,7 +31,7 @@ use std::os::linux::net::SocketAddrExt;
 
 use snapshim_image::objects::socket::keeper_name;
 
-use crate::{Failure, Result};
+use crate::failure::{Failure, Result};
 
 /// How long the keeper keeps connections nobody restores.
 pub const KEEP_FOR: Duration = Duration::from_secs(600);

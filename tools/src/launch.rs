@@ -10,7 +10,8 @@ use std::process::Command;
 
 use snapshim_image::settings::RunSettings;
 
-use crate::{Failure, RestoreArgs, Result, RunArgs};
+use crate::cli::{RestoreArgs, RunArgs};
+use crate::failure::{Failure, Result};
 
 /// File name of the shim, looked for next to the `snapshim` executable.
 pub const SHIM_LIB: &str = "libsnapshim.so";

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use snapshim_image::{Header, IMAGE_SUFFIX, LATEST, PAGE_SIZE};
 
+use crate::failure::{Failure, Result};
 use crate::inspect::utc_offset;
 use crate::parse::{format_time, human_bytes};
-use crate::{Failure, Result};
 
 pub fn ls(dir: Option<PathBuf>, json: bool) -> Result<()> {
     let dir = dir.unwrap_or_else(crate::launch::default_dir);

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use snapshim_image::{Chain, MergedFrom, PageRun, PAGE_SIZE};
 
-use crate::{Failure, Result};
+use crate::failure::{Failure, Result};
 
 /// Bytes copied at a time.
 const CHUNK: u64 = 8 << 20;

@@ -4,7 +4,7 @@
 use procfs::process::{MMapPath, Process};
 use procfs::ProcError;
 
-use crate::{Failure, Result};
+use crate::failure::{Failure, Result};
 
 /// The process `pid`, or "no process with PID".
 pub fn process(pid: i32) -> Result<Process> {

@@ -10,9 +10,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use snapshim_image::lineage::{Record, LOCK_FILE};
 
+use crate::failure::Result;
 use crate::launch::SHIM_LIB;
 use crate::parse::human_bytes;
-use crate::Result;
 
 /// One program under the shim.
 struct Row {

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use snapshim_image::{Metadata, RegionKind};
 
+use crate::failure::{Failure, Result};
 use crate::parse::human_bytes;
-use crate::{Failure, Result};
 
 /// Checks everything the restorer checks about the image itself before it changes anything:
 /// header (magic, architecture, version, checksum, layout), metadata (checksum, decoding,
