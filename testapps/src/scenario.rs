@@ -50,6 +50,25 @@ impl App {
     pub fn spawn(name: &str) -> Result<Running> {
         Session::new(AppSpec::named(name)?)?.spawn()
     }
+
+    /// `runs` times, each in a new session: app `name` is checkpointed at a random moment of
+    /// its own `runs`-th part of the run (together they cover all of it), killed and restored;
+    /// each restore must finish with an uninterrupted run's output.
+    pub fn restores_at_moments_spread_over_its_run(name: &str, runs: usize) -> Result<()> {
+        for run in 0..runs {
+            let app = App::spawn(name)?.wait_ready()?;
+            let session = app.session().clone();
+            let at = (run as f64 + session.random_unit()) / runs as f64;
+            let app = app.pause(session.checkpoint_window()?.mul_f64(at));
+            let img = app.checkpoint()?;
+            app.kill()?;
+            img.restore()?
+                .finish()?
+                .assert_same_output_as_uninterrupted()
+                .map_err(|e| Failure::new(format!("run {} of {runs}: {e}", run + 1)))?;
+        }
+        Ok(())
+    }
 }
 
 /// One scenario's directory, app and tools. Shared (`Arc`) by everything started in it.
@@ -157,6 +176,17 @@ impl Session {
             verified: AtomicBool::new(false),
             rng: Mutex::new(Rng::new(seed)),
         }))
+    }
+
+    /// Starts the app under the shim, checkpoints it at a random moment, kills it (SIGKILL) and
+    /// restores it: the restored run must finish with an uninterrupted run's output.
+    pub fn restores_from_a_random_moment(self: &Arc<Self>) -> Result<()> {
+        let app = self.spawn()?.wait_ready()?.pause_randomly()?;
+        let img = app.checkpoint()?;
+        app.kill()?;
+        img.restore()?
+            .finish()?
+            .assert_same_output_as_uninterrupted()
     }
 
     pub fn spec(&self) -> &AppSpec {

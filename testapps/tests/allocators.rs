@@ -34,15 +34,7 @@ fn linked((lib, package): (&str, &str)) -> Result<Option<AppSpec>> {
 /// Checkpoint at a random moment, SIGKILL, restore, identical output. The reference run under
 /// the shim must print what a run without it prints (`reference` checks that first).
 fn restores_at_a_random_moment(spec: AppSpec) -> Result<()> {
-    let app = Session::new(spec)?
-        .spawn()?
-        .wait_ready()?
-        .pause_randomly()?;
-    let img = app.checkpoint()?;
-    app.kill()?;
-    img.restore()?
-        .finish()?
-        .assert_same_output_as_uninterrupted()
+    Session::new(spec)?.restores_from_a_random_moment()
 }
 
 #[test]

@@ -55,15 +55,7 @@ fn deleted_files_restore_under_the_fork_engine() -> Result<()> {
         .arg("480")
         .arg("private")
         .env("SNAPSHIM_COW", "fork");
-    let app = Session::new(spec)?
-        .spawn()?
-        .wait_ready()?
-        .pause_randomly()?;
-    let img = app.checkpoint()?;
-    app.kill()?;
-    img.restore()?
-        .finish()?
-        .assert_same_output_as_uninterrupted()
+    Session::new(spec)?.restores_from_a_random_moment()
 }
 
 /// What the restorer re-created (unlinked files, a memfd) is captured again by the restored

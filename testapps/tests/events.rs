@@ -13,25 +13,12 @@
 //!
 //! Needs `cargo build --release --workspace` first.
 
-use snapshim_testapps::{bail, App, AppSpec, Failure, Result, Session};
+use snapshim_testapps::{bail, App, AppSpec, Result, Session};
 
 /// Five checkpoints, each at a random moment of its own fifth of the run.
 #[test]
 fn event_loop_restores_at_moments_spread_over_its_run() -> Result<()> {
-    const RUNS: usize = 5;
-    for run in 0..RUNS {
-        let app = App::spawn("events")?.wait_ready()?;
-        let session = app.session().clone();
-        let at = (run as f64 + session.random_unit()) / RUNS as f64;
-        let app = app.pause(session.checkpoint_window()?.mul_f64(at));
-        let img = app.checkpoint()?;
-        app.kill()?;
-        img.restore()?
-            .finish()?
-            .assert_same_output_as_uninterrupted()
-            .map_err(|e| Failure::new(format!("run {} of {RUNS}: {e}", run + 1)))?;
-    }
-    Ok(())
+    App::restores_at_moments_spread_over_its_run("events", 5)
 }
 
 /// The same as an unprivileged user (as `nobody` when the tests run as root): kcmp, the timer
@@ -42,15 +29,7 @@ fn event_loop_with_inotify_restores_unprivileged() -> Result<()> {
         .arg("2500")
         .arg("inotify")
         .unprivileged();
-    let app = Session::new(spec)?
-        .spawn()?
-        .wait_ready()?
-        .pause_randomly()?;
-    let img = app.checkpoint()?;
-    app.kill()?;
-    img.restore()?
-        .finish()?
-        .assert_same_output_as_uninterrupted()
+    Session::new(spec)?.restores_from_a_random_moment()
 }
 
 /// Under the fork engine (the default for unprivileged users): capture is the same, the image
@@ -58,15 +37,7 @@ fn event_loop_with_inotify_restores_unprivileged() -> Result<()> {
 #[test]
 fn event_loop_restores_under_the_fork_engine() -> Result<()> {
     let spec = AppSpec::named("events")?.env("SNAPSHIM_COW", "fork");
-    let app = Session::new(spec)?
-        .spawn()?
-        .wait_ready()?
-        .pause_randomly()?;
-    let img = app.checkpoint()?;
-    app.kill()?;
-    img.restore()?
-        .finish()?
-        .assert_same_output_as_uninterrupted()
+    Session::new(spec)?.restores_from_a_random_moment()
 }
 
 /// A restored event loop is checkpointed again: what the restorer made is captured as well.

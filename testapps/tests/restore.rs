@@ -7,7 +7,7 @@
 
 use std::fs;
 
-use snapshim_testapps::{bail, App, Context, Failure, Result, Snapshot};
+use snapshim_testapps::{bail, App, Context, Result, Snapshot};
 
 /// The basic scenario: checkpoint at a random moment while the app works, kill it, restore.
 fn restores_at_a_random_moment(name: &str) -> Result<()> {
@@ -78,20 +78,7 @@ fn python_threads_restore() -> Result<()> {
 /// twentieth of the run, so together they cover all of it.
 #[test]
 fn threads_survive_twenty_random_checkpoints() -> Result<()> {
-    const RUNS: usize = 20;
-    for run in 0..RUNS {
-        let app = App::spawn("threads")?.wait_ready()?;
-        let session = app.session().clone();
-        let at = (run as f64 + session.random_unit()) / RUNS as f64;
-        let app = app.pause(session.checkpoint_window()?.mul_f64(at));
-        let img = app.checkpoint()?;
-        app.kill()?;
-        img.restore()?
-            .finish()?
-            .assert_same_output_as_uninterrupted()
-            .map_err(|e| Failure::new(format!("run {} of {RUNS}: {e}", run + 1)))?;
-    }
-    Ok(())
+    App::restores_at_moments_spread_over_its_run("threads", 20)
 }
 
 /// A restored process is checkpointed again, killed, and restored again (from the image
