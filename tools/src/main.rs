@@ -15,6 +15,7 @@
 mod activate;
 mod check;
 mod checkpoint;
+mod cluster;
 mod enterable;
 mod inspect;
 mod json;
@@ -96,6 +97,9 @@ enum Command {
         /// The sockets, inherited
         fds: Vec<i32>,
     },
+    /// Image replication between nodes: keygen, serve, push (for tests and benchmarks)
+    #[command(hide = true)]
+    Replicate(cluster::replicate::ReplicateArgs),
 }
 
 /// Run a program with snapshim loaded (LD_PRELOAD), replacing this process
@@ -342,6 +346,7 @@ fn main() -> ExitCode {
         Command::Check(a) => check::check(a),
         Command::Ps(a) => ps::ps(a.json),
         Command::KeepTcp { fds } => keeper::run(&fds),
+        Command::Replicate(a) => cluster::replicate::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
