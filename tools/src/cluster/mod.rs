@@ -13,8 +13,7 @@ mod lease;
 mod leader;
 pub mod node;
 mod program;
-#[path = "replicate_stub.rs"]
-mod replicate;
+pub mod replicate;
 pub mod service;
 mod standby;
 mod view;
