@@ -100,7 +100,7 @@ impl Cluster {
             .stderr(Stdio::piped())
             .spawn()?;
         let log = child.stderr.take().map(Stream::spawn);
-        let mut cluster = Cluster {
+        let cluster = Cluster {
             key: dir.join("key"),
             dir,
             etcd_url,
@@ -321,9 +321,20 @@ fn failover_resumes_on_the_standby_and_refuses_the_old_generation() -> Result<()
         leader(v).is_some_and(|(n, g)| n == "b" && g > old_generation)
     })?;
     eprintln!("failover: {}", after["leader"]);
+    // The dead leader's newest image, under a name the new leader does not hold, is offered
+    // to it: its receiver must refuse the older generation.
+    let stale = c.dir.join("stale").join("single");
+    std::fs::create_dir_all(&stale)?;
+    let newest = snapshim_image::list_images(&c.store("a", "single"))
+        .ok()
+        .and_then(|v| v.last().cloned());
+    let Some(newest) = newest else {
+        bail!("node a holds no image\n{}", c.logs());
+    };
+    std::fs::copy(&newest, stale.join("ckpt-00000900.snap"))?;
     let refused = c.snapshim(&[
         "replicate", "push", "--to", &c.address("b"), "--key", &c.key.to_string_lossy(),
-        "--service", "single", &c.store("a", "single").to_string_lossy(),
+        "--service", "single", &stale.to_string_lossy(),
     ])?;
     if refused.status.success() || !refused.stderr.contains("generation") {
         bail!(
@@ -331,6 +342,9 @@ fn failover_resumes_on_the_standby_and_refuses_the_old_generation() -> Result<()
              new leader\n{}",
             refused.report()
         );
+    }
+    if c.store("b", "single").join("ckpt-00000900.snap").exists() {
+        bail!("the refused image is in node b's store");
     }
     c.status_until("the program to finish", finished)?;
     expect_same_output(&c, &out)

@@ -173,6 +173,12 @@ fn gate(map: &Arc<Mutex<HashMap<String, u32>>>) -> Gate {
     })
 }
 
+/// Raises the gate of `service` to `generation`.
+pub fn raise(gate: &mut HashMap<String, u32>, service: &str, generation: u32) {
+    let g = gate.entry(service.to_string()).or_insert(0);
+    *g = (*g).max(generation);
+}
+
 fn note_once(ctx: &Ctx, last: &mut String, e: String) {
     if *last != e {
         ctx.log.note(&e);
@@ -209,11 +215,13 @@ fn tick(ctx: &Ctx, services: &mut BTreeMap<String, Service>) -> Result<(), Strin
     let views = view::services(&ctx.etcd, &mut problems)?;
     let nodes = view::nodes(&ctx.etcd)?;
     {
+        // The gate only rises: between a leader's loss and its successor's key (and while this
+        // node takes the key itself) the last generation known still holds.
         let mut g = ctx.gate.lock().unwrap_or_else(|e| e.into_inner());
-        g.clear();
+        g.retain(|name, _| views.contains_key(name));
         for (name, v) in &views {
             if let Some(l) = &v.leader {
-                g.insert(name.clone(), l.value.generation);
+                raise(&mut g, name, l.value.generation);
             }
         }
     }

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::agent::{Ctx, Role, Service};
+use super::agent::{raise, Ctx, Role, Service};
 use super::etcd::{absent, op_delete, op_put, unchanged};
 use super::events::Event;
 use super::keys::{self, now_ms, to_json, Image, Leader, Mode, NodeInfo, Standby};
@@ -125,6 +125,11 @@ fn try_take(
     if !ctx.etcd.txn(compare, ops)? {
         return Ok(Role::Standby);
     }
+    raise(
+        &mut ctx.gate.lock().unwrap_or_else(|e| e.into_inner()),
+        &svc.name,
+        generation,
+    );
     svc.published.clear();
     let detail = match newest {
         Some(i) => format!("from image {} (seq {})", hex(i.id), i.seq),
