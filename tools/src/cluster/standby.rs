@@ -17,8 +17,8 @@ use super::agent::{raise, Ctx, Role, Service};
 use super::etcd::{absent, op_delete, op_put, unchanged};
 use super::events::Event;
 use super::keys::{self, now_ms, to_json, Image, Leader, Mode, NodeInfo, Standby};
-use super::lease::Lease;
 use super::leader::{self, Start};
+use super::lease::Lease;
 use super::program::{self, kill_tree, newest_image};
 use super::view::View;
 
@@ -55,7 +55,7 @@ pub fn step(
                     .event(Event::LeaderLost, &svc.name, g, "the leader key is gone");
             }
             let since = *svc.absent_since.get_or_insert_with(Instant::now);
-            let Some(rank) = rank(ctx, v, nodes, newest.as_ref()) else {
+            let Some(rank) = rank(&ctx.node, v, nodes, newest.as_ref()) else {
                 return Ok(Role::Standby);
             };
             if since.elapsed() < lease.ttl() / 4 * rank as u32 {
@@ -68,7 +68,7 @@ pub fn step(
 
 /// This node's place in the queue of takers, `None` when it may not take the key.
 fn rank(
-    ctx: &Ctx,
+    me: &str,
     v: &View,
     nodes: &BTreeMap<String, NodeInfo>,
     mine: Option<&Image>,
@@ -83,20 +83,20 @@ fn rank(
         .filter(|(_, i)| enough(i))
         .collect();
     // This node's own view of its images is fresher than its published key.
-    holders.retain(|(n, _)| *n != ctx.node);
+    holders.retain(|(n, _)| *n != me);
     if let Some(i) = mine.filter(|i| enough(i)) {
-        holders.push((&ctx.node, i));
+        holders.push((me, i));
     }
     if !holders.is_empty() {
         holders.sort_by(|a, b| key(b.1).cmp(&key(a.1)).then(a.0.cmp(b.0)));
-        return holders.iter().position(|(n, _)| *n == ctx.node);
+        return holders.iter().position(|(n, _)| *n == me);
     }
     if committed.is_some() && v.spec.mode == Mode::Sync {
         return None; // an acknowledged image exists, but no live node holds it
     }
     let mut live: Vec<&str> = nodes.keys().map(|n| n.as_str()).collect();
     live.sort_by_key(|n| (Some(*n) != v.spec.prefer.as_deref(), n.to_string()));
-    live.iter().position(|n| *n == ctx.node)
+    live.iter().position(|n| *n == me)
 }
 
 /// The transaction that takes the leader key, then the program's start.
@@ -116,7 +116,10 @@ fn try_take(
     };
     let mut compare = vec![absent(&leader_key)];
     if let (Mode::Sync, Some(c)) = (v.spec.mode, &v.committed) {
-        compare.push(unchanged(&keys::service(&svc.name, "committed"), c.mod_revision));
+        compare.push(unchanged(
+            &keys::service(&svc.name, "committed"),
+            c.mod_revision,
+        ));
     }
     let ops = vec![
         op_put(&leader_key, &to_json(&value), lease.id()),
@@ -136,7 +139,8 @@ fn try_take(
         None => "no image anywhere: fresh start".into(),
     };
     if newest.is_some() {
-        ctx.log.event(Event::Failover, &svc.name, generation, &detail);
+        ctx.log
+            .event(Event::Failover, &svc.name, generation, &detail);
     }
     take_over(ctx, svc, v, generation, lease, true)
 }
@@ -199,7 +203,12 @@ fn keep_warm(ctx: &Ctx, svc: &mut Service, have_image: bool) {
 }
 
 /// Writes the standby key when what it says changed.
-fn publish(ctx: &Ctx, svc: &mut Service, newest: Option<&Image>, lease: &Lease) -> Result<(), String> {
+fn publish(
+    ctx: &Ctx,
+    svc: &mut Service,
+    newest: Option<&Image>,
+    lease: &Lease,
+) -> Result<(), String> {
     let state = match (newest, &svc.standby) {
         (None, _) => "empty",
         (Some(_), Some(_)) => "warm",
@@ -236,4 +245,112 @@ pub fn stop_standby(svc: &mut Service) {
 
 fn hex(id: u64) -> String {
     format!("{id:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::keys::Spec;
+    use crate::cluster::view::At;
+
+    fn view(mode: Mode, prefer: Option<&str>, standbys: &[(&str, u32, u64)]) -> View {
+        View {
+            spec: Spec {
+                name: "s".into(),
+                command: vec!["p".into()],
+                interval: "1s".into(),
+                incremental: false,
+                standbys: 1,
+                prefer: prefer.map(str::to_string),
+                mode,
+                ttl_ms: 2000,
+                output: None,
+                cwd: None,
+            },
+            leader: None,
+            checkpoint: None,
+            standbys: standbys
+                .iter()
+                .map(|(n, g, seq)| {
+                    let s = Standby {
+                        node: n.to_string(),
+                        state: "warm".into(),
+                        image: Some(img(*g, *seq)),
+                        lease: 1,
+                        time_ms: 0,
+                    };
+                    (n.to_string(), s)
+                })
+                .collect(),
+            committed: None,
+            switchover: None,
+            finished: None,
+        }
+    }
+
+    fn img(generation: u32, seq: u64) -> Image {
+        Image {
+            id: seq,
+            seq,
+            generation,
+            time_ms: 0,
+        }
+    }
+
+    fn nodes(names: &[&str]) -> BTreeMap<String, NodeInfo> {
+        names
+            .iter()
+            .map(|n| {
+                let info = NodeInfo {
+                    address: "127.0.0.1:1".into(),
+                    health: "ok".into(),
+                    pid: 1,
+                    since_ms: 0,
+                };
+                (n.to_string(), info)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_newest_generation_then_the_newest_image_goes_first() {
+        let v = view(Mode::Async, None, &[("a", 1, 9), ("b", 2, 3), ("c", 2, 3)]);
+        let n = nodes(&["a", "b", "c"]);
+        let mine = |me: &str| v.standbys[me].image.clone();
+        assert_eq!(rank("b", &v, &n, mine("b").as_ref()), Some(0));
+        assert_eq!(rank("c", &v, &n, mine("c").as_ref()), Some(1));
+        assert_eq!(rank("a", &v, &n, mine("a").as_ref()), Some(2));
+        // Its own newer image counts before its key says so.
+        assert_eq!(rank("a", &v, &n, Some(&img(2, 4))), Some(0));
+        // Without an image it may not take over while others have one.
+        assert_eq!(rank("d", &v, &n, None), None);
+    }
+
+    #[test]
+    fn sync_mode_needs_the_committed_image() {
+        let mut v = view(Mode::Sync, None, &[("a", 1, 5), ("b", 1, 7)]);
+        v.committed = Some(At {
+            value: img(1, 6),
+            mod_revision: 3,
+            lease: 0,
+        });
+        let n = nodes(&["a", "b"]);
+        assert_eq!(rank("a", &v, &n, Some(&img(1, 5))), None);
+        assert_eq!(rank("b", &v, &n, Some(&img(1, 7))), Some(0));
+        v.standbys.remove("b");
+        assert_eq!(
+            rank("a", &v, &n, Some(&img(1, 5))),
+            None,
+            "never a fresh start"
+        );
+    }
+
+    #[test]
+    fn with_no_image_anywhere_the_preferred_node_starts_it() {
+        let v = view(Mode::Async, Some("b"), &[]);
+        let n = nodes(&["a", "b", "c"]);
+        assert_eq!(rank("b", &v, &n, None), Some(0));
+        assert_eq!(rank("a", &v, &n, None), Some(1));
+        assert_eq!(rank("c", &v, &n, None), Some(2));
+    }
 }
