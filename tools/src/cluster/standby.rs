@@ -36,6 +36,7 @@ pub fn step(
         stop_standby(svc);
         return Ok(Role::Finished);
     }
+    drop_stale(ctx, svc, v);
     let newest = newest_image(&svc.dir);
     keep_warm(ctx, svc, newest.is_some());
     publish(ctx, svc, newest.as_ref(), lease)?;
@@ -174,6 +175,38 @@ fn take_over(
             Err(format!("cannot start the program: {e}"))
         }
     }
+}
+
+/// Once the leader (another node) has an image of a newer generation than some held here,
+/// those are dropped: they were superseded by the takeover that made that generation, and
+/// images a fenced leader wrote after its last push would collide by name with the new
+/// leader's. The warm standby goes with them; it starts again on the first image received.
+fn drop_stale(ctx: &Ctx, svc: &mut Service, v: &View) {
+    let (Some(l), Some(ck)) = (&v.leader, &v.checkpoint) else {
+        return;
+    };
+    if l.value.node == ctx.node {
+        return;
+    }
+    let current = ck.image.generation;
+    let stale: Vec<_> = snapshim_image::list_images(&svc.dir)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| program::describe(p).is_some_and(|i| i.generation < current))
+        .collect();
+    if stale.is_empty() {
+        return;
+    }
+    stop_standby(svc);
+    for p in &stale {
+        let _ = std::fs::remove_file(p);
+        let _ = std::fs::remove_file(p.with_extension("json"));
+    }
+    ctx.log.note(&format!(
+        "{}: dropped {} image(s) older than generation {current}",
+        svc.name,
+        stale.len()
+    ));
 }
 
 /// Keeps `snapshim-restore --standby` running once there is an image.
