@@ -226,12 +226,15 @@ fn exited(
     Some(Role::Standby)
 }
 
-/// Puts the generation the running instance really has (its lock record) into the leader key.
+/// Puts the generation the running instance really has (its lock record) into the leader key,
+/// when it is higher than the one the key was taken with.
 fn sync_generation(ctx: &Ctx, svc: &Service, lead: &mut Leading, rev: i64, lease: &Lease) {
     let Some(g) = holder_generation(&svc.dir) else {
         return;
     };
-    if g == lead.generation {
+    // Only upwards: before the restored program takes the directory, the record is its
+    // previous holder's.
+    if g <= lead.generation {
         return;
     }
     let key = keys::service(&svc.name, "leader");

@@ -103,7 +103,11 @@ pub fn run(a: ServiceArgs) -> Result<()> {
     let etcd = etcd(&a.etcd)?;
     match a.command {
         ServiceCommand::Add(add) => add_service(&etcd, add),
-        ServiceCommand::Status { name, json } => status(&etcd, &name, json),
+        ServiceCommand::Status { name, json } => status(&etcd, &name, json).inspect_err(|f| {
+            if json {
+                println!("{}", out::failure(f));
+            }
+        }),
         ServiceCommand::Switchover { name, to, timeout } => switchover(&etcd, &name, &to, timeout),
         ServiceCommand::List => list(&etcd),
         ServiceCommand::Remove { name } => remove(&etcd, &name),
