@@ -6,7 +6,9 @@
 //!   standby from the last replicated image and its output file ends byte-identical to an
 //!   uninterrupted run's; an image of the dead leader's generation pushed to the new leader
 //!   is refused;
-//! - switchover to the standby and back (failback): the output is byte-identical again.
+//! - switchover to the standby and back (failback): the output is byte-identical again;
+//! - etcd stops answering (SIGSTOP): the leader kills its program (fencing) and says so; once
+//!   etcd is back a node leads again and the output is byte-identical.
 //!
 //! Every wait polls `snapshim service status --json` (or the agent's log) for a condition, with
 //! a generous deadline; nothing sleeps in place of synchronisation. Needs
@@ -429,4 +431,58 @@ fn switchover_and_failback_keep_the_output() -> Result<()> {
     }
     c.status_until("the program to finish", finished)?;
     expect_same_output(&c, &out)
+}
+
+#[test]
+fn a_leader_cut_off_from_etcd_fences_itself_and_the_service_recovers() -> Result<()> {
+    if !have_etcd()? {
+        return Ok(());
+    }
+    let mut c = Cluster::start("fencing")?;
+    let out = add_service(&c, "async")?;
+    c.agent("a")?;
+    c.until("node a to lead", |c| {
+        Ok(c.status("single")
+            .ok()
+            .filter(|v| leader(v).is_some_and(|l| l.0 == "a")))
+    })?;
+    c.agent("b")?;
+    c.status_until("a warm standby on b", |v| warm_standby(v, "b"))?;
+    let program: u32 = c.until("node a's program", |c| Ok(activated_pid(&c.agent_log("a"))))?;
+
+    // etcd stops answering: node a cannot renew its lease and must kill its program before
+    // the TTL is over; nobody can take the key meanwhile.
+    let etcd = c.etcd.as_ref().map(|e| e.child.id()).unwrap_or_default();
+    send_signal(etcd, libc::SIGSTOP)?;
+    let fenced = c.until("node a to fence itself", |c| {
+        Ok(c.agent_log("a").contains("fenced single").then_some(()))
+    });
+    let gone = snapshim_testapps::process::wait_for_exit_of(program, Instant::now());
+    send_signal(etcd, libc::SIGCONT)?;
+    fenced?;
+    if !gone? {
+        bail!(
+            "node a logged its fence but its program (PID {program}) still runs\n{}",
+            c.logs()
+        );
+    }
+    c.status_until("a leader again", |v| leader(v).is_some_and(|(_, g)| g > 1))?;
+    c.status_until("the program to finish", finished)?;
+    expect_same_output(&c, &out)
+}
+
+/// The PID in the agent's first `activated` line.
+fn activated_pid(log: &str) -> Option<u32> {
+    let line = log.lines().find(|l| l.contains(": activated single"))?;
+    line.rsplit("PID ").next()?.trim().parse().ok()
+}
+
+impl Cluster {
+    fn agent_log(&self, node: &str) -> String {
+        self.agents
+            .iter()
+            .find(|(n, _, _)| n == node)
+            .map(|(_, _, a)| a.log())
+            .unwrap_or_default()
+    }
 }
