@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use super::{push, MacKey, Options, PushReport, Receiver};
+use super::{push, push_only, MacKey, Options, PushReport, Receiver};
 use crate::{Failure, Result};
 
 #[derive(Args)]
@@ -47,6 +47,9 @@ enum Sub {
         timeout: Duration,
         #[arg(long)]
         json: bool,
+        /// Offer only this image of DIR, not the images it depends on (for tests)
+        #[arg(long, value_name = "FILE", hide = true)]
+        only: Option<String>,
         dir: PathBuf,
     },
 }
@@ -70,10 +73,14 @@ pub fn run(a: ReplicateArgs) -> Result<()> {
             service,
             timeout,
             json,
+            only,
             dir,
         } => {
             let key = MacKey::load(&key)?;
-            let r = push(to, &key, &service, &dir, timeout)?;
+            let r = match only {
+                Some(f) => push_only(to, &key, &service, &dir.join(f), timeout)?,
+                None => push(to, &key, &service, &dir, timeout)?,
+            };
             print_report(&r, json);
             Ok(())
         }

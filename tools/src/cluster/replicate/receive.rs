@@ -143,9 +143,12 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>
                     .name("replicate-session".into())
                     .spawn(move || {
                         let peer = s.peer_addr().map_or("?".into(), |a| a.to_string());
-                        if let Err(e) = session(&sh, s) {
+                        // Logged before the connection closes: a peer that sees it closed
+                        // finds the reason in the log.
+                        if let Err(e) = session(&sh, &s) {
                             log(&format!("session with {peer} ended: {e}"));
                         }
+                        drop(s);
                     });
             }
             Err(e) => {
@@ -161,7 +164,7 @@ fn log(line: &str) {
     eprintln!("snapshim: replicate: {line}");
 }
 
-fn session(sh: &Shared, s: TcpStream) -> Result<(), ReplicateError> {
+fn session(sh: &Shared, s: &TcpStream) -> Result<(), ReplicateError> {
     let _ = s.set_nodelay(true);
     let _ = s.set_read_timeout(Some(sh.opts.idle));
     let _ = s.set_write_timeout(Some(sh.opts.idle));
@@ -268,16 +271,22 @@ fn offered<S: std::io::Read + std::io::Write>(
             return Err(e);
         }
     };
+    let data = t0.elapsed();
     let outcome = written.and_then(|()| check_and_commit(sh, dir, &tmp, &file, &o));
     drop(file);
     match outcome {
-        Ok(()) => {
+        Ok(t) => {
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
             log(&format!(
-                "received {service}/{} (image {:016x}, {} bytes in {} ms)",
+                "received {service}/{} (image {:016x}, {} bytes in {:.0} ms: data {:.0}, checks \
+                 {:.0}, fsync and commit {:.0})",
                 o.file,
                 o.id,
                 o.size,
-                t0.elapsed().as_millis()
+                ms(t0.elapsed()),
+                ms(data),
+                ms(t.check),
+                ms(t.commit),
             ));
             proto::send(ch, &Msg::Ack { id: o.id })?;
             if let Some(f) = &sh.opts.on_commit {
@@ -342,6 +351,12 @@ fn take<S: std::io::Read + std::io::Write>(
     Ok(failed.map_or(Ok(()), Err))
 }
 
+/// Time spent after the data arrived.
+struct Phases {
+    check: Duration,
+    commit: Duration,
+}
+
 /// Checks the received file completely, then commits it. `Err` says why it was refused.
 fn check_and_commit(
     sh: &Shared,
@@ -349,7 +364,8 @@ fn check_and_commit(
     tmp: &Path,
     file: &File,
     o: &Offer,
-) -> Result<(), String> {
+) -> Result<Phases, String> {
+    let t0 = Instant::now();
     let img = Image::open(tmp).map_err(|e| e.to_string())?;
     let got = store::held(&img);
     let same = got.id == o.id
@@ -368,6 +384,7 @@ fn check_and_commit(
     if o.parent_id != 0 {
         Chain::open(tmp).map_err(|e| e.to_string())?;
     }
+    let check = t0.elapsed();
     file.sync_all()
         .map_err(|e| format!("cannot fsync the image: {e}"))?;
     let _held = sh.commit.lock().unwrap_or_else(|p| p.into_inner());
@@ -389,5 +406,8 @@ fn check_and_commit(
         }
     }
     let _ = store::sync_dir(dir);
-    Ok(())
+    Ok(Phases {
+        check,
+        commit: t0.elapsed() - check,
+    })
 }

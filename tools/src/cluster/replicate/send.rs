@@ -57,6 +57,35 @@ pub fn push(
     store::check_service(service)?;
     let chain =
         store::newest_chain(dir).ok_or_else(|| ReplicateError::NoImage(dir.to_path_buf()))?;
+    send_images(addr, key, service, &chain.images, timeout)
+}
+
+/// Offers exactly the image at `path`, not the images it depends on: for the tests of a
+/// receiver's refusals (a delta whose parent it lacks).
+pub fn push_only(
+    addr: SocketAddr,
+    key: &MacKey,
+    service: &str,
+    path: &Path,
+    timeout: Duration,
+) -> Result<PushReport, ReplicateError> {
+    store::check_service(service)?;
+    let img = Image::open(path).map_err(|e| ReplicateError::Image {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    send_images(addr, key, service, &[img], timeout)
+}
+
+/// Sends `images` (newest first, each one's parent after it) that the receiver lacks, oldest
+/// first.
+fn send_images(
+    addr: SocketAddr,
+    key: &MacKey,
+    service: &str,
+    images: &[Image],
+    timeout: Duration,
+) -> Result<PushReport, ReplicateError> {
     let peer = |source| ReplicateError::Peer { addr, source };
     let s = TcpStream::connect_timeout(&addr, timeout)
         .map_err(|source| ReplicateError::Connect { addr, source })?;
@@ -82,12 +111,12 @@ pub fn push(
         m => return Err(unexpected(&m, "holding")),
     };
     let mut report = PushReport {
-        newest: store::held(chain.head()),
+        newest: store::held(&images[0]),
         sent: Vec::new(),
         already: Vec::new(),
         acknowledged: Vec::new(),
     };
-    for img in chain.images.iter().rev() {
+    for img in images.iter().rev() {
         let h = store::held(img);
         let here = HeldRef {
             file: h.file.clone(),
