@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -322,16 +322,40 @@ fn temp_file(dir: &Path, name: &str) -> Result<(PathBuf, File), String> {
 /// Reads `size` bytes of data frames into `file`. The outer error ends the session (the stream
 /// failed); the inner one is a write that failed (the data is still read to its end, so the
 /// sender hears why).
+///
+/// Two threads: this one reads frames and checks their MACs, a writer writes them to the file
+/// (frames pass between them by buffer, not copied; a few in flight).
 fn take<S: std::io::Read + std::io::Write>(
     ch: &mut Channel<S>,
-    mut file: &File,
+    file: &File,
     size: u64,
 ) -> Result<Result<(), String>, ReplicateError> {
+    let (to_writer, frames) = mpsc::sync_channel::<Vec<u8>>(IN_FLIGHT);
+    let (to_reader, spares) = mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || write_frames(file, frames, to_reader));
+        let read = read_frames(ch, size, &to_writer, &spares);
+        drop(to_writer);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err("the writer thread failed".into()));
+        read.map(|()| written)
+    })
+}
+
+/// Frames received and not yet written, at most (each up to [`super::wire::DATA_CHUNK`]).
+const IN_FLIGHT: usize = 4;
+
+fn read_frames<S: std::io::Read + std::io::Write>(
+    ch: &mut Channel<S>,
+    size: u64,
+    to_writer: &mpsc::SyncSender<Vec<u8>>,
+    spares: &mpsc::Receiver<Vec<u8>>,
+) -> Result<(), ReplicateError> {
     let mut got = 0u64;
-    let mut flushed = 0u64;
-    let mut failed = None;
     while got < size {
-        let (kind, b) = ch.recv()?;
+        let spare = spares.try_recv().unwrap_or_default();
+        let (kind, b) = ch.recv_owned(spare)?;
         if kind != Kind::Data {
             return Err(ReplicateError::Protocol(
                 "a control message came in the middle of an image's data".into(),
@@ -343,17 +367,35 @@ fn take<S: std::io::Read + std::io::Write>(
             ));
         }
         got += b.len() as u64;
+        // The writer only stops early if this side hung up.
+        let _ = to_writer.send(b);
+    }
+    Ok(())
+}
+
+/// The writer: writes each frame in order, starts its writeback every [`WRITEBACK_STEP`], and
+/// gives the buffer back. After a failed write it only gives buffers back.
+fn write_frames(
+    mut file: &File,
+    frames: mpsc::Receiver<Vec<u8>>,
+    to_reader: mpsc::Sender<Vec<u8>>,
+) -> Result<(), String> {
+    let (mut written, mut flushed) = (0u64, 0u64);
+    let mut failed = None;
+    for b in frames {
         if failed.is_none() {
-            if let Err(e) = file.write_all(b) {
-                failed = Some(format!("cannot write the image: {e}"));
+            match file.write_all(&b) {
+                Ok(()) => written += b.len() as u64,
+                Err(e) => failed = Some(format!("cannot write the image: {e}")),
+            }
+            if written - flushed >= WRITEBACK_STEP {
+                start_writeback(file, flushed, written - flushed);
+                flushed = written;
             }
         }
-        if got - flushed >= WRITEBACK_STEP {
-            start_writeback(file, flushed, got - flushed);
-            flushed = got;
-        }
+        let _ = to_reader.send(b);
     }
-    Ok(failed.map_or(Ok(()), Err))
+    failed.map_or(Ok(()), Err)
 }
 
 /// Received data is handed to the disk in steps of this many bytes while more arrives, so the
