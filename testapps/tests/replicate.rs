@@ -7,6 +7,9 @@
 //!   checkpoints: a full image pushed, then two deltas; the store holds the same bytes; a
 //!   re-push sends nothing and changes nothing; the program is killed (SIGKILL) and restored
 //!   from the store, and finishes as an uninterrupted run.
+//! - `a_standby_on_the_store_resumes_from_the_newest_replicated_image`: a warm standby on the
+//!   store stages the replicated full image; two deltas pushed while it waits; activated, it
+//!   resumes from the newest delta and the program finishes as an uninterrupted run.
 //! - `a_wrong_key_is_refused_both_ways`: a sender whose key differs is refused in one line
 //!   (the receiver cannot prove the key); a client that cannot prove the key is dropped by the
 //!   receiver; nothing is written to the store either way.
@@ -237,6 +240,44 @@ fn full_image_and_deltas_replicate_and_restore_byte_identical() -> Result<()> {
         .restore_from(&serve.dir())?
         .finish()?
         .assert_same_output_as_uninterrupted()
+}
+
+/// A warm standby on the receiving store (`snapshim-restore --standby STORE/NAME`) stages the
+/// replicated full image, and on activation after two deltas arrived resumes from the newest
+/// one, with the output of an uninterrupted run.
+#[test]
+fn a_standby_on_the_store_resumes_from_the_newest_replicated_image() -> Result<()> {
+    let session = incremental_session()?;
+    let key = session.dir().join("key");
+    keygen(&session, &key)?;
+    let serve = Serve::start(&session, &key, &session.dir().join("store"))?;
+    let app = session.spawn()?.wait_ready()?.pause_randomly()?;
+    app.checkpoint()?;
+    expect_pushed(&push(&session, &serve, &key, &[])?)?;
+    let mut sb = session.restore_with(&serve.dir(), &["--standby"])?;
+    sb.wait_for("waiting for activation")?;
+    app.checkpoint()?;
+    let newest = app.checkpoint()?;
+    app.kill()?;
+    expect_pushed(&push(&session, &serve, &key, &[])?)?;
+    let c = run_captured(
+        Command::new(session.tools()?.tool)
+            .arg("activate")
+            .arg(serve.dir()),
+        timeout(),
+    )?;
+    if !c.status.success() {
+        bail!("snapshim activate failed\n{}", c.report());
+    }
+    let used = serve.dir().join(name(&newest));
+    if c.stdout.lines().next().map(Path::new) != Some(used.as_path()) {
+        bail!(
+            "the standby did not resume from {}\n{}",
+            used.display(),
+            c.report()
+        );
+    }
+    sb.finish()?.assert_same_output_as_uninterrupted()
 }
 
 #[test]
