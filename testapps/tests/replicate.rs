@@ -18,6 +18,8 @@
 //!   it received, and keeps its previous images intact and restorable.
 //! - `a_delta_without_its_parent_is_refused`: a delta offered alone to a store without its
 //!   parent is refused, naming the parent.
+//! - `the_gate_refuses_an_image_of_an_older_generation`: the receiver's gate (here
+//!   `--min-generation 2`) refuses a generation-1 image before any data moves.
 //! - `serve_on_a_busy_port_says_so_in_one_line`.
 //!
 //! Needs `cargo build --release --workspace` first. No sleeps: `serve` is waited for by its
@@ -59,6 +61,11 @@ struct Serve {
 impl Serve {
     /// Starts a receiver on a free loopback port with the key `key`, into `store`.
     fn start(session: &Session, key: &Path, store: &Path) -> Result<Serve> {
+        Serve::start_with(session, key, store, &[])
+    }
+
+    /// [`Serve::start`] with more options.
+    fn start_with(session: &Session, key: &Path, store: &Path, extra: &[&str]) -> Result<Serve> {
         let log = store.with_extension("log");
         let err = std::fs::File::create(&log).context("create the receiver's log")?;
         let mut child = Command::new(session.tools()?.tool)
@@ -66,6 +73,7 @@ impl Serve {
             .arg(key)
             .arg("--store")
             .arg(store)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(err)
@@ -399,6 +407,35 @@ fn a_delta_without_its_parent_is_refused() -> Result<()> {
     let c = push(&session, &serve, &key, &[])?;
     expect_pushed(&c)?;
     expect_same_bytes(&serve, &[&full, &delta])?;
+    session.passed();
+    Ok(())
+}
+
+/// The receiver's gate sees each offer before any data moves: one that refuses generations
+/// older than 2 (as a standby refuses images older than the leader key's generation) refuses
+/// the original run's images, in one line, and nothing is written.
+#[test]
+fn the_gate_refuses_an_image_of_an_older_generation() -> Result<()> {
+    let session = incremental_session()?;
+    let key = session.dir().join("key");
+    keygen(&session, &key)?;
+    let store = session.dir().join("store");
+    let serve = Serve::start_with(&session, &key, &store, &["--min-generation", "2"])?;
+    let app = session.spawn_without_reference()?.wait_ready()?;
+    let img = app.checkpoint()?;
+    app.kill()?;
+    let c = push(&session, &serve, &key, &[])?;
+    let msg = expect_clean_refusal(&c, &["generation 1, older than generation 2"])?;
+    if !msg.contains(&name(&img)) {
+        bail!("the refusal does not name {}: {msg}", name(&img));
+    }
+    eprintln!("refused as expected: {msg}");
+    if serve.dir().exists() && !contents(&serve.dir())?.is_empty() {
+        bail!(
+            "the store holds {:?} after the refusal",
+            names(&contents(&serve.dir())?)
+        );
+    }
     session.passed();
     Ok(())
 }
