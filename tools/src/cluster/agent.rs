@@ -116,14 +116,25 @@ pub fn run(cfg: Config) -> Result<(), String> {
         node: cfg.node,
         gate: gate_map,
     };
-    let mut node_lease = register(&ctx)?;
+    // etcd may come up after the agents: wait for it (saying why once).
+    let mut last_error = String::new();
+    let mut node_lease = loop {
+        match register(&ctx) {
+            Ok(l) => break l,
+            Err(e) => note_once(&ctx, &mut last_error, e),
+        }
+        if TERMINATE.load(Ordering::SeqCst) {
+            receiver.stop();
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     ctx.log.note(&format!(
         "joined: images on {}, store {}",
         ctx.address,
         ctx.store.display()
     ));
     let mut services: BTreeMap<String, Service> = BTreeMap::new();
-    let mut last_error = String::new();
     while !TERMINATE.load(Ordering::SeqCst) {
         if node_lease.lost() {
             match register(&ctx) {
