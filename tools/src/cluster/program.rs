@@ -60,7 +60,8 @@ fn restorer() -> Result<PathBuf, String> {
     companion(RESTORER, "SNAPSHIM_RESTORE").map_err(|f| f.message)
 }
 
-/// A command in a process group of its own, stdin from /dev/null, killed (SIGKILL) when the
+/// A command in a process group of its own, stdin from /dev/null, no descriptor but 0, 1 and 2
+/// inherited, killed (SIGKILL) when the
 /// agent dies: a program whose agent is gone has no fence, and another node will start it
 /// once the lease expires. (A restored program's supervisor passes this on: its PID
 /// namespace's init dies with it.)
@@ -68,8 +69,8 @@ fn detached(program: &Path) -> Command {
     let mut cmd = Command::new(program);
     cmd.stdin(Stdio::null()).process_group(0);
     let agent = std::process::id() as libc::pid_t;
-    // SAFETY: between fork and exec the closure calls only prctl and getppid, which are
-    // async-signal-safe, and allocates nothing.
+    // SAFETY: between fork and exec the closure calls only prctl, getppid and close_range,
+    // which are async-signal-safe, and allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
@@ -79,6 +80,14 @@ fn detached(program: &Path) -> Command {
             if libc::getppid() != agent {
                 return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
+            // Whatever the agent inherited stays out of the program (and of its images): marked
+            // close-on-exec, not closed, since std's pipe that reports a failed exec must stay.
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
             Ok(())
         })
     };

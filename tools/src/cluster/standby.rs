@@ -34,6 +34,8 @@ pub fn step(
 ) -> Result<Role, String> {
     if v.finished.is_some() {
         stop_standby(svc);
+        svc.published.clear();
+        let _ = ctx.etcd.delete(&keys::standby(&svc.name, &ctx.node), false);
         return Ok(Role::Finished);
     }
     drop_stale(ctx, svc, v);
