@@ -349,6 +349,17 @@ fn failover_resumes_on_the_standby_and_refuses_the_old_generation() -> Result<()
     let (_, old_generation) = leader(&before).unwrap_or_default();
 
     c.kill_node("a");
+    let killed = Instant::now();
+    c.until("b to run the program", |c| {
+        Ok(c.agent_log("b")
+            .contains(": activated single")
+            .then_some(()))
+    })?;
+    // A figure for the reader (within the 100 ms of a poll), not a bound.
+    eprintln!(
+        "failover: program running on b {} ms after the kill (TTL 2 s)",
+        killed.elapsed().as_millis()
+    );
     let after = c.status_until("b to take over", |v| {
         leader(v).is_some_and(|(n, g)| n == "b" && g > old_generation)
     })?;
