@@ -312,3 +312,39 @@ fn step(
     };
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(service: &str, generation: u32) -> Offer {
+        Offer {
+            service: service.into(),
+            file: "ckpt-00000009.snap".into(),
+            id: 9,
+            parent_id: 0,
+            parent_file: None,
+            lineage: 1,
+            generation,
+            size: 1 << 20,
+            created_ns: 0,
+        }
+    }
+
+    #[test]
+    fn the_gate_refuses_older_generations_and_only_rises() {
+        let map: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let g = gate(&map);
+        assert!(g(&offer("s", 1)).is_ok(), "no leader known yet");
+        raise(&mut map.lock().unwrap(), "s", 3);
+        raise(&mut map.lock().unwrap(), "s", 2);
+        let why = g(&offer("s", 2)).unwrap_err();
+        assert!(
+            why.contains("generation 2, older than the leader's 3"),
+            "{why}"
+        );
+        assert!(g(&offer("s", 3)).is_ok());
+        assert!(g(&offer("s", 4)).is_ok());
+        assert!(g(&offer("other", 1)).is_ok());
+    }
+}
