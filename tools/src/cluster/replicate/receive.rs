@@ -68,6 +68,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A running receiver.
 pub struct Receiver {
     addr: SocketAddr,
+    shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -105,13 +106,14 @@ impl Receiver {
             sessions: AtomicUsize::new(0),
         });
         let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+        let (stop2, shared2) = (stop.clone(), shared.clone());
         let thread = std::thread::Builder::new()
             .name("replicate-accept".into())
-            .spawn(move || accept_loop(listener, shared, stop2))
+            .spawn(move || accept_loop(listener, shared2, stop2))
             .map_err(|e| ReplicateError::io("start a thread for", Path::new("the receiver"), e))?;
         Ok(Receiver {
             addr,
+            shared,
             stop,
             thread: Some(thread),
         })
@@ -119,6 +121,11 @@ impl Receiver {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Sessions under way (connections accepted and not yet ended, their files cleaned up).
+    pub fn sessions(&self) -> usize {
+        self.shared.sessions.load(Ordering::SeqCst)
     }
 
     /// Stops accepting connections (sessions under way finish on their own).

@@ -190,3 +190,79 @@ fn a_directory_without_images_and_a_bad_service_name_are_refused_before_connecti
     assert!(newest(&src).is_none());
     let _ = std::fs::remove_dir_all(&src);
 }
+
+/// Every file in `dir`, hidden ones too.
+fn all_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_sender_that_stops_halfway_leaves_nothing_behind() {
+    let (src, store) = (tmpdir("half"), tmpdir("hstore"));
+    let (rx, committed) = start(&store, Arc::new(|_: &Offer| Ok(())), 3);
+    write_image(&src, 1, 0x1, None, 1);
+    push(rx.local_addr(), &key(), "svc", &src, T).unwrap();
+    write_image(&src, 2, 0x2, None, 1);
+    let img = snapshim_image::Image::open(&src.join("ckpt-00000002.snap")).unwrap();
+    let held = store::held(&img);
+    let before = all_files(&store.join("svc"));
+    // A sender that offers image 2, sends its first page and goes away.
+    let s = std::net::TcpStream::connect(rx.local_addr()).unwrap();
+    let mut ch = wire::Channel::client(&s, &key().bytes).unwrap();
+    let hello = proto::Msg::Hello {
+        service: "svc".into(),
+    };
+    proto::send(&mut ch, &hello).unwrap();
+    assert!(matches!(
+        proto::recv(&mut ch).unwrap(),
+        proto::Msg::Holding { .. }
+    ));
+    let offer = Offer {
+        service: "svc".into(),
+        file: held.file.clone(),
+        id: held.id,
+        parent_id: 0,
+        parent_file: None,
+        lineage: held.lineage,
+        generation: held.generation,
+        size: img.file_len,
+        created_ns: held.created_ns,
+    };
+    proto::send(&mut ch, &proto::Msg::Offer(offer)).unwrap();
+    assert_eq!(proto::recv(&mut ch).unwrap(), proto::Msg::Accept);
+    ch.send(wire::Kind::Data, &[0u8; PAGE_SIZE as usize])
+        .unwrap();
+    drop(ch);
+    s.shutdown(std::net::Shutdown::Both).unwrap();
+    // The receiver ends the session once it sees the connection closed, and deletes what it
+    // received of the image.
+    let deadline = std::time::Instant::now() + T;
+    while rx.sessions() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session never ended"
+        );
+        std::thread::yield_now();
+    }
+    assert_eq!(all_files(&store.join("svc")), before);
+    let r = push(rx.local_addr(), &key(), "svc", &src, T).unwrap();
+    assert_eq!(sent(&r), ["ckpt-00000002.snap"]);
+    let after = all_files(&store.join("svc"));
+    assert!(
+        after.iter().all(|f| !f.starts_with(".ckpt")),
+        "a temporary file stayed: {after:?}"
+    );
+    assert_eq!(before.len() + 1, after.len(), "{before:?} then {after:?}");
+    assert_eq!(committed.lock().unwrap().len(), 2);
+    rx.stop();
+    let _ = std::fs::remove_dir_all(&src);
+    let _ = std::fs::remove_dir_all(&store);
+}
