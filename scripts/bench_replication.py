@@ -10,6 +10,8 @@ Printed (medians):
   full image     push of the full image to an empty store, connect to acknowledged (the
                  receiver has checked every page checksum, fsynced and committed it): GiB/s,
                  and the receiver's own split (data in, checks, fsync and commit)
+  raw write      as many bytes written to a new file in the store and fsynced (the receiver's
+                 page cache and disk, without the network)
   raw read       `cat IMAGE > /dev/null`-style read of the image file (page cache)
   raw TCP        the image file sent with sendfile() between the namespaces and discarded by
                  the peer (Python, no MAC, no disk): the link's own rate
@@ -136,6 +138,22 @@ def raw_read(path):
     return time.monotonic() - t0
 
 
+def raw_write(store, size):
+    """Writes `size` bytes to a new file in the store (8 MiB writes of one buffer), fsync."""
+    path = os.path.join(store, ".raw-write")
+    buf = os.urandom(8 << 20)
+    t0 = time.monotonic()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    left = size
+    while left > 0:
+        left -= os.write(fd, buf[:min(left, len(buf))])
+    os.fsync(fd)
+    os.close(fd)
+    t = time.monotonic() - t0
+    os.unlink(path)
+    return t
+
+
 RAW_SINK = r"""
 import socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -197,6 +215,10 @@ def main():
             cpu_recv.append(cpu_of(serve.pid) - c_recv)
             full_t.append(t)
             split.append(phases(store + ".log", r))
+            # Freed at once: on this VM, writing GiBs of new page cache gets several times
+            # slower once a few GiB were written and kept (plain dd shows it too).
+            shutil.rmtree(os.path.join(store, f"full{r}"))
+        writes = [raw_write(store, size) for _ in range(a.runs)]
         reads = [raw_read(full) for _ in range(a.runs)]
         tcps = [raw_tcp(full) for _ in range(a.runs)]
         lags, dsizes = [], []
@@ -229,6 +251,8 @@ def main():
               " | |")
         print(f"| CPU per GiB of full image: receiver (serve) | {med(cpu_recv) / gib * 1e3:.0f}"
               " ms | |")
+        print(f"| raw write of as many bytes to a new file in the store, fsync |"
+              f" {med(writes) * 1e3:.0f} ms | {gib / med(writes):.2f} GiB/s |")
         print(f"| raw read of the image file (page cache) | {med(reads) * 1e3:.0f} ms |"
               f" {gib / med(reads):.2f} GiB/s |")
         print(f"| raw TCP between the namespaces (sendfile, discarded) | {med(tcps) * 1e3:.0f}"

@@ -230,13 +230,18 @@ fn full_image_and_deltas_replicate_and_restore_byte_identical() -> Result<()> {
         );
     }
     expect_same_bytes(&serve, &[&full, &d1, &d2])?;
-    // A push of what the receiver holds is a no-op.
+    // A push of what the receiver holds is a no-op (and says so in JSON too).
     let before = contents(&serve.dir())?;
-    let c = push(&session, &serve, &key, &[])?;
+    let c = push(&session, &serve, &key, &["--json"])?;
     expect_pushed(&c)?;
-    if !sent(&c).is_empty() || contents(&serve.dir())? != before {
+    let v: serde_json::Value = serde_json::from_str(&c.stdout).context("parse push --json")?;
+    let count = |k: &str| v[k].as_array().map(|a| a.len());
+    if (count("sent"), count("already"), count("acknowledged")) != (Some(0), Some(3), Some(3))
+        || v["newest"] != name(&d2).as_str()
+        || contents(&serve.dir())? != before
+    {
         bail!(
-            "a second push of the same images changed the store\n{}",
+            "a second push of the same images was not a no-op\n{}",
             c.report()
         );
     }

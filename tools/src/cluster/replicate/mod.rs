@@ -20,6 +20,8 @@ mod proto;
 mod receive;
 mod send;
 mod store;
+#[cfg(test)]
+mod tests;
 mod wire;
 
 use std::net::SocketAddr;

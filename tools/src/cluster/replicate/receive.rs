@@ -10,7 +10,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -56,11 +56,19 @@ struct Shared {
     opts: Options,
     /// Held from the rename of an image to the end of the retention that follows it.
     commit: Mutex<()>,
+    /// Sessions under way (a connection beyond [`MAX_SESSIONS`] is closed at once).
+    sessions: AtomicUsize,
 }
+
+/// Sessions a receiver serves at once.
+const MAX_SESSIONS: usize = 64;
+/// A peer must complete the handshake within this long.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running receiver.
 pub struct Receiver {
     addr: SocketAddr,
+    shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -95,15 +103,17 @@ impl Receiver {
             gate,
             opts,
             commit: Mutex::new(()),
+            sessions: AtomicUsize::new(0),
         });
         let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+        let (stop2, shared2) = (stop.clone(), shared.clone());
         let thread = std::thread::Builder::new()
             .name("replicate-accept".into())
-            .spawn(move || accept_loop(listener, shared, stop2))
+            .spawn(move || accept_loop(listener, shared2, stop2))
             .map_err(|e| ReplicateError::io("start a thread for", Path::new("the receiver"), e))?;
         Ok(Receiver {
             addr,
+            shared,
             stop,
             thread: Some(thread),
         })
@@ -111,6 +121,11 @@ impl Receiver {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Sessions under way (connections accepted and not yet ended, their files cleaned up).
+    pub fn sessions(&self) -> usize {
+        self.shared.sessions.load(Ordering::SeqCst)
     }
 
     /// Stops accepting connections (sessions under way finish on their own).
@@ -138,18 +153,29 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>
         }
         match conn {
             Ok(s) => {
+                let peer = s.peer_addr().map_or("?".into(), |a| a.to_string());
+                if shared.sessions.fetch_add(1, Ordering::SeqCst) >= MAX_SESSIONS {
+                    shared.sessions.fetch_sub(1, Ordering::SeqCst);
+                    log(&format!(
+                        "refused {peer}: {MAX_SESSIONS} sessions under way already"
+                    ));
+                    continue;
+                }
                 let sh = shared.clone();
-                let _ = std::thread::Builder::new()
+                let spawned = std::thread::Builder::new()
                     .name("replicate-session".into())
                     .spawn(move || {
-                        let peer = s.peer_addr().map_or("?".into(), |a| a.to_string());
                         // Logged before the connection closes: a peer that sees it closed
                         // finds the reason in the log.
                         if let Err(e) = session(&sh, &s) {
                             log(&format!("session with {peer} ended: {e}"));
                         }
                         drop(s);
+                        sh.sessions.fetch_sub(1, Ordering::SeqCst);
                     });
+                if spawned.is_err() {
+                    shared.sessions.fetch_sub(1, Ordering::SeqCst);
+                }
             }
             Err(e) => {
                 log(&format!("accept failed: {e}"));
@@ -166,9 +192,10 @@ fn log(line: &str) {
 
 fn session(sh: &Shared, s: &TcpStream) -> Result<(), ReplicateError> {
     let _ = s.set_nodelay(true);
-    let _ = s.set_read_timeout(Some(sh.opts.idle));
+    let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT.min(sh.opts.idle)));
     let _ = s.set_write_timeout(Some(sh.opts.idle));
     let mut ch = Channel::server(s, &sh.key.bytes)?;
+    let _ = s.set_read_timeout(Some(sh.opts.idle));
     let service = match proto::recv(&mut ch)? {
         Msg::Hello { service } => service,
         m => return Err(unexpected(&m, "hello")),
