@@ -36,6 +36,8 @@ pub enum Command {
     Merge(MergeArgs),
     Check(CheckArgs),
     Ps(PsArgs),
+    Node(crate::cluster::node::NodeArgs),
+    Service(crate::cluster::service::ServiceArgs),
     /// Keep a killed program's live TCP connections for its restore (started by
     /// `snapshim checkpoint --kill`)
     #[command(name = "keep-tcp", hide = true)]
@@ -43,6 +45,9 @@ pub enum Command {
         /// The sockets, inherited
         fds: Vec<i32>,
     },
+    /// Image replication between nodes: keygen, serve, push (for tests and benchmarks)
+    #[command(hide = true)]
+    Replicate(crate::cluster::replicate::ReplicateArgs),
 }
 
 /// Run a program with snapshim loaded (LD_PRELOAD), replacing this process

@@ -6,6 +6,8 @@
 //!   protocol is described in `checkpoint.rs`).
 //! - `restore` execs `snapshim-restore`.
 //! - `activate` wakes a waiting `snapshim-restore --standby` (`activate.rs`).
+//! - `node` runs the node agent of a cluster, `service` defines and moves the programs it
+//!   keeps running (`cluster/`).
 //! - `inspect`, `verify` and `ls` read images through `snapshim-image` only; they never load
 //!   the shim.
 //!
@@ -16,6 +18,7 @@ mod activate;
 mod check;
 mod checkpoint;
 mod cli;
+mod cluster;
 mod enterable;
 mod failure;
 mod inspect;
@@ -57,7 +60,10 @@ fn main() -> ExitCode {
         Command::Merge(a) => merge::merge(&a.image, a.quiet),
         Command::Check(a) => check::check(a),
         Command::Ps(a) => ps::ps(a.json),
+        Command::Node(a) => cluster::node::run(a),
+        Command::Service(a) => cluster::service::run(a),
         Command::KeepTcp { fds } => keeper::run(&fds),
+        Command::Replicate(a) => cluster::replicate::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
