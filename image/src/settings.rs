@@ -515,11 +515,19 @@ pub fn group_socket_name(token: u32) -> String {
     format!("snapshim-group:{token:08x}")
 }
 
-/// What a member writes on the group socket once its threads are parked; the coordinator
-/// answers [`GROUP_GO`] when every member has, and the member captures. After the commit the
-/// member writes its usual reply line (`ok path=...` or `err ...`) and closes.
+/// The group protocol's lines. A member writes [`GROUP_READY`] once its image file is created
+/// and its memory prepared (before its pause), and waits for [`GROUP_STOP`], which the
+/// coordinator sends when every member is ready: the members' pauses then start together and
+/// no member waits, stopped, while another prepares. Then it parks its threads, writes
+/// [`GROUP_PARKED`] and waits for [`GROUP_GO`], sent when every member is parked: the instant of
+/// the set. After the commit the member writes its usual reply line (`ok path=...` or
+/// `err ...`) and closes.
+pub const GROUP_READY: &[u8] = b"ready\n";
+/// See [`GROUP_READY`].
+pub const GROUP_STOP: &[u8] = b"stop\n";
+/// See [`GROUP_READY`].
 pub const GROUP_PARKED: &[u8] = b"parked\n";
-/// See [`GROUP_PARKED`].
+/// See [`GROUP_READY`].
 pub const GROUP_GO: &[u8] = b"go\n";
 
 /// The usual name of a signal number: `SIGUSR2`, `SIGRTMIN+3`, or `SIG32` for numbers without

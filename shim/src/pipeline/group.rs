@@ -6,16 +6,21 @@
 //!  listen on @snapshim-group:<token>
 //!  sigqueue(member, quiesce signal,  ───────────►  handler: Record::Group(token) into the wake
 //!           GROUP_BIT | token << 32)                  pipe, whatever si_pid is
-//!                                                   helper: create the image file, quiesce
-//!                                  ◄───────────── connect, "parked\n"       (threads parked)
+//!                                                   helper: create the image file, prepare
+//!                                  ◄───────────── connect, "ready\n"        (still running)
+//!  every member ready: "stop\n"    ───────────►   quiesce
+//!                                  ◄───────────── "parked\n"               (threads parked)
 //!  every member parked: "go\n"     ───────────►   capture, protect, resume, flush, commit
 //!                                  ◄───────────── "ok path=... paused_at_ns=... released_at_ns=...\n"
 //!                                                  or "err ...\n"; close
 //! ```
 //!
-//! Anything but `go` (the coordinator closed the connection, a member failed or died, [`GO_WAIT_MS`]
-//! passed) calls this member's checkpoint off while its threads are still parked: nothing is
-//! captured, nothing committed, and the program runs on as if no checkpoint had been asked.
+//! `ready` comes before the pause, so that no member waits stopped while another creates its
+//! image file or write-protects its memory: the pauses start together, on `stop`. Anything
+//! but `stop` or `go` (the coordinator closed the connection, a member failed or died,
+//! [`GO_WAIT_MS`] passed) calls this member's checkpoint off, before its pause or while its
+//! threads are still parked: nothing is captured, nothing committed, and the program runs on
+//! as if no checkpoint had been asked.
 //!
 //! The connection is the helper's own: it is left out of the image (`capture.rs`), and a
 //! restored process forgets its number without closing it (the descriptor was never restored,
@@ -26,11 +31,13 @@
 use alloc::string::String;
 use core::sync::atomic::{AtomicI32, AtomicU64, Ordering::*};
 
-use snapshim_image::settings::{group_socket_name, GROUP_GO, GROUP_PARKED};
+use snapshim_image::settings::{
+    group_socket_name, GROUP_GO, GROUP_PARKED, GROUP_READY, GROUP_STOP,
+};
 
 use crate::sys::{self, sc};
 
-/// How long a parked member waits for `go` before it calls its checkpoint off.
+/// How long a member waits for `stop` or `go` before it calls its checkpoint off.
 pub const GO_WAIT_MS: u64 = 30_000;
 
 /// The connection to the coordinator, from [`meet`] to [`answer`]; -1 without one.
@@ -43,16 +50,27 @@ pub fn own_fd() -> i32 {
     CONN.load(Relaxed)
 }
 
-/// With every thread parked (the pause began at `t0`): tells the coordinator with `token`
-/// that this member is parked and waits for `go`. Err: the checkpoint is called off, with why.
-pub fn meet(token: u32, t0: u64) -> Result<(), String> {
-    PAUSE_T0.store(t0, Relaxed);
-    let off = |why: String| alloc::format!("the group checkpoint was called off: {why}");
-    let fd = connect(token).map_err(|e| off(alloc::format!("cannot reach the coordinator: errno {e}")))?;
+/// Before the pause, everything prepared: tells the coordinator with `token` that this member
+/// is ready and waits for `stop`. Err: the checkpoint is called off, with why.
+pub fn ready(token: u32) -> Result<(), String> {
+    let fd = connect(token)
+        .map_err(|e| off(alloc::format!("cannot reach the coordinator: errno {e}")))?;
     CONN.store(fd, Relaxed);
-    let r = send(fd, GROUP_PARKED)
+    say(fd, GROUP_READY, GROUP_STOP)
+}
+
+/// With every thread parked (the pause began at `t0`): tells the coordinator and waits for
+/// `go`. Err: the checkpoint is called off, with why.
+pub fn meet(t0: u64) -> Result<(), String> {
+    PAUSE_T0.store(t0, Relaxed);
+    say(CONN.load(Relaxed), GROUP_PARKED, GROUP_GO)
+}
+
+/// Writes `line` on the connection `fd` and waits for `answer`; on failure closes it.
+fn say(fd: i32, line: &[u8], answer: &[u8]) -> Result<(), String> {
+    let r = send(fd, line)
         .map_err(|e| alloc::format!("cannot write to the coordinator: errno {e}"))
-        .and_then(|()| wait_for_go(fd));
+        .and_then(|()| wait_for(fd, answer));
     if let Err(why) = r {
         CONN.store(-1, Relaxed);
         sys::close(fd);
@@ -61,12 +79,16 @@ pub fn meet(token: u32, t0: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads what the coordinator says after `parked`: Ok on `go`.
-fn wait_for_go(fd: i32) -> Result<(), String> {
+fn off(why: String) -> String {
+    alloc::format!("the group checkpoint was called off: {why}")
+}
+
+/// Reads what the coordinator says next: Ok if it is `want`.
+fn wait_for(fd: i32, want: &[u8]) -> Result<(), String> {
     let deadline = sys::monotonic_ns() + GO_WAIT_MS * 1_000_000;
     let mut got = [0u8; 8];
     let mut n = 0;
-    while n < GROUP_GO.len() {
+    while n < want.len() {
         let left_ms = deadline.saturating_sub(sys::monotonic_ns()) / 1_000_000;
         if left_ms == 0 {
             return Err(alloc::format!(
@@ -84,17 +106,27 @@ fn wait_for_go(fd: i32) -> Result<(), String> {
         if r <= 0 {
             continue;
         }
-        match sys::read(fd, &mut got[n..GROUP_GO.len()]) {
-            Ok(0) => return Err("the coordinator ended the checkpoint (another member failed, or it gave up)".into()),
+        match sys::read(fd, &mut got[n..want.len()]) {
+            Ok(0) => {
+                return Err(
+                    "the coordinator ended it (another member failed or is gone, or it gave up)"
+                        .into(),
+                )
+            }
             Ok(k) => n += k,
             Err(libc::EINTR) => {}
-            Err(e) => return Err(alloc::format!("cannot read from the coordinator: errno {e}")),
+            Err(e) => {
+                return Err(alloc::format!(
+                    "cannot read from the coordinator: errno {e}"
+                ))
+            }
         }
     }
-    if got[..n] != *GROUP_GO {
+    if got[..n] != *want {
         return Err(alloc::format!(
-            "the coordinator said {:?} instead of go",
-            String::from_utf8_lossy(&got[..n])
+            "the coordinator said {:?} instead of {:?}",
+            String::from_utf8_lossy(&got[..n]),
+            String::from_utf8_lossy(want).trim_end()
         ));
     }
     Ok(())

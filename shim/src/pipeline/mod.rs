@@ -287,6 +287,17 @@ fn take(
     // Who asked while the file was created and memory protected joins this checkpoint: its
     // image is taken after they asked. A request from now on stays in the pipe for the next.
     trigger::drain(requests);
+    // A group member's pause starts when every member is ready for it.
+    if let Some(token) = requests.group {
+        if let Err(msg) = group::ready(token) {
+            if engine == Engine::Uffd {
+                uffd::teardown();
+            }
+            target::abandon(&target);
+            unmap_stack();
+            return Outcome::Failed(msg);
+        }
+    }
     // A request for the program's last checkpoint holds the threads until the end.
     let last = requests.pipes.iter().any(|r| r.stop);
     resume::hold(last);
@@ -298,7 +309,7 @@ fn take(
     MARKS[0].store(t0, Relaxed);
     // A group member meets the coordinator once parked, and captures only when told to.
     let parked = quiesce::quiesce().and_then(|n| match requests.group {
-        Some(token) => group::meet(token, t0).map(|()| n),
+        Some(_) => group::meet(t0).map(|()| n),
         None => Ok(n),
     });
     let nthreads = match parked {

@@ -406,7 +406,14 @@ mod tests {
         ] {
             let b = rec.encode();
             assert_eq!(b.len(), RECORD_LEN);
-            assert_eq!(&b[..4], if matches!(rec, Record::Group(_)) { b"SRG1" } else { b"SRQ1" });
+            assert_eq!(
+                &b[..4],
+                if matches!(rec, Record::Group(_)) {
+                    b"SRG1"
+                } else {
+                    b"SRQ1"
+                }
+            );
             assert_eq!(Record::decode(&b), Some(rec));
         }
         assert_eq!(

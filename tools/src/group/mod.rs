@@ -71,11 +71,17 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
         .iter()
         .map(|&pid| request_signal(pid))
         .collect::<Result<Vec<i32>>>()?;
+    let group_dir = set::group_dir(&base_dir(a.dir.as_deref(), pids[0])?, &name);
+    require_previous_members(&name, &group_dir, &pids)?;
     let (listener, token) = listen()?;
     let mut peers = Vec::new();
     for &pid in &pids {
         let program = proc::comm(pid).unwrap_or_else(|| "?".into());
-        peers.push(rendezvous::Peer::new(pid, program, single::pidfd_open(pid)?));
+        peers.push(rendezvous::Peer::new(
+            pid,
+            program,
+            single::pidfd_open(pid)?,
+        ));
     }
     let value = GROUP_BIT as u64 | (token as u64) << 32;
     for (p, &signo) in peers.iter().zip(&signals) {
@@ -91,11 +97,6 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
         .map(|(p, line)| committed(p, line))
         .collect::<Result<Vec<_>>>()
         .map_err(|f| Failure::op(format!("group checkpoint of {name} failed: {}", f.message)))?;
-    let base = match &a.dir {
-        Some(d) => std::path::absolute(d)
-            .map_err(|e| Failure::op(format!("cannot resolve {}: {e}", d.display())))?,
-        None => default_base(&committed[0].image),
-    };
     let mut s = set::Set {
         group: name.clone(),
         set: 0,
@@ -124,7 +125,7 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
             })
             .collect::<Result<Vec<_>>>()?,
     };
-    let path = set::commit(&set::group_dir(&base, &name), &mut s)?;
+    let path = set::commit(&group_dir, &mut s)?;
     report(&s, &path, a.json)
 }
 
@@ -290,15 +291,51 @@ fn group_pause_us(c: &[Committed], o: &rendezvous::Outcome) -> u64 {
     }
 }
 
-/// Where the set goes without `--dir`: the directory that holds the first member's image
-/// directory (its `SNAPSHIM_DIR`, or for a restored program the directory it was restored
-/// from).
-fn default_base(image: &Path) -> PathBuf {
-    image
-        .parent()
-        .and_then(|d| d.parent())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(crate::launch::DEFAULT_DIR))
+/// Where the group's sets go: `--dir`, else the first member's `SNAPSHIM_DIR` (against its
+/// working directory when relative), else `./snapshim-images` in its working directory.
+fn base_dir(dir: Option<&Path>, first: i32) -> Result<PathBuf> {
+    if let Some(d) = dir {
+        return std::path::absolute(d)
+            .map_err(|e| Failure::op(format!("cannot resolve {}: {e}", d.display())));
+    }
+    let theirs = proc::environ_var(first, settings::DIR)
+        .ok()
+        .flatten()
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| crate::launch::DEFAULT_DIR.to_string());
+    let cwd = std::fs::read_link(format!("/proc/{first}/cwd")).map_err(|e| {
+        Failure::op(format!(
+            "cannot tell the working directory of process {first} (give --dir): {e}"
+        ))
+    })?;
+    Ok(cwd.join(theirs))
+}
+
+/// Fails when a program of the group's current set is not among the running members `pids`
+/// (by program name, as many times as the set has it): a set without it would not be the
+/// group, and the current set must stay current. A group without a set yet takes whoever runs.
+fn require_previous_members(name: &str, group_dir: &Path, pids: &[i32]) -> Result<()> {
+    let Ok((previous, path)) = set::read(group_dir) else {
+        return Ok(());
+    };
+    let mut running: Vec<String> = pids.iter().filter_map(|&p| proc::comm(p)).collect();
+    for m in &previous.members {
+        match running.iter().position(|r| *r == m.program) {
+            Some(i) => {
+                running.swap_remove(i);
+            }
+            None => {
+                return Err(Failure::op(format!(
+                    "group checkpoint of {name} refused: member {} (PID {} in {}) is not \
+                     running; that set stays the group's current one",
+                    m.program,
+                    m.pid,
+                    path.display()
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -314,11 +351,20 @@ mod tests {
     }
 
     #[test]
-    fn the_set_goes_beside_the_first_image_directory() {
+    fn the_set_goes_to_dir_else_into_the_first_members_snapshim_dir() {
+        let me = std::process::id() as i32;
         assert_eq!(
-            default_base(Path::new("/ckpt/solver/ckpt-3.snap")),
+            base_dir(Some(Path::new("/ckpt")), me).unwrap(),
             PathBuf::from("/ckpt")
         );
+        let here = std::env::current_dir().unwrap();
+        let theirs = std::env::var("SNAPSHIM_DIR").unwrap_or_default();
+        let want = if theirs.is_empty() {
+            here.join("snapshim-images")
+        } else {
+            here.join(theirs)
+        };
+        assert_eq!(base_dir(None, me).unwrap(), want);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The coordinator's half of a group checkpoint (the member's is shim/src/pipeline/group.rs):
-//! waits until every member is parked, says `go` to all at once, and collects their outcomes.
+//! waits until every member is ready (prepared, still running) and says `stop` to all, waits
+//! until every member is parked and says `go` to all, and collects their outcomes.
 //! One thread, one `poll` over the listening socket, every connection and every member's pidfd.
 
 use std::io::{ErrorKind, Read, Write};
@@ -8,7 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use snapshim_image::settings::{GROUP_GO, GROUP_PARKED};
+use snapshim_image::settings::{GROUP_GO, GROUP_PARKED, GROUP_READY, GROUP_STOP};
 use snapshim_image::standby::peer;
 
 use crate::failure::{Failure, Result};
@@ -19,8 +20,11 @@ const MAX_LINE: usize = 64 * 1024;
 /// Where a member is in the protocol.
 #[derive(Debug, Clone, PartialEq)]
 enum Stage {
-    /// Signalled; not connected, or connected and not parked yet.
+    /// Signalled; not connected, or connected and not ready yet.
     Asked,
+    /// Prepared, still running; waits for `stop`.
+    Ready,
+    /// Stopped; waits for `go`.
     Parked,
     /// Its outcome line.
     Replied(String),
@@ -70,6 +74,7 @@ pub fn run(listener: &UnixListener, peers: &mut [Peer], deadline: Instant) -> Re
         .set_nonblocking(true)
         .map_err(|e| Failure::op(format!("cannot set up the group socket: {e}")))?;
     let mut first_parked = None;
+    let mut stop = false;
     let mut go = None;
     loop {
         let now = Instant::now();
@@ -84,21 +89,31 @@ pub fn run(listener: &UnixListener, peers: &mut [Peer], deadline: Instant) -> Re
                 first_parked = Some(Instant::now());
             }
         }
-        for p in peers.iter().filter(|p| !matches!(p.stage, Stage::Replied(_))) {
-            if let Some(why) = ended(p) {
+        for p in peers
+            .iter()
+            .filter(|p| !matches!(p.stage, Stage::Replied(_)))
+        {
+            if let Some(why) = ended(p, 0) {
                 return Err(Failure::op(why));
             }
         }
+        if go.is_none() {
+            // A member that answers before `go` has called its checkpoint off.
+            if let Some(p) = peers.iter().find(|p| matches!(p.stage, Stage::Replied(_))) {
+                let Stage::Replied(line) = &p.stage else {
+                    unreachable!()
+                };
+                return Err(Failure::op(format!("{} gave up: {line}", p.who())));
+            }
+        }
+        if !stop && peers.iter().all(|p| p.stage == Stage::Ready) {
+            // Every member is prepared: their pauses start together.
+            tell_all(peers, GROUP_STOP)?;
+            stop = true;
+        }
         if go.is_none() && peers.iter().all(|p| p.stage == Stage::Parked) {
             // The instant: every member is stopped; each captures once it reads this.
-            for p in peers.iter_mut() {
-                if !p.conn.as_mut().is_some_and(|c| c.write_all(GROUP_GO).is_ok()) {
-                    return Err(Failure::op(format!(
-                        "{} was lost before it could be told to go",
-                        p.who()
-                    )));
-                }
-            }
+            tell_all(peers, GROUP_GO)?;
             go = Some(Instant::now());
         }
         if peers.iter().all(|p| matches!(p.stage, Stage::Replied(_))) {
@@ -117,6 +132,20 @@ pub fn run(listener: &UnixListener, peers: &mut [Peer], deadline: Instant) -> Re
             });
         }
     }
+}
+
+/// Writes `line` to every member.
+fn tell_all(peers: &mut [Peer], line: &[u8]) -> Result<()> {
+    for p in peers.iter_mut() {
+        if !p.conn.as_mut().is_some_and(|c| c.write_all(line).is_ok()) {
+            return Err(Failure::op(format!(
+                "lost {} before telling it {:?}",
+                p.who(),
+                String::from_utf8_lossy(line).trim_end()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Waits until something happens: a connection, data, a member's end, or a slice of time.
@@ -156,7 +185,7 @@ fn accept(listener: &UnixListener, peers: &mut [Peer]) {
     }
 }
 
-/// Reads what `p` sent and moves it on: `parked`, then its outcome line. Fails on anything
+/// Reads what `p` sent and moves it on: `ready`, `parked`, then its outcome line. Fails on anything
 /// else, and on a connection closed before the outcome.
 fn read(p: &mut Peer) -> Result<()> {
     let Some(conn) = p.conn.as_mut() else {
@@ -179,10 +208,11 @@ fn read(p: &mut Peer) -> Result<()> {
     while let Some(line) = crate::checkpoint::take_line(&mut p.buf) {
         let line = line.trim_end().to_string();
         match p.stage {
-            Stage::Asked if format!("{line}\n").as_bytes() == GROUP_PARKED => {
+            Stage::Asked if format!("{line}\n").as_bytes() == GROUP_READY => p.stage = Stage::Ready,
+            Stage::Ready if format!("{line}\n").as_bytes() == GROUP_PARKED => {
                 p.stage = Stage::Parked
             }
-            Stage::Asked | Stage::Parked if line.starts_with("err") => {
+            Stage::Asked | Stage::Ready if line.starts_with("err") => {
                 let why = line.strip_prefix("err").unwrap_or("").trim();
                 return Err(Failure::op(format!("{} failed: {why}", p.who())));
             }
@@ -199,6 +229,10 @@ fn read(p: &mut Peer) -> Result<()> {
         return Err(Failure::op(format!("{} sent an endless line", p.who())));
     }
     if closed && !matches!(p.stage, Stage::Replied(_)) {
+        // An exiting process closes its descriptors just before its pidfd says it ended.
+        if let Some(why) = ended(p, 100) {
+            return Err(Failure::op(why));
+        }
         return Err(Failure::op(format!(
             "{} closed the connection before reporting its checkpoint",
             p.who()
@@ -210,14 +244,11 @@ fn read(p: &mut Peer) -> Result<()> {
     Ok(())
 }
 
-/// Why `p` can no longer answer, if it has ended.
-fn ended(p: &Peer) -> Option<String> {
+/// Why `p` can no longer answer, if it has ended (waiting up to `ms` for it to).
+fn ended(p: &Peer, ms: u16) -> Option<String> {
     let mut fds = [PollFd::new(p.pidfd.as_fd(), PollFlags::POLLIN)];
-    match poll(&mut fds, PollTimeout::ZERO) {
-        Ok(1..) => Some(format!(
-            "{} exited during the group checkpoint",
-            p.who()
-        )),
+    match poll(&mut fds, PollTimeout::from(ms)) {
+        Ok(1..) => Some(format!("{} exited during the group checkpoint", p.who())),
         _ => None,
     }
 }
@@ -225,7 +256,7 @@ fn ended(p: &Peer) -> Option<String> {
 /// The failure when the deadline passed: the first member that is behind.
 fn late(peers: &[Peer], went: bool) -> Failure {
     let behind = peers.iter().find(|p| match p.stage {
-        Stage::Asked => true,
+        Stage::Asked | Stage::Ready => true,
         Stage::Parked => went,
         Stage::Replied(_) => false,
     });

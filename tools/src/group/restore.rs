@@ -88,7 +88,7 @@ pub fn restore(target: &Path, json: bool) -> Result<()> {
         }))?;
     } else {
         eprintln!(
-            "snapshim: group {}: {} members resumed from {} within {}",
+            "snapshim: group {}: {} members restored from {}, resumed within {} of each other",
             s.group,
             standbys.len(),
             set_path.display(),
@@ -162,7 +162,11 @@ fn wait_staged(standbys: &[Standby], events: &mpsc::Receiver<Event>) -> Result<(
                     "member {} cannot be restored from {}: {}",
                     sb.program,
                     sb.image.display(),
-                    if why.is_empty() { "its restorer ended" } else { &why }
+                    if why.is_empty() {
+                        "its restorer ended"
+                    } else {
+                        &why
+                    }
                 )));
             }
             Err(_) => return Err(Failure::op("lost every restorer")),
@@ -180,7 +184,10 @@ fn activate_all(standbys: &[Standby]) -> Result<()> {
             .collect();
         threads
             .into_iter()
-            .map(|t| t.join().unwrap_or_else(|_| Err("activation thread failed".into())))
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err("activation thread failed".into()))
+            })
             .collect()
     });
     for (sb, r) in standbys.iter().zip(results) {

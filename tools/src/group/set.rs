@@ -162,12 +162,8 @@ pub fn read(target: &Path) -> Result<(Set, PathBuf)> {
     };
     let text = std::fs::read(&path)
         .map_err(|e| Failure::op(format!("cannot read {}: {e}", path.display())))?;
-    let set: Set = serde_json::from_slice(&text).map_err(|e| {
-        Failure::op(format!(
-            "{} is not a group set: {e}",
-            path.display()
-        ))
-    })?;
+    let set: Set = serde_json::from_slice(&text)
+        .map_err(|e| Failure::op(format!("{} is not a group set: {e}", path.display())))?;
     if set.members.is_empty() {
         return Err(Failure::op(format!("{} names no member", path.display())));
     }
