@@ -137,7 +137,7 @@ pub fn run(listener: &UnixListener, peers: &mut [Peer], deadline: Instant) -> Re
 /// Writes `line` to every member.
 fn tell_all(peers: &mut [Peer], line: &[u8]) -> Result<()> {
     for p in peers.iter_mut() {
-        if !p.conn.as_mut().is_some_and(|c| c.write_all(line).is_ok()) {
+        if p.conn.as_mut().is_none_or(|c| c.write_all(line).is_err()) {
             return Err(Failure::op(format!(
                 "lost {} before telling it {:?}",
                 p.who(),
