@@ -490,7 +490,7 @@ pub(crate) fn require_shim(pid: i32) -> Result<()> {
 /// When we run as root and `pid` does not, becomes its user for good. The shim opens
 /// `/proc/<our pid>/fd/<n>` with its own credentials: that needs our process to be of its user
 /// (and dumpable), and the pipe to be created by that user (pipes are mode 0600).
-pub(crate) fn become_owner_of(pid: i32) -> Result<()> {
+fn become_owner_of(pid: i32) -> Result<()> {
     if !geteuid().is_root() {
         return Ok(());
     }
@@ -712,7 +712,7 @@ pub(crate) fn take_line(buf: &mut Vec<u8>) -> Option<String> {
     Some(line)
 }
 
-pub(crate) fn humantime(d: Duration) -> String {
+fn humantime(d: Duration) -> String {
     let s = d.as_secs_f64();
     if s < 60.0 {
         format!("{s:.1} s")
