@@ -297,6 +297,10 @@ fn take(
             unmap_stack();
             return Outcome::Failed(msg);
         }
+        // What it wrote while the others prepared is protected again before the pause.
+        if engine == Engine::Uffd {
+            uffd::protect_again();
+        }
     }
     // A request for the program's last checkpoint holds the threads until the end.
     let last = requests.pipes.iter().any(|r| r.stop);
