@@ -59,12 +59,21 @@ impl Scratch {
 /// Every member's uninterrupted reference run comes first, so that none is near its end
 /// when the last one starts.
 fn start_group(group: &str) -> Result<Vec<Running>> {
+    start_group_with(group, [None, None])
+}
+
+/// [`start_group`], each member with its work size (rounds, batches) if given.
+fn start_group_with(group: &str, sizes: [Option<&str>; 2]) -> Result<Vec<Running>> {
     let specs = MEMBERS
         .iter()
-        .map(|name| {
-            let spec = AppSpec::named(name)?
+        .zip(sizes)
+        .map(|(name, size)| {
+            let mut spec = AppSpec::named(name)?
                 .through_run()
                 .env("SNAPSHIM_GROUP", group);
+            if let Some(size) = size {
+                spec = spec.arg(size);
+            }
             reference(&spec)?;
             Ok(spec)
         })
@@ -326,7 +335,9 @@ fn a_group_restores_together_twice_from_a_copy() -> Result<()> {
 fn a_missing_member_keeps_the_previous_set() -> Result<()> {
     let group = group_name();
     let scratch = Scratch::new("missing")?;
-    let mut members = start_group(&group)?;
+    // The member that stays runs four times as long as by default: it is surely still there
+    // when the checkpoint is refused.
+    let mut members = start_group_with(&group, [Some("288"), None])?;
     let sessions: Vec<Arc<Session>> = members.iter().map(|m| Arc::clone(m.session())).collect();
     let first = checkpoint_group(&group, &scratch.0)?;
     members.pop().expect("two members").kill()?;
@@ -363,5 +374,54 @@ fn unknown_groups_are_refused_in_one_line() -> Result<()> {
     expect_clean_refusal(&c, &["no member of group"])?;
     let c = snapshim(&["restore", "--group", "/nonexistent/x.group"])?;
     expect_clean_refusal(&c, &["/nonexistent/x.group"])?;
+    Ok(())
+}
+
+/// A member that cannot stop (SIGSTOP'ed): the group checkpoint gives up at its timeout and
+/// names it; the other member, ready and waiting, calls its checkpoint off and commits nothing;
+/// both run on (the stopped one, continued, finds the request it got while stopped called off)
+/// to the same output as uninterrupted runs.
+#[test]
+fn a_member_that_does_not_stop_calls_the_group_checkpoint_off() -> Result<()> {
+    let group = group_name();
+    let scratch = Scratch::new("stopped")?;
+    // The member that stays ready runs long enough to be asked.
+    let mut members = start_group_with(&group, [Some("288"), None])?;
+    let stuck = members.pop().expect("two members");
+    stuck.signal(libc::SIGSTOP)?;
+    let c = snapshim(&[
+        "checkpoint",
+        "--group",
+        &group,
+        "--dir",
+        &scratch.0.to_string_lossy(),
+        "--timeout",
+        "1",
+    ]);
+    stuck.signal(libc::SIGCONT)?;
+    let line = expect_clean_refusal(&c?, &["did not stop"])?;
+    if !line.contains(MEMBERS[1]) {
+        bail!("the failure does not name the stopped member: {line}");
+    }
+    let other = members.pop().expect("two members");
+    let images = |r: &Running| {
+        fs::read_dir(r.session().image_dir())
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".snap"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    if images(&other) != 0 {
+        bail!("the member that was ready committed an image of a called-off group checkpoint");
+    }
+    if scratch.0.join(format!("{group}.group")).exists() {
+        bail!("a called-off group checkpoint left a group directory");
+    }
+    for m in [other, stuck] {
+        m.finish()?.assert_same_output_as_uninterrupted()?;
+    }
+    scratch.passed();
     Ok(())
 }

@@ -253,13 +253,19 @@ fn ended(p: &Peer, ms: u16) -> Option<String> {
     }
 }
 
-/// The failure when the deadline passed: the first member that is behind.
+/// The failure when the deadline passed, naming the member furthest behind (the others wait
+/// for it).
 fn late(peers: &[Peer], went: bool) -> Failure {
-    let behind = peers.iter().find(|p| match p.stage {
-        Stage::Asked | Stage::Ready => true,
-        Stage::Parked => went,
-        Stage::Replied(_) => false,
-    });
+    let rank = |s: &Stage| match s {
+        Stage::Asked => 0,
+        Stage::Ready => 1,
+        Stage::Parked => 2,
+        Stage::Replied(_) => 3,
+    };
+    let behind = peers
+        .iter()
+        .filter(|p| rank(&p.stage) < 3)
+        .min_by_key(|p| rank(&p.stage));
     match behind {
         Some(p) if !went => Failure::op(format!(
             "{} did not stop within the timeout (--timeout); the group checkpoint was called off",
