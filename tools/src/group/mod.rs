@@ -73,9 +73,21 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
         .collect::<Result<Vec<i32>>>()?;
     let group_dir = set::group_dir(&base_dir(a.dir.as_deref(), pids[0])?, &name);
     require_previous_members(&name, &group_dir, &pids)?;
+    let failed =
+        |f: Failure| Failure::op(format!("group checkpoint of {name} failed: {}", f.message));
+    let committed = take(&pids, &signals, Instant::now() + a.timeout).map_err(failed)?;
+    let mut s = set_of(&name, committed)?;
+    let path = set::commit(&group_dir, &mut s)?;
+    report(&s, &path, a.json)
+}
+
+/// Asks every member in `pids` (each with its request signal) for its part of one group
+/// checkpoint and follows the protocol until `deadline`; returns each member's committed image
+/// and the group's pause.
+fn take(pids: &[i32], signals: &[i32], deadline: Instant) -> Result<(Vec<Committed>, u64)> {
     let (listener, token) = listen()?;
     let mut peers = Vec::new();
-    for &pid in &pids {
+    for &pid in pids {
         let program = proc::comm(pid).unwrap_or_else(|| "?".into());
         peers.push(rendezvous::Peer::new(
             pid,
@@ -84,49 +96,48 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
         ));
     }
     let value = GROUP_BIT as u64 | (token as u64) << 32;
-    for (p, &signo) in peers.iter().zip(&signals) {
+    for (p, &signo) in peers.iter().zip(signals) {
         single::sigqueue(p.pid, signo, value)?;
     }
-    let deadline = Instant::now() + a.timeout;
-    let outcome = rendezvous::run(&listener, &mut peers, deadline)
-        .map_err(|f| Failure::op(format!("group checkpoint of {name} failed: {}", f.message)))?;
+    let outcome = rendezvous::run(&listener, &mut peers, deadline)?;
     drop(listener);
     let committed = peers
         .iter()
         .zip(&outcome.replies)
         .map(|(p, line)| committed(p, line))
-        .collect::<Result<Vec<_>>>()
-        .map_err(|f| Failure::op(format!("group checkpoint of {name} failed: {}", f.message)))?;
-    let mut s = set::Set {
-        group: name.clone(),
+        .collect::<Result<Vec<_>>>()?;
+    let pause = group_pause_us(&committed, &outcome);
+    Ok((committed, pause))
+}
+
+/// The set naming each member's image (its id read from the image).
+fn set_of(name: &str, (committed, group_pause_us): (Vec<Committed>, u64)) -> Result<set::Set> {
+    let member = |c: &Committed| {
+        let image_id = set::image_id(&c.image).ok_or_else(|| {
+            Failure::op(format!(
+                "group checkpoint of {name}: cannot read the image {} of member {} (PID {})",
+                c.image.display(),
+                c.program,
+                c.pid
+            ))
+        })?;
+        Ok(set::Member {
+            program: c.program.clone(),
+            pid: c.pid,
+            image: c.image.clone(),
+            image_id,
+            pause_us: c.pause_us,
+        })
+    };
+    Ok(set::Set {
+        group: name.to_string(),
         set: 0,
         time_ns: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64),
-        group_pause_us: group_pause_us(&committed, &outcome),
-        members: committed
-            .iter()
-            .map(|c| {
-                Ok(set::Member {
-                    program: c.program.clone(),
-                    pid: c.pid,
-                    image: c.image.clone(),
-                    image_id: set::image_id(&c.image).ok_or_else(|| {
-                        Failure::op(format!(
-                            "group checkpoint of {name}: cannot read the image {} of member {} \
-                             (PID {})",
-                            c.image.display(),
-                            c.program,
-                            c.pid
-                        ))
-                    })?,
-                    pause_us: c.pause_us,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?,
-    };
-    let path = set::commit(&group_dir, &mut s)?;
-    report(&s, &path, a.json)
+        group_pause_us,
+        members: committed.iter().map(member).collect::<Result<Vec<_>>>()?,
+    })
 }
 
 /// Prints the committed set: the members, their images, the group's pause.

@@ -89,23 +89,7 @@ pub fn run(listener: &UnixListener, peers: &mut [Peer], deadline: Instant) -> Re
                 first_parked = Some(Instant::now());
             }
         }
-        for p in peers
-            .iter()
-            .filter(|p| !matches!(p.stage, Stage::Replied(_)))
-        {
-            if let Some(why) = ended(p, 0) {
-                return Err(Failure::op(why));
-            }
-        }
-        if go.is_none() {
-            // A member that answers before `go` has called its checkpoint off.
-            if let Some(p) = peers.iter().find(|p| matches!(p.stage, Stage::Replied(_))) {
-                let Stage::Replied(line) = &p.stage else {
-                    unreachable!()
-                };
-                return Err(Failure::op(format!("{} gave up: {line}", p.who())));
-            }
-        }
+        lost(peers, go.is_some())?;
         if !stop && peers.iter().all(|p| p.stage == Stage::Ready) {
             // Every member is prepared: their pauses start together.
             tell_all(peers, GROUP_STOP)?;
@@ -132,6 +116,25 @@ pub fn run(listener: &UnixListener, peers: &mut [Peer], deadline: Instant) -> Re
             });
         }
     }
+}
+
+/// Fails when a member that has not answered has ended, or when one answered before `go`
+/// (`went`): it called its checkpoint off.
+fn lost(peers: &[Peer], went: bool) -> Result<()> {
+    for p in peers {
+        match &p.stage {
+            Stage::Replied(line) if !went => {
+                return Err(Failure::op(format!("{} gave up: {line}", p.who())))
+            }
+            Stage::Replied(_) => {}
+            _ => {
+                if let Some(why) = ended(p, 0) {
+                    return Err(Failure::op(why));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes `line` to every member.
