@@ -374,6 +374,19 @@ fn unknown_groups_are_refused_in_one_line() -> Result<()> {
     expect_clean_refusal(&c, &["no member of group"])?;
     let c = snapshim(&["restore", "--group", "/nonexistent/x.group"])?;
     expect_clean_refusal(&c, &["/nonexistent/x.group"])?;
+    // A set whose member's image is gone: refused before anything starts.
+    let scratch = Scratch::new("gone")?;
+    let set = scratch.0.join("g.group").join("set-1.json");
+    fs::create_dir_all(set.parent().expect("a directory")).context("create")?;
+    let doc = serde_json::json!({
+        "group": "g", "set": 1, "time_ns": 0, "group_pause_us": 0,
+        "members": [{"program": "p", "pid": 1, "image": "/nonexistent/p/ckpt-00000001.snap",
+                     "image_id": "0000000000000001", "pause_us": 0}],
+    });
+    fs::write(&set, doc.to_string()).context("write the set")?;
+    let c = snapshim(&["restore", "--group", &set.to_string_lossy()])?;
+    expect_clean_refusal(&c, &["not found"])?;
+    scratch.passed();
     Ok(())
 }
 

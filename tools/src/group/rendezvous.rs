@@ -281,3 +281,46 @@ fn late(peers: &[Peer], went: bool) -> Failure {
         None => Failure::op("the group checkpoint did not complete within the timeout"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(program: &str, stage: Stage) -> Peer {
+        let me = std::process::id() as i32;
+        let mut p = Peer::new(
+            me,
+            program.into(),
+            crate::checkpoint::pidfd_open(me).unwrap(),
+        );
+        p.stage = stage;
+        p
+    }
+
+    #[test]
+    fn the_member_furthest_behind_is_named() {
+        let peers = [
+            peer("ready", Stage::Ready),
+            peer("asked", Stage::Asked),
+            peer("parked", Stage::Parked),
+        ];
+        let f = late(&peers, false);
+        assert!(f.message.contains("member asked") && f.message.contains("did not stop"));
+        let peers = [
+            peer("done", Stage::Replied("ok".into())),
+            peer("parked", Stage::Parked),
+        ];
+        let f = late(&peers, true);
+        assert!(f.message.contains("member parked") && f.message.contains("did not report"));
+    }
+
+    #[test]
+    fn an_answer_before_go_is_a_member_giving_up() {
+        let peers = [peer("a", Stage::Replied("err disk full".into()))];
+        let f = lost(&peers, false).unwrap_err();
+        assert!(f.message.contains("member a") && f.message.contains("disk full"));
+        assert!(lost(&peers, true).is_ok());
+        // We are alive: nothing ended.
+        assert!(lost(&[peer("b", Stage::Ready)], false).is_ok());
+    }
+}
