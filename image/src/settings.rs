@@ -30,6 +30,10 @@ pub const TCP_ESTABLISHED: &str = "SNAPSHIM_TCP_ESTABLISHED";
 /// that PID says on stderr where its images go (again after each `exec`, as a script becomes
 /// its interpreter); the programs it starts, with other PIDs, do not.
 pub const ANNOUNCE: &str = "SNAPSHIM_ANNOUNCE";
+/// `SNAPSHIM_GROUP=NAME` (`snapshim run --group NAME`): the program is a member of the
+/// consistency group NAME, which `snapshim checkpoint --group NAME` checkpoints at one instant.
+/// Only the tools read it (in `/proc/PID/environ`); the shim does not need to.
+pub const GROUP: &str = "SNAPSHIM_GROUP";
 
 /// Image directory when `SNAPSHIM_DIR` is not set (relative to the program's working directory).
 pub const DEFAULT_DIR: &str = "snapshim-images";
@@ -257,6 +261,8 @@ pub struct RunSettings {
     pub tcp_established: bool,
     /// The PID whose shim says where its images go (`snapshim run`'s own).
     pub announce: Option<u32>,
+    /// `SNAPSHIM_GROUP` (`snapshim run --group`).
+    pub group: Option<String>,
 }
 
 impl RunSettings {
@@ -295,6 +301,9 @@ impl RunSettings {
         }
         if let Some(pid) = self.announce {
             v.push((ANNOUNCE, pid.to_string().into()));
+        }
+        if let Some(g) = &self.group {
+            v.push((GROUP, g.into()));
         }
         v
     }
@@ -489,6 +498,38 @@ pub const STOP_AFTER_SYMBOL: &str = "snapshim_stops_after_request";
 /// last (`--kill`). Descriptor numbers never reach it.
 pub const STOP_AFTER_BIT: u32 = 1 << 30;
 
+/// The symbol a shim exports when it takes part in group checkpoints: a request whose value
+/// has [`GROUP_BIT`] makes it meet the coordinator on the abstract socket
+/// [`group_socket_name`]`(token)` once its threads are parked, and capture only when told `go`.
+/// `snapshim checkpoint --group` refuses a member whose shim does not export it.
+pub const GROUP_SYMBOL: &str = "snapshim_joins_group_checkpoints";
+
+/// In the low half of a request's value: a group checkpoint; the high 32 bits are the
+/// coordinator's token (see [`GROUP_SYMBOL`]). Descriptor numbers never reach it.
+pub const GROUP_BIT: u32 = 1 << 29;
+
+/// The abstract Unix socket name (without its leading NUL) on which the coordinator of a group
+/// checkpoint with `token` listens. Abstract names live in the network namespace, which a
+/// restored program shares with us even in its own PID and user namespaces.
+pub fn group_socket_name(token: u32) -> String {
+    format!("snapshim-group:{token:08x}")
+}
+
+/// The group protocol's lines. A member writes [`GROUP_READY`] once its image file is created
+/// and its memory prepared (before its pause), and waits for [`GROUP_STOP`], which the
+/// coordinator sends when every member is ready: the members' pauses then start together and
+/// no member waits, stopped, while another prepares. Then it parks its threads, writes
+/// [`GROUP_PARKED`] and waits for [`GROUP_GO`], sent when every member is parked: the instant of
+/// the set. After the commit the member writes its usual reply line (`ok path=...` or
+/// `err ...`) and closes.
+pub const GROUP_READY: &[u8] = b"ready\n";
+/// See [`GROUP_READY`].
+pub const GROUP_STOP: &[u8] = b"stop\n";
+/// See [`GROUP_READY`].
+pub const GROUP_PARKED: &[u8] = b"parked\n";
+/// See [`GROUP_READY`].
+pub const GROUP_GO: &[u8] = b"go\n";
+
 /// The usual name of a signal number: `SIGUSR2`, `SIGRTMIN+3`, or `SIG32` for numbers without
 /// a name.
 pub fn signal_name(signo: i32) -> String {
@@ -652,6 +693,7 @@ mod tests {
             keep_store: Some(true),
             tcp_established: true,
             announce: Some(77),
+            group: Some("web".into()),
         };
         let env = run.env();
         let (s, warnings) = Settings::parse(|k| {

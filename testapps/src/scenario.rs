@@ -503,7 +503,7 @@ impl Session {
     /// Stands in for output the original wrote after the checkpoint and before it died: appends
     /// a marker to out.txt and every output file that exists. A restore cuts each file back to
     /// its checkpoint-time length; a restore that does not leaves the marker in the output.
-    fn write_past_checkpoint(&self) -> Result<()> {
+    pub fn write_past_checkpoint(&self) -> Result<()> {
         let mut files = vec![self.stdout_path()];
         files.extend(self.spec.output_files.iter().map(|f| self.dir.join(f)));
         for f in files.into_iter().filter(|f| f.exists()) {
@@ -870,6 +870,28 @@ pub struct Finished {
 }
 
 impl Finished {
+    /// A member of a group restored together (`snapshim restore --group`) from `image`: the
+    /// group's command ended with `status` (0 only if every member exited 0) and `stderr`.
+    pub fn group_member(
+        session: &Arc<Session>,
+        status: ExitStatus,
+        stderr: String,
+        image: PathBuf,
+    ) -> Finished {
+        Finished {
+            session: Arc::clone(session),
+            what: format!(
+                "{} (restored with its group from {})",
+                session.spec.name,
+                image.file_name().unwrap_or_default().to_string_lossy()
+            ),
+            status,
+            stderr,
+            stdout: String::new(),
+            restored_from: Some(image),
+        }
+    }
+
     pub fn assert_exit_code(&self, code: i32) -> Result<()> {
         if self.status.code() == Some(code) {
             return Ok(());

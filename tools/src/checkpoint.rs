@@ -72,7 +72,12 @@ const SLICE: Duration = Duration::from_millis(200);
 const MAX_REPLY: usize = 64 * 1024;
 
 pub fn checkpoint(a: CheckpointArgs) -> Result<()> {
-    let pid = program_of(a.pid);
+    if a.dir.is_some() {
+        return Err(Failure::usage(
+            "--dir goes with --group (a single program's images go where it was told at start)",
+        ));
+    }
+    let pid = program_of(a.pid.unwrap_or(0));
     require_shim(pid)?;
     let trigger = trigger_signal(pid)?;
     require_handler(pid, trigger)?;
@@ -246,7 +251,7 @@ fn stop(pid: i32, pidfd: OwnedFd, shim_stops: bool, timeout: Duration) -> Result
 }
 
 /// `pidfd_open(pid, 0)`: readable once the process has ended.
-fn pidfd_open(pid: i32) -> Result<OwnedFd> {
+pub(crate) fn pidfd_open(pid: i32) -> Result<OwnedFd> {
     // SAFETY: pidfd_open takes plain values and returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
@@ -352,7 +357,7 @@ fn program_of(pid: i32) -> i32 {
     pid
 }
 
-fn has_shim(pid: i32) -> bool {
+pub(crate) fn has_shim(pid: i32) -> bool {
     proc::maps_file(pid, crate::launch::SHIM_LIB).unwrap_or(false)
 }
 
@@ -469,7 +474,7 @@ fn send_from_namespace(pid: i32, inner: i32, signo: i32, value: u64) -> Result<S
 }
 
 /// Fails unless `libsnapshim.so` is mapped in `pid`.
-fn require_shim(pid: i32) -> Result<()> {
+pub(crate) fn require_shim(pid: i32) -> Result<()> {
     if !proc::maps_file(pid, crate::launch::SHIM_LIB)? {
         return Err(Failure::op(format!(
             "process {pid} is not running under snapshim ({} is not loaded)",
@@ -515,7 +520,7 @@ fn become_owner_of(pid: i32) -> Result<()> {
 /// succeeded: with `SNAPSHIM_DISABLE`, a `SNAPSHIM_SIGNAL` it refused or its address range
 /// taken, it stays loaded but checkpoints are off, and the signal's default action would
 /// kill the program.
-fn require_handler(pid: i32, signo: i32) -> Result<()> {
+pub(crate) fn require_handler(pid: i32, signo: i32) -> Result<()> {
     let caught = proc::status(pid)?.sigcgt;
     if caught & (1u64 << (signo - 1)) == 0 {
         return Err(Failure::op(format!(
@@ -529,7 +534,7 @@ fn require_handler(pid: i32, signo: i32) -> Result<()> {
 
 /// The checkpoint signal of `pid`: `SNAPSHIM_SIGNAL` in its environment, else its shim's
 /// default: SIGRTMAX, or SIGUSR2 for an older shim.
-fn trigger_signal(pid: i32) -> Result<i32> {
+pub(crate) fn trigger_signal(pid: i32) -> Result<i32> {
     match proc::environ_var(pid, "SNAPSHIM_SIGNAL")?.as_deref() {
         None | Some("") if shim_exports(pid, settings::RT_DEFAULT_SYMBOL) => {
             Ok(settings::default_signal())
@@ -565,7 +570,7 @@ fn takes_queued_requests(pid: i32) -> bool {
 }
 
 /// Whether the `libsnapshim.so` mapped in `pid` exports `symbol` (see [`takes_queued_requests`]).
-fn shim_exports(pid: i32, symbol: &str) -> bool {
+pub(crate) fn shim_exports(pid: i32, symbol: &str) -> bool {
     let Ok(Some(lib)) = proc::mapped_path(pid, crate::launch::SHIM_LIB) else {
         return false;
     };
@@ -614,7 +619,7 @@ fn pipe() -> Result<(File, OwnedFd)> {
 
 /// `sigqueue(pid, signo, { sival_ptr = value })`: the shim reads our PID from `si_pid` and
 /// the pipe to reply on from `si_value` (see [`request_value`]).
-fn sigqueue(pid: i32, signo: i32, value: u64) -> Result<()> {
+pub(crate) fn sigqueue(pid: i32, signo: i32, value: u64) -> Result<()> {
     let value = libc::sigval {
         sival_ptr: value as usize as *mut libc::c_void,
     };
@@ -700,7 +705,7 @@ fn poll_read(r: &mut File, buf: &mut Vec<u8>, wait: Duration) -> std::io::Result
 }
 
 /// The first complete line in `buf`, without its newline.
-fn take_line(buf: &mut Vec<u8>) -> Option<String> {
+pub(crate) fn take_line(buf: &mut Vec<u8>) -> Option<String> {
     let end = buf.iter().position(|&b| b == b'\n')?;
     let line = String::from_utf8_lossy(&buf[..end]).into_owned();
     buf.drain(..=end);

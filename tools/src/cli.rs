@@ -97,6 +97,11 @@ pub struct RunArgs {
     /// [default: they come back reset]
     #[arg(long)]
     pub tcp_established: bool,
+    /// Make the program a member of the consistency group NAME, which `snapshim checkpoint
+    /// --group NAME` checkpoints at one instant with the group's other members,
+    /// SNAPSHIM_GROUP
+    #[arg(long, value_name = "NAME", value_parser = group_arg)]
+    pub group: Option<String>,
     /// The program and its arguments (after `--`)
     #[arg(
         required = true,
@@ -136,11 +141,19 @@ pub struct CheckpointArgs {
     /// is killed (SIGKILL) once the image is committed; its TCP connections captured alive
     /// (SNAPSHIM_TCP_ESTABLISHED) end without a word to their peers, for a restore with
     /// `snapshim-restore --tcp-established`. If the checkpoint fails, the program runs on
-    #[arg(long)]
+    #[arg(long, conflicts_with = "group")]
     pub kill: bool,
+    /// Checkpoint every member of the consistency group NAME (programs whose environment has
+    /// SNAPSHIM_GROUP=NAME) at one instant, and commit the group's image set
+    #[arg(long, value_name = "NAME", value_parser = group_arg, conflicts_with_all = ["pid", "log", "verbose", "quiet"])]
+    pub group: Option<String>,
+    /// With --group: where the group's image sets go (DIR/NAME.group/) [default: the first
+    /// member's SNAPSHIM_DIR, else ./snapshim-images]
+    #[arg(long, value_name = "DIR", requires = "group")]
+    pub dir: Option<PathBuf>,
     /// Process to checkpoint (a program under snapshim, or a running snapshim-restore)
-    #[arg(value_parser = clap::value_parser!(i32).range(1..))]
-    pub pid: i32,
+    #[arg(value_parser = clap::value_parser!(i32).range(1..), required_unless_present = "group")]
+    pub pid: Option<i32>,
 }
 
 /// Restore a program from an image (runs snapshim-restore with these arguments)
@@ -153,9 +166,16 @@ pub struct CheckpointArgs {
                   IMAGE_OR_DIR:\n  snapshim restore --no-verify /shared/ckpt/solver"
 )]
 pub struct RestoreArgs {
+    /// Restore every member of a consistency group from its image set (a set file, or the
+    /// group's directory DIR/NAME.group, whose `latest` set is used), all resumed together
+    #[arg(long, value_name = "DIR_OR_SET", conflicts_with = "args")]
+    pub group: Option<PathBuf>,
+    /// With --group: print what was restored as JSON
+    #[arg(long, requires = "group")]
+    pub json: bool,
     /// Options for snapshim-restore, then IMAGE_OR_DIR
     #[arg(
-        required = true,
+        required_unless_present = "group",
         trailing_var_arg = true,
         allow_hyphen_values = true,
         value_name = "ARGS"
@@ -262,6 +282,19 @@ fn positive_fraction(s: &str) -> std::result::Result<f64, String> {
 }
 
 /// An image directory name: one non-empty path component.
+/// A group name: letters, digits, `.`, `_` and `-`, at most 64 (it names a directory and goes
+/// into the environment).
+fn group_arg(s: &str) -> std::result::Result<String, String> {
+    let ok = |b: u8| b.is_ascii_alphanumeric() || b"._-".contains(&b);
+    if s.is_empty() || s.len() > 64 || !s.bytes().all(ok) || s.starts_with('.') {
+        return Err(format!(
+            "'{s}' cannot be a group name (1 to 64 letters, digits, '.', '_' or '-', not \
+             starting with '.')"
+        ));
+    }
+    Ok(s.to_string())
+}
+
 fn name_arg(s: &str) -> std::result::Result<String, String> {
     if s.is_empty() || s == "." || s == ".." || s.contains('/') || s.contains('\0') {
         return Err(format!(
@@ -381,7 +414,7 @@ mod tests {
         let Command::Checkpoint(a) = cli.command else {
             panic!("not checkpoint")
         };
-        assert_eq!(a.pid, 1234);
+        assert_eq!(a.pid, Some(1234));
         assert_eq!(a.timeout, std::time::Duration::from_secs(30));
         assert!(a.quiet);
         let cli = parse(&["checkpoint", "7"]).unwrap();
@@ -419,6 +452,34 @@ mod tests {
         assert_eq!(a.target, PathBuf::from("/img/solver"));
         assert_eq!(a.timeout, std::time::Duration::from_secs(5));
         assert!(parse(&["activate"]).is_err());
+    }
+
+    #[test]
+    fn groups_are_named_on_run_checkpoint_and_restore() {
+        let cli = parse(&["run", "--group", "web", "--", "prog"]).unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(a.group.as_deref(), Some("web"));
+        let cli = parse(&["checkpoint", "--group", "web", "--dir", "/d"]).unwrap();
+        let Command::Checkpoint(a) = cli.command else {
+            panic!("not checkpoint")
+        };
+        assert_eq!((a.group.as_deref(), a.pid), (Some("web"), None));
+        assert!(parse(&["checkpoint", "--group", "web", "12"]).is_err());
+        assert!(parse(&["checkpoint", "--group", "a/b"]).is_err());
+        assert!(parse(&["checkpoint"]).is_err());
+        let cli = parse(&["restore", "--group", "/d/web.group", "--json"]).unwrap();
+        let Command::Restore(a) = cli.command else {
+            panic!("not restore")
+        };
+        assert_eq!(a.group, Some(PathBuf::from("/d/web.group")));
+        assert!(a.json && a.args.is_empty());
+        let cli = parse(&["restore", "--verbose", "/img"]).unwrap();
+        let Command::Restore(a) = cli.command else {
+            panic!("not restore")
+        };
+        assert_eq!((a.group, a.args.len()), (None, 2));
     }
 
     #[test]

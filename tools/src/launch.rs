@@ -49,6 +49,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         // The shim says where its images go (it alone knows: the executable's name after
         // symlinks, and a directory beside if that one is in use).
         announce: Some(std::process::id()),
+        group: a.group.clone(),
     };
     let mut cmd = Command::new(prog);
     cmd.args(args)
@@ -65,6 +66,9 @@ pub fn run(a: RunArgs) -> Result<()> {
 }
 
 pub fn restore(a: RestoreArgs) -> Result<()> {
+    if let Some(set) = &a.group {
+        return crate::group::restore(set, a.json);
+    }
     let restorer = companion(RESTORER, "SNAPSHIM_RESTORE")?;
     let err = Command::new(&restorer).args(&a.args).exec();
     Err(Failure::op(format!(

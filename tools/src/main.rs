@@ -21,6 +21,7 @@ mod cli;
 mod cluster;
 mod enterable;
 mod failure;
+mod group;
 mod inspect;
 mod json;
 mod keeper;
@@ -47,10 +48,12 @@ fn main() -> ExitCode {
         Command::Ls(a) => a.json,
         Command::Verify(a) => a.json,
         Command::Ps(a) => a.json,
+        Command::Restore(a) => a.json,
         _ => false,
     };
     let result = match cli.command {
         Command::Run(a) => launch::run(a),
+        Command::Checkpoint(a) if a.group.is_some() => group::checkpoint(a),
         Command::Checkpoint(a) => checkpoint::checkpoint(a),
         Command::Restore(a) => launch::restore(a),
         Command::Activate(a) => activate::activate(a),

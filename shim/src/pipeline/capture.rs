@@ -63,7 +63,10 @@ pub fn capture(cfg: &Config, nthreads: usize, image_fd: i32) -> Result<Captured,
     );
     let mut fds = objects::fds(crate::engine::uffd::is_own_fd);
     let lock = crate::owner::LOCK_FD.load(core::sync::atomic::Ordering::Relaxed);
-    fds.retain(|f| f.fd != crate::incremental::own_fd() && f.fd != image_fd && f.fd != lock);
+    let group = super::group::own_fd();
+    fds.retain(|f| {
+        f.fd != crate::incremental::own_fd() && f.fd != image_fd && f.fd != lock && f.fd != group
+    });
     process::check_no_children(&[crate::incremental::merger::running()])?;
     let process = process::capture(cfg);
     objects::timers::capture_posix_timers()?;

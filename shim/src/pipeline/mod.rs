@@ -47,6 +47,7 @@ use crate::sys::{self, sc};
 pub mod capture;
 pub mod commit;
 pub mod flush;
+pub mod group;
 pub mod park;
 pub mod quiesce;
 pub mod resume;
@@ -90,7 +91,7 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
             continue;
         }
         // Everyone who has asked so far; `take` adds those who ask until the pause.
-        let mut requests = Vec::new();
+        let mut requests = trigger::Requests::default();
         trigger::drain(&mut requests);
         merger::reap_merger(cfg);
         // Incremental mode: the policy picks a delta or a full image.
@@ -98,7 +99,8 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
         let engine = engine::choose(cfg, Moment::Start);
         owner::note(true, None);
         let mut outcome = take(cfg, engine, delta, &mut requests);
-        if let Outcome::Retry(msg) = &outcome {
+        // A group's instant has passed: a second try would not be at it.
+        if let (Outcome::Retry(msg), None) = (&outcome, requests.group) {
             let engine = engine::choose(cfg, Moment::Retry(msg));
             outcome = take(cfg, engine, false, &mut requests);
         }
@@ -139,8 +141,15 @@ pub fn helper_main(cfg: &'static Config, tid_candidates: Vec<i32>) {
                 alloc::format!("err {msg}\n")
             }
         };
-        for r in requests {
-            trigger::answer(r, line.as_bytes());
+        for r in &requests.pipes {
+            trigger::answer(*r, line.as_bytes());
+        }
+        if let Some(token) = requests.group {
+            let pause_ns = match &outcome {
+                Outcome::Done(s) => Some(s.pause_ns),
+                _ => None,
+            };
+            group::answer(token, &line, pause_ns);
         }
         // Only a committed last checkpoint still holds the threads.
         if resume::HOLD.load(Relaxed) != 0 {
@@ -230,7 +239,7 @@ fn take(
     cfg: &'static Config,
     mut engine: Engine,
     delta: bool,
-    requests: &mut Vec<trigger::Requester>,
+    requests: &mut trigger::Requests,
 ) -> Outcome {
     let started = sys::monotonic_ns();
     let unmap_stack = || {
@@ -278,8 +287,23 @@ fn take(
     // Who asked while the file was created and memory protected joins this checkpoint: its
     // image is taken after they asked. A request from now on stays in the pipe for the next.
     trigger::drain(requests);
+    // A group member's pause starts when every member is ready for it.
+    if let Some(token) = requests.group {
+        if let Err(msg) = group::ready(token) {
+            if engine == Engine::Uffd {
+                uffd::teardown();
+            }
+            target::abandon(&target);
+            unmap_stack();
+            return Outcome::Failed(msg);
+        }
+        // What it wrote while the others prepared is protected again before the pause.
+        if engine == Engine::Uffd {
+            uffd::protect_again();
+        }
+    }
     // A request for the program's last checkpoint holds the threads until the end.
-    let last = requests.iter().any(|r| r.stop);
+    let last = requests.pipes.iter().any(|r| r.stop);
     resume::hold(last);
     crate::objects::socket::repair::begin(cfg.tcp_established, last);
     let t0 = sys::monotonic_ns();
@@ -287,7 +311,12 @@ fn take(
         m.store(0, Relaxed);
     }
     MARKS[0].store(t0, Relaxed);
-    let nthreads = match quiesce::quiesce() {
+    // A group member meets the coordinator once parked, and captures only when told to.
+    let parked = quiesce::quiesce().and_then(|n| match requests.group {
+        Some(_) => group::meet(t0).map(|()| n),
+        None => Ok(n),
+    });
+    let nthreads = match parked {
         Ok(n) => n,
         Err(msg) => {
             resume::let_go();
@@ -324,6 +353,7 @@ fn take(
     // started meanwhile completes now.
     sys::allow_setxid(true);
     if restored == 1 {
+        group::forget();
         crate::incremental::after_restore();
         resume::after_restore(nthreads);
         return Outcome::Restored;

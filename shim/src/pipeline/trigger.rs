@@ -10,7 +10,11 @@
 //! - an older `snapshim checkpoint` sends the checkpoint signal the same way, and is answered
 //!   the same way;
 //! - `kill -USR2` (SI_USER), or a request whose sender this PID namespace cannot see (`si_pid`
-//!   0), asks for a checkpoint without wanting an answer.
+//!   0), asks for a checkpoint without wanting an answer;
+//! - `snapshim checkpoint --group` sends the quiesce signal with [`GROUP_BIT`] in the value and
+//!   its token above bit 32: a [`Record::Group`], whatever `si_pid` is (a program restored in its
+//!   own PID namespace sees 0), since the answer goes over the coordinator's abstract socket
+//!   (`group.rs`), not into a descriptor of the sender.
 //!
 //! The handler writes one fixed-size [`Record`] into the wake pipe, non-blocking; a write of
 //! [`RECORD_LEN`] bytes (under PIPE_BUF) lands whole or not at all. The pipe is the queue:
@@ -47,7 +51,7 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicI32, AtomicU32, Ordering::*};
 
-use snapshim_image::settings::STOP_AFTER_BIT;
+use snapshim_image::settings::{GROUP_BIT, STOP_AFTER_BIT};
 
 use crate::config::Config;
 use crate::sys::{self, sc};
@@ -76,6 +80,12 @@ pub static snapshim_checkpoint_signal_is_sigrtmax: u32 = 1;
 #[cfg_attr(not(test), no_mangle)]
 #[allow(non_upper_case_globals)]
 pub static snapshim_stops_after_request: u32 = 1;
+
+/// Exported: tells `snapshim checkpoint --group` that this shim takes part in group
+/// checkpoints (`snapshim_image::settings::GROUP_SYMBOL`; see `group.rs`).
+#[cfg_attr(not(test), no_mangle)]
+#[allow(non_upper_case_globals)]
+pub static snapshim_joins_group_checkpoints: u32 = 1;
 
 /// Who wants the outcome of a checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,40 +119,59 @@ pub enum Record {
     Plain,
     /// Take a checkpoint and answer this requester.
     Request(Requester),
+    /// Take a checkpoint together with the other members of a group: meet the coordinator
+    /// listening with this token (`group.rs`) once parked, and answer it there.
+    Group(u32),
+}
+
+/// Everyone a checkpoint answers: the requesters' pipes, and at most one group coordinator
+/// (the newest: an older one still waiting has given up or will, and nothing is committed
+/// for it).
+#[derive(Default)]
+pub struct Requests {
+    pub pipes: Vec<Requester>,
+    pub group: Option<u32>,
 }
 
 /// Bytes of a record in the wake pipe: written in one `write`, so whole or not at all.
 pub const RECORD_LEN: usize = 16;
 const MAGIC: [u8; 4] = *b"SRQ1";
+/// A [`Record::Group`]: the token follows, then zeros.
+const GROUP_MAGIC: [u8; 4] = *b"SRG1";
 const _: () = assert!(RECORD_LEN <= libc::PIPE_BUF);
 
 impl Record {
-    /// `MAGIC`, then pid, fd and inode (little-endian); pid 0 is [`Record::Plain`].
+    /// `MAGIC`, then pid, fd and inode (little-endian); pid 0 is [`Record::Plain`]. A group
+    /// record is `GROUP_MAGIC`, then the token, then zeros.
     pub fn encode(self) -> [u8; RECORD_LEN] {
-        let r = match self {
-            Record::Plain => Requester {
-                pid: 0,
-                fd: 0,
-                ino: 0,
-                stop: false,
-            },
-            Record::Request(r) => r,
+        let (magic, words) = match self {
+            Record::Plain => (MAGIC, [0; 3]),
+            Record::Request(r) => {
+                let fd = r.fd as u32 | if r.stop { STOP_AFTER_BIT } else { 0 };
+                (MAGIC, [r.pid as u32, fd, r.ino])
+            }
+            Record::Group(token) => (GROUP_MAGIC, [token, 0, 0]),
         };
         let mut b = [0u8; RECORD_LEN];
-        b[..4].copy_from_slice(&MAGIC);
-        b[4..8].copy_from_slice(&r.pid.to_le_bytes());
-        let fd = r.fd as u32 | if r.stop { STOP_AFTER_BIT } else { 0 };
-        b[8..12].copy_from_slice(&fd.to_le_bytes());
-        b[12..].copy_from_slice(&r.ino.to_le_bytes());
+        b[..4].copy_from_slice(&magic);
+        for (i, w) in words.iter().enumerate() {
+            b[4 + 4 * i..8 + 4 * i].copy_from_slice(&w.to_le_bytes());
+        }
         b
     }
 
     /// The record in `b`; None if `b` is not one (wrong length or magic).
     pub fn decode(b: &[u8]) -> Option<Record> {
-        if b.len() != RECORD_LEN || b[..4] != MAGIC {
+        if b.len() != RECORD_LEN {
             return None;
         }
         let word = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        if b[..4] == GROUP_MAGIC {
+            return Some(Record::Group(word(4)));
+        }
+        if b[..4] != MAGIC {
+            return None;
+        }
         let pid = word(4) as i32;
         Some(if pid <= 0 {
             Record::Plain
@@ -176,10 +205,16 @@ pub unsafe fn queued_from_outside(info: *const libc::siginfo_t) -> bool {
 pub unsafe fn record_of(info: *const libc::siginfo_t) -> Record {
     // SAFETY: per the contract.
     unsafe {
-        if !queued_from_outside(info) || (*info).si_pid() <= 0 {
+        if !queued_from_outside(info) {
             return Record::Plain;
         }
         let value = (*info).si_value().sival_ptr as u64;
+        if value as u32 & GROUP_BIT != 0 {
+            return Record::Group((value >> 32) as u32);
+        }
+        if (*info).si_pid() <= 0 {
+            return Record::Plain;
+        }
         Record::Request(Requester::from_value((*info).si_pid(), value))
     }
 }
@@ -258,13 +293,11 @@ pub fn answer(r: Requester, line: &[u8]) {
 }
 
 /// Takes every record now in the wake pipe and adds each requester among them to `to` (once).
-pub fn drain(to: &mut Vec<Requester>) {
-    take_records(|rec| {
-        if let Record::Request(r) = rec {
-            if !to.contains(&r) {
-                to.push(r);
-            }
-        }
+pub fn drain(to: &mut Requests) {
+    take_records(|rec| match rec {
+        Record::Request(r) if !to.pipes.contains(&r) => to.pipes.push(r),
+        Record::Group(token) => to.group = Some(token),
+        _ => {}
     });
 }
 
@@ -350,6 +383,10 @@ mod tests {
             stringify!(snapshim_stops_after_request),
             snapshim_image::settings::STOP_AFTER_SYMBOL
         );
+        assert_eq!(
+            stringify!(snapshim_joins_group_checkpoints),
+            snapshim_image::settings::GROUP_SYMBOL
+        );
     }
 
     #[test]
@@ -361,10 +398,22 @@ mod tests {
             stop: false,
         };
         let last = Requester { stop: true, ..r };
-        for rec in [Record::Plain, Record::Request(r), Record::Request(last)] {
+        for rec in [
+            Record::Plain,
+            Record::Request(r),
+            Record::Request(last),
+            Record::Group(0xfeed_f00d),
+        ] {
             let b = rec.encode();
             assert_eq!(b.len(), RECORD_LEN);
-            assert_eq!(&b[..4], b"SRQ1");
+            assert_eq!(
+                &b[..4],
+                if matches!(rec, Record::Group(_)) {
+                    b"SRG1"
+                } else {
+                    b"SRQ1"
+                }
+            );
             assert_eq!(Record::decode(&b), Some(rec));
         }
         assert_eq!(

@@ -166,6 +166,13 @@ pub fn prepare(maps: &[MapsEntry], wanted: &[Wanted]) -> Result<(), String> {
         }
     }
     PRE_N.store(n as u32, Release);
+    protect_prepared(uffd);
+    Ok(())
+}
+
+/// Write-protects the regions [`prepare`] registered (the program runs meanwhile).
+fn protect_prepared(uffd: i32) {
+    let n = PRE_N.load(Acquire) as usize;
     for r in &PRE[..n] {
         lock_pre();
         let (start, end) = (r[0].load(Relaxed), r[1].load(Relaxed));
@@ -175,7 +182,16 @@ pub fn prepare(maps: &[MapsEntry], wanted: &[Wanted]) -> Result<(), String> {
         }
         unlock_pre();
     }
-    Ok(())
+}
+
+/// Some time after [`prepare`], still before the pause (a group member that waited for the
+/// others to prepare): write-protects again, while the program runs, what it wrote since, so
+/// that little is left for [`begin`] to protect in the pause.
+pub fn protect_again() {
+    let uffd = UFFD.load(Acquire);
+    if uffd >= 0 {
+        protect_prepared(uffd);
+    }
 }
 
 /// Whether a thread that ran its exit hook, and still exists, runs on `[start, end)`.
