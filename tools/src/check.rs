@@ -93,8 +93,8 @@ fn table(features: &[Feature], ok: bool) -> String {
 
 fn probe_all() -> Vec<Feature> {
     let (shim, restorer) = (
-        crate::launch::companion(crate::launch::SHIM_LIB, "SNAPSHIM_LIB"),
-        crate::launch::companion("snapshim-restore", "SNAPSHIM_RESTORE"),
+        crate::companions::companion(crate::companions::SHIM_LIB, "SNAPSHIM_LIB"),
+        crate::companions::companion("snapshim-restore", "SNAPSHIM_RESTORE"),
     );
     vec![
         Feature {

@@ -358,7 +358,7 @@ fn program_of(pid: i32) -> i32 {
 }
 
 pub(crate) fn has_shim(pid: i32) -> bool {
-    proc::maps_file(pid, crate::launch::SHIM_LIB).unwrap_or(false)
+    proc::maps_file(pid, crate::companions::SHIM_LIB).unwrap_or(false)
 }
 
 /// `None` when `pid` is in our PID namespace; else its PID in its own namespace.
@@ -475,10 +475,10 @@ fn send_from_namespace(pid: i32, inner: i32, signo: i32, value: u64) -> Result<S
 
 /// Fails unless `libsnapshim.so` is mapped in `pid`.
 pub(crate) fn require_shim(pid: i32) -> Result<()> {
-    if !proc::maps_file(pid, crate::launch::SHIM_LIB)? {
+    if !proc::maps_file(pid, crate::companions::SHIM_LIB)? {
         return Err(Failure::op(format!(
             "process {pid} is not running under snapshim ({} is not loaded)",
-            crate::launch::SHIM_LIB
+            crate::companions::SHIM_LIB
         )));
     }
     if proc::is_gone(pid) {
@@ -571,7 +571,7 @@ fn takes_queued_requests(pid: i32) -> bool {
 
 /// Whether the `libsnapshim.so` mapped in `pid` exports `symbol` (see [`takes_queued_requests`]).
 pub(crate) fn shim_exports(pid: i32, symbol: &str) -> bool {
-    let Ok(Some(lib)) = proc::mapped_path(pid, crate::launch::SHIM_LIB) else {
+    let Ok(Some(lib)) = proc::mapped_path(pid, crate::companions::SHIM_LIB) else {
         return false;
     };
     let inside =

@@ -1,7 +1,7 @@
 //! `snapshim run` and `snapshim restore`: both end in `exec`, so the program (or the restorer)
 //! takes over this process and its PID.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -11,14 +11,8 @@ use std::process::Command;
 use snapshim_image::settings::RunSettings;
 
 use crate::cli::{RestoreArgs, RunArgs};
+use crate::companions::{absolute, companion, default_dir, ld_preload, RESTORER, SHIM_LIB};
 use crate::failure::{Failure, Result};
-
-/// File name of the shim, looked for next to the `snapshim` executable.
-pub const SHIM_LIB: &str = "libsnapshim.so";
-/// File name of the restorer, looked for next to the `snapshim` executable.
-pub const RESTORER: &str = "snapshim-restore";
-/// Image directory when neither `--dir` nor `SNAPSHIM_DIR` says otherwise.
-pub const DEFAULT_DIR: &str = "snapshim-images";
 
 pub fn run(a: RunArgs) -> Result<()> {
     let lib = companion(SHIM_LIB, "SNAPSHIM_LIB")?;
@@ -77,64 +71,6 @@ pub fn restore(a: RestoreArgs) -> Result<()> {
     )))
 }
 
-/// `$SNAPSHIM_DIR` if set, else `./snapshim-images`.
-pub fn default_dir() -> PathBuf {
-    std::env::var_os("SNAPSHIM_DIR")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR))
-}
-
-/// `path` made absolute against the current directory, without requiring it to exist.
-fn absolute(path: &Path) -> Result<PathBuf> {
-    std::path::absolute(path)
-        .map_err(|e| Failure::op(format!("cannot resolve {}: {e}", path.display())))
-}
-
-/// A file installed next to the `snapshim` executable (as cargo builds them into
-/// target/release/), or the path in `env_var` if that is set.
-pub fn companion(file: &str, env_var: &str) -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os(env_var).filter(|p| !p.is_empty()) {
-        let p = absolute(Path::new(&p))?;
-        if !p.is_file() {
-            return Err(Failure::op(format!(
-                "cannot find {file}: {env_var} names {}, which is not a file",
-                p.display()
-            )));
-        }
-        return Ok(p);
-    }
-    let exe = std::env::current_exe()
-        .map_err(|e| Failure::op(format!("cannot find {file}: cannot locate snapshim: {e}")))?;
-    let p = exe.with_file_name(file);
-    if !p.is_file() {
-        return Err(Failure::op(format!(
-            "cannot find {file}: {} does not exist (build the workspace with \
-             `cargo build --release`, or set {env_var})",
-            p.display()
-        )));
-    }
-    Ok(p)
-}
-
-/// The new `LD_PRELOAD`: the shim first, then what was there (unless it already names the
-/// shim).
-pub fn ld_preload(lib: &Path, existing: Option<&OsStr>) -> OsString {
-    let mut v = OsString::from(lib);
-    if let Some(old) = existing.filter(|o| !o.is_empty()) {
-        let already = old
-            .as_bytes()
-            .split(|&b| b == b':' || b == b' ')
-            .any(|entry| entry == lib.as_os_str().as_bytes());
-        if already {
-            return old.to_os_string();
-        }
-        v.push(":");
-        v.push(old);
-    }
-    v
-}
-
 /// Where `exec` will find `prog`: a path if it contains a slash, else the first executable
 /// file of that name in `$PATH` (as execvp searches).
 fn find_program(prog: &OsStr) -> std::result::Result<PathBuf, String> {
@@ -162,24 +98,6 @@ fn find_program(prog: &OsStr) -> std::result::Result<PathBuf, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shim_goes_first_in_ld_preload() {
-        let lib = Path::new("/opt/s/libsnapshim.so");
-        assert_eq!(ld_preload(lib, None), "/opt/s/libsnapshim.so");
-        assert_eq!(
-            ld_preload(lib, Some(OsStr::new(""))),
-            "/opt/s/libsnapshim.so"
-        );
-        assert_eq!(
-            ld_preload(lib, Some(OsStr::new("/x/a.so:b.so"))),
-            "/opt/s/libsnapshim.so:/x/a.so:b.so"
-        );
-        assert_eq!(
-            ld_preload(lib, Some(OsStr::new("/x/a.so /opt/s/libsnapshim.so"))),
-            "/x/a.so /opt/s/libsnapshim.so"
-        );
-    }
 
     #[test]
     fn programs_are_found_like_execvp() {

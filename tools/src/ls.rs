@@ -12,7 +12,7 @@ use crate::inspect::utc_offset;
 use crate::parse::{format_time, human_bytes};
 
 pub fn ls(dir: Option<PathBuf>, json: bool) -> Result<()> {
-    let dir = dir.unwrap_or_else(crate::launch::default_dir);
+    let dir = dir.unwrap_or_else(crate::companions::default_dir);
     let list_err = |e: std::io::Error| Failure::op(format!("cannot list {}: {e}", dir.display()));
     if !std::fs::metadata(&dir).map_err(list_err)?.is_dir() {
         return Err(Failure::op(format!(

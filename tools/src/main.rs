@@ -19,6 +19,7 @@ mod check;
 mod checkpoint;
 mod cli;
 mod cluster;
+mod companions;
 mod enterable;
 mod failure;
 mod group;

@@ -10,8 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use snapshim_image::lineage::{Record, LOCK_FILE};
 
+use crate::companions::SHIM_LIB;
 use crate::failure::Result;
-use crate::launch::SHIM_LIB;
 use crate::parse::human_bytes;
 
 /// One program under the shim.

@@ -10,17 +10,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::etcd::Etcd;
 use super::events::Log;
 use super::keys::{self, now_ms, to_json, NodeInfo};
-use super::leader::{self, Leading};
+use super::leader::{self, Role};
 use super::lease::Lease;
+use super::local::{raise, Ctx, Service};
 use super::replicate::{Gate, MacKey, Offer, Receiver};
 use super::standby;
 use super::view::{self, View};
@@ -42,44 +42,10 @@ pub struct Config {
     pub json_log: bool,
 }
 
-/// What every step needs.
-pub struct Ctx {
-    pub etcd: Etcd,
-    pub node: String,
-    /// Where this node's receiver listens, as other nodes reach it.
-    pub address: String,
-    pub store: PathBuf,
-    pub key: Arc<MacKey>,
-    pub log: Log,
-    /// Per service, the generation of the leader key: older images are refused.
-    pub gate: Arc<Mutex<HashMap<String, u32>>>,
-}
-
-/// What this node is for one service.
-pub enum Role {
-    Standby,
-    Leading(Box<Leading>),
-    /// The program ended by itself with status 0.
-    Finished,
-}
-
-/// One service on this node.
-pub struct Service {
-    pub name: String,
-    /// `STORE/NAME`: where its images are, received or written by the program here.
-    pub dir: PathBuf,
-    /// The service lease: the leader key when leading, the standby key otherwise.
-    pub lease: Option<Arc<Lease>>,
-    pub role: Role,
-    /// The warm standby (`snapshim-restore --standby`), while a standby.
-    pub standby: Option<Child>,
-    pub standby_started: Option<Instant>,
-    /// The standby key as last written (with the lease it was written on).
-    pub published: String,
-    /// The leader key was there at the last look (with this generation).
-    pub leader_seen: Option<u32>,
-    /// Since when the leader key has been missing.
-    pub absent_since: Option<Instant>,
+/// One service on this node: what it keeps here, and what it is for the service.
+struct Entry {
+    svc: Service,
+    role: Role,
 }
 
 static TERMINATE: AtomicBool = AtomicBool::new(false);
@@ -134,7 +100,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         ctx.address,
         ctx.store.display()
     ));
-    let mut services: BTreeMap<String, Service> = BTreeMap::new();
+    let mut services: BTreeMap<String, Entry> = BTreeMap::new();
     while !TERMINATE.load(Ordering::SeqCst) {
         if node_lease.lost() {
             match register(&ctx) {
@@ -142,8 +108,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 Err(e) => note_once(&ctx, &mut last_error, e),
             }
         }
-        for svc in services.values_mut() {
-            leader::check_fence(&ctx, svc);
+        for e in services.values_mut() {
+            leader::check_fence(&ctx, &mut e.svc, &mut e.role);
         }
         match tick(&ctx, &mut services) {
             Ok(()) => last_error.clear(),
@@ -152,8 +118,8 @@ pub fn run(cfg: Config) -> Result<(), String> {
         std::thread::sleep(period(&services));
     }
     ctx.log.note("stopping (signal)");
-    for svc in services.values_mut() {
-        leader::shut_down(&ctx, svc);
+    for Entry { svc, role } in services.values_mut() {
+        leader::shut_down(&ctx, svc, role);
         standby::stop_standby(svc);
         if let Some(l) = svc.lease.take() {
             l.release(&ctx.etcd);
@@ -184,12 +150,6 @@ fn gate(map: &Arc<Mutex<HashMap<String, u32>>>) -> Gate {
     })
 }
 
-/// Raises the gate of `service` to `generation`.
-pub fn raise(gate: &mut HashMap<String, u32>, service: &str, generation: u32) {
-    let g = gate.entry(service.to_string()).or_insert(0);
-    *g = (*g).max(generation);
-}
-
 fn note_once(ctx: &Ctx, last: &mut String, e: String) {
     if *last != e {
         ctx.log.note(&e);
@@ -212,16 +172,16 @@ fn register(ctx: &Ctx) -> Result<Arc<Lease>, String> {
 }
 
 /// A tenth of the shortest TTL, at most [`MAX_TICK`].
-fn period(services: &BTreeMap<String, Service>) -> Duration {
+fn period(services: &BTreeMap<String, Entry>) -> Duration {
     services
         .values()
-        .filter_map(|s| s.lease.as_ref().map(|l| l.ttl() / 10))
+        .filter_map(|e| e.svc.lease.as_ref().map(|l| l.ttl() / 10))
         .min()
         .unwrap_or(MAX_TICK)
         .min(MAX_TICK)
 }
 
-fn tick(ctx: &Ctx, services: &mut BTreeMap<String, Service>) -> Result<(), String> {
+fn tick(ctx: &Ctx, services: &mut BTreeMap<String, Entry>) -> Result<(), String> {
     let mut problems = Vec::new();
     let views = view::services(&ctx.etcd, &mut problems)?;
     let nodes = view::nodes(&ctx.etcd)?;
@@ -237,10 +197,11 @@ fn tick(ctx: &Ctx, services: &mut BTreeMap<String, Service>) -> Result<(), Strin
         }
     }
     for (name, v) in &views {
-        let svc = services
-            .entry(name.clone())
-            .or_insert_with(|| Service::new(&ctx.store, name));
-        if let Err(e) = step(ctx, svc, v, &nodes) {
+        let entry = services.entry(name.clone()).or_insert_with(|| Entry {
+            svc: Service::new(&ctx.store, name),
+            role: Role::Standby,
+        });
+        if let Err(e) = step(ctx, entry, v, &nodes) {
             problems.push(format!("{name}: {e}"));
         }
     }
@@ -250,9 +211,9 @@ fn tick(ctx: &Ctx, services: &mut BTreeMap<String, Service>) -> Result<(), Strin
         .cloned()
         .collect();
     for name in gone {
-        if let Some(mut svc) = services.remove(&name) {
+        if let Some(Entry { mut svc, mut role }) = services.remove(&name) {
             ctx.log.note(&format!("{name}: removed from the cluster"));
-            leader::abandon(ctx, &mut svc);
+            leader::abandon(ctx, &mut svc, &mut role);
             standby::stop_standby(&mut svc);
             if let Some(l) = svc.lease.take() {
                 l.release(&ctx.etcd);
@@ -265,45 +226,16 @@ fn tick(ctx: &Ctx, services: &mut BTreeMap<String, Service>) -> Result<(), Strin
     }
 }
 
-impl Service {
-    fn new(store: &Path, name: &str) -> Service {
-        Service {
-            name: name.to_string(),
-            dir: store.join(name),
-            lease: None,
-            role: Role::Standby,
-            standby: None,
-            standby_started: None,
-            published: String::new(),
-            leader_seen: None,
-            absent_since: None,
-        }
-    }
-
-    /// The service lease, granted anew when there is none or it was lost.
-    pub fn lease(&mut self, ctx: &Ctx, ttl: Duration) -> Result<Arc<Lease>, String> {
-        if let Some(l) = &self.lease {
-            if !l.lost() {
-                return Ok(l.clone());
-            }
-            let _ = ctx.etcd.revoke(l.id());
-        }
-        self.lease = None;
-        let l = Lease::grant(&ctx.etcd, ttl)?;
-        self.lease = Some(l.clone());
-        Ok(l)
-    }
-}
-
 fn step(
     ctx: &Ctx,
-    svc: &mut Service,
+    entry: &mut Entry,
     v: &View,
     nodes: &BTreeMap<String, NodeInfo>,
 ) -> Result<(), String> {
+    let svc = &mut entry.svc;
     let lease = svc.lease(ctx, Duration::from_millis(v.spec.ttl_ms))?;
-    let role = std::mem::replace(&mut svc.role, Role::Standby);
-    svc.role = match role {
+    let role = std::mem::replace(&mut entry.role, Role::Standby);
+    entry.role = match role {
         Role::Leading(mut lead) => {
             leader::step(ctx, svc, &mut lead, v, nodes, &lease).unwrap_or(Role::Leading(lead))
         }

@@ -10,11 +10,11 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::agent::{Ctx, Role, Service};
 use super::etcd::{op_delete, op_put, unchanged};
 use super::events::Event;
 use super::keys::{self, now_ms, to_json, Checkpoint, Finished, Image, Leader, Mode, NodeInfo};
 use super::lease::Lease;
+use super::local::{Ctx, Service};
 use super::program::{self, holder_generation, kill_tree, newest_image};
 use super::replicate;
 use super::view::View;
@@ -55,6 +55,14 @@ pub struct Leading {
     committed: u64,
     lagging: HashSet<String>,
     checkpoint_late: bool,
+}
+
+/// What this node is for one service.
+pub enum Role {
+    Standby,
+    Leading(Box<Leading>),
+    /// The program ended by itself with status 0.
+    Finished,
 }
 
 /// How the program starts on this node.
@@ -123,12 +131,12 @@ pub fn start(
 
 /// Called every loop, etcd reachable or not: a leader whose lease was lost (the fence killed
 /// the program, or etcd said the lease is gone) stops leading.
-pub fn check_fence(ctx: &Ctx, svc: &mut Service) {
+pub fn check_fence(ctx: &Ctx, svc: &mut Service, role: &mut Role) {
     let lost = svc.lease.as_ref().is_some_and(|l| l.lost());
     if !lost {
         return;
     }
-    if let Role::Leading(lead) = &mut svc.role {
+    if let Role::Leading(lead) = role {
         kill_tree(lead.child.id());
         let _ = lead.child.wait();
         let ttl = svc.lease.as_ref().map_or(Duration::ZERO, |l| l.ttl());
@@ -138,7 +146,7 @@ pub fn check_fence(ctx: &Ctx, svc: &mut Service) {
             lead.generation,
             &format!("could not renew the lease within {ttl:?} less the margin: program killed"),
         );
-        svc.role = Role::Standby;
+        *role = Role::Standby;
     }
 }
 
@@ -519,8 +527,8 @@ fn resume_here(ctx: &Ctx, svc: &Service, lead: &mut Leading, lease: &Lease) -> O
 
 /// SIGTERM: a leader takes a last checkpoint, pushes it to its standbys and stops the program;
 /// the caller then revokes the lease, which deletes the leader key at once.
-pub fn shut_down(ctx: &Ctx, svc: &mut Service) {
-    let Role::Leading(lead) = &mut svc.role else {
+pub fn shut_down(ctx: &Ctx, svc: &mut Service, role: &mut Role) {
+    let Role::Leading(lead) = role else {
         return;
     };
     if let Some(l) = &svc.lease {
@@ -554,15 +562,15 @@ pub fn shut_down(ctx: &Ctx, svc: &mut Service) {
             let _ = lead.child.wait();
         }
     }
-    svc.role = Role::Standby;
+    *role = Role::Standby;
 }
 
 /// The service was removed: its program is stopped.
-pub fn abandon(ctx: &Ctx, svc: &mut Service) {
-    if let Role::Leading(lead) = &mut svc.role {
+pub fn abandon(ctx: &Ctx, svc: &mut Service, role: &mut Role) {
+    if let Role::Leading(lead) = role {
         kill_tree(lead.child.id());
         let _ = lead.child.wait();
         ctx.log.note(&format!("{}: program stopped", svc.name));
     }
-    svc.role = Role::Standby;
+    *role = Role::Standby;
 }

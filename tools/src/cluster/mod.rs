@@ -1,7 +1,7 @@
 //! The cluster: nodes that keep a program running on one of them and its images on the others
 //! (DESIGN.md section 13). One file per concern; imports go one way: commands (`node.rs`,
-//! `service.rs`) → agent (`agent.rs`, `leader.rs`, `standby.rs`) → `lease.rs`, `program.rs`,
-//! `view.rs`, `events.rs` → replicate / etcd (`etcd.rs`, `http.rs`, `keys.rs`) → the image
+//! `service.rs`) → the agent's loop (`agent.rs`) → `standby.rs` → `leader.rs` → `local.rs`
+//! (what the node holds) → `lease.rs`, `program.rs`, `view.rs`, `events.rs` → replicate / etcd (`etcd.rs`, `http.rs`, `keys.rs`) → the image
 //! crate.
 
 mod agent;
@@ -11,6 +11,7 @@ mod http;
 mod keys;
 mod leader;
 mod lease;
+mod local;
 pub mod node;
 mod program;
 pub mod replicate;

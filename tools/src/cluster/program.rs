@@ -20,7 +20,7 @@ use snapshim_image::lineage::{Record, LOCK_FILE};
 use super::keys::{Image, Spec};
 use snapshim_image::settings::RunSettings;
 
-use crate::launch::{companion, ld_preload, RESTORER, SHIM_LIB};
+use crate::companions::{companion, ld_preload, RESTORER, SHIM_LIB};
 
 /// The newest image of `dir` that opens (header and metadata checked), if any.
 pub fn newest_image(dir: &Path) -> Option<Image> {

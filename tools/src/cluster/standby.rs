@@ -13,12 +13,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::agent::{raise, Ctx, Role, Service};
 use super::etcd::{absent, op_delete, op_put, unchanged};
 use super::events::Event;
 use super::keys::{self, now_ms, to_json, Image, Leader, Mode, NodeInfo, Standby};
-use super::leader::{self, Start};
+use super::leader::{self, Role, Start};
 use super::lease::Lease;
+use super::local::{raise, Ctx, Service};
 use super::program::{self, kill_tree, newest_image};
 use super::view::View;
 

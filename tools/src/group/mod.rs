@@ -313,7 +313,7 @@ fn base_dir(dir: Option<&Path>, first: i32) -> Result<PathBuf> {
         .ok()
         .flatten()
         .filter(|d| !d.is_empty())
-        .unwrap_or_else(|| crate::launch::DEFAULT_DIR.to_string());
+        .unwrap_or_else(|| crate::companions::DEFAULT_DIR.to_string());
     let cwd = std::fs::read_link(format!("/proc/{first}/cwd")).map_err(|e| {
         Failure::op(format!(
             "cannot tell the working directory of process {first} (give --dir): {e}"

@@ -47,7 +47,7 @@ pub fn restore(target: &Path, json: bool) -> Result<()> {
         .iter()
         .map(|m| set::locate(m, &set_path))
         .collect::<Result<Vec<_>>>()?;
-    let restorer = crate::launch::companion(crate::launch::RESTORER, "SNAPSHIM_RESTORE")?;
+    let restorer = crate::companions::companion(crate::companions::RESTORER, "SNAPSHIM_RESTORE")?;
     let (events, ready) = mpsc::channel();
     let mut standbys = Vec::new();
     for (i, (m, image)) in s.members.iter().zip(&images).enumerate() {
