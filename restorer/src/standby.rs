@@ -41,6 +41,7 @@ use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,6 +87,11 @@ impl Staged {
         &self.chain.head().path
     }
 
+    /// The images of the chain, every page of which was checked.
+    fn checked(&self) -> Vec<Checked> {
+        self.chain.images.iter().filter_map(Checked::of).collect()
+    }
+
     fn meta(&self) -> &Metadata {
         &self.chain.head().meta
     }
@@ -99,8 +105,38 @@ enum NotStaged {
     Cancelled,
 }
 
-/// Checks `path` fully (step 2). `cancel` abandons the page checksums between chunks.
-fn stage(path: &Path, cancel: &AtomicBool, allowed: &[String]) -> Result<Staged, NotStaged> {
+/// Which image file this is: the file (device, inode, length) and the image's identity. An
+/// image of the staged chain whose pages were checked is not checked again when a newer delta
+/// on top of it is staged: committed images are never written again (a merge commits a new
+/// file under the name).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Checked {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    image_id: u64,
+}
+
+impl Checked {
+    fn of(image: &Image) -> Option<Checked> {
+        let m = image.file.metadata().ok()?;
+        Some(Checked {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: image.file_len,
+            image_id: image.header.image_id,
+        })
+    }
+}
+
+/// Checks `path` fully (step 2), but for the images in `checked`, whose pages were checked
+/// already (the staged chain's). `cancel` abandons the page checksums between chunks.
+fn stage(
+    path: &Path,
+    cancel: &AtomicBool,
+    allowed: &[String],
+    checked: &[Checked],
+) -> Result<Staged, NotStaged> {
     let start = monotonic_ns();
     let chain = restore::open(path).map_err(|e| NotStaged::Bad(e.to_string()))?;
     let meta = &chain.head().meta;
@@ -111,6 +147,9 @@ fn stage(path: &Path, cancel: &AtomicBool, allowed: &[String]) -> Result<Staged,
         .map_err(|e| NotStaged::Bad(format!("{}: {e}", path.display())))?;
     let mut bytes = 0;
     for (i, image) in chain.images.iter().enumerate() {
+        if Checked::of(image).is_some_and(|c| checked.contains(&c)) {
+            continue;
+        }
         bytes += image
             .verify_pages_cancellable(cancel)
             .map_err(|e| match e {
@@ -172,14 +211,14 @@ struct Worker {
 }
 
 impl Worker {
-    fn start(path: PathBuf, allowed: Vec<String>) -> Result<Worker, String> {
+    fn start(path: PathBuf, allowed: Vec<String>, checked: Vec<Checked>) -> Result<Worker, String> {
         let (r, w) = pipe()?;
         let cancel = Arc::new(AtomicBool::new(false));
         let (p, c) = (path.clone(), Arc::clone(&cancel));
         let handle = std::thread::Builder::new()
             .name("standby-check".into())
             .spawn(move || {
-                let result = stage(&p, &c, &allowed);
+                let result = stage(&p, &c, &allowed, &checked);
                 // Dropping the write end wakes the waiter (POLLHUP).
                 drop(w);
                 result
@@ -255,7 +294,11 @@ impl Standby {
             );
             self.worker.take().expect("checked").cancel();
         }
-        self.worker = Some(Worker::start(want, self.allowed.clone())?);
+        self.worker = Some(Worker::start(
+            want,
+            self.allowed.clone(),
+            self.staged.checked(),
+        )?);
         Ok(())
     }
 
@@ -320,7 +363,7 @@ pub fn run(target: &Path, opt: &Options, mut state: RunState) -> Result<Never, R
     let never = AtomicBool::new(false);
     let mut staged = None;
     for path in &candidates {
-        match stage(path, &never, &opt.allow_changed) {
+        match stage(path, &never, &opt.allow_changed, &[]) {
             Ok(s) => {
                 staged = Some(s);
                 break;
