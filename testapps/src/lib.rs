@@ -37,6 +37,7 @@ use std::fmt;
 
 pub mod apps;
 pub mod artifacts;
+pub mod cluster;
 pub mod diff;
 pub mod needs;
 pub mod process;
