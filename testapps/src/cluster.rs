@@ -64,6 +64,8 @@ pub struct Cluster {
     etcd: Mutex<Vec<Option<Child>>>,
     /// Everything else the test started, with the node it runs in.
     started: Mutex<Vec<(usize, Child)>>,
+    /// Which nodes' links are cut.
+    cut: Mutex<Vec<bool>>,
 }
 
 impl Cluster {
@@ -95,6 +97,7 @@ impl Cluster {
             dir,
             etcd: Mutex::new((0..nodes).map(|_| None).collect()),
             started: Mutex::new(Vec::new()),
+            cut: Mutex::new(vec![false; nodes]),
         };
         // From here on, Drop removes whatever part was made.
         cluster.build_network()?;
@@ -307,26 +310,42 @@ impl Cluster {
 
     /// Cuts node `i` off the bridge (its veth's bridge end down).
     pub fn cut_link(&self, i: usize) -> Result<()> {
-        ip(&[
-            "-n",
-            &self.bridge_ns(),
-            "link",
-            "set",
-            &format!("v{i}"),
-            "down",
-        ])
+        self.set_link(i, "down")?;
+        self.cut.lock().unwrap_or_else(|e| e.into_inner())[i] = true;
+        eprintln!("[cluster {}] node {i}: link cut", self.tag);
+        Ok(())
     }
 
     /// Puts node `i` back on the bridge.
     pub fn restore_link(&self, i: usize) -> Result<()> {
-        ip(&[
-            "-n",
-            &self.bridge_ns(),
-            "link",
-            "set",
-            &format!("v{i}"),
-            "up",
-        ])
+        self.set_link(i, "up")?;
+        self.cut.lock().unwrap_or_else(|e| e.into_inner())[i] = false;
+        eprintln!("[cluster {}] node {i}: link restored", self.tag);
+        Ok(())
+    }
+
+    fn set_link(&self, i: usize, state: &str) -> Result<()> {
+        let (ns, veth) = (self.bridge_ns(), format!("v{i}"));
+        ip(&["-n", &ns, "link", "set", &veth, state])
+    }
+
+    /// Whether node `i`'s link is up (not cut by [`Cluster::cut_link`]).
+    pub fn link_is_up(&self, i: usize) -> bool {
+        !self.cut.lock().unwrap_or_else(|e| e.into_inner())[i]
+    }
+
+    /// The inode numbers of the nodes' network namespaces, by node (what `/proc/PID/ns/net` of
+    /// a process in the node resolves to).
+    pub fn ns_inodes(&self) -> Result<Vec<u64>> {
+        use std::os::unix::fs::MetadataExt;
+        (0..self.nodes)
+            .map(|i| {
+                let path = format!("/run/netns/{}", self.ns(i));
+                fs::metadata(&path)
+                    .map(|m| m.ino())
+                    .context(format!("stat {path}"))
+            })
+            .collect()
     }
 
     /// The PIDs of the processes in node `i`'s namespace (zombies are not listed).

@@ -40,6 +40,7 @@ pub mod artifacts;
 pub mod cluster;
 pub mod diff;
 pub mod needs;
+pub mod nodes;
 pub mod process;
 pub mod rng;
 pub mod scenario;

@@ -1,11 +1,24 @@
-//! The cluster test bed (testapps/src/cluster.rs): three network namespaces on a bridge with a
-//! three-member etcd cluster, links cut and restored, nodes killed, everything removed at the end.
+//! Failover as a cluster on one machine (issue 16, point 7): three nodes, each a network
+//! namespace on a bridge with a member of a three-member etcd cluster (testapps/src/cluster.rs),
+//! a snapshim node agent in each (testapps/src/nodes.rs), and a service running the `ticker`
+//! app with its output in a file. Nodes are killed (SIGKILL: agent and program), cut off,
+//! switched over; at the end the output must be byte-identical to an uninterrupted run, and
+//! the program must never have run in two nodes at once.
+//!
+//! The first two tests check the test bed itself and need no agent.
+//! `SNAPSHIM_CLUSTER_TRIALS` (default 3) sets the number of random kill/partition trials.
 
+use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Mutex;
 use std::time::Duration;
 
-use snapshim_testapps::cluster::{Cluster, ETCD, ETCDCTL, IP};
-use snapshim_testapps::{bail, needs, Result};
+use snapshim_testapps::cluster::{poll_until, Cluster, ETCD, ETCDCTL, IP};
+use snapshim_testapps::nodes::{
+    agent_available, now_ms, ticker, ticker_reference, wait_for_lines, Monitor, Nodes, TICKER,
+};
+use snapshim_testapps::rng::{base_seed, hash_str, Rng};
+use snapshim_testapps::{bail, diff_summary, needs, Failure, Result};
 
 /// Root, ip, etcd and etcdctl; false when the test is skipped.
 fn cluster_needs() -> Result<bool> {
@@ -146,4 +159,327 @@ fn a_panicking_test_leaves_no_namespace_and_no_process() -> Result<()> {
     assert!(dir.is_dir() && !dir.join("owner").exists());
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
+}
+
+/// The agent tests run one at a time: each runs three agents, three etcd members and a
+/// program on a machine of two cores.
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// The lease TTL of the services under test.
+const TTL: &str = "2s";
+/// The ticker prints a line every PERIOD_MS.
+const PERIOD_MS: u64 = 25;
+
+/// A service of the ticker app on three nodes, watched by a [`Monitor`].
+struct Case {
+    monitor: Option<Monitor>,
+    nodes: Nodes,
+    service: String,
+    out: PathBuf,
+    lines: u64,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Case {
+    /// `None` when the test is skipped (said on stderr).
+    fn start(service: &str, lines: u64, options: &[&str]) -> Result<Option<Case>> {
+        if !cluster_needs()? || !agent_available()? {
+            return Ok(None);
+        }
+        let serial = ONE_CLUSTER_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let nodes = Nodes::start(3)?;
+        let out = nodes.cluster.dir().join("out.txt");
+        let (ticker, out_arg) = (ticker(), out.to_string_lossy().into_owned());
+        let (lines_arg, period_arg) = (lines.to_string(), PERIOD_MS.to_string());
+        let mut args = vec![
+            "service",
+            "add",
+            service,
+            "--interval",
+            "300ms",
+            "--ttl",
+            TTL,
+            "--output",
+            &out_arg,
+        ];
+        args.extend_from_slice(options);
+        args.extend_from_slice(&["--", ticker.to_str().unwrap_or_default(), &lines_arg]);
+        args.push(&period_arg);
+        nodes.tool_ok(&args)?;
+        let monitor = Monitor::start(&nodes.cluster, TICKER)?;
+        Ok(Some(Case {
+            monitor: Some(monitor),
+            nodes,
+            service: service.to_string(),
+            out,
+            lines,
+            _serial: serial,
+        }))
+    }
+
+    /// Waits for a leader running the program, a standby holding an image, and some output.
+    fn running_with_a_standby(&self) -> Result<usize> {
+        let l = self.nodes.wait_for_leader(&self.service, None)?;
+        self.nodes
+            .cluster
+            .wait_until("a standby holds an image", || {
+                for j in (0..3).filter(|&j| j != l) {
+                    if self.nodes.is_standby_with_image(&self.service, j)? {
+                        return Ok(true);
+                    }
+                }
+                Ok(false)
+            })?;
+        wait_for_lines(&self.out, 40)?;
+        Ok(l)
+    }
+
+    fn with_logs(&self, e: Failure) -> Failure {
+        Failure::new(format!("{e}\n{}", self.nodes.logs()))
+    }
+
+    /// Waits for the program to end (PASS printed, running nowhere), then compares its output
+    /// with an uninterrupted run, and checks that it never ran in two nodes at once.
+    fn finish(mut self) -> Result<()> {
+        let limit = Duration::from_millis(self.lines * PERIOD_MS) + Duration::from_secs(120);
+        let out = self.out.clone();
+        let ended = poll_until("the program printed PASS and ended", limit, || {
+            let text = std::fs::read(&out).unwrap_or_default();
+            Ok(
+                (text.ends_with(b"PASS\n") || text.windows(5).any(|w| w == b"FAIL:"))
+                    && self.nodes.running_in(TICKER)?.is_empty(),
+            )
+        });
+        ended.map_err(|e| self.with_logs(e))?;
+        let samples = self.monitor.take().expect("started").finish();
+        let samples = samples.map_err(|e| self.with_logs(e))?;
+        self.nodes
+            .assert_never_two_by_the_logs()
+            .map_err(|e| self.with_logs(e))?;
+        let expected = ticker_reference(self.lines)?;
+        let actual = std::fs::read(&self.out)?;
+        if actual != expected {
+            return Err(self.with_logs(Failure::new(format!(
+                "the service's output differs from an uninterrupted run: {}",
+                diff_summary(&expected, &actual)
+            ))));
+        }
+        eprintln!(
+            "[{}] output byte-identical ({} bytes); never two at once in {samples} samples",
+            self.service,
+            actual.len()
+        );
+        Ok(())
+    }
+}
+
+#[test]
+fn the_leader_node_killed_the_program_resumes_on_a_standby() -> Result<()> {
+    let Some(case) = Case::start("killed", 600, &["--standbys", "2"])? else {
+        return Ok(());
+    };
+    let l = case.running_with_a_standby()?;
+    let (_, generation) = case.nodes.leader(&case.service)?.expect("a leader");
+    case.nodes.kill_node(l)?;
+    let m = case
+        .nodes
+        .wait_for_leader(&case.service, Some(l))
+        .map_err(|e| case.with_logs(e))?;
+    let (_, next) = case.nodes.leader(&case.service)?.expect("a leader");
+    assert!(next > generation, "generation {generation} then {next}");
+    eprintln!("[killed] node{l} killed, node{m} leads, generation {next}");
+    case.finish()
+}
+
+#[test]
+fn a_cut_off_leader_fences_itself_and_rejoins_as_a_standby() -> Result<()> {
+    let Some(case) = Case::start("cut", 600, &["--standbys", "2"])? else {
+        return Ok(());
+    };
+    let l = case.running_with_a_standby()?;
+    case.nodes.cut_link(l)?;
+    let m = case
+        .nodes
+        .wait_for_leader(&case.service, Some(l))
+        .map_err(|e| case.with_logs(e))?;
+    // By the agents' own clocks: the cut leader stopped its program before the new one ran.
+    let events = case.nodes.events()?;
+    let (old, new) = (case.nodes.name(l), case.nodes.name(m));
+    let fenced = events
+        .iter()
+        .find(|e| e.node == old && e.event == "fenced")
+        .map(|e| e.time_ms);
+    let activated = events
+        .iter()
+        .rev()
+        .find(|e| e.node == new && e.event == "activated")
+        .map(|e| e.time_ms);
+    match (fenced, activated) {
+        (Some(f), Some(a)) if f < a => {}
+        _ => {
+            return Err(case.with_logs(Failure::new(format!(
+                "{old} fenced at {fenced:?}, {new} activated at {activated:?} (Unix ms)"
+            ))))
+        }
+    }
+    case.nodes.cluster.restore_link(l)?;
+    case.nodes
+        .cluster
+        .wait_until("the old leader is back as a standby with an image", || {
+            Ok(case.nodes.is_standby_with_image(&case.service, l)?
+                && case.nodes.running_in(TICKER)? == vec![m])
+        })
+        .map_err(|e| case.with_logs(e))?;
+    assert_eq!(case.nodes.leader(&case.service)?.map(|x| x.0), Some(m));
+    case.finish()
+}
+
+#[test]
+fn switchover_and_failback() -> Result<()> {
+    let Some(case) = Case::start("moved", 800, &["--standbys", "2"])? else {
+        return Ok(());
+    };
+    let l = case.running_with_a_standby()?;
+    let status = case
+        .nodes
+        .tool_ok(&["service", "status", &case.service, "--json"])?;
+    let doc: serde_json::Value = serde_json::from_str(&status.stdout)
+        .map_err(|e| Failure::new(format!("status --json: {e}: {}", status.stdout)))?;
+    assert!(
+        doc.to_string().contains(&case.nodes.name(l)),
+        "status names the leader node{l}: {doc}"
+    );
+    let target = (0..3)
+        .find(|&j| {
+            j != l
+                && case
+                    .nodes
+                    .is_standby_with_image(&case.service, j)
+                    .unwrap_or(false)
+        })
+        .expect("a standby with an image");
+    let to = case.nodes.name(target);
+    case.nodes
+        .tool_ok(&["service", "switchover", &case.service, "--to", &to])?;
+    let m = case.nodes.wait_for_leader(&case.service, Some(l))?;
+    assert_eq!(m, target, "switched over to {to}");
+    case.nodes
+        .cluster
+        .wait_until("the old leader is a standby with an image", || {
+            case.nodes.is_standby_with_image(&case.service, l)
+        })
+        .map_err(|e| case.with_logs(e))?;
+    let back = case.nodes.name(l);
+    case.nodes
+        .tool_ok(&["service", "switchover", &case.service, "--to", &back])?;
+    let again = case.nodes.wait_for_leader(&case.service, Some(m))?;
+    assert_eq!(again, l, "failed back to {back}");
+    let events = case.nodes.events()?;
+    assert!(
+        events.iter().any(|e| e.event == "switchover"),
+        "no switchover event:\n{}",
+        case.nodes.logs()
+    );
+    case.finish()
+}
+
+#[test]
+fn one_etcd_member_lost_the_leader_keeps_leading() -> Result<()> {
+    let Some(case) = Case::start("member", 600, &["--standbys", "2"])? else {
+        return Ok(());
+    };
+    let l = case.running_with_a_standby()?;
+    let before = case.nodes.leader(&case.service)?;
+    // The leader's own member: its agent must renew through the two others.
+    case.nodes.cluster.stop_etcd(l)?;
+    let since = now_ms();
+    let lines = std::fs::read(&case.out)?
+        .iter()
+        .filter(|&&c| c == b'\n')
+        .count();
+    // Three TTLs of the program's output: the lease was renewed meanwhile, or it fenced.
+    wait_for_lines(&case.out, lines + (3 * 2000 / PERIOD_MS) as usize)?;
+    assert_eq!(
+        case.nodes.leader(&case.service)?,
+        before,
+        "leader and generation kept"
+    );
+    assert_eq!(case.nodes.running_in(TICKER)?, vec![l]);
+    let events = case.nodes.events()?;
+    if let Some(e) = events
+        .iter()
+        .find(|e| e.time_ms >= since && matches!(e.event.as_str(), "fenced" | "failover"))
+    {
+        return Err(case.with_logs(Failure::new(format!("{e:?} with one member lost"))));
+    }
+    case.nodes.cluster.start_etcd(l)?;
+    case.finish()
+}
+
+#[test]
+fn random_kills_and_partitions_never_run_two_and_lose_no_acknowledged_image() -> Result<()> {
+    let trials: u64 = std::env::var("SNAPSHIM_CLUSTER_TRIALS")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(3);
+    // About 10 s of output per trial, and some to spare.
+    let lines = (trials * 10_000 + 10_000) / PERIOD_MS;
+    let Some(case) = Case::start("trials", lines, &["--mode", "sync", "--standbys", "1"])? else {
+        return Ok(());
+    };
+    let seed = base_seed() ^ hash_str("trials");
+    eprintln!(
+        "[trials] {trials} trials, seed {seed} (SNAPSHIM_TEST_SEED={})",
+        base_seed()
+    );
+    let mut rng = Rng::new(seed);
+    for t in 0..trials {
+        trial(&case, t, &mut rng).map_err(|e| case.with_logs(e))?;
+    }
+    case.finish()
+}
+
+/// One fault of the current leader (SIGKILL or link cut), the takeover, the old leader back.
+fn trial(case: &Case, t: u64, rng: &mut Rng) -> Result<()> {
+    let (nodes, svc) = (&case.nodes, case.service.as_str());
+    let l = nodes.wait_for_leader(svc, None)?;
+    let (_, generation) = nodes.leader(svc)?.expect("a leader");
+    nodes
+        .cluster
+        .wait_until("an image of this generation is acknowledged", || {
+            Ok(nodes.committed(svc)?.is_some_and(|(g, _)| g >= generation))
+        })?;
+    let cut = rng.next_u64() % 2 == 1;
+    if cut {
+        nodes.cut_link(l)?;
+    } else {
+        nodes.kill_node(l)?;
+    }
+    // Nobody can commit now until a new leader runs: this is the last acknowledged image.
+    let committed = nodes.committed(svc)?.expect("acknowledged before");
+    let m = nodes.wait_for_leader(svc, Some(l))?;
+    let origin = nodes.origin_of_running(svc, m)?;
+    eprintln!(
+        "[trials] trial {t}: node{l} {} at generation {generation}; node{m} resumed from {origin:?}, \
+         last acknowledged {committed:?}",
+        if cut { "cut off" } else { "killed" }
+    );
+    match origin {
+        Some(o) if o >= committed => {}
+        _ => bail!(
+            "trial {t}: node{m} resumed from {origin:?}, older than the acknowledged {committed:?}"
+        ),
+    }
+    if cut {
+        nodes.cluster.restore_link(l)?;
+    } else {
+        nodes.start_agent(l)?;
+    }
+    nodes
+        .cluster
+        .wait_until("the old leader is back as a standby", || {
+            Ok(nodes.standby(svc, l)?.is_some())
+        })
 }
