@@ -6,6 +6,8 @@
 //!   protocol is described in `checkpoint.rs`).
 //! - `restore` execs `snapshim-restore`.
 //! - `activate` wakes a waiting `snapshim-restore --standby` (`activate.rs`).
+//! - `node` runs the node agent of a cluster, `service` defines and moves the programs it
+//!   keeps running (`cluster/`).
 //! - `inspect`, `verify` and `ls` read images through `snapshim-image` only; they never load
 //!   the shim.
 //!
@@ -15,6 +17,7 @@
 mod activate;
 mod check;
 mod checkpoint;
+mod cluster;
 mod enterable;
 mod inspect;
 mod json;
@@ -89,6 +92,8 @@ enum Command {
     Merge(MergeArgs),
     Check(CheckArgs),
     Ps(PsArgs),
+    Node(cluster::node::NodeArgs),
+    Service(cluster::service::ServiceArgs),
     /// Keep a killed program's live TCP connections for its restore (started by
     /// `snapshim checkpoint --kill`)
     #[command(name = "keep-tcp", hide = true)]
@@ -341,6 +346,8 @@ fn main() -> ExitCode {
         Command::Merge(a) => merge::merge(&a.image, a.quiet),
         Command::Check(a) => check::check(a),
         Command::Ps(a) => ps::ps(a.json),
+        Command::Node(a) => cluster::node::run(a),
+        Command::Service(a) => cluster::service::run(a),
         Command::KeepTcp { fds } => keeper::run(&fds),
     };
     match result {

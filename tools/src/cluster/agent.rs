@@ -1,0 +1,294 @@
+//! `snapshim node run`: the agent of one machine. It registers the node, receives images for
+//! every service into its store, and for each service defined in etcd is that service's
+//! leader (runs the program, streams its images: `leader.rs`) or a standby (keeps a warm
+//! standby, takes over when the leader is lost: `standby.rs`).
+//!
+//! The main loop looks at etcd every tick (at most 100 ms, and at most a tenth of the shortest
+//! service TTL), decides, acts, and looks again: no watch stream, so a lost connection needs no
+//! recovery. Leases are renewed, and the fence fires, on threads of their own (`lease.rs`), so
+//! a slow step of the loop never delays either.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::etcd::Etcd;
+use super::events::Log;
+use super::keys::{self, now_ms, to_json, NodeInfo};
+use super::lease::Lease;
+use super::leader::{self, Leading};
+use super::replicate::{Gate, MacKey, Offer, Receiver};
+use super::standby;
+use super::view::{self, View};
+
+/// TTL of the node's own lease (its `/snapshim/nodes/NODE` key): how long a dead node stays
+/// listed as a push target.
+const NODE_TTL: Duration = Duration::from_secs(3);
+/// The longest tick.
+const MAX_TICK: Duration = Duration::from_millis(100);
+
+/// What `snapshim node run` was given.
+pub struct Config {
+    pub etcd: Etcd,
+    pub node: String,
+    pub listen: String,
+    pub store: PathBuf,
+    pub key: PathBuf,
+    pub hook: Option<PathBuf>,
+    pub json_log: bool,
+}
+
+/// What every step needs.
+pub struct Ctx {
+    pub etcd: Etcd,
+    pub node: String,
+    /// Where this node's receiver listens, as other nodes reach it.
+    pub address: String,
+    pub store: PathBuf,
+    pub key: Arc<MacKey>,
+    pub log: Log,
+    /// Per service, the generation of the leader key: older images are refused.
+    pub gate: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+/// What this node is for one service.
+pub enum Role {
+    Standby,
+    Leading(Box<Leading>),
+    /// The program ended by itself with status 0.
+    Finished,
+}
+
+/// One service on this node.
+pub struct Service {
+    pub name: String,
+    /// `STORE/NAME`: where its images are, received or written by the program here.
+    pub dir: PathBuf,
+    /// The service lease: the leader key when leading, the standby key otherwise.
+    pub lease: Option<Arc<Lease>>,
+    pub role: Role,
+    /// The warm standby (`snapshim-restore --standby`), while a standby.
+    pub standby: Option<Child>,
+    pub standby_started: Option<Instant>,
+    /// The standby key as last written (with the lease it was written on).
+    pub published: String,
+    /// The leader key was there at the last look.
+    pub leader_seen: bool,
+    /// Since when the leader key has been missing.
+    pub absent_since: Option<Instant>,
+}
+
+static TERMINATE: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_terminate(_: libc::c_int) {
+    // Async-signal-safe: one atomic store.
+    TERMINATE.store(true, Ordering::SeqCst);
+}
+
+pub fn run(cfg: Config) -> Result<(), String> {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { libc::signal(sig, on_terminate as *const () as libc::sighandler_t) };
+    }
+    let listener = TcpListener::bind(&cfg.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let load = || MacKey::load(&cfg.key).map_err(|e| e.to_string());
+    let (key, receiver_key) = (load()?, load()?);
+    std::fs::create_dir_all(&cfg.store)
+        .map_err(|e| format!("cannot create the store {}: {e}", cfg.store.display()))?;
+    let gate_map: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let receiver = Receiver::serve(listener, receiver_key, cfg.store.clone(), gate(&gate_map))
+        .map_err(|e| e.to_string())?;
+    let ctx = Ctx {
+        etcd: cfg.etcd,
+        address: cfg.listen.clone(),
+        store: cfg.store,
+        key: Arc::new(key),
+        log: Log {
+            node: cfg.node.clone(),
+            hook: cfg.hook,
+            json: cfg.json_log,
+        },
+        node: cfg.node,
+        gate: gate_map,
+    };
+    let mut node_lease = register(&ctx)?;
+    ctx.log.note(&format!(
+        "joined: images on {}, store {}",
+        ctx.address,
+        ctx.store.display()
+    ));
+    let mut services: BTreeMap<String, Service> = BTreeMap::new();
+    let mut last_error = String::new();
+    while !TERMINATE.load(Ordering::SeqCst) {
+        if node_lease.lost() {
+            match register(&ctx) {
+                Ok(l) => node_lease = l,
+                Err(e) => note_once(&ctx, &mut last_error, e),
+            }
+        }
+        for svc in services.values_mut() {
+            leader::check_fence(&ctx, svc);
+        }
+        match tick(&ctx, &mut services) {
+            Ok(()) => last_error.clear(),
+            Err(e) => note_once(&ctx, &mut last_error, e),
+        }
+        std::thread::sleep(period(&services));
+    }
+    ctx.log.note("stopping (signal)");
+    for svc in services.values_mut() {
+        leader::shut_down(&ctx, svc);
+        standby::stop_standby(svc);
+        if let Some(l) = svc.lease.take() {
+            l.release(&ctx.etcd);
+        }
+    }
+    node_lease.release(&ctx.etcd);
+    receiver.stop();
+    ctx.log.note("stopped");
+    Ok(())
+}
+
+/// The receiver's gate: an image of an older generation than the leader key's is refused.
+fn gate(map: &Arc<Mutex<HashMap<String, u32>>>) -> Gate {
+    let map = map.clone();
+    Arc::new(move |offer: &Offer| {
+        let leader = map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&offer.service)
+            .copied();
+        match leader {
+            Some(g) if offer.generation != 0 && offer.generation < g => Err(format!(
+                "{} is of generation {}, older than the leader's {g}",
+                offer.file, offer.generation
+            )),
+            _ => Ok(()),
+        }
+    })
+}
+
+fn note_once(ctx: &Ctx, last: &mut String, e: String) {
+    if *last != e {
+        ctx.log.note(&e);
+        *last = e;
+    }
+}
+
+/// Registers the node on a new lease.
+fn register(ctx: &Ctx) -> Result<Arc<Lease>, String> {
+    let lease = Lease::grant(&ctx.etcd, NODE_TTL)?;
+    let info = NodeInfo {
+        address: ctx.address.clone(),
+        health: "ok".into(),
+        pid: std::process::id(),
+        since_ms: now_ms(),
+    };
+    ctx.etcd
+        .put(&keys::node(&ctx.node), &to_json(&info), lease.id())?;
+    Ok(lease)
+}
+
+/// A tenth of the shortest TTL, at most [`MAX_TICK`].
+fn period(services: &BTreeMap<String, Service>) -> Duration {
+    services
+        .values()
+        .filter_map(|s| s.lease.as_ref().map(|l| l.ttl() / 10))
+        .min()
+        .unwrap_or(MAX_TICK)
+        .min(MAX_TICK)
+}
+
+fn tick(ctx: &Ctx, services: &mut BTreeMap<String, Service>) -> Result<(), String> {
+    let mut problems = Vec::new();
+    let views = view::services(&ctx.etcd, &mut problems)?;
+    let nodes = view::nodes(&ctx.etcd)?;
+    {
+        let mut g = ctx.gate.lock().unwrap_or_else(|e| e.into_inner());
+        g.clear();
+        for (name, v) in &views {
+            if let Some(l) = &v.leader {
+                g.insert(name.clone(), l.value.generation);
+            }
+        }
+    }
+    for (name, v) in &views {
+        let svc = services
+            .entry(name.clone())
+            .or_insert_with(|| Service::new(&ctx.store, name));
+        if let Err(e) = step(ctx, svc, v, &nodes) {
+            problems.push(format!("{name}: {e}"));
+        }
+    }
+    let gone: Vec<String> = services
+        .keys()
+        .filter(|n| !views.contains_key(*n))
+        .cloned()
+        .collect();
+    for name in gone {
+        if let Some(mut svc) = services.remove(&name) {
+            ctx.log.note(&format!("{name}: removed from the cluster"));
+            leader::abandon(ctx, &mut svc);
+            standby::stop_standby(&mut svc);
+            if let Some(l) = svc.lease.take() {
+                l.release(&ctx.etcd);
+            }
+        }
+    }
+    match problems.is_empty() {
+        true => Ok(()),
+        false => Err(problems.join("; ")),
+    }
+}
+
+impl Service {
+    fn new(store: &Path, name: &str) -> Service {
+        Service {
+            name: name.to_string(),
+            dir: store.join(name),
+            lease: None,
+            role: Role::Standby,
+            standby: None,
+            standby_started: None,
+            published: String::new(),
+            leader_seen: false,
+            absent_since: None,
+        }
+    }
+
+    /// The service lease, granted anew when there is none or it was lost.
+    pub fn lease(&mut self, ctx: &Ctx, ttl: Duration) -> Result<Arc<Lease>, String> {
+        if let Some(l) = &self.lease {
+            if !l.lost() {
+                return Ok(l.clone());
+            }
+            let _ = ctx.etcd.revoke(l.id());
+        }
+        self.lease = None;
+        let l = Lease::grant(&ctx.etcd, ttl)?;
+        self.lease = Some(l.clone());
+        Ok(l)
+    }
+}
+
+fn step(
+    ctx: &Ctx,
+    svc: &mut Service,
+    v: &View,
+    nodes: &BTreeMap<String, NodeInfo>,
+) -> Result<(), String> {
+    let lease = svc.lease(ctx, Duration::from_millis(v.spec.ttl_ms))?;
+    let role = std::mem::replace(&mut svc.role, Role::Standby);
+    svc.role = match role {
+        Role::Leading(mut lead) => leader::step(ctx, svc, &mut lead, v, nodes, &lease)
+            .unwrap_or(Role::Leading(lead)),
+        Role::Finished if v.finished.is_some() => Role::Finished,
+        Role::Finished | Role::Standby => standby::step(ctx, svc, v, nodes, &lease)?,
+    };
+    Ok(())
+}

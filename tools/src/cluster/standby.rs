@@ -1,0 +1,234 @@
+//! The standby's side of a service: keep a warm standby on the newest image received, publish
+//! what it holds, and when the leader key is gone take it (best standby first) and start the
+//! program; when a switchover hands the key to this node, activate.
+//!
+//! Who takes over: the standbys with an image, newest generation first, then newest image,
+//! ties by node name; in sync mode only those holding the committed image. The one ranked r
+//! waits r × TTL/4 after it saw the key gone before its transaction, so the best one wins and
+//! the others find the key taken. When no image exists anywhere (and nothing was committed),
+//! the live nodes are ranked instead, the preferred one first, and the winner starts the
+//! program afresh.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::agent::{Ctx, Role, Service};
+use super::etcd::{absent, op_delete, op_put, unchanged};
+use super::events::Event;
+use super::keys::{self, now_ms, to_json, Image, Leader, Mode, NodeInfo, Standby};
+use super::lease::Lease;
+use super::leader::{self, Start};
+use super::program::{self, kill_tree, newest_image};
+use super::view::View;
+
+/// The shortest time between two starts of the warm standby.
+const RESTART_AFTER: Duration = Duration::from_secs(2);
+
+pub fn step(
+    ctx: &Ctx,
+    svc: &mut Service,
+    v: &View,
+    nodes: &BTreeMap<String, NodeInfo>,
+    lease: &Arc<Lease>,
+) -> Result<Role, String> {
+    if v.finished.is_some() {
+        stop_standby(svc);
+        return Ok(Role::Finished);
+    }
+    let newest = newest_image(&svc.dir);
+    keep_warm(ctx, svc, newest.is_some());
+    publish(ctx, svc, newest.as_ref(), lease)?;
+    match &v.leader {
+        Some(l) => {
+            svc.leader_seen = true;
+            svc.absent_since = None;
+            if l.value.node == ctx.node && l.lease == lease.id() {
+                // Handed over by a switchover.
+                return take_over(ctx, svc, v, l.value.generation, lease, false);
+            }
+            Ok(Role::Standby)
+        }
+        None => {
+            if std::mem::take(&mut svc.leader_seen) {
+                ctx.log
+                    .event(Event::LeaderLost, &svc.name, 0, "the leader key is gone");
+            }
+            let since = *svc.absent_since.get_or_insert_with(Instant::now);
+            let Some(rank) = rank(ctx, v, nodes, newest.as_ref()) else {
+                return Ok(Role::Standby);
+            };
+            if since.elapsed() < lease.ttl() / 4 * rank as u32 {
+                return Ok(Role::Standby);
+            }
+            try_take(ctx, svc, v, newest.as_ref(), lease)
+        }
+    }
+}
+
+/// This node's place in the queue of takers, `None` when it may not take the key.
+fn rank(
+    ctx: &Ctx,
+    v: &View,
+    nodes: &BTreeMap<String, NodeInfo>,
+    mine: Option<&Image>,
+) -> Option<usize> {
+    let key = |i: &Image| (i.generation, i.seq);
+    let committed = v.committed.as_ref().map(|c| key(&c.value));
+    let enough = |i: &Image| v.spec.mode == Mode::Async || committed.is_none_or(|c| key(i) >= c);
+    let mut holders: Vec<(&str, &Image)> = v
+        .standbys
+        .values()
+        .filter_map(|s| s.image.as_ref().map(|i| (s.node.as_str(), i)))
+        .filter(|(_, i)| enough(i))
+        .collect();
+    // This node's own view of its images is fresher than its published key.
+    holders.retain(|(n, _)| *n != ctx.node);
+    if let Some(i) = mine.filter(|i| enough(i)) {
+        holders.push((&ctx.node, i));
+    }
+    if !holders.is_empty() {
+        holders.sort_by(|a, b| key(b.1).cmp(&key(a.1)).then(a.0.cmp(b.0)));
+        return holders.iter().position(|(n, _)| *n == ctx.node);
+    }
+    if committed.is_some() && v.spec.mode == Mode::Sync {
+        return None; // an acknowledged image exists, but no live node holds it
+    }
+    let mut live: Vec<&str> = nodes.keys().map(|n| n.as_str()).collect();
+    live.sort_by_key(|n| (Some(*n) != v.spec.prefer.as_deref(), n.to_string()));
+    live.iter().position(|n| *n == ctx.node)
+}
+
+/// The transaction that takes the leader key, then the program's start.
+fn try_take(
+    ctx: &Ctx,
+    svc: &mut Service,
+    v: &View,
+    newest: Option<&Image>,
+    lease: &Arc<Lease>,
+) -> Result<Role, String> {
+    let leader_key = keys::service(&svc.name, "leader");
+    let generation = newest.map_or(1, |i| i.generation + 1);
+    let value = Leader {
+        node: ctx.node.clone(),
+        generation,
+        address: ctx.address.clone(),
+    };
+    let mut compare = vec![absent(&leader_key)];
+    if let (Mode::Sync, Some(c)) = (v.spec.mode, &v.committed) {
+        compare.push(unchanged(&keys::service(&svc.name, "committed"), c.mod_revision));
+    }
+    let ops = vec![
+        op_put(&leader_key, &to_json(&value), lease.id()),
+        op_delete(&keys::standby(&svc.name, &ctx.node)),
+    ];
+    if !ctx.etcd.txn(compare, ops)? {
+        return Ok(Role::Standby);
+    }
+    svc.published.clear();
+    let detail = match newest {
+        Some(i) => format!("from image {} (seq {})", hex(i.id), i.seq),
+        None => "no image anywhere: fresh start".into(),
+    };
+    if newest.is_some() {
+        ctx.log.event(Event::Failover, &svc.name, generation, &detail);
+    }
+    take_over(ctx, svc, v, generation, lease, true)
+}
+
+/// Starts the program as the key's holder.
+fn take_over(
+    ctx: &Ctx,
+    svc: &mut Service,
+    v: &View,
+    generation: u32,
+    lease: &Arc<Lease>,
+    fresh_ok: bool,
+) -> Result<Role, String> {
+    let warm = svc
+        .standby
+        .take()
+        .and_then(|mut c| c.try_wait().ok().flatten().is_none().then_some(c));
+    let how = match (warm, newest_image(&svc.dir)) {
+        (Some(child), _) => Start::Activate(child),
+        (_, Some(_)) => Start::Restore,
+        (_, None) if fresh_ok => Start::Fresh,
+        (_, None) => return Err("handed the key without an image to start from".into()),
+    };
+    svc.published.clear();
+    let _ = ctx.etcd.delete(&keys::standby(&svc.name, &ctx.node), false);
+    match leader::start(ctx, svc, v, how, generation, lease) {
+        Ok(lead) => Ok(Role::Leading(Box::new(lead))),
+        Err(e) => {
+            let key = keys::service(&svc.name, "leader");
+            let _ = ctx.etcd.delete(&key, false);
+            Err(format!("cannot start the program: {e}"))
+        }
+    }
+}
+
+/// Keeps `snapshim-restore --standby` running once there is an image.
+fn keep_warm(ctx: &Ctx, svc: &mut Service, have_image: bool) {
+    if let Some(child) = &mut svc.standby {
+        match child.try_wait() {
+            Ok(None) => return,
+            Ok(Some(status)) => {
+                ctx.log
+                    .note(&format!("{}: the warm standby ended ({status})", svc.name));
+                svc.standby = None;
+            }
+            Err(_) => svc.standby = None,
+        }
+    }
+    let recent = svc
+        .standby_started
+        .is_some_and(|t| t.elapsed() < RESTART_AFTER);
+    if !have_image || recent {
+        return;
+    }
+    svc.standby_started = Some(Instant::now());
+    match program::start_standby(&svc.dir) {
+        Ok(child) => svc.standby = Some(child),
+        Err(e) => ctx.log.note(&format!("{}: {e}", svc.name)),
+    }
+}
+
+/// Writes the standby key when what it says changed.
+fn publish(ctx: &Ctx, svc: &mut Service, newest: Option<&Image>, lease: &Lease) -> Result<(), String> {
+    let state = match (newest, &svc.standby) {
+        (None, _) => "empty",
+        (Some(_), Some(_)) => "warm",
+        (Some(_), None) => "cold",
+    };
+    let mut value = Standby {
+        node: ctx.node.clone(),
+        state: state.into(),
+        image: newest.cloned(),
+        lease: lease.id(),
+        time_ms: 0,
+    };
+    let text = to_json(&value);
+    if text == svc.published {
+        return Ok(());
+    }
+    value.time_ms = now_ms();
+    ctx.etcd.put(
+        &keys::standby(&svc.name, &ctx.node),
+        &to_json(&value),
+        lease.id(),
+    )?;
+    svc.published = text;
+    Ok(())
+}
+
+/// Ends the warm standby, if one runs.
+pub fn stop_standby(svc: &mut Service) {
+    if let Some(mut child) = svc.standby.take() {
+        kill_tree(child.id());
+        let _ = child.wait();
+    }
+}
+
+fn hex(id: u64) -> String {
+    format!("{id:016x}")
+}
