@@ -26,6 +26,7 @@ has_c_library mimalloc || missing+=(libmimalloc-dev)
 [[ -x /usr/bin/redis-cli ]] || missing+=(redis-tools)
 [[ -x /usr/bin/memcached ]] || missing+=(memcached)
 [[ -x /usr/bin/sqlite3 ]] || missing+=(sqlite3)
+[[ -x /usr/bin/etcd ]] || missing+=(etcd-server)
 # testapps/tests/servers.rs: the servers it starts (redis-server and memcached above).
 [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
 [[ -x /usr/bin/node ]] || missing+=(nodejs)

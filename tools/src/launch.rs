@@ -114,7 +114,7 @@ pub fn companion(file: &str, env_var: &str) -> Result<PathBuf> {
 
 /// The new `LD_PRELOAD`: the shim first, then what was there (unless it already names the
 /// shim).
-fn ld_preload(lib: &Path, existing: Option<&OsStr>) -> OsString {
+pub fn ld_preload(lib: &Path, existing: Option<&OsStr>) -> OsString {
     let mut v = OsString::from(lib);
     if let Some(old) = existing.filter(|o| !o.is_empty()) {
         let already = old

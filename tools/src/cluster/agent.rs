@@ -76,8 +76,8 @@ pub struct Service {
     pub standby_started: Option<Instant>,
     /// The standby key as last written (with the lease it was written on).
     pub published: String,
-    /// The leader key was there at the last look.
-    pub leader_seen: bool,
+    /// The leader key was there at the last look (with this generation).
+    pub leader_seen: Option<u32>,
     /// Since when the leader key has been missing.
     pub absent_since: Option<Instant>,
 }
@@ -256,7 +256,7 @@ impl Service {
             standby: None,
             standby_started: None,
             published: String::new(),
-            leader_seen: false,
+            leader_seen: None,
             absent_since: None,
         }
     }

@@ -160,10 +160,18 @@ pub fn op_delete(key: &str) -> Value {
     json!({ "request_delete_range": { "key": b64(key) } })
 }
 
-/// Operation: delete every key under `prefix`.
-pub fn op_delete_prefix(prefix: &str) -> Value {
-    json!({ "request_delete_range": {
-        "key": b64(prefix), "range_end": b64_bytes(&prefix_end(prefix)) } })
+/// Operation: delete every key under `prefix` but `keep` (a transaction may not touch one key
+/// twice, so a put of `keep` can go with it).
+pub fn op_delete_prefix_but(prefix: &str, keep: &str) -> [Value; 2] {
+    let mut after = keep.as_bytes().to_vec();
+    after.push(0);
+    let range = |from: &[u8], to: &[u8]| {
+        json!({ "request_delete_range": { "key": b64_bytes(from), "range_end": b64_bytes(to) } })
+    };
+    [
+        range(prefix.as_bytes(), keep.as_bytes()),
+        range(&after, &prefix_end(prefix)),
+    ]
 }
 
 fn op_put_body(key: &str, value: &str, lease: i64) -> Value {

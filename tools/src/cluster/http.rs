@@ -58,7 +58,12 @@ fn parse_answer(raw: &[u8]) -> Result<String, String> {
     let body = if chunked { dechunk(body)? } else { body.to_vec() };
     let text = String::from_utf8(body).map_err(|_| "the answer is not UTF-8")?;
     if code != "200" {
-        return Err(format!("HTTP {}: {}", status, text.trim()));
+        // etcd's errors are JSON with a message.
+        let why = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| text.trim().to_string());
+        return Err(format!("{}: {why}", status.trim()));
     }
     Ok(text)
 }

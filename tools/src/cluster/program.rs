@@ -17,7 +17,9 @@ use std::time::Duration;
 use snapshim_image::lineage::{Record, LOCK_FILE};
 
 use super::keys::{Image, Spec};
-use crate::launch::{companion, RESTORER};
+use snapshim_image::settings::RunSettings;
+
+use crate::launch::{companion, ld_preload, RESTORER, SHIM_LIB};
 
 /// The newest image of `dir` that opens (header and metadata checked), if any.
 pub fn newest_image(dir: &Path) -> Option<Image> {
@@ -64,38 +66,48 @@ fn detached(program: &Path) -> Command {
     cmd
 }
 
-/// Starts the program afresh: `snapshim run --dir STORE --name NAME --interval I -- CMD`, its
-/// stdout and stderr to the spec's output file (truncated: this is the start of its output).
+/// Starts the program afresh under the shim (as `snapshim run --dir STORE --name NAME
+/// --interval I` would, without its announcement, which would land in the program's output),
+/// its stdout and stderr to the spec's output file (truncated: this is the start of its
+/// output).
 pub fn start_fresh(spec: &Spec, store: &Path) -> Result<Child, String> {
-    let mut cmd = detached(&snapshim_exe()?);
-    cmd.arg("run")
-        .arg("--dir")
-        .arg(store)
-        .arg("--name")
-        .arg(&spec.name)
-        .arg("--interval")
-        .arg(&spec.interval);
-    if spec.incremental {
-        cmd.arg("--incremental").arg("on");
-    }
-    cmd.arg("--").args(&spec.command);
+    let lib = companion(SHIM_LIB, "SNAPSHIM_LIB").map_err(|f| f.message)?;
+    let (prog, args) = spec
+        .command
+        .split_first()
+        .ok_or("the service has no command")?;
+    let settings = RunSettings {
+        dir: Some(store.to_path_buf()),
+        name: Some(spec.name.clone()),
+        interval: Some(spec.interval.clone()),
+        incremental: spec.incremental.then(|| "on".to_string()),
+        ..RunSettings::default()
+    };
+    let mut cmd = detached(Path::new(prog));
+    cmd.args(args)
+        .env(
+            "LD_PRELOAD",
+            ld_preload(&lib, std::env::var_os("LD_PRELOAD").as_deref()),
+        )
+        .envs(settings.env());
     if let Some(cwd) = &spec.cwd {
         cmd.current_dir(cwd);
     }
     if let Some(out) = &spec.output {
+        // Appending: stdout and stderr are restored as two opens of the file, each with its
+        // own offset; with O_APPEND both still write at its end, in order.
         let file = OpenOptions::new()
-            .write(true)
+            .append(true)
             .create(true)
-            .truncate(true)
             .open(out)
+            .and_then(|f| f.set_len(0).map(|()| f))
             .map_err(|e| format!("cannot open the output file {}: {e}", out.display()))?;
         let err = file
             .try_clone()
             .map_err(|e| format!("cannot duplicate {}: {e}", out.display()))?;
         cmd.stdout(file).stderr(err);
     }
-    cmd.spawn()
-        .map_err(|e| format!("cannot start snapshim run: {e}"))
+    cmd.spawn().map_err(|e| format!("cannot start {prog}: {e}"))
 }
 
 /// Restores the newest image of `dir` (`snapshim-restore DIR`); the restorer supervises the

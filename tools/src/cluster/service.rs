@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
-use super::etcd::{absent, op_delete_prefix, op_put, Etcd};
+use super::etcd::{absent, op_delete_prefix_but, op_put, Etcd};
 use super::keys::{self, now_ms, to_json, Mode, Spec, Switchover};
 use super::node::{etcd, node_name};
 use super::view::{self, View};
@@ -138,10 +138,10 @@ fn add_service(etcd: &Etcd, a: AddArgs) -> Result<()> {
     let added = etcd
         .txn(
             vec![absent(&spec_key)],
-            vec![
-                op_delete_prefix(&keys::service(&a.name, "")),
-                op_put(&spec_key, &to_json(&spec), 0),
-            ],
+            op_delete_prefix_but(&keys::service(&a.name, ""), &spec_key)
+                .into_iter()
+                .chain([op_put(&spec_key, &to_json(&spec), 0)])
+                .collect(),
         )
         .map_err(op)?;
     if !added {

@@ -41,7 +41,7 @@ pub fn step(
     publish(ctx, svc, newest.as_ref(), lease)?;
     match &v.leader {
         Some(l) => {
-            svc.leader_seen = true;
+            svc.leader_seen = Some(l.value.generation);
             svc.absent_since = None;
             if l.value.node == ctx.node && l.lease == lease.id() {
                 // Handed over by a switchover.
@@ -50,9 +50,9 @@ pub fn step(
             Ok(Role::Standby)
         }
         None => {
-            if std::mem::take(&mut svc.leader_seen) {
+            if let Some(g) = svc.leader_seen.take() {
                 ctx.log
-                    .event(Event::LeaderLost, &svc.name, 0, "the leader key is gone");
+                    .event(Event::LeaderLost, &svc.name, g, "the leader key is gone");
             }
             let since = *svc.absent_since.get_or_insert_with(Instant::now);
             let Some(rank) = rank(ctx, v, nodes, newest.as_ref()) else {
