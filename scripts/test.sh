@@ -34,7 +34,6 @@ has_c_library mimalloc || missing+=(libmimalloc-dev)
 [[ -x /usr/bin/ruby ]] || missing+=(ruby)
 # testapps/tests/cluster.rs: network namespaces, a bridge and veth pairs, a 3-member etcd.
 [[ -x /usr/bin/ip ]] || missing+=(iproute2)
-[[ -x /usr/bin/etcd ]] || missing+=(etcd-server)
 [[ -x /usr/bin/etcdctl ]] || missing+=(etcd-client)
 if ((${#missing[@]})); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then

@@ -177,48 +177,55 @@ struct Case {
     service: String,
     out: PathBuf,
     lines: u64,
-    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+/// Runs `body` on a service `service` of `ticker LINES PERIOD_MS` added with `options`, then
+/// waits for the program's end and checks its output and that it never ran twice at once. Any
+/// failure carries the agents' logs. Skipped (said on stderr) when the machine cannot run it.
+fn with_service(
+    service: &str,
+    lines: u64,
+    options: &[&str],
+    body: impl FnOnce(&Case) -> Result<()>,
+) -> Result<()> {
+    if !cluster_needs()? || !agent_available()? {
+        return Ok(());
+    }
+    let _serial = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let nodes = Nodes::start(3)?;
+    let out = nodes.cluster.dir().join("out.txt");
+    let (ticker, out_arg) = (ticker(), out.to_string_lossy().into_owned());
+    let (lines_arg, period_arg) = (lines.to_string(), PERIOD_MS.to_string());
+    let mut args = vec![
+        "service",
+        "add",
+        service,
+        "--interval",
+        "300ms",
+        "--ttl",
+        TTL,
+        "--output",
+        &out_arg,
+    ];
+    args.extend_from_slice(options);
+    args.extend_from_slice(&["--", ticker.to_str().unwrap_or_default(), &lines_arg]);
+    args.push(&period_arg);
+    nodes.tool_ok(&args)?;
+    let monitor = Monitor::start(&nodes.cluster, TICKER)?;
+    let case = Case {
+        monitor: Some(monitor),
+        nodes,
+        service: service.to_string(),
+        out,
+        lines,
+    };
+    body(&case).map_err(|e| case.with_logs(e))?;
+    case.finish()
 }
 
 impl Case {
-    /// `None` when the test is skipped (said on stderr).
-    fn start(service: &str, lines: u64, options: &[&str]) -> Result<Option<Case>> {
-        if !cluster_needs()? || !agent_available()? {
-            return Ok(None);
-        }
-        let serial = ONE_CLUSTER_AT_A_TIME
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let nodes = Nodes::start(3)?;
-        let out = nodes.cluster.dir().join("out.txt");
-        let (ticker, out_arg) = (ticker(), out.to_string_lossy().into_owned());
-        let (lines_arg, period_arg) = (lines.to_string(), PERIOD_MS.to_string());
-        let mut args = vec![
-            "service",
-            "add",
-            service,
-            "--interval",
-            "300ms",
-            "--ttl",
-            TTL,
-            "--output",
-            &out_arg,
-        ];
-        args.extend_from_slice(options);
-        args.extend_from_slice(&["--", ticker.to_str().unwrap_or_default(), &lines_arg]);
-        args.push(&period_arg);
-        nodes.tool_ok(&args)?;
-        let monitor = Monitor::start(&nodes.cluster, TICKER)?;
-        Ok(Some(Case {
-            monitor: Some(monitor),
-            nodes,
-            service: service.to_string(),
-            out,
-            lines,
-            _serial: serial,
-        }))
-    }
-
     /// Waits for a leader running the program, a standby holding an image, and some output.
     fn running_with_a_standby(&self) -> Result<usize> {
         let l = self.nodes.wait_for_leader(&self.service, None)?;
@@ -243,28 +250,29 @@ impl Case {
     /// Waits for the program to end (PASS printed, running nowhere), then compares its output
     /// with an uninterrupted run, and checks that it never ran in two nodes at once.
     fn finish(mut self) -> Result<()> {
+        let r = self.check_end();
+        r.map_err(|e| self.with_logs(e))
+    }
+
+    fn check_end(&mut self) -> Result<()> {
         let limit = Duration::from_millis(self.lines * PERIOD_MS) + Duration::from_secs(120);
         let out = self.out.clone();
-        let ended = poll_until("the program printed PASS and ended", limit, || {
+        poll_until("the program printed PASS and ended", limit, || {
             let text = std::fs::read(&out).unwrap_or_default();
             Ok(
                 (text.ends_with(b"PASS\n") || text.windows(5).any(|w| w == b"FAIL:"))
                     && self.nodes.running_in(TICKER)?.is_empty(),
             )
-        });
-        ended.map_err(|e| self.with_logs(e))?;
-        let samples = self.monitor.take().expect("started").finish();
-        let samples = samples.map_err(|e| self.with_logs(e))?;
-        self.nodes
-            .assert_never_two_by_the_logs()
-            .map_err(|e| self.with_logs(e))?;
+        })?;
+        let samples = self.monitor.take().expect("started").finish()?;
+        self.nodes.assert_never_two_by_the_logs()?;
         let expected = ticker_reference(self.lines)?;
         let actual = std::fs::read(&self.out)?;
         if actual != expected {
-            return Err(self.with_logs(Failure::new(format!(
+            bail!(
                 "the service's output differs from an uninterrupted run: {}",
                 diff_summary(&expected, &actual)
-            ))));
+            );
         }
         eprintln!(
             "[{}] output byte-identical ({} bytes); never two at once in {samples} samples",
@@ -277,145 +285,132 @@ impl Case {
 
 #[test]
 fn the_leader_node_killed_the_program_resumes_on_a_standby() -> Result<()> {
-    let Some(case) = Case::start("killed", 600, &["--standbys", "2"])? else {
-        return Ok(());
-    };
-    let l = case.running_with_a_standby()?;
-    let (_, generation) = case.nodes.leader(&case.service)?.expect("a leader");
-    case.nodes.kill_node(l)?;
-    let m = case
-        .nodes
-        .wait_for_leader(&case.service, Some(l))
-        .map_err(|e| case.with_logs(e))?;
-    let (_, next) = case.nodes.leader(&case.service)?.expect("a leader");
-    assert!(next > generation, "generation {generation} then {next}");
-    eprintln!("[killed] node{l} killed, node{m} leads, generation {next}");
-    case.finish()
+    with_service("killed", 600, &["--standbys", "2"], |case| {
+        let l = case.running_with_a_standby()?;
+        let (_, generation) = case.nodes.leader(&case.service)?.expect("a leader");
+        case.nodes.kill_node(l)?;
+        let m = case.nodes.wait_for_leader(&case.service, Some(l))?;
+        let (_, next) = case.nodes.leader(&case.service)?.expect("a leader");
+        if next <= generation {
+            bail!("generation {generation}, then {next} after the failover");
+        }
+        eprintln!("[killed] node{l} killed, node{m} leads, generation {next}");
+        Ok(())
+    })
 }
 
 #[test]
 fn a_cut_off_leader_fences_itself_and_rejoins_as_a_standby() -> Result<()> {
-    let Some(case) = Case::start("cut", 600, &["--standbys", "2"])? else {
-        return Ok(());
-    };
-    let l = case.running_with_a_standby()?;
-    case.nodes.cut_link(l)?;
-    let m = case
-        .nodes
-        .wait_for_leader(&case.service, Some(l))
-        .map_err(|e| case.with_logs(e))?;
-    // By the agents' own clocks: the cut leader stopped its program before the new one ran.
-    let events = case.nodes.events()?;
-    let (old, new) = (case.nodes.name(l), case.nodes.name(m));
-    let fenced = events
-        .iter()
-        .find(|e| e.node == old && e.event == "fenced")
-        .map(|e| e.time_ms);
-    let activated = events
-        .iter()
-        .rev()
-        .find(|e| e.node == new && e.event == "activated")
-        .map(|e| e.time_ms);
-    match (fenced, activated) {
-        (Some(f), Some(a)) if f < a => {}
-        _ => {
-            return Err(case.with_logs(Failure::new(format!(
-                "{old} fenced at {fenced:?}, {new} activated at {activated:?} (Unix ms)"
-            ))))
+    with_service("cut", 600, &["--standbys", "2"], |case| {
+        let l = case.running_with_a_standby()?;
+        case.nodes.cut_link(l)?;
+        let m = case.nodes.wait_for_leader(&case.service, Some(l))?;
+        // By the agents' own clocks: the cut leader stopped its program before the new one ran.
+        let events = case.nodes.events()?;
+        let (old, new) = (case.nodes.name(l), case.nodes.name(m));
+        let fenced = events
+            .iter()
+            .find(|e| e.node == old && e.event == "fenced")
+            .map(|e| e.time_ms);
+        let activated = events
+            .iter()
+            .rev()
+            .find(|e| e.node == new && e.event == "activated")
+            .map(|e| e.time_ms);
+        match (fenced, activated) {
+            (Some(f), Some(a)) if f < a => {}
+            _ => bail!("{old} fenced at {fenced:?}, {new} activated at {activated:?} (Unix ms)"),
         }
-    }
-    case.nodes.cluster.restore_link(l)?;
-    case.nodes
-        .cluster
-        .wait_until("the old leader is back as a standby with an image", || {
-            Ok(case.nodes.is_standby_with_image(&case.service, l)?
-                && case.nodes.running_in(TICKER)? == vec![m])
-        })
-        .map_err(|e| case.with_logs(e))?;
-    assert_eq!(case.nodes.leader(&case.service)?.map(|x| x.0), Some(m));
-    case.finish()
+        case.nodes.cluster.restore_link(l)?;
+        case.nodes.cluster.wait_until(
+            "the old leader is back as a standby with an image",
+            || {
+                Ok(case.nodes.is_standby_with_image(&case.service, l)?
+                    && case.nodes.running_in(TICKER)? == vec![m])
+            },
+        )?;
+        let now = case.nodes.leader(&case.service)?.map(|x| x.0);
+        if now != Some(m) {
+            bail!("node{m} took over, but after the link came back the leader is {now:?}");
+        }
+        Ok(())
+    })
 }
 
 #[test]
 fn switchover_and_failback() -> Result<()> {
-    let Some(case) = Case::start("moved", 800, &["--standbys", "2"])? else {
-        return Ok(());
-    };
-    let l = case.running_with_a_standby()?;
-    let status = case
-        .nodes
-        .tool_ok(&["service", "status", &case.service, "--json"])?;
-    let doc: serde_json::Value = serde_json::from_str(&status.stdout)
-        .map_err(|e| Failure::new(format!("status --json: {e}: {}", status.stdout)))?;
-    assert!(
-        doc.to_string().contains(&case.nodes.name(l)),
-        "status names the leader node{l}: {doc}"
-    );
-    let target = (0..3)
-        .find(|&j| {
-            j != l
-                && case
-                    .nodes
-                    .is_standby_with_image(&case.service, j)
-                    .unwrap_or(false)
-        })
-        .expect("a standby with an image");
-    let to = case.nodes.name(target);
-    case.nodes
-        .tool_ok(&["service", "switchover", &case.service, "--to", &to])?;
-    let m = case.nodes.wait_for_leader(&case.service, Some(l))?;
-    assert_eq!(m, target, "switched over to {to}");
-    case.nodes
-        .cluster
-        .wait_until("the old leader is a standby with an image", || {
-            case.nodes.is_standby_with_image(&case.service, l)
-        })
-        .map_err(|e| case.with_logs(e))?;
-    let back = case.nodes.name(l);
-    case.nodes
-        .tool_ok(&["service", "switchover", &case.service, "--to", &back])?;
-    let again = case.nodes.wait_for_leader(&case.service, Some(m))?;
-    assert_eq!(again, l, "failed back to {back}");
-    let events = case.nodes.events()?;
-    assert!(
-        events.iter().any(|e| e.event == "switchover"),
-        "no switchover event:\n{}",
-        case.nodes.logs()
-    );
-    case.finish()
+    with_service("moved", 800, &["--standbys", "2"], |case| {
+        let (nodes, svc) = (&case.nodes, case.service.as_str());
+        let l = case.running_with_a_standby()?;
+        let status = nodes.tool_ok(&["service", "status", svc, "--json"])?;
+        let doc: serde_json::Value = serde_json::from_str(&status.stdout)
+            .map_err(|e| Failure::new(format!("status --json: {e}: {}", status.stdout)))?;
+        if !doc.to_string().contains(&nodes.name(l)) {
+            bail!("status does not name the leader node{l}: {doc}");
+        }
+        let mut target = None;
+        for j in (0..3).filter(|&j| j != l) {
+            if target.is_none() && nodes.is_standby_with_image(svc, j)? {
+                target = Some(j);
+            }
+        }
+        let target = target.expect("running_with_a_standby saw one");
+        let to = nodes.name(target);
+        nodes.tool_ok(&["service", "switchover", svc, "--to", &to])?;
+        let m = nodes.wait_for_leader(svc, Some(l))?;
+        if m != target {
+            bail!("switched over to {to}, but node{m} leads");
+        }
+        nodes
+            .cluster
+            .wait_until("the old leader is a standby with an image", || {
+                nodes.is_standby_with_image(svc, l)
+            })?;
+        let back = nodes.name(l);
+        nodes.tool_ok(&["service", "switchover", svc, "--to", &back])?;
+        let again = nodes.wait_for_leader(svc, Some(m))?;
+        if again != l {
+            bail!("failed back to {back}, but node{again} leads");
+        }
+        if !nodes.events()?.iter().any(|e| e.event == "switchover") {
+            bail!("no switchover event was logged");
+        }
+        Ok(())
+    })
 }
 
 #[test]
 fn one_etcd_member_lost_the_leader_keeps_leading() -> Result<()> {
-    let Some(case) = Case::start("member", 600, &["--standbys", "2"])? else {
-        return Ok(());
-    };
-    let l = case.running_with_a_standby()?;
-    let before = case.nodes.leader(&case.service)?;
-    // The leader's own member: its agent must renew through the two others.
-    case.nodes.cluster.stop_etcd(l)?;
-    let since = now_ms();
-    let lines = std::fs::read(&case.out)?
-        .iter()
-        .filter(|&&c| c == b'\n')
-        .count();
-    // Three TTLs of the program's output: the lease was renewed meanwhile, or it fenced.
-    wait_for_lines(&case.out, lines + (3 * 2000 / PERIOD_MS) as usize)?;
-    assert_eq!(
-        case.nodes.leader(&case.service)?,
-        before,
-        "leader and generation kept"
-    );
-    assert_eq!(case.nodes.running_in(TICKER)?, vec![l]);
-    let events = case.nodes.events()?;
-    if let Some(e) = events
-        .iter()
-        .find(|e| e.time_ms >= since && matches!(e.event.as_str(), "fenced" | "failover"))
-    {
-        return Err(case.with_logs(Failure::new(format!("{e:?} with one member lost"))));
-    }
-    case.nodes.cluster.start_etcd(l)?;
-    case.finish()
+    with_service("member", 600, &["--standbys", "2"], |case| {
+        let (nodes, svc) = (&case.nodes, case.service.as_str());
+        let l = case.running_with_a_standby()?;
+        let before = nodes.leader(svc)?;
+        // The leader's own member: its agent must renew through the two others.
+        nodes.cluster.stop_etcd(l)?;
+        let since = now_ms();
+        let lines = std::fs::read(&case.out)?
+            .iter()
+            .filter(|&&c| c == b'\n')
+            .count();
+        // Three TTLs of the program's output: the lease was renewed meanwhile, or it fenced.
+        wait_for_lines(&case.out, lines + (3 * 2000 / PERIOD_MS) as usize)?;
+        let after = nodes.leader(svc)?;
+        if after != before || nodes.running_in(TICKER)? != vec![l] {
+            bail!(
+                "with node{l}'s etcd member lost: leader {before:?} became {after:?}, the \
+                 program runs in {:?}",
+                nodes.running_in(TICKER)?
+            );
+        }
+        let events = nodes.events()?;
+        if let Some(e) = events
+            .iter()
+            .find(|e| e.time_ms >= since && matches!(e.event.as_str(), "fenced" | "failover"))
+        {
+            bail!("{e:?} with one etcd member lost");
+        }
+        nodes.cluster.start_etcd(l)
+    })
 }
 
 #[test]
@@ -426,19 +421,19 @@ fn random_kills_and_partitions_never_run_two_and_lose_no_acknowledged_image() ->
         .unwrap_or(3);
     // About 10 s of output per trial, and some to spare.
     let lines = (trials * 10_000 + 10_000) / PERIOD_MS;
-    let Some(case) = Case::start("trials", lines, &["--mode", "sync", "--standbys", "1"])? else {
-        return Ok(());
-    };
-    let seed = base_seed() ^ hash_str("trials");
-    eprintln!(
-        "[trials] {trials} trials, seed {seed} (SNAPSHIM_TEST_SEED={})",
-        base_seed()
-    );
-    let mut rng = Rng::new(seed);
-    for t in 0..trials {
-        trial(&case, t, &mut rng).map_err(|e| case.with_logs(e))?;
-    }
-    case.finish()
+    let options = ["--mode", "sync", "--standbys", "1"];
+    with_service("trials", lines, &options, |case| {
+        let seed = base_seed() ^ hash_str("trials");
+        eprintln!(
+            "[trials] {trials} trials, seed {seed} (SNAPSHIM_TEST_SEED={} repeats them)",
+            base_seed()
+        );
+        let mut rng = Rng::new(seed);
+        for t in 0..trials {
+            trial(case, t, &mut rng)?;
+        }
+        Ok(())
+    })
 }
 
 /// One fault of the current leader (SIGKILL or link cut), the takeover, the old leader back.
@@ -462,8 +457,8 @@ fn trial(case: &Case, t: u64, rng: &mut Rng) -> Result<()> {
     let m = nodes.wait_for_leader(svc, Some(l))?;
     let origin = nodes.origin_of_running(svc, m)?;
     eprintln!(
-        "[trials] trial {t}: node{l} {} at generation {generation}; node{m} resumed from {origin:?}, \
-         last acknowledged {committed:?}",
+        "[trials] trial {t}: node{l} {} at generation {generation}; node{m} resumed from \
+         {origin:?} (generation, image), last acknowledged {committed:?}",
         if cut { "cut off" } else { "killed" }
     );
     match origin {

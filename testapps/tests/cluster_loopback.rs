@@ -112,7 +112,10 @@ impl Cluster {
             agents: Vec::new(),
         };
         cluster.until("etcd answers", |c| {
-            Ok(c.snapshim(&["service", "list"])?.status.success().then_some(()))
+            Ok(c.snapshim(&["service", "list"])?
+                .status
+                .success()
+                .then_some(()))
         })?;
         let keygen = cluster.snapshim(&["node", "keygen", &cluster.key.to_string_lossy()])?;
         if !keygen.status.success() {
@@ -184,7 +187,11 @@ impl Cluster {
     }
 
     /// Polls `check` until it returns a value; fails with the logs after the test's timeout.
-    fn until<T>(&self, what: &str, mut check: impl FnMut(&Cluster) -> Result<Option<T>>) -> Result<T> {
+    fn until<T>(
+        &self,
+        what: &str,
+        mut check: impl FnMut(&Cluster) -> Result<Option<T>>,
+    ) -> Result<T> {
         let deadline = Instant::now() + timeout();
         let mut last = String::new();
         while Instant::now() < deadline {
@@ -195,12 +202,20 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        bail!("waited {:?} for {what} in vain ({last})\n{}", timeout(), self.logs())
+        bail!(
+            "waited {:?} for {what} in vain ({last})\n{}",
+            timeout(),
+            self.logs()
+        )
     }
 
     fn logs(&self) -> String {
         let mut s = String::new();
-        for o in self.etcd.iter().chain(self.agents.iter().map(|(_, _, a)| a)) {
+        for o in self
+            .etcd
+            .iter()
+            .chain(self.agents.iter().map(|(_, _, a)| a))
+        {
             if o.what != "etcd" {
                 s += &format!("--- {} ---\n{}", o.what, o.log());
             }
@@ -253,8 +268,21 @@ fn add_service(c: &Cluster, mode: &str) -> Result<PathBuf> {
     let out = c.dir.join("single.out");
     let prog = single()?;
     let added = c.snapshim(&[
-        "service", "add", "single", "--interval", "1s", "--ttl", "2s", "--prefer", "a",
-        "--mode", mode, "--output", &out.to_string_lossy(), "--", &prog.to_string_lossy(),
+        "service",
+        "add",
+        "single",
+        "--interval",
+        "1s",
+        "--ttl",
+        "2s",
+        "--prefer",
+        "a",
+        "--mode",
+        mode,
+        "--output",
+        &out.to_string_lossy(),
+        "--",
+        &prog.to_string_lossy(),
         ROUNDS,
     ])?;
     if !added.status.success() {
@@ -310,7 +338,9 @@ fn failover_resumes_on_the_standby_and_refuses_the_old_generation() -> Result<()
     let out = add_service(&c, "async")?;
     c.agent("a")?;
     c.until("node a to lead", |c| {
-        Ok(c.status("single").ok().filter(|v| leader(v).is_some_and(|l| l.0 == "a")))
+        Ok(c.status("single")
+            .ok()
+            .filter(|v| leader(v).is_some_and(|l| l.0 == "a")))
     })?;
     c.agent("b")?;
     let before = c.status_until("a warm standby on b", |v| warm_standby(v, "b"))?;
@@ -322,8 +352,15 @@ fn failover_resumes_on_the_standby_and_refuses_the_old_generation() -> Result<()
     })?;
     eprintln!("failover: {}", after["leader"]);
     let refused = c.snapshim(&[
-        "replicate", "push", "--to", &c.address("b"), "--key", &c.key.to_string_lossy(),
-        "--service", "single", &c.store("a", "single").to_string_lossy(),
+        "replicate",
+        "push",
+        "--to",
+        &c.address("b"),
+        "--key",
+        &c.key.to_string_lossy(),
+        "--service",
+        "single",
+        &c.store("a", "single").to_string_lossy(),
     ])?;
     if refused.status.success() || !refused.stderr.contains("generation") {
         bail!(
@@ -345,25 +382,36 @@ fn switchover_and_failback_keep_the_output() -> Result<()> {
     let out = add_service(&c, "sync")?;
     c.agent("a")?;
     c.until("node a to lead", |c| {
-        Ok(c.status("single").ok().filter(|v| leader(v).is_some_and(|l| l.0 == "a")))
+        Ok(c.status("single")
+            .ok()
+            .filter(|v| leader(v).is_some_and(|l| l.0 == "a")))
     })?;
     c.agent("b")?;
     c.status_until("a warm standby on b", |v| warm_standby(v, "b"))?;
     for (to, from) in [("b", "a"), ("a", "b")] {
         let moved = c.snapshim(&["service", "switchover", "single", "--to", to])?;
         if !moved.status.success() {
-            bail!("switchover to {to} failed\n{}\n{}", moved.report(), c.logs());
+            bail!(
+                "switchover to {to} failed\n{}\n{}",
+                moved.report(),
+                c.logs()
+            );
         }
         eprintln!("{}", moved.stdout.trim());
         c.status_until(&format!("{to} to lead"), |v| {
             leader(v).is_some_and(|l| l.0 == to)
         })?;
         if to == "b" {
-            c.status_until(&format!("a warm standby on {from}"), |v| warm_standby(v, from))?;
+            c.status_until(&format!("a warm standby on {from}"), |v| {
+                warm_standby(v, from)
+            })?;
         }
     }
     if !c.logs().contains("failback single") {
-        bail!("the move back to the preferred node was not logged as a failback\n{}", c.logs());
+        bail!(
+            "the move back to the preferred node was not logged as a failback\n{}",
+            c.logs()
+        );
     }
     c.status_until("the program to finish", finished)?;
     expect_same_output(&c, &out)

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use super::etcd::Etcd;
 use super::events::Log;
 use super::keys::{self, now_ms, to_json, NodeInfo};
-use super::lease::Lease;
 use super::leader::{self, Leading};
+use super::lease::Lease;
 use super::replicate::{Gate, MacKey, Offer, Receiver};
 use super::standby;
 use super::view::{self, View};
@@ -285,8 +285,9 @@ fn step(
     let lease = svc.lease(ctx, Duration::from_millis(v.spec.ttl_ms))?;
     let role = std::mem::replace(&mut svc.role, Role::Standby);
     svc.role = match role {
-        Role::Leading(mut lead) => leader::step(ctx, svc, &mut lead, v, nodes, &lease)
-            .unwrap_or(Role::Leading(lead)),
+        Role::Leading(mut lead) => {
+            leader::step(ctx, svc, &mut lead, v, nodes, &lease).unwrap_or(Role::Leading(lead))
+        }
         Role::Finished if v.finished.is_some() => Role::Finished,
         Role::Finished | Role::Standby => standby::step(ctx, svc, v, nodes, &lease)?,
     };

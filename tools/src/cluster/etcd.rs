@@ -165,9 +165,7 @@ pub fn op_delete(key: &str) -> Value {
 pub fn op_delete_prefix_but(prefix: &str, keep: &str) -> [Value; 2] {
     let mut after = keep.as_bytes().to_vec();
     after.push(0);
-    let range = |from: &[u8], to: &[u8]| {
-        json!({ "request_delete_range": { "key": b64_bytes(from), "range_end": b64_bytes(to) } })
-    };
+    let range = |from: &[u8], to: &[u8]| json!({ "request_delete_range": { "key": b64_bytes(from), "range_end": b64_bytes(to) } });
     [
         range(prefix.as_bytes(), keep.as_bytes()),
         range(&after, &prefix_end(prefix)),

@@ -55,7 +55,11 @@ fn parse_answer(raw: &[u8]) -> Result<String, String> {
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
     let body = &raw[end + 4..];
-    let body = if chunked { dechunk(body)? } else { body.to_vec() };
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_vec()
+    };
     let text = String::from_utf8(body).map_err(|_| "the answer is not UTF-8")?;
     if code != "200" {
         // etcd's errors are JSON with a message.

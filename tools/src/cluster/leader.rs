@@ -72,20 +72,18 @@ pub fn start(
     lease: &Lease,
 ) -> Result<Leading, String> {
     let child = match how {
-        Start::Activate(mut child) => {
-            match program::activate(&svc.dir, HANDOVER_TIMEOUT) {
-                Ok(_) => child,
-                Err(e) => {
-                    ctx.log.note(&format!(
-                        "{}: the warm standby did not resume ({e}); restoring instead",
-                        svc.name
-                    ));
-                    kill_tree(child.id());
-                    let _ = child.wait();
-                    program::start_restore(&svc.dir)?
-                }
+        Start::Activate(mut child) => match program::activate(&svc.dir, HANDOVER_TIMEOUT) {
+            Ok(_) => child,
+            Err(e) => {
+                ctx.log.note(&format!(
+                    "{}: the warm standby did not resume ({e}); restoring instead",
+                    svc.name
+                ));
+                kill_tree(child.id());
+                let _ = child.wait();
+                program::start_restore(&svc.dir)?
             }
-        }
+        },
         Start::Restore => program::start_restore(&svc.dir)?,
         Start::Fresh => program::start_fresh(&v.spec, &ctx.store)?,
     };
@@ -94,8 +92,12 @@ pub fn start(
         kill_tree(child.id());
     }
     let (done_tx, done_rx) = channel();
-    ctx.log
-        .event(Event::Activated, &svc.name, generation, &format!("PID {}", child.id()));
+    ctx.log.event(
+        Event::Activated,
+        &svc.name,
+        generation,
+        &format!("PID {}", child.id()),
+    );
     Ok(Leading {
         child,
         generation,
@@ -175,7 +177,9 @@ pub fn step(
             return switchover(ctx, svc, lead, v, nodes, &req.value.to, lease);
         }
         // Already here: the request is done.
-        let _ = ctx.etcd.delete(&keys::service(&svc.name, "switchover"), false);
+        let _ = ctx
+            .etcd
+            .delete(&keys::service(&svc.name, "switchover"), false);
     }
     None
 }
@@ -215,9 +219,10 @@ fn exited(
         "{}: the program ended ({status}); giving up the leader key",
         svc.name
     ));
-    let _ = ctx
-        .etcd
-        .txn(vec![unchanged(&leader_key, leader_rev)], vec![op_delete(&leader_key)]);
+    let _ = ctx.etcd.txn(
+        vec![unchanged(&leader_key, leader_rev)],
+        vec![op_delete(&leader_key)],
+    );
     Some(Role::Standby)
 }
 
@@ -386,8 +391,10 @@ fn switchover(
 ) -> Option<Role> {
     let req_key = keys::service(&svc.name, "switchover");
     let give_up = |why: String| {
-        ctx.log
-            .note(&format!("{}: switchover to {to} abandoned: {why}", svc.name));
+        ctx.log.note(&format!(
+            "{}: switchover to {to} abandoned: {why}",
+            svc.name
+        ));
         let _ = ctx.etcd.delete(&req_key, false);
     };
     let (Some(target), Some(info)) = (v.standbys.get(to), nodes.get(to)) else {
@@ -445,7 +452,10 @@ fn switchover(
         ev,
         &svc.name,
         lead.generation,
-        &format!("to {to} ({} ms to hand over)", started.elapsed().as_millis()),
+        &format!(
+            "to {to} ({} ms to hand over)",
+            started.elapsed().as_millis()
+        ),
     );
     Some(Role::Standby)
 }
@@ -460,9 +470,7 @@ fn resume_here(ctx: &Ctx, svc: &Service, lead: &mut Leading, lease: &Lease) -> O
         }
         Err(e) => {
             ctx.log.note(&format!("{}: {e}", svc.name));
-            let _ = ctx
-                .etcd
-                .delete(&keys::service(&svc.name, "leader"), false);
+            let _ = ctx.etcd.delete(&keys::service(&svc.name, "leader"), false);
             Some(Role::Standby)
         }
     }
@@ -482,8 +490,12 @@ pub fn shut_down(ctx: &Ctx, svc: &mut Service) {
             let _ = lead.child.wait();
             if let Ok(nodes) = super::view::nodes(&ctx.etcd) {
                 for (node, info) in nodes.iter().filter(|(n, _)| **n != ctx.node) {
-                    let Ok(addr) = info.address.parse() else { continue };
-                    if let Err(e) = replicate::push(addr, &ctx.key, &svc.name, &svc.dir, HANDOVER_TIMEOUT) {
+                    let Ok(addr) = info.address.parse() else {
+                        continue;
+                    };
+                    if let Err(e) =
+                        replicate::push(addr, &ctx.key, &svc.name, &svc.dir, HANDOVER_TIMEOUT)
+                    {
                         ctx.log.event(
                             Event::ReplicationFailed,
                             &svc.name,

@@ -100,7 +100,11 @@ impl Lease {
             }
             let next = sent + period;
             let retry = Instant::now() + period / 4;
-            let wake = if self.since_ok() < period { next } else { retry };
+            let wake = if self.since_ok() < period {
+                next
+            } else {
+                retry
+            };
             thread::sleep(wake.saturating_duration_since(Instant::now()));
         }
     }

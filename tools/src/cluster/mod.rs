@@ -9,8 +9,8 @@ mod etcd;
 mod events;
 mod http;
 mod keys;
-mod lease;
 mod leader;
+mod lease;
 pub mod node;
 mod program;
 #[path = "replicate_stub.rs"]

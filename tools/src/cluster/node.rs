@@ -36,8 +36,10 @@ enum NodeCommand {
 /// Logs one line per event on stderr; SIGTERM stops it cleanly (a leader takes a last
 /// checkpoint, pushes it to the standbys, stops the program and gives up the key).
 #[derive(Args)]
-#[command(after_help = "Example:\n  snapshim node run --etcd http://10.0.0.1:2379 --name a \
-                        --listen 10.0.0.11:7070 --store /var/lib/snapshim --key /etc/snapshim/key")]
+#[command(
+    after_help = "Example:\n  snapshim node run --etcd http://10.0.0.1:2379 --name a \
+                        --listen 10.0.0.11:7070 --store /var/lib/snapshim --key /etc/snapshim/key"
+)]
 pub struct RunArgs {
     /// etcd endpoints, comma-separated http://HOST:PORT [default: $SNAPSHIM_ETCD]
     #[arg(long, value_name = "URLS")]
@@ -67,8 +69,7 @@ pub fn node_name(s: &str) -> std::result::Result<String, String> {
     let ok = !s.is_empty()
         && !s.starts_with('.')
         && s.len() <= 64
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if ok {
         Ok(s.to_string())

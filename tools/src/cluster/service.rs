@@ -58,8 +58,10 @@ enum ServiceCommand {
 
 /// Define a service: the program the cluster keeps running on one node, with standbys
 #[derive(Args)]
-#[command(after_help = "Example:\n  snapshim service add solver --interval 10s --standbys 2 \
-                        --output /shared/solver.out -- /opt/solver input.dat")]
+#[command(
+    after_help = "Example:\n  snapshim service add solver --interval 10s --standbys 2 \
+                        --output /shared/solver.out -- /opt/solver input.dat"
+)]
 pub struct AddArgs {
     #[arg(value_parser = node_name)]
     name: String,
@@ -88,7 +90,12 @@ pub struct AddArgs {
     #[arg(long, value_name = "DIR")]
     cwd: Option<PathBuf>,
     /// The program and its arguments (after `--`)
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD ARGS")]
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD ARGS"
+    )]
     command: Vec<OsString>,
 }
 
@@ -109,7 +116,9 @@ fn op(e: String) -> Failure {
 
 fn add_service(etcd: &Etcd, a: AddArgs) -> Result<()> {
     if a.ttl < Duration::from_secs(1) {
-        return Err(Failure::usage("--ttl must be at least 1s (etcd counts whole seconds)"));
+        return Err(Failure::usage(
+            "--ttl must be at least 1s (etcd counts whole seconds)",
+        ));
     }
     let abs = |p: Option<PathBuf>| -> Result<Option<PathBuf>> {
         p.map(|p| std::path::absolute(&p).map_err(|e| Failure::op(format!("{}: {e}", p.display()))))
@@ -128,7 +137,11 @@ fn add_service(etcd: &Etcd, a: AddArgs) -> Result<()> {
         incremental: a.incremental == "on",
         standbys: a.standbys,
         prefer: a.prefer,
-        mode: if a.mode == "sync" { Mode::Sync } else { Mode::Async },
+        mode: if a.mode == "sync" {
+            Mode::Sync
+        } else {
+            Mode::Async
+        },
         ttl_ms: a.ttl.as_millis() as u64,
         output: abs(a.output)?,
         cwd: abs(a.cwd)?,
@@ -270,10 +283,15 @@ fn switchover(etcd: &Etcd, name: &str, to: &str, timeout: Duration) -> Result<()
     let req_key = keys::service(name, "switchover");
     let req = Switchover { to: to.to_string() };
     if !etcd
-        .txn(vec![absent(&req_key)], vec![op_put(&req_key, &to_json(&req), 0)])
+        .txn(
+            vec![absent(&req_key)],
+            vec![op_put(&req_key, &to_json(&req), 0)],
+        )
         .map_err(op)?
     {
-        return Err(Failure::op(format!("a switchover of {name} is under way already")));
+        return Err(Failure::op(format!(
+            "a switchover of {name} is under way already"
+        )));
     }
     let started = Instant::now();
     while started.elapsed() < timeout {

@@ -17,8 +17,8 @@ use super::agent::{Ctx, Role, Service};
 use super::etcd::{absent, op_delete, op_put, unchanged};
 use super::events::Event;
 use super::keys::{self, now_ms, to_json, Image, Leader, Mode, NodeInfo, Standby};
-use super::lease::Lease;
 use super::leader::{self, Start};
+use super::lease::Lease;
 use super::program::{self, kill_tree, newest_image};
 use super::view::View;
 
@@ -116,7 +116,10 @@ fn try_take(
     };
     let mut compare = vec![absent(&leader_key)];
     if let (Mode::Sync, Some(c)) = (v.spec.mode, &v.committed) {
-        compare.push(unchanged(&keys::service(&svc.name, "committed"), c.mod_revision));
+        compare.push(unchanged(
+            &keys::service(&svc.name, "committed"),
+            c.mod_revision,
+        ));
     }
     let ops = vec![
         op_put(&leader_key, &to_json(&value), lease.id()),
@@ -131,7 +134,8 @@ fn try_take(
         None => "no image anywhere: fresh start".into(),
     };
     if newest.is_some() {
-        ctx.log.event(Event::Failover, &svc.name, generation, &detail);
+        ctx.log
+            .event(Event::Failover, &svc.name, generation, &detail);
     }
     take_over(ctx, svc, v, generation, lease, true)
 }
@@ -194,7 +198,12 @@ fn keep_warm(ctx: &Ctx, svc: &mut Service, have_image: bool) {
 }
 
 /// Writes the standby key when what it says changed.
-fn publish(ctx: &Ctx, svc: &mut Service, newest: Option<&Image>, lease: &Lease) -> Result<(), String> {
+fn publish(
+    ctx: &Ctx,
+    svc: &mut Service,
+    newest: Option<&Image>,
+    lease: &Lease,
+) -> Result<(), String> {
     let state = match (newest, &svc.standby) {
         (None, _) => "empty",
         (Some(_), Some(_)) => "warm",

@@ -73,7 +73,10 @@ fn decode(name: &str, kvs: &[Kv]) -> Result<Option<View>, String> {
         return Ok(None);
     };
     let mut standbys = BTreeMap::new();
-    for kv in kvs.iter().filter(|kv| kv.key.starts_with(&format!("{base}standbys/"))) {
+    for kv in kvs
+        .iter()
+        .filter(|kv| kv.key.starts_with(&format!("{base}standbys/")))
+    {
         let s: Standby = from_json(&kv.key, &kv.value)?;
         standbys.insert(s.node.clone(), s);
     }
