@@ -101,6 +101,9 @@ enum Command {
         /// The sockets, inherited
         fds: Vec<i32>,
     },
+    /// Image replication between nodes: keygen, serve, push (for tests and benchmarks)
+    #[command(hide = true)]
+    Replicate(cluster::replicate::ReplicateArgs),
 }
 
 /// Run a program with snapshim loaded (LD_PRELOAD), replacing this process
@@ -349,6 +352,7 @@ fn main() -> ExitCode {
         Command::Node(a) => cluster::node::run(a),
         Command::Service(a) => cluster::service::run(a),
         Command::KeepTcp { fds } => keeper::run(&fds),
+        Command::Replicate(a) => cluster::replicate::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,8 +13,7 @@ mod leader;
 mod lease;
 pub mod node;
 mod program;
-#[path = "replicate_stub.rs"]
-mod replicate;
+pub mod replicate;
 pub mod service;
 mod standby;
 mod view;

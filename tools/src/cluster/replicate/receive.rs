@@ -1,0 +1,393 @@
+//! The receiving side: a thread accepting connections, a thread per session. An image is
+//! written under a hidden temporary name beside its final one, checked completely (header,
+//! metadata, every page checksum, the offer, the parent of a delta), fsynced, renamed into
+//! place without replacing anything, the directory fsynced, and only then acknowledged. A bad
+//! image is deleted and answered with why; the images already there are never touched, except
+//! by retention after a commit.
+
+use std::fs::File;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use snapshim_image::{Chain, Image, PAGE_SIZE};
+
+use super::key::MacKey;
+use super::proto::{self, Msg, Offer};
+use super::store::{self, id_at, seq_of};
+use super::wire::{Channel, Kind, WireError};
+use super::ReplicateError;
+
+/// Decides whether an offered image may enter the store (e.g. refuses a stale generation);
+/// `Err(why)` is sent back to the sender.
+pub type Gate = Arc<dyn Fn(&Offer) -> Result<(), String> + Send + Sync>;
+/// Told of each image committed (after its directory is fsynced).
+pub type OnCommit = Arc<dyn Fn(&Offer, &Path) + Send + Sync>;
+
+/// How a receiver keeps its store.
+#[derive(Clone)]
+pub struct Options {
+    /// Images kept per service: the newest `keep` and every image they depend on (0: all).
+    pub keep: usize,
+    /// A session silent for this long is dropped.
+    pub idle: Duration,
+    pub on_commit: Option<OnCommit>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            keep: 3,
+            idle: Duration::from_secs(60),
+            on_commit: None,
+        }
+    }
+}
+
+struct Shared {
+    key: MacKey,
+    store: PathBuf,
+    gate: Gate,
+    opts: Options,
+    /// Held from the rename of an image to the end of the retention that follows it.
+    commit: Mutex<()>,
+}
+
+/// A running receiver.
+pub struct Receiver {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Receiver {
+    /// Serves `listener` with [`Options::default`].
+    pub fn serve(
+        listener: TcpListener,
+        key: MacKey,
+        store: PathBuf,
+        gate: Gate,
+    ) -> Result<Receiver, ReplicateError> {
+        Receiver::serve_with(listener, key, store, gate, Options::default())
+    }
+
+    /// Starts the thread that accepts connections on `listener`; each session gets a thread.
+    pub fn serve_with(
+        listener: TcpListener,
+        key: MacKey,
+        store: PathBuf,
+        gate: Gate,
+        opts: Options,
+    ) -> Result<Receiver, ReplicateError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| ReplicateError::io("find the address of", &store, e))?;
+        std::fs::create_dir_all(&store)
+            .map_err(|e| ReplicateError::io("create the store", &store, e))?;
+        let shared = Arc::new(Shared {
+            key,
+            store,
+            gate,
+            opts,
+            commit: Mutex::new(()),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("replicate-accept".into())
+            .spawn(move || accept_loop(listener, shared, stop2))
+            .map_err(|e| ReplicateError::io("start a thread for", Path::new("the receiver"), e))?;
+        Ok(Receiver {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting connections (sessions under way finish on their own).
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept.
+        let _ = TcpStream::connect(self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Serves until the process ends.
+    pub fn wait(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        match conn {
+            Ok(s) => {
+                let sh = shared.clone();
+                let _ = std::thread::Builder::new()
+                    .name("replicate-session".into())
+                    .spawn(move || {
+                        let peer = s.peer_addr().map_or("?".into(), |a| a.to_string());
+                        if let Err(e) = session(&sh, s) {
+                            log(&format!("session with {peer} ended: {e}"));
+                        }
+                    });
+            }
+            Err(e) => {
+                log(&format!("accept failed: {e}"));
+                // EMFILE and the like: do not spin.
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn log(line: &str) {
+    eprintln!("snapshim: replicate: {line}");
+}
+
+fn session(sh: &Shared, s: TcpStream) -> Result<(), ReplicateError> {
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(sh.opts.idle));
+    let _ = s.set_write_timeout(Some(sh.opts.idle));
+    let mut ch = Channel::server(s, &sh.key.bytes)?;
+    let service = match proto::recv(&mut ch)? {
+        Msg::Hello { service } => service,
+        m => return Err(unexpected(&m, "hello")),
+    };
+    if let Err(e) = store::check_service(&service) {
+        proto::send(&mut ch, &Msg::Refuse { why: e.to_string() })?;
+        return Err(e);
+    }
+    let dir = sh.store.join(&service);
+    let images = store::holding(&dir);
+    proto::send(&mut ch, &Msg::Holding { images })?;
+    loop {
+        match proto::recv(&mut ch) {
+            Ok(Msg::Offer(o)) => offered(sh, &mut ch, &dir, &service, o)?,
+            Ok(Msg::Bye) | Err(ReplicateError::Wire(WireError::Closed)) => return Ok(()),
+            Ok(m) => return Err(unexpected(&m, "offer or bye")),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+pub(super) fn unexpected(m: &Msg, wanted: &str) -> ReplicateError {
+    ReplicateError::Protocol(format!("got a {} message, expected {wanted}", m.name()))
+}
+
+/// What to do with an offer before any data moves.
+enum Pre {
+    Take,
+    Have,
+}
+
+fn precheck(sh: &Shared, dir: &Path, service: &str, o: &Offer) -> Result<Pre, String> {
+    if o.service != service {
+        return Err(format!(
+            "an offer for service {} in a session for {service}",
+            o.service
+        ));
+    }
+    if seq_of(&o.file).is_none() {
+        return Err(format!("'{}' is not an image name (ckpt-N.snap)", o.file));
+    }
+    if o.size < PAGE_SIZE {
+        return Err(format!("{} bytes cannot be an image", o.size));
+    }
+    let path = dir.join(&o.file);
+    if path.exists() {
+        return match id_at(&path) {
+            Some(id) if id == o.id => Ok(Pre::Have),
+            Some(id) => Err(format!(
+                "{} holds image {id:016x} already, not {:016x}",
+                path.display(),
+                o.id
+            )),
+            None => Err(format!(
+                "{} exists already and is not a readable image",
+                path.display()
+            )),
+        };
+    }
+    if o.parent_id != 0 {
+        let parent = o.parent_file.as_deref().filter(|f| seq_of(f).is_some());
+        let ok = parent.is_some_and(|f| id_at(&dir.join(f)) == Some(o.parent_id));
+        if !ok {
+            return Err(format!(
+                "its parent {} (image {:016x}) is not here: a delta is accepted only after its \
+                 parent",
+                parent.unwrap_or("?"),
+                o.parent_id
+            ));
+        }
+    }
+    (sh.gate)(o).map(|()| Pre::Take)
+}
+
+fn offered<S: std::io::Read + std::io::Write>(
+    sh: &Shared,
+    ch: &mut Channel<S>,
+    dir: &Path,
+    service: &str,
+    o: Offer,
+) -> Result<(), ReplicateError> {
+    match precheck(sh, dir, service, &o) {
+        Ok(Pre::Have) => return Ok(proto::send(ch, &Msg::Have)?),
+        Err(why) => {
+            log(&format!("refused {service}/{}: {why}", o.file));
+            return Ok(proto::send(ch, &Msg::Refuse { why })?);
+        }
+        Ok(Pre::Take) => {}
+    }
+    let t0 = Instant::now();
+    let (tmp, file) = match temp_file(dir, &o.file) {
+        Ok(t) => t,
+        Err(why) => return Ok(proto::send(ch, &Msg::Refuse { why })?),
+    };
+    proto::send(ch, &Msg::Accept)?;
+    let written = match take(ch, &file, o.size) {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let outcome = written.and_then(|()| check_and_commit(sh, dir, &tmp, &file, &o));
+    drop(file);
+    match outcome {
+        Ok(()) => {
+            log(&format!(
+                "received {service}/{} (image {:016x}, {} bytes in {} ms)",
+                o.file,
+                o.id,
+                o.size,
+                t0.elapsed().as_millis()
+            ));
+            proto::send(ch, &Msg::Ack { id: o.id })?;
+            if let Some(f) = &sh.opts.on_commit {
+                f(&o, &dir.join(&o.file));
+            }
+        }
+        Err(why) => {
+            let _ = std::fs::remove_file(&tmp);
+            log(&format!("refused {service}/{}: {why}", o.file));
+            proto::send(ch, &Msg::Failed { why })?;
+        }
+    }
+    Ok(())
+}
+
+/// A new hidden file beside `dir/name` (never a committed name: it starts with a dot).
+fn temp_file(dir: &Path, name: &str) -> Result<(PathBuf, File), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let salt = super::wire::random32().map_err(|e| e.to_string())?;
+    let tmp = dir.join(format!(
+        ".{name}.recv-{:016x}",
+        u64::from_le_bytes(salt[..8].try_into().expect("8"))
+    ));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+    Ok((tmp, f))
+}
+
+/// Reads `size` bytes of data frames into `file`. The outer error ends the session (the stream
+/// failed); the inner one is a write that failed (the data is still read to its end, so the
+/// sender hears why).
+fn take<S: std::io::Read + std::io::Write>(
+    ch: &mut Channel<S>,
+    mut file: &File,
+    size: u64,
+) -> Result<Result<(), String>, ReplicateError> {
+    let mut got = 0u64;
+    let mut failed = None;
+    while got < size {
+        let (kind, b) = ch.recv()?;
+        if kind != Kind::Data {
+            return Err(ReplicateError::Protocol(
+                "a control message came in the middle of an image's data".into(),
+            ));
+        }
+        if got + b.len() as u64 > size {
+            return Err(ReplicateError::Protocol(
+                "more image data than offered".into(),
+            ));
+        }
+        got += b.len() as u64;
+        if failed.is_none() {
+            if let Err(e) = file.write_all(b) {
+                failed = Some(format!("cannot write the image: {e}"));
+            }
+        }
+    }
+    Ok(failed.map_or(Ok(()), Err))
+}
+
+/// Checks the received file completely, then commits it. `Err` says why it was refused.
+fn check_and_commit(
+    sh: &Shared,
+    dir: &Path,
+    tmp: &Path,
+    file: &File,
+    o: &Offer,
+) -> Result<(), String> {
+    let img = Image::open(tmp).map_err(|e| e.to_string())?;
+    let got = store::held(&img);
+    let same = got.id == o.id
+        && got.parent_id == o.parent_id
+        && img.file_len == o.size
+        && got.lineage == o.lineage
+        && got.generation == o.generation
+        && img.meta.parent.as_ref().map(|p| &p.file) == o.parent_file.as_ref();
+    if !same {
+        return Err(format!(
+            "the image is not the one offered (image {:016x}, parent {:016x}, generation {})",
+            got.id, got.parent_id, got.generation
+        ));
+    }
+    img.verify_pages().map_err(|e| e.to_string())?;
+    if o.parent_id != 0 {
+        Chain::open(tmp).map_err(|e| e.to_string())?;
+    }
+    file.sync_all()
+        .map_err(|e| format!("cannot fsync the image: {e}"))?;
+    let _held = sh.commit.lock().unwrap_or_else(|p| p.into_inner());
+    let path = dir.join(&o.file);
+    match store::rename_noreplace(tmp, &path) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) && id_at(&path) == Some(o.id) => {
+            let _ = std::fs::remove_file(tmp);
+        }
+        Err(e) => return Err(format!("cannot rename it into place: {e}")),
+    }
+    store::sync_dir(dir).map_err(|e| format!("cannot fsync {}: {e}", dir.display()))?;
+    if let Err(e) = store::repoint_latest(dir) {
+        log(&format!("cannot update {}/latest: {e}", dir.display()));
+    }
+    if sh.opts.keep > 0 {
+        if let Ok(images) = snapshim_image::list_images(dir) {
+            snapshim_image::retain_among(dir, images, sh.opts.keep);
+        }
+    }
+    let _ = store::sync_dir(dir);
+    Ok(())
+}
