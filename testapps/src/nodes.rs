@@ -184,11 +184,15 @@ impl Nodes {
         Ok(())
     }
 
-    /// A node whose link is up and whose etcd member runs, to run commands from.
-    fn reachable_node(&self) -> usize {
+    /// The nodes whose link is up and whose etcd member runs, to run commands from.
+    fn reachable_nodes(&self) -> Vec<usize> {
         (0..self.cluster.nodes())
-            .find(|&i| self.cluster.link_is_up(i) && self.cluster.etcd_pid(i).is_some())
-            .unwrap_or(0)
+            .filter(|&i| self.cluster.link_is_up(i) && self.cluster.etcd_pid(i).is_some())
+            .collect()
+    }
+
+    fn reachable_node(&self) -> usize {
+        self.reachable_nodes().first().copied().unwrap_or(0)
     }
 
     /// `snapshim ARGS` in node `i`, with `SNAPSHIM_ETCD` set to every member.
@@ -208,19 +212,23 @@ impl Nodes {
         Ok(c)
     }
 
-    /// The value of an etcd key, read through a reachable member (`None`: no such key).
+    /// The value of an etcd key (`None`: no such key), read (a quorum read) through each
+    /// reachable member in turn until one answers: a member that just came back may not answer
+    /// yet.
     pub fn etcd_get(&self, key: &str) -> Result<Option<String>> {
-        let i = self.reachable_node();
-        let c = self.cluster.etcdctl_at(
-            i,
-            &self.cluster.etcd_endpoints(),
-            &["get", "--print-value-only", key],
-        )?;
-        if !c.status.success() {
-            bail!("{}", c.report());
+        let mut failures = String::new();
+        for i in self.reachable_nodes() {
+            let c = self
+                .cluster
+                .etcdctl(i, &["get", "--print-value-only", key])?;
+            if c.status.success() {
+                let v = c.stdout.trim_end_matches('\n');
+                return Ok((!v.is_empty()).then(|| v.to_string()));
+            }
+            failures += &c.report();
+            failures.push('\n');
         }
-        let v = c.stdout.trim_end_matches('\n');
-        Ok((!v.is_empty()).then(|| v.to_string()))
+        bail!("no etcd member answered a read of {key}:\n{failures}")
     }
 
     /// A JSON document stored in etcd.

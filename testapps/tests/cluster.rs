@@ -305,21 +305,28 @@ fn a_cut_off_leader_fences_itself_and_rejoins_as_a_standby() -> Result<()> {
         let l = case.running_with_a_standby()?;
         case.nodes.cut_link(l)?;
         let m = case.nodes.wait_for_leader(&case.service, Some(l))?;
-        // By the agents' own clocks: the cut leader stopped its program before the new one ran.
-        let events = case.nodes.events()?;
+        // By the agents' own clocks: the cut leader stopped its program before the new one ran
+        // (each logs its event once the step is done: wait for both).
         let (old, new) = (case.nodes.name(l), case.nodes.name(m));
-        let fenced = events
-            .iter()
-            .find(|e| e.node == old && e.event == "fenced")
-            .map(|e| e.time_ms);
-        let activated = events
-            .iter()
-            .rev()
-            .find(|e| e.node == new && e.event == "activated")
-            .map(|e| e.time_ms);
-        match (fenced, activated) {
-            (Some(f), Some(a)) if f < a => {}
-            _ => bail!("{old} fenced at {fenced:?}, {new} activated at {activated:?} (Unix ms)"),
+        let (mut fenced, mut activated) = (None, None);
+        case.nodes.cluster.wait_until(
+            "the old leader logged `fenced`, the new one `activated`",
+            || {
+                let events = case.nodes.events()?;
+                fenced = events
+                    .iter()
+                    .find(|e| e.node == old && e.event == "fenced")
+                    .map(|e| e.time_ms);
+                activated = events
+                    .iter()
+                    .rev()
+                    .find(|e| e.node == new && e.event == "activated")
+                    .map(|e| e.time_ms);
+                Ok(fenced.is_some() && activated.is_some())
+            },
+        )?;
+        if fenced >= activated {
+            bail!("{old} fenced at {fenced:?}, {new} activated at {activated:?} (Unix ms)");
         }
         case.nodes.cluster.restore_link(l)?;
         case.nodes.cluster.wait_until(
