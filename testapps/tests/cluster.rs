@@ -221,7 +221,16 @@ fn with_service(
         out,
         lines,
     };
-    body(&case).map_err(|e| case.with_logs(e))?;
+    if let Err(e) = body(&case) {
+        let mut case = case;
+        let seen = match case.monitor.take().expect("started").finish() {
+            Ok(samples) => {
+                format!("the monitor saw the program in one node at most ({samples} samples)")
+            }
+            Err(e) => e.to_string(),
+        };
+        return Err(case.with_logs(Failure::new(format!("{e}\n{seen}"))));
+    }
     case.finish()
 }
 
