@@ -6,7 +6,9 @@
 //!   standby from the last replicated image and its output file ends byte-identical to an
 //!   uninterrupted run's; an image of the dead leader's generation pushed to the new leader
 //!   is refused;
-//! - switchover to the standby and back (failback): the output is byte-identical again.
+//! - switchover to the standby and back (failback): the output is byte-identical again;
+//! - etcd stops answering (SIGSTOP): the leader kills its program (fencing) and says so; once
+//!   etcd is back a node leads again and the output is byte-identical.
 //!
 //! Every wait polls `snapshim service status --json` (or the agent's log) for a condition, with
 //! a generous deadline; nothing sleeps in place of synchronisation. Needs
@@ -100,7 +102,7 @@ impl Cluster {
             .stderr(Stdio::piped())
             .spawn()?;
         let log = child.stderr.take().map(Stream::spawn);
-        let mut cluster = Cluster {
+        let cluster = Cluster {
             key: dir.join("key"),
             dir,
             etcd_url,
@@ -347,10 +349,32 @@ fn failover_resumes_on_the_standby_and_refuses_the_old_generation() -> Result<()
     let (_, old_generation) = leader(&before).unwrap_or_default();
 
     c.kill_node("a");
+    let killed = Instant::now();
+    c.until("b to run the program", |c| {
+        Ok(c.agent_log("b")
+            .contains(": activated single")
+            .then_some(()))
+    })?;
+    // A figure for the reader (within the 100 ms of a poll), not a bound.
+    eprintln!(
+        "failover: program running on b {} ms after the kill (TTL 2 s)",
+        killed.elapsed().as_millis()
+    );
     let after = c.status_until("b to take over", |v| {
         leader(v).is_some_and(|(n, g)| n == "b" && g > old_generation)
     })?;
     eprintln!("failover: {}", after["leader"]);
+    // The dead leader's newest image, under a name the new leader does not hold, is offered
+    // to it: its receiver must refuse the older generation.
+    let stale = c.dir.join("stale").join("single");
+    std::fs::create_dir_all(&stale)?;
+    let newest = snapshim_image::list_images(&c.store("a", "single"))
+        .ok()
+        .and_then(|v| v.last().cloned());
+    let Some(newest) = newest else {
+        bail!("node a holds no image\n{}", c.logs());
+    };
+    std::fs::copy(&newest, stale.join("ckpt-00000900.snap"))?;
     let refused = c.snapshim(&[
         "replicate",
         "push",
@@ -360,7 +384,7 @@ fn failover_resumes_on_the_standby_and_refuses_the_old_generation() -> Result<()
         &c.key.to_string_lossy(),
         "--service",
         "single",
-        &c.store("a", "single").to_string_lossy(),
+        &stale.to_string_lossy(),
     ])?;
     if refused.status.success() || !refused.stderr.contains("generation") {
         bail!(
@@ -368,6 +392,9 @@ fn failover_resumes_on_the_standby_and_refuses_the_old_generation() -> Result<()
              new leader\n{}",
             refused.report()
         );
+    }
+    if c.store("b", "single").join("ckpt-00000900.snap").exists() {
+        bail!("the refused image is in node b's store");
     }
     c.status_until("the program to finish", finished)?;
     expect_same_output(&c, &out)
@@ -415,4 +442,58 @@ fn switchover_and_failback_keep_the_output() -> Result<()> {
     }
     c.status_until("the program to finish", finished)?;
     expect_same_output(&c, &out)
+}
+
+#[test]
+fn a_leader_cut_off_from_etcd_fences_itself_and_the_service_recovers() -> Result<()> {
+    if !have_etcd()? {
+        return Ok(());
+    }
+    let mut c = Cluster::start("fencing")?;
+    let out = add_service(&c, "async")?;
+    c.agent("a")?;
+    c.until("node a to lead", |c| {
+        Ok(c.status("single")
+            .ok()
+            .filter(|v| leader(v).is_some_and(|l| l.0 == "a")))
+    })?;
+    c.agent("b")?;
+    c.status_until("a warm standby on b", |v| warm_standby(v, "b"))?;
+    let program: u32 = c.until("node a's program", |c| Ok(activated_pid(&c.agent_log("a"))))?;
+
+    // etcd stops answering: node a cannot renew its lease and must kill its program before
+    // the TTL is over; nobody can take the key meanwhile.
+    let etcd = c.etcd.as_ref().map(|e| e.child.id()).unwrap_or_default();
+    send_signal(etcd, libc::SIGSTOP)?;
+    let fenced = c.until("node a to fence itself", |c| {
+        Ok(c.agent_log("a").contains("fenced single").then_some(()))
+    });
+    let gone = snapshim_testapps::process::wait_for_exit_of(program, Instant::now());
+    send_signal(etcd, libc::SIGCONT)?;
+    fenced?;
+    if !gone? {
+        bail!(
+            "node a logged its fence but its program (PID {program}) still runs\n{}",
+            c.logs()
+        );
+    }
+    c.status_until("a leader again", |v| leader(v).is_some_and(|(_, g)| g > 1))?;
+    c.status_until("the program to finish", finished)?;
+    expect_same_output(&c, &out)
+}
+
+/// The PID in the agent's first `activated` line.
+fn activated_pid(log: &str) -> Option<u32> {
+    let line = log.lines().find(|l| l.contains(": activated single"))?;
+    line.rsplit("PID ").next()?.trim().parse().ok()
+}
+
+impl Cluster {
+    fn agent_log(&self, node: &str) -> String {
+        self.agents
+            .iter()
+            .find(|(n, _, _)| n == node)
+            .map(|(_, _, a)| a.log())
+            .unwrap_or_default()
+    }
 }

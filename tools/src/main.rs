@@ -519,6 +519,42 @@ mod tests {
     }
 
     #[test]
+    fn service_add_takes_options_then_the_command() {
+        let cli = parse(&[
+            "service",
+            "--etcd",
+            "http://e:1",
+            "add",
+            "s",
+            "--interval",
+            "2s",
+            "--standbys",
+            "2",
+            "--mode",
+            "sync",
+            "--ttl",
+            "3s",
+            "--",
+            "prog",
+            "--x",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::Service(_)));
+        for bad in [
+            &["service", "add", "s"][..],
+            &["service", "add", "a/b", "--", "p"],
+            &["service", "add", "s", "--mode", "quorum", "--", "p"],
+            &["service", "add", "s", "--standbys", "0", "--", "p"],
+            &["service", "switchover", "s"],
+            &[
+                "node", "run", "--name", "a", "--listen", "x:1", "--store", "d",
+            ],
+        ] {
+            assert_eq!(parse(bad).err().map(|e| e.exit_code()), Some(2), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn every_command_has_help() {
         for cmd in [
             "run",
@@ -529,6 +565,8 @@ mod tests {
             "verify",
             "ls",
             "merge",
+            "node",
+            "service",
         ] {
             let e = parse(&[cmd, "--help"]).err().unwrap();
             assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp, "{cmd}");

@@ -116,14 +116,25 @@ pub fn run(cfg: Config) -> Result<(), String> {
         node: cfg.node,
         gate: gate_map,
     };
-    let mut node_lease = register(&ctx)?;
+    // etcd may come up after the agents: wait for it (saying why once).
+    let mut last_error = String::new();
+    let mut node_lease = loop {
+        match register(&ctx) {
+            Ok(l) => break l,
+            Err(e) => note_once(&ctx, &mut last_error, e),
+        }
+        if TERMINATE.load(Ordering::SeqCst) {
+            receiver.stop();
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     ctx.log.note(&format!(
         "joined: images on {}, store {}",
         ctx.address,
         ctx.store.display()
     ));
     let mut services: BTreeMap<String, Service> = BTreeMap::new();
-    let mut last_error = String::new();
     while !TERMINATE.load(Ordering::SeqCst) {
         if node_lease.lost() {
             match register(&ctx) {
@@ -173,6 +184,12 @@ fn gate(map: &Arc<Mutex<HashMap<String, u32>>>) -> Gate {
     })
 }
 
+/// Raises the gate of `service` to `generation`.
+pub fn raise(gate: &mut HashMap<String, u32>, service: &str, generation: u32) {
+    let g = gate.entry(service.to_string()).or_insert(0);
+    *g = (*g).max(generation);
+}
+
 fn note_once(ctx: &Ctx, last: &mut String, e: String) {
     if *last != e {
         ctx.log.note(&e);
@@ -209,11 +226,13 @@ fn tick(ctx: &Ctx, services: &mut BTreeMap<String, Service>) -> Result<(), Strin
     let views = view::services(&ctx.etcd, &mut problems)?;
     let nodes = view::nodes(&ctx.etcd)?;
     {
+        // The gate only rises: between a leader's loss and its successor's key (and while this
+        // node takes the key itself) the last generation known still holds.
         let mut g = ctx.gate.lock().unwrap_or_else(|e| e.into_inner());
-        g.clear();
+        g.retain(|name, _| views.contains_key(name));
         for (name, v) in &views {
             if let Some(l) = &v.leader {
-                g.insert(name.clone(), l.value.generation);
+                raise(&mut g, name, l.value.generation);
             }
         }
     }
@@ -292,4 +311,40 @@ fn step(
         Role::Finished | Role::Standby => standby::step(ctx, svc, v, nodes, &lease)?,
     };
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(service: &str, generation: u32) -> Offer {
+        Offer {
+            service: service.into(),
+            file: "ckpt-00000009.snap".into(),
+            id: 9,
+            parent_id: 0,
+            parent_file: None,
+            lineage: 1,
+            generation,
+            size: 1 << 20,
+            created_ns: 0,
+        }
+    }
+
+    #[test]
+    fn the_gate_refuses_older_generations_and_only_rises() {
+        let map: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let g = gate(&map);
+        assert!(g(&offer("s", 1)).is_ok(), "no leader known yet");
+        raise(&mut map.lock().unwrap(), "s", 3);
+        raise(&mut map.lock().unwrap(), "s", 2);
+        let why = g(&offer("s", 2)).unwrap_err();
+        assert!(
+            why.contains("generation 2, older than the leader's 3"),
+            "{why}"
+        );
+        assert!(g(&offer("s", 3)).is_ok());
+        assert!(g(&offer("s", 4)).is_ok());
+        assert!(g(&offer("other", 1)).is_ok());
+    }
 }

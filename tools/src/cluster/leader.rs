@@ -23,6 +23,9 @@ use super::view::View;
 const PUSH_TIMEOUT: Duration = Duration::from_secs(30);
 /// A standby this many images behind is reported (`lag-over-limit`).
 const LAG_LIMIT: u64 = 3;
+/// A failed push to a standby is retried after between these.
+const RETRY_MIN: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 /// A switchover's last checkpoint and push may take this long each.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -43,6 +46,8 @@ pub struct Leading {
     /// Per standby node, the newest image it acknowledged.
     pushed: HashMap<String, u64>,
     busy: HashSet<String>,
+    /// Per standby whose pushes fail: since when, and when to try again.
+    failing: HashMap<String, (Instant, Instant)>,
     done_tx: Sender<Pushed>,
     done_rx: Receiver<Pushed>,
     /// Per image id, the nodes that hold it on disk.
@@ -106,6 +111,7 @@ pub fn start(
         last_image_at: Instant::now(),
         pushed: HashMap::new(),
         busy: HashSet::new(),
+        failing: HashMap::new(),
         done_tx,
         done_rx,
         acks: HashMap::new(),
@@ -226,12 +232,15 @@ fn exited(
     Some(Role::Standby)
 }
 
-/// Puts the generation the running instance really has (its lock record) into the leader key.
+/// Puts the generation the running instance really has (its lock record) into the leader key,
+/// when it is higher than the one the key was taken with.
 fn sync_generation(ctx: &Ctx, svc: &Service, lead: &mut Leading, rev: i64, lease: &Lease) {
     let Some(g) = holder_generation(&svc.dir) else {
         return;
     };
-    if g == lead.generation {
+    // Only upwards: before the restored program takes the directory, the record is its
+    // previous holder's.
+    if g <= lead.generation {
         return;
     }
     let key = keys::service(&svc.name, "leader");
@@ -305,6 +314,13 @@ fn start_push(ctx: &Ctx, svc: &Service, lead: &mut Leading, node: &str, addr: &s
     if lead.busy.contains(node) || lead.pushed.get(node) == Some(&img.id) {
         return;
     }
+    if lead
+        .failing
+        .get(node)
+        .is_some_and(|(_, retry)| Instant::now() < *retry)
+    {
+        return;
+    }
     let Ok(addr) = addr.parse::<SocketAddr>() else {
         return;
     };
@@ -325,15 +341,36 @@ fn collect_pushes(ctx: &Ctx, svc: &Service, lead: &mut Leading, v: &View) {
         lead.busy.remove(&p.node);
         match p.result {
             Ok(id) => {
+                if let Some((since, _)) = lead.failing.remove(&p.node) {
+                    ctx.log.note(&format!(
+                        "{}: pushes to {} work again after {} s",
+                        svc.name,
+                        p.node,
+                        since.elapsed().as_secs()
+                    ));
+                }
                 lead.pushed.insert(p.node.clone(), id);
                 lead.acks.entry(id).or_default().insert(p.node);
             }
-            Err(e) => ctx.log.event(
-                Event::ReplicationFailed,
-                &svc.name,
-                lead.generation,
-                &format!("to {}: {e}", p.node),
-            ),
+            Err(e) => {
+                // Reported once per streak; retried after twice the time failed so far
+                // (250 ms to 5 s).
+                let now = Instant::now();
+                let since = match lead.failing.get(&p.node) {
+                    Some((since, _)) => *since,
+                    None => {
+                        ctx.log.event(
+                            Event::ReplicationFailed,
+                            &svc.name,
+                            lead.generation,
+                            &format!("to {}: {e}", p.node),
+                        );
+                        now
+                    }
+                };
+                let wait = (now - since).mul_f32(2.0).clamp(RETRY_MIN, RETRY_MAX);
+                lead.failing.insert(p.node, (since, now + wait));
+            }
         }
     }
     if v.spec.mode != Mode::Sync {

@@ -5,8 +5,9 @@
 //! restorer, it runs them as a user would.
 //!
 //! Every child gets a process group of its own, so that the agent's terminal signals do not
-//! reach it; [`kill_tree`] kills a child and all its descendants (a restored program lives in a
-//! PID namespace under its supervising restorer).
+//! reach it, and dies with the agent (`PR_SET_PDEATHSIG`); [`kill_tree`] kills a child and all
+//! its descendants (a restored program lives in a PID namespace under its supervising
+//! restorer).
 
 use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
@@ -59,10 +60,37 @@ fn restorer() -> Result<PathBuf, String> {
     companion(RESTORER, "SNAPSHIM_RESTORE").map_err(|f| f.message)
 }
 
-/// A command in a process group of its own, stdin from /dev/null.
+/// A command in a process group of its own, stdin from /dev/null, no descriptor but 0, 1 and 2
+/// inherited, killed (SIGKILL) when the
+/// agent dies: a program whose agent is gone has no fence, and another node will start it
+/// once the lease expires. (A restored program's supervisor passes this on: its PID
+/// namespace's init dies with it.)
 fn detached(program: &Path) -> Command {
     let mut cmd = Command::new(program);
     cmd.stdin(Stdio::null()).process_group(0);
+    let agent = std::process::id() as libc::pid_t;
+    // SAFETY: between fork and exec the closure calls only prctl, getppid and close_range,
+    // which are async-signal-safe, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The agent died before the prctl: nothing would kill us later.
+            if libc::getppid() != agent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            // Whatever the agent inherited stays out of the program (and of its images): marked
+            // close-on-exec, not closed, since std's pipe that reports a failed exec must stay.
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            Ok(())
+        })
+    };
     cmd
 }
 

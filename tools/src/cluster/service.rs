@@ -103,7 +103,11 @@ pub fn run(a: ServiceArgs) -> Result<()> {
     let etcd = etcd(&a.etcd)?;
     match a.command {
         ServiceCommand::Add(add) => add_service(&etcd, add),
-        ServiceCommand::Status { name, json } => status(&etcd, &name, json),
+        ServiceCommand::Status { name, json } => status(&etcd, &name, json).inspect_err(|f| {
+            if json {
+                println!("{}", out::failure(f));
+            }
+        }),
         ServiceCommand::Switchover { name, to, timeout } => switchover(&etcd, &name, &to, timeout),
         ServiceCommand::List => list(&etcd),
         ServiceCommand::Remove { name } => remove(&etcd, &name),
@@ -275,7 +279,7 @@ fn switchover(etcd: &Etcd, name: &str, to: &str, timeout: Duration) -> Result<()
         println!("{name} runs on {to} already");
         return Ok(());
     }
-    if !v.standbys.get(to).is_some_and(|s| s.image.is_some()) {
+    if v.standbys.get(to).is_none_or(|s| s.image.is_none()) {
         return Err(Failure::op(format!(
             "{to} is not a standby of {name} holding an image (see snapshim service status {name})"
         )));

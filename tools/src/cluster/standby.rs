@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::agent::{Ctx, Role, Service};
+use super::agent::{raise, Ctx, Role, Service};
 use super::etcd::{absent, op_delete, op_put, unchanged};
 use super::events::Event;
 use super::keys::{self, now_ms, to_json, Image, Leader, Mode, NodeInfo, Standby};
@@ -34,8 +34,11 @@ pub fn step(
 ) -> Result<Role, String> {
     if v.finished.is_some() {
         stop_standby(svc);
+        svc.published.clear();
+        let _ = ctx.etcd.delete(&keys::standby(&svc.name, &ctx.node), false);
         return Ok(Role::Finished);
     }
+    drop_stale(ctx, svc, v);
     let newest = newest_image(&svc.dir);
     keep_warm(ctx, svc, newest.is_some());
     publish(ctx, svc, newest.as_ref(), lease)?;
@@ -55,7 +58,7 @@ pub fn step(
                     .event(Event::LeaderLost, &svc.name, g, "the leader key is gone");
             }
             let since = *svc.absent_since.get_or_insert_with(Instant::now);
-            let Some(rank) = rank(ctx, v, nodes, newest.as_ref()) else {
+            let Some(rank) = rank(&ctx.node, v, nodes, newest.as_ref()) else {
                 return Ok(Role::Standby);
             };
             if since.elapsed() < lease.ttl() / 4 * rank as u32 {
@@ -68,7 +71,7 @@ pub fn step(
 
 /// This node's place in the queue of takers, `None` when it may not take the key.
 fn rank(
-    ctx: &Ctx,
+    me: &str,
     v: &View,
     nodes: &BTreeMap<String, NodeInfo>,
     mine: Option<&Image>,
@@ -83,20 +86,20 @@ fn rank(
         .filter(|(_, i)| enough(i))
         .collect();
     // This node's own view of its images is fresher than its published key.
-    holders.retain(|(n, _)| *n != ctx.node);
+    holders.retain(|(n, _)| *n != me);
     if let Some(i) = mine.filter(|i| enough(i)) {
-        holders.push((&ctx.node, i));
+        holders.push((me, i));
     }
     if !holders.is_empty() {
         holders.sort_by(|a, b| key(b.1).cmp(&key(a.1)).then(a.0.cmp(b.0)));
-        return holders.iter().position(|(n, _)| *n == ctx.node);
+        return holders.iter().position(|(n, _)| *n == me);
     }
     if committed.is_some() && v.spec.mode == Mode::Sync {
         return None; // an acknowledged image exists, but no live node holds it
     }
     let mut live: Vec<&str> = nodes.keys().map(|n| n.as_str()).collect();
     live.sort_by_key(|n| (Some(*n) != v.spec.prefer.as_deref(), n.to_string()));
-    live.iter().position(|n| *n == ctx.node)
+    live.iter().position(|n| *n == me)
 }
 
 /// The transaction that takes the leader key, then the program's start.
@@ -128,6 +131,11 @@ fn try_take(
     if !ctx.etcd.txn(compare, ops)? {
         return Ok(Role::Standby);
     }
+    raise(
+        &mut ctx.gate.lock().unwrap_or_else(|e| e.into_inner()),
+        &svc.name,
+        generation,
+    );
     svc.published.clear();
     let detail = match newest {
         Some(i) => format!("from image {} (seq {})", hex(i.id), i.seq),
@@ -169,6 +177,38 @@ fn take_over(
             Err(format!("cannot start the program: {e}"))
         }
     }
+}
+
+/// Once the leader (another node) has an image of a newer generation than some held here,
+/// those are dropped: they were superseded by the takeover that made that generation, and
+/// images a fenced leader wrote after its last push would collide by name with the new
+/// leader's. The warm standby goes with them; it starts again on the first image received.
+fn drop_stale(ctx: &Ctx, svc: &mut Service, v: &View) {
+    let (Some(l), Some(ck)) = (&v.leader, &v.checkpoint) else {
+        return;
+    };
+    if l.value.node == ctx.node {
+        return;
+    }
+    let current = ck.image.generation;
+    let stale: Vec<_> = snapshim_image::list_images(&svc.dir)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| program::describe(p).is_some_and(|i| i.generation < current))
+        .collect();
+    if stale.is_empty() {
+        return;
+    }
+    stop_standby(svc);
+    for p in &stale {
+        let _ = std::fs::remove_file(p);
+        let _ = std::fs::remove_file(p.with_extension("json"));
+    }
+    ctx.log.note(&format!(
+        "{}: dropped {} image(s) older than generation {current}",
+        svc.name,
+        stale.len()
+    ));
 }
 
 /// Keeps `snapshim-restore --standby` running once there is an image.
@@ -240,4 +280,112 @@ pub fn stop_standby(svc: &mut Service) {
 
 fn hex(id: u64) -> String {
     format!("{id:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::keys::Spec;
+    use crate::cluster::view::At;
+
+    fn view(mode: Mode, prefer: Option<&str>, standbys: &[(&str, u32, u64)]) -> View {
+        View {
+            spec: Spec {
+                name: "s".into(),
+                command: vec!["p".into()],
+                interval: "1s".into(),
+                incremental: false,
+                standbys: 1,
+                prefer: prefer.map(str::to_string),
+                mode,
+                ttl_ms: 2000,
+                output: None,
+                cwd: None,
+            },
+            leader: None,
+            checkpoint: None,
+            standbys: standbys
+                .iter()
+                .map(|(n, g, seq)| {
+                    let s = Standby {
+                        node: n.to_string(),
+                        state: "warm".into(),
+                        image: Some(img(*g, *seq)),
+                        lease: 1,
+                        time_ms: 0,
+                    };
+                    (n.to_string(), s)
+                })
+                .collect(),
+            committed: None,
+            switchover: None,
+            finished: None,
+        }
+    }
+
+    fn img(generation: u32, seq: u64) -> Image {
+        Image {
+            id: seq,
+            seq,
+            generation,
+            time_ms: 0,
+        }
+    }
+
+    fn nodes(names: &[&str]) -> BTreeMap<String, NodeInfo> {
+        names
+            .iter()
+            .map(|n| {
+                let info = NodeInfo {
+                    address: "127.0.0.1:1".into(),
+                    health: "ok".into(),
+                    pid: 1,
+                    since_ms: 0,
+                };
+                (n.to_string(), info)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_newest_generation_then_the_newest_image_goes_first() {
+        let v = view(Mode::Async, None, &[("a", 1, 9), ("b", 2, 3), ("c", 2, 3)]);
+        let n = nodes(&["a", "b", "c"]);
+        let mine = |me: &str| v.standbys[me].image.clone();
+        assert_eq!(rank("b", &v, &n, mine("b").as_ref()), Some(0));
+        assert_eq!(rank("c", &v, &n, mine("c").as_ref()), Some(1));
+        assert_eq!(rank("a", &v, &n, mine("a").as_ref()), Some(2));
+        // Its own newer image counts before its key says so.
+        assert_eq!(rank("a", &v, &n, Some(&img(2, 4))), Some(0));
+        // Without an image it may not take over while others have one.
+        assert_eq!(rank("d", &v, &n, None), None);
+    }
+
+    #[test]
+    fn sync_mode_needs_the_committed_image() {
+        let mut v = view(Mode::Sync, None, &[("a", 1, 5), ("b", 1, 7)]);
+        v.committed = Some(At {
+            value: img(1, 6),
+            mod_revision: 3,
+            lease: 0,
+        });
+        let n = nodes(&["a", "b"]);
+        assert_eq!(rank("a", &v, &n, Some(&img(1, 5))), None);
+        assert_eq!(rank("b", &v, &n, Some(&img(1, 7))), Some(0));
+        v.standbys.remove("b");
+        assert_eq!(
+            rank("a", &v, &n, Some(&img(1, 5))),
+            None,
+            "never a fresh start"
+        );
+    }
+
+    #[test]
+    fn with_no_image_anywhere_the_preferred_node_starts_it() {
+        let v = view(Mode::Async, Some("b"), &[]);
+        let n = nodes(&["a", "b", "c"]);
+        assert_eq!(rank("b", &v, &n, None), Some(0));
+        assert_eq!(rank("a", &v, &n, None), Some(1));
+        assert_eq!(rank("c", &v, &n, None), Some(2));
+    }
 }

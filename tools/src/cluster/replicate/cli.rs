@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use super::{push, MacKey, Options, PushReport, Receiver};
+use super::{push, push_only, Gate, MacKey, Offer, Options, PushReport, Receiver};
 use crate::{Failure, Result};
 
 #[derive(Args)]
@@ -33,6 +33,10 @@ enum Sub {
         /// Images kept per service, with the images they depend on (0: all)
         #[arg(long, value_name = "K", default_value = "3")]
         keep: usize,
+        /// Refuse images of a generation older than N (what the agent's gate does with the
+        /// leader key's generation; for tests)
+        #[arg(long, value_name = "N", hide = true)]
+        min_generation: Option<u32>,
     },
     /// Send DIR's newest image (and the images it depends on the receiver lacks)
     Push {
@@ -47,6 +51,9 @@ enum Sub {
         timeout: Duration,
         #[arg(long)]
         json: bool,
+        /// Offer only this image of DIR, not the images it depends on (for tests)
+        #[arg(long, value_name = "FILE", hide = true)]
+        only: Option<String>,
         dir: PathBuf,
     },
 }
@@ -63,24 +70,35 @@ pub fn run(a: ReplicateArgs) -> Result<()> {
             key,
             store,
             keep,
-        } => serve(&listen, &key, store, keep),
+            min_generation,
+        } => serve(&listen, &key, store, keep, min_generation),
         Sub::Push {
             to,
             key,
             service,
             timeout,
             json,
+            only,
             dir,
         } => {
             let key = MacKey::load(&key)?;
-            let r = push(to, &key, &service, &dir, timeout)?;
+            let r = match only {
+                Some(f) => push_only(to, &key, &service, &dir.join(f), timeout)?,
+                None => push(to, &key, &service, &dir, timeout)?,
+            };
             print_report(&r, json);
             Ok(())
         }
     }
 }
 
-fn serve(listen: &str, key: &std::path::Path, store: PathBuf, keep: usize) -> Result<()> {
+fn serve(
+    listen: &str,
+    key: &std::path::Path,
+    store: PathBuf,
+    keep: usize,
+    min_generation: Option<u32>,
+) -> Result<()> {
     let key = MacKey::load(key)?;
     let listener = TcpListener::bind(listen)
         .map_err(|e| Failure::op(format!("cannot listen on {listen}: {e}")))?;
@@ -91,7 +109,19 @@ fn serve(listen: &str, key: &std::path::Path, store: PathBuf, keep: usize) -> Re
         keep,
         ..Options::default()
     };
-    let r = Receiver::serve_with(listener, key, store, Arc::new(|_| Ok(())), opts)?;
+    let gate: Gate = match min_generation {
+        Some(min) => Arc::new(move |o: &Offer| {
+            if o.generation < min {
+                return Err(format!(
+                    "it is of generation {}, older than generation {min}",
+                    o.generation
+                ));
+            }
+            Ok(())
+        }),
+        None => Arc::new(|_: &Offer| Ok(())),
+    };
+    let r = Receiver::serve_with(listener, key, store, gate, opts)?;
     println!("listening on {addr}");
     let _ = std::io::stdout().flush();
     r.wait();

@@ -20,6 +20,8 @@ mod proto;
 mod receive;
 mod send;
 mod store;
+#[cfg(test)]
+mod tests;
 mod wire;
 
 use std::net::SocketAddr;
@@ -29,7 +31,7 @@ pub use cli::{run, ReplicateArgs};
 pub use key::MacKey;
 pub use proto::{HeldRef, Offer};
 pub use receive::{Gate, OnCommit, Options, Receiver};
-pub use send::{push, PushReport, SentImage};
+pub use send::{push, push_only, PushReport, SentImage};
 pub use store::{newest, Held};
 pub use wire::WireError;
 
@@ -62,6 +64,8 @@ pub enum ReplicateError {
     Protocol(String),
     #[error("the receiver refused {file}: {why}")]
     Refused { file: String, why: String },
+    #[error("{}: {why}", .path.display())]
+    Image { path: PathBuf, why: String },
     #[error("{} holds no complete image to send", .0.display())]
     NoImage(PathBuf),
 }

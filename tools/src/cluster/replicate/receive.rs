@@ -10,8 +10,8 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -56,11 +56,19 @@ struct Shared {
     opts: Options,
     /// Held from the rename of an image to the end of the retention that follows it.
     commit: Mutex<()>,
+    /// Sessions under way (a connection beyond [`MAX_SESSIONS`] is closed at once).
+    sessions: AtomicUsize,
 }
+
+/// Sessions a receiver serves at once.
+const MAX_SESSIONS: usize = 64;
+/// A peer must complete the handshake within this long.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running receiver.
 pub struct Receiver {
     addr: SocketAddr,
+    shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -95,15 +103,17 @@ impl Receiver {
             gate,
             opts,
             commit: Mutex::new(()),
+            sessions: AtomicUsize::new(0),
         });
         let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+        let (stop2, shared2) = (stop.clone(), shared.clone());
         let thread = std::thread::Builder::new()
             .name("replicate-accept".into())
-            .spawn(move || accept_loop(listener, shared, stop2))
+            .spawn(move || accept_loop(listener, shared2, stop2))
             .map_err(|e| ReplicateError::io("start a thread for", Path::new("the receiver"), e))?;
         Ok(Receiver {
             addr,
+            shared,
             stop,
             thread: Some(thread),
         })
@@ -111,6 +121,11 @@ impl Receiver {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Sessions under way (connections accepted and not yet ended, their files cleaned up).
+    pub fn sessions(&self) -> usize {
+        self.shared.sessions.load(Ordering::SeqCst)
     }
 
     /// Stops accepting connections (sessions under way finish on their own).
@@ -138,15 +153,29 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>
         }
         match conn {
             Ok(s) => {
+                let peer = s.peer_addr().map_or("?".into(), |a| a.to_string());
+                if shared.sessions.fetch_add(1, Ordering::SeqCst) >= MAX_SESSIONS {
+                    shared.sessions.fetch_sub(1, Ordering::SeqCst);
+                    log(&format!(
+                        "refused {peer}: {MAX_SESSIONS} sessions under way already"
+                    ));
+                    continue;
+                }
                 let sh = shared.clone();
-                let _ = std::thread::Builder::new()
+                let spawned = std::thread::Builder::new()
                     .name("replicate-session".into())
                     .spawn(move || {
-                        let peer = s.peer_addr().map_or("?".into(), |a| a.to_string());
-                        if let Err(e) = session(&sh, s) {
+                        // Logged before the connection closes: a peer that sees it closed
+                        // finds the reason in the log.
+                        if let Err(e) = session(&sh, &s) {
                             log(&format!("session with {peer} ended: {e}"));
                         }
+                        drop(s);
+                        sh.sessions.fetch_sub(1, Ordering::SeqCst);
                     });
+                if spawned.is_err() {
+                    shared.sessions.fetch_sub(1, Ordering::SeqCst);
+                }
             }
             Err(e) => {
                 log(&format!("accept failed: {e}"));
@@ -161,11 +190,12 @@ fn log(line: &str) {
     eprintln!("snapshim: replicate: {line}");
 }
 
-fn session(sh: &Shared, s: TcpStream) -> Result<(), ReplicateError> {
+fn session(sh: &Shared, s: &TcpStream) -> Result<(), ReplicateError> {
     let _ = s.set_nodelay(true);
-    let _ = s.set_read_timeout(Some(sh.opts.idle));
+    let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT.min(sh.opts.idle)));
     let _ = s.set_write_timeout(Some(sh.opts.idle));
     let mut ch = Channel::server(s, &sh.key.bytes)?;
+    let _ = s.set_read_timeout(Some(sh.opts.idle));
     let service = match proto::recv(&mut ch)? {
         Msg::Hello { service } => service,
         m => return Err(unexpected(&m, "hello")),
@@ -268,16 +298,22 @@ fn offered<S: std::io::Read + std::io::Write>(
             return Err(e);
         }
     };
+    let data = t0.elapsed();
     let outcome = written.and_then(|()| check_and_commit(sh, dir, &tmp, &file, &o));
     drop(file);
     match outcome {
-        Ok(()) => {
+        Ok(t) => {
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
             log(&format!(
-                "received {service}/{} (image {:016x}, {} bytes in {} ms)",
+                "received {service}/{} (image {:016x}, {} bytes in {:.0} ms: data {:.0}, checks \
+                 {:.0}, fsync and commit {:.0})",
                 o.file,
                 o.id,
                 o.size,
-                t0.elapsed().as_millis()
+                ms(t0.elapsed()),
+                ms(data),
+                ms(t.check),
+                ms(t.commit),
             ));
             proto::send(ch, &Msg::Ack { id: o.id })?;
             if let Some(f) = &sh.opts.on_commit {
@@ -313,15 +349,40 @@ fn temp_file(dir: &Path, name: &str) -> Result<(PathBuf, File), String> {
 /// Reads `size` bytes of data frames into `file`. The outer error ends the session (the stream
 /// failed); the inner one is a write that failed (the data is still read to its end, so the
 /// sender hears why).
+///
+/// Two threads: this one reads frames and checks their MACs, a writer writes them to the file
+/// (frames pass between them by buffer, not copied; a few in flight).
 fn take<S: std::io::Read + std::io::Write>(
     ch: &mut Channel<S>,
-    mut file: &File,
+    file: &File,
     size: u64,
 ) -> Result<Result<(), String>, ReplicateError> {
+    let (to_writer, frames) = mpsc::sync_channel::<Vec<u8>>(IN_FLIGHT);
+    let (to_reader, spares) = mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || write_frames(file, frames, to_reader));
+        let read = read_frames(ch, size, &to_writer, &spares);
+        drop(to_writer);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err("the writer thread failed".into()));
+        read.map(|()| written)
+    })
+}
+
+/// Frames received and not yet written, at most (each up to [`super::wire::DATA_CHUNK`]).
+const IN_FLIGHT: usize = 4;
+
+fn read_frames<S: std::io::Read + std::io::Write>(
+    ch: &mut Channel<S>,
+    size: u64,
+    to_writer: &mpsc::SyncSender<Vec<u8>>,
+    spares: &mpsc::Receiver<Vec<u8>>,
+) -> Result<(), ReplicateError> {
     let mut got = 0u64;
-    let mut failed = None;
     while got < size {
-        let (kind, b) = ch.recv()?;
+        let spare = spares.try_recv().unwrap_or_default();
+        let (kind, b) = ch.recv_owned(spare)?;
         if kind != Kind::Data {
             return Err(ReplicateError::Protocol(
                 "a control message came in the middle of an image's data".into(),
@@ -333,13 +394,60 @@ fn take<S: std::io::Read + std::io::Write>(
             ));
         }
         got += b.len() as u64;
+        // The writer only stops early if this side hung up.
+        let _ = to_writer.send(b);
+    }
+    Ok(())
+}
+
+/// The writer: writes each frame in order, starts its writeback every [`WRITEBACK_STEP`], and
+/// gives the buffer back. After a failed write it only gives buffers back.
+fn write_frames(
+    mut file: &File,
+    frames: mpsc::Receiver<Vec<u8>>,
+    to_reader: mpsc::Sender<Vec<u8>>,
+) -> Result<(), String> {
+    let (mut written, mut flushed) = (0u64, 0u64);
+    let mut failed = None;
+    for b in frames {
         if failed.is_none() {
-            if let Err(e) = file.write_all(b) {
-                failed = Some(format!("cannot write the image: {e}"));
+            match file.write_all(&b) {
+                Ok(()) => written += b.len() as u64,
+                Err(e) => failed = Some(format!("cannot write the image: {e}")),
+            }
+            if written - flushed >= WRITEBACK_STEP {
+                start_writeback(file, flushed, written - flushed);
+                flushed = written;
             }
         }
+        let _ = to_reader.send(b);
     }
-    Ok(failed.map_or(Ok(()), Err))
+    failed.map_or(Ok(()), Err)
+}
+
+/// Received data is handed to the disk in steps of this many bytes while more arrives, so the
+/// fsync before the commit finds little left to write.
+const WRITEBACK_STEP: u64 = 8 << 20;
+
+/// Starts writing `len` bytes at `off` of `file` to the disk, without waiting
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`); the fsync before the commit is what counts.
+fn start_writeback(file: &File, off: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a hint on our own open descriptor; no memory is passed.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            off as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+}
+
+/// Time spent after the data arrived.
+struct Phases {
+    check: Duration,
+    commit: Duration,
 }
 
 /// Checks the received file completely, then commits it. `Err` says why it was refused.
@@ -349,7 +457,8 @@ fn check_and_commit(
     tmp: &Path,
     file: &File,
     o: &Offer,
-) -> Result<(), String> {
+) -> Result<Phases, String> {
+    let t0 = Instant::now();
     let img = Image::open(tmp).map_err(|e| e.to_string())?;
     let got = store::held(&img);
     let same = got.id == o.id
@@ -368,6 +477,7 @@ fn check_and_commit(
     if o.parent_id != 0 {
         Chain::open(tmp).map_err(|e| e.to_string())?;
     }
+    let check = t0.elapsed();
     file.sync_all()
         .map_err(|e| format!("cannot fsync the image: {e}"))?;
     let _held = sh.commit.lock().unwrap_or_else(|p| p.into_inner());
@@ -389,5 +499,8 @@ fn check_and_commit(
         }
     }
     let _ = store::sync_dir(dir);
-    Ok(())
+    Ok(Phases {
+        check,
+        commit: t0.elapsed() - check,
+    })
 }

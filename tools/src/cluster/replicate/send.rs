@@ -7,7 +7,6 @@
 //! retention or merge that removes or replaces the name meanwhile does not change what is sent.
 
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,7 @@ use super::key::MacKey;
 use super::proto::{self, HeldRef, Msg, Offer};
 use super::receive::unexpected;
 use super::store::{self, Held};
-use super::wire::{Channel, FrameBuf, Kind, DATA_CHUNK};
+use super::wire::{Channel, Kind, DATA_CHUNK};
 use super::ReplicateError;
 
 /// An image sent and acknowledged.
@@ -57,6 +56,35 @@ pub fn push(
     store::check_service(service)?;
     let chain =
         store::newest_chain(dir).ok_or_else(|| ReplicateError::NoImage(dir.to_path_buf()))?;
+    send_images(addr, key, service, &chain.images, timeout)
+}
+
+/// Offers exactly the image at `path`, not the images it depends on: for the tests of a
+/// receiver's refusals (a delta whose parent it lacks).
+pub fn push_only(
+    addr: SocketAddr,
+    key: &MacKey,
+    service: &str,
+    path: &Path,
+    timeout: Duration,
+) -> Result<PushReport, ReplicateError> {
+    store::check_service(service)?;
+    let img = Image::open(path).map_err(|e| ReplicateError::Image {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    send_images(addr, key, service, &[img], timeout)
+}
+
+/// Sends `images` (newest first, each one's parent after it) that the receiver lacks, oldest
+/// first.
+fn send_images(
+    addr: SocketAddr,
+    key: &MacKey,
+    service: &str,
+    images: &[Image],
+    timeout: Duration,
+) -> Result<PushReport, ReplicateError> {
     let peer = |source| ReplicateError::Peer { addr, source };
     let s = TcpStream::connect_timeout(&addr, timeout)
         .map_err(|source| ReplicateError::Connect { addr, source })?;
@@ -82,12 +110,12 @@ pub fn push(
         m => return Err(unexpected(&m, "holding")),
     };
     let mut report = PushReport {
-        newest: store::held(chain.head()),
+        newest: store::held(&images[0]),
         sent: Vec::new(),
         already: Vec::new(),
         acknowledged: Vec::new(),
     };
-    for img in chain.images.iter().rev() {
+    for img in images.iter().rev() {
         let h = store::held(img);
         let here = HeldRef {
             file: h.file.clone(),
@@ -161,17 +189,17 @@ fn offer(
     }
 }
 
-/// The image file, in frames of [`DATA_CHUNK`] bytes read straight into the frame.
+/// The image file, in frames of [`DATA_CHUNK`] bytes sent from a read-only mapping of it (no
+/// copy into a buffer; the MAC reads the page cache directly).
 fn send_data(ch: &mut Channel<TcpStream>, img: &Image) -> Result<(), ReplicateError> {
-    let mut f = FrameBuf::with_capacity(DATA_CHUNK);
-    let mut off = 0u64;
-    while off < img.file_len {
-        let n = DATA_CHUNK.min((img.file_len - off) as usize);
-        img.file
-            .read_exact_at(f.payload_mut(n), off)
-            .map_err(|e| ReplicateError::io("read", &img.path, e))?;
-        ch.send_frame(Kind::Data, &mut f, n)?;
-        off += n as u64;
+    // SAFETY: a committed image is never changed or cut short in place (writers rename a new
+    // file over its name, and the descriptor keeps the old one), so the mapping's pages stay
+    // what was read and touching them cannot raise SIGBUS.
+    let map = unsafe { memmap2::Mmap::map(&img.file) }
+        .map_err(|e| ReplicateError::io("map", &img.path, e))?;
+    let _ = map.advise(memmap2::Advice::Sequential);
+    for chunk in map.chunks(DATA_CHUNK) {
+        ch.send(Kind::Data, chunk)?;
     }
     Ok(())
 }

@@ -21,7 +21,7 @@
 //! frame fail its MAC. The stream is authenticated, not encrypted: an eavesdropper on the link
 //! sees the images.
 
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 
 /// First bytes of both hellos.
 pub const MAGIC: [u8; 8] = *b"SNAPREPL";
@@ -236,26 +236,13 @@ impl<S: Read + Write> Channel<S> {
         }
     }
 
-    /// Sends one frame (copies the payload: for control messages).
+    /// Sends one frame: header, payload and tag in one `writev`, the payload not copied.
     pub fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), WireError> {
-        let mut f = FrameBuf::with_capacity(payload.len());
-        f.payload_mut(payload.len()).copy_from_slice(payload);
-        self.send_frame(kind, &mut f, payload.len())
-    }
-
-    /// Sends the first `len` payload bytes of `f` as one frame, with one write.
-    pub fn send_frame(
-        &mut self,
-        kind: Kind,
-        f: &mut FrameBuf,
-        len: usize,
-    ) -> Result<(), WireError> {
-        let tag = self.out.tag(kind as u8, &f.buf[HEAD_LEN..HEAD_LEN + len]);
-        f.buf[0] = kind as u8;
-        f.buf[1..HEAD_LEN].copy_from_slice(&(len as u32).to_le_bytes());
-        f.buf.truncate(HEAD_LEN + len);
-        f.buf.extend_from_slice(tag.as_bytes());
-        self.stream.write_all(&f.buf)?;
+        let tag = self.out.tag(kind as u8, payload);
+        let mut head = [0u8; HEAD_LEN];
+        head[0] = kind as u8;
+        head[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        write_all_parts(&mut self.stream, [&head[..], payload, tag.as_bytes()])?;
         self.out.counter += 1;
         Ok(())
     }
@@ -280,30 +267,45 @@ impl<S: Read + Write> Channel<S> {
         Ok((kind, &self.rbuf[..len]))
     }
 
+    /// [`Channel::recv`], handing over the buffer that holds the payload (truncated to it)
+    /// and keeping `spare` to read the next frame into: the payload is never copied.
+    pub fn recv_owned(&mut self, spare: Vec<u8>) -> Result<(Kind, Vec<u8>), WireError> {
+        let (kind, len) = {
+            let (kind, payload) = self.recv()?;
+            (kind, payload.len())
+        };
+        let mut full = std::mem::replace(&mut self.rbuf, spare);
+        full.truncate(len);
+        Ok((kind, full))
+    }
+
     pub fn get_ref(&self) -> &S {
         &self.stream
     }
 }
 
-/// A frame under construction: room for the header before the payload and for the tag after,
-/// so a chunk read from a file straight into [`FrameBuf::payload_mut`] goes out in one write,
-/// uncopied.
-pub struct FrameBuf {
-    buf: Vec<u8>,
-}
-
-impl FrameBuf {
-    pub fn with_capacity(payload: usize) -> FrameBuf {
-        FrameBuf {
-            buf: Vec::with_capacity(HEAD_LEN + payload + TAG_LEN),
+/// `write_all` of several slices, with as few `writev` calls as the socket allows.
+fn write_all_parts<S: Write>(s: &mut S, parts: [&[u8]; 3]) -> std::io::Result<()> {
+    let mut parts: Vec<&[u8]> = parts.into_iter().filter(|p| !p.is_empty()).collect();
+    while !parts.is_empty() {
+        let io: Vec<IoSlice> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let mut n = match s.write_vectored(&io) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        while n > 0 {
+            if n >= parts[0].len() {
+                n -= parts[0].len();
+                parts.remove(0);
+            } else {
+                parts[0] = &parts[0][n..];
+                n = 0;
+            }
         }
     }
-
-    /// The payload's first `len` bytes, to fill.
-    pub fn payload_mut(&mut self, len: usize) -> &mut [u8] {
-        self.buf.resize(HEAD_LEN + len, 0);
-        &mut self.buf[HEAD_LEN..]
-    }
+    Ok(())
 }
 
 #[cfg(test)]
