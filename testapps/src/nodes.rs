@@ -18,7 +18,8 @@
 //!   its command name is the program's);
 //! - [`Nodes::active_intervals`]: per node, from its agent's `activated` event to the first of
 //!   `fenced`, `switchover`, `failback` or `leader-lost` from it, or the test's kill or cut of
-//!   the node; no two may overlap.
+//!   the node; no two may overlap. (After a cut, the node's program runs on until its agent
+//!   fences it, which the intervals cannot see: there the monitor is the evidence.)
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
