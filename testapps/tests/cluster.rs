@@ -477,7 +477,16 @@ fn trial(case: &Case, t: u64, rng: &mut Rng) -> Result<()> {
     }
     // Nobody can commit now until a new leader runs: this is the last acknowledged image.
     let committed = nodes.committed(svc)?.expect("acknowledged before");
-    let m = nodes.wait_for_leader(svc, Some(l))?;
+    let m = nodes.wait_for_leader(svc, Some(l)).map_err(|e| {
+        let standbys: Vec<String> = (0..3)
+            .filter(|&j| j != l)
+            .map(|j| format!("node{j}: {:?}", nodes.standby(svc, j).ok().flatten()))
+            .collect();
+        Failure::new(format!(
+            "trial {t}: {e}\nlast acknowledged (generation, image) {committed:?}; standbys: {}",
+            standbys.join("; ")
+        ))
+    })?;
     let origin = nodes.origin_of_running(svc, m)?;
     eprintln!(
         "[trials] trial {t}: node{l} {} at generation {generation}; node{m} resumed from \
