@@ -6,7 +6,8 @@
 //!   standby from the last replicated image and its output file ends byte-identical to an
 //!   uninterrupted run's; an image of the dead leader's generation pushed to the new leader
 //!   is refused;
-//! - switchover to the standby and back (failback): the output is byte-identical again;
+//! - in sync mode, an image is committed once the standby holds it; switchover to the standby
+//!   and back (failback): the output is byte-identical again;
 //! - etcd stops answering (SIGSTOP): the leader kills its program (fencing) and says so; once
 //!   etcd is back a node leads again and the output is byte-identical.
 //!
@@ -415,6 +416,8 @@ fn switchover_and_failback_keep_the_output() -> Result<()> {
     })?;
     c.agent("b")?;
     c.status_until("a warm standby on b", |v| warm_standby(v, "b"))?;
+    // Sync mode: an image counts as committed once b holds it.
+    c.status_until("an image committed", |v| !v["committed"].is_null())?;
     for (to, from) in [("b", "a"), ("a", "b")] {
         let moved = c.snapshim(&["service", "switchover", "single", "--to", to])?;
         if !moved.status.success() {

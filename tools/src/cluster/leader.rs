@@ -39,7 +39,7 @@ struct Pushed {
 pub struct Leading {
     pub child: Child,
     pub generation: u32,
-    /// Recent images by id, for the committed key.
+    /// Recent images by number (oldest first), for the committed key.
     images: BTreeMap<u64, Image>,
     last_image: Option<Image>,
     last_image_at: Instant,
@@ -272,7 +272,7 @@ fn note_image(ctx: &Ctx, svc: &Service, lead: &mut Leading, v: &View, lease: &Le
                 &to_json(&ck),
                 lease.id(),
             );
-            lead.images.insert(img.id, img.clone());
+            lead.images.insert(img.seq, img.clone());
             while lead.images.len() > 16 {
                 lead.images.pop_first();
             }
@@ -372,6 +372,10 @@ fn collect_pushes(ctx: &Ctx, svc: &Service, lead: &mut Leading, v: &View) {
                 lead.failing.insert(p.node, (since, now + wait));
             }
         }
+    }
+    if lead.acks.len() > 32 {
+        let recent: HashSet<u64> = lead.images.values().map(|i| i.id).collect();
+        lead.acks.retain(|id, _| recent.contains(id));
     }
     if v.spec.mode != Mode::Sync {
         return;
