@@ -304,6 +304,20 @@ fn the_leader_node_killed_the_program_resumes_on_a_standby() -> Result<()> {
             bail!("generation {generation}, then {next} after the failover");
         }
         eprintln!("[killed] node{l} killed, node{m} leads, generation {next}");
+        // The hook ran for the takeover and the activation, with the new generation.
+        let hook_log = case.nodes.hook_log();
+        for event in ["failover", "activated"] {
+            let line = format!(" {event} killed node{m} {next}");
+            case.nodes.cluster.wait_until(
+                &format!("the hook recorded `{}`", line.trim()),
+                || {
+                    let text = std::fs::read_to_string(&hook_log).unwrap_or_default();
+                    Ok(text
+                        .lines()
+                        .any(|l| l.ends_with(&line) || l.contains(&format!("{line} "))))
+                },
+            )?;
+        }
         Ok(())
     })
 }
