@@ -10,7 +10,7 @@ use snapshim_image::ParentRef;
 
 use super::dirty::{available, scan_all, Tracked};
 use crate::config::{Config, Incremental as Mode};
-use crate::objects::memory::MapsEntry;
+use crate::objects::memory::{self, MapsEntry};
 use crate::sys;
 
 /// The image the next delta builds on: sequence number (0: none, the next image is full),
@@ -144,13 +144,28 @@ pub fn prepare(maps: &[MapsEntry], want_delta: bool) -> Option<Delta> {
 /// a fork costs a page-table copy, about 40 ms per GiB of the program, whatever the delta's
 /// size. So a delta up to 1/50 of the program's resident memory (20 MiB for 1 GiB; at least
 /// 1 MiB, at most 64 MiB) is written during the pause.
-pub fn pause_write(d: &Delta, resident_bytes: u64) -> bool {
-    let bytes: u64 = d
+///
+/// A delta stores more than its tracked regions' written pages: every region that is stored but
+/// not tracked is stored whole, counted here at its size. In a restored program that is its
+/// memory still mapped from the image (about all of it at the first checkpoint after the
+/// restore), which must never be written during the pause.
+pub fn pause_write(d: &Delta, maps: &[MapsEntry], resident_bytes: u64) -> bool {
+    let written: u64 = d
         .tracked
         .iter()
         .flat_map(|t| t.written.iter())
         .filter(|w| Tracked::has_data(w.2))
         .map(|w| w.1 - w.0)
         .sum();
-    bytes <= (resident_bytes / 50).clamp(1 << 20, 64 << 20)
+    let whole: u64 = maps
+        .iter()
+        .filter(|e| !memory::is_excluded(e) && memory::classify(e).1)
+        .filter(|e| {
+            !d.tracked
+                .iter()
+                .any(|t| t.start == e.start && t.end == e.end)
+        })
+        .map(|e| e.end - e.start)
+        .sum();
+    written + whole <= (resident_bytes / 50).clamp(1 << 20, 64 << 20)
 }

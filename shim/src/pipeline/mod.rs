@@ -478,7 +478,7 @@ fn write_image(job: &mut Job) -> Result<String, String> {
         cap.delta = policy::prepare(&cap.maps, job.delta);
         job.delta = cap.delta.is_some();
         if let Some(d) = &cap.delta {
-            let small = policy::pause_write(d, cap.process.resident_bytes);
+            let small = policy::pause_write(d, &cap.maps, cap.process.resident_bytes);
             job.engine = engine::choose(cfg, Moment::Delta { small });
         }
     }
