@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the workspace and runs every test, from any directory. Installs the few Debian packages
 # the tests need (a C compiler, python3, setpriv, jemalloc, tcmalloc, mimalloc, redis-server,
-# memcached, nginx, node)
+# memcached, nginx, node, iproute2, etcd)
 # only if one is missing and we are root.
 # With CI set, a test whose needs the machine does not meet (root, userfaultfd) fails instead of
 # being skipped (testapps/src/needs.rs).
@@ -32,6 +32,9 @@ has_c_library mimalloc || missing+=(libmimalloc-dev)
 [[ -x /usr/bin/node ]] || missing+=(nodejs)
 # testapps/tests/timers.rs: ruby's POSIX timer.
 [[ -x /usr/bin/ruby ]] || missing+=(ruby)
+# testapps/tests/cluster.rs: network namespaces, a bridge and veth pairs, a 3-member etcd.
+[[ -x /usr/bin/ip ]] || missing+=(iproute2)
+[[ -x /usr/bin/etcdctl ]] || missing+=(etcd-client)
 if ((${#missing[@]})); then
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
         echo "test.sh: installing ${missing[*]}"

@@ -29,6 +29,7 @@ const APPS: &[&str] = &[
     "deleted",
     "timers",
     "tcpcount",
+    "ticker",
 ];
 
 /// The same as `C_FLAGS` in src/artifacts.rs (build scripts cannot import the crate).

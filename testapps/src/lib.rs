@@ -37,8 +37,10 @@ use std::fmt;
 
 pub mod apps;
 pub mod artifacts;
+pub mod cluster;
 pub mod diff;
 pub mod needs;
+pub mod nodes;
 pub mod process;
 pub mod rng;
 pub mod scenario;
