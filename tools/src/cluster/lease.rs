@@ -26,8 +26,15 @@ pub struct Lease {
     lost: AtomicBool,
     /// The program (PID) to kill when the lease is in danger; 0 for none.
     fenced_pid: AtomicU32,
+    /// Run once the fence has killed the program (logs the event when it happens).
+    on_fire: Mutex<Option<Note>>,
+    /// `on_fire` ran.
+    noted: AtomicBool,
     stop: AtomicBool,
 }
+
+/// What the fence does after the kill, on the lease's thread.
+pub type Note = Box<dyn FnOnce() + Send>;
 
 impl Lease {
     /// Grants a lease of `ttl` (whole seconds, at least 1) and starts its renewer and watcher.
@@ -41,6 +48,8 @@ impl Lease {
             sent_ok: Mutex::new(sent),
             lost: AtomicBool::new(false),
             fenced_pid: AtomicU32::new(0),
+            on_fire: Mutex::new(None),
+            noted: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
         // Each request may take up to a quarter of the TTL, per endpoint.
@@ -67,7 +76,26 @@ impl Lease {
 
     /// Protect `pid` (0: nothing) with this lease: it is killed when the lease is in danger.
     pub fn fence(&self, pid: u32) {
+        *self.on_fire.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.fenced_pid.store(pid, Ordering::SeqCst);
+    }
+
+    /// [`fence`](Self::fence), and `note` runs right after the kill, on the lease's thread: the
+    /// event is logged when the program stops, however busy the agent's loop is.
+    pub fn fence_noting(&self, pid: u32, note: Note) {
+        *self.on_fire.lock().unwrap_or_else(|e| e.into_inner()) = Some(note);
+        self.fenced_pid.store(pid, Ordering::SeqCst);
+    }
+
+    /// The fence killed a program and its note ran.
+    pub fn noted(&self) -> bool {
+        self.noted.load(Ordering::SeqCst)
+    }
+
+    /// The last keepalive that succeeded was sent recently (within half the TTL): a key put on
+    /// this lease now has nearly the whole TTL before the fence could fire.
+    pub fn fresh(&self) -> bool {
+        self.since_ok() < self.ttl / 2
     }
 
     /// How long before etcd could expire the lease the fence fires.
@@ -131,11 +159,17 @@ impl Lease {
         }
     }
 
-    /// Kills the protected program, if any.
+    /// Kills the protected program, if any, and runs its note.
     fn fire(&self) {
         let pid = self.fenced_pid.swap(0, Ordering::SeqCst);
-        if pid != 0 {
-            kill_tree(pid);
+        if pid == 0 {
+            return;
+        }
+        kill_tree(pid);
+        let note = self.on_fire.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(note) = note {
+            note();
+            self.noted.store(true, Ordering::SeqCst);
         }
     }
 }

@@ -43,6 +43,8 @@ pub struct Service {
     pub leader_seen: Option<u32>,
     /// Since when the leader key has been missing.
     pub absent_since: Option<Instant>,
+    /// That no live node holds the acknowledged image was said (sync mode).
+    pub no_holder_noted: bool,
 }
 
 impl Service {
@@ -56,6 +58,7 @@ impl Service {
             published: String::new(),
             leader_seen: None,
             absent_since: None,
+            no_holder_noted: false,
         }
     }
 

@@ -46,6 +46,7 @@ pub fn step(
         Some(l) => {
             svc.leader_seen = Some(l.value.generation);
             svc.absent_since = None;
+            svc.no_holder_noted = false;
             if l.value.node == ctx.node && l.lease == lease.id() {
                 // Handed over by a switchover.
                 return take_over(ctx, svc, v, l.value.generation, lease, false);
@@ -59,12 +60,14 @@ pub fn step(
             }
             let since = *svc.absent_since.get_or_insert_with(Instant::now);
             let Some(rank) = rank(&ctx.node, v, nodes, newest.as_ref()) else {
+                note_no_holder(ctx, svc, v);
                 return Ok(Role::Standby);
             };
             if since.elapsed() < lease.ttl() / 4 * rank as u32 {
                 return Ok(Role::Standby);
             }
-            try_take(ctx, svc, v, newest.as_ref(), lease)
+            let lease = fresh_lease(ctx, svc, lease)?;
+            try_take(ctx, svc, v, newest.as_ref(), &lease)
         }
     }
 }
@@ -100,6 +103,42 @@ fn rank(
     let mut live: Vec<&str> = nodes.keys().map(|n| n.as_str()).collect();
     live.sort_by_key(|n| (Some(*n) != v.spec.prefer.as_deref(), n.to_string()));
     live.iter().position(|n| *n == me)
+}
+
+/// The lease to take the key on: `lease` if its last keepalive that succeeded is recent,
+/// otherwise a new one. A key put on a lease whose renewals have been failing for a while
+/// would be fenced soon after the takeover, though etcd works again.
+fn fresh_lease(ctx: &Ctx, svc: &mut Service, lease: &Arc<Lease>) -> Result<Arc<Lease>, String> {
+    if lease.fresh() {
+        return Ok(lease.clone());
+    }
+    ctx.log.note(&format!(
+        "{}: the standby lease was not renewed lately: taking the key on a new one",
+        svc.name
+    ));
+    lease.release(&ctx.etcd);
+    svc.published.clear();
+    svc.lease(ctx, lease.ttl())
+}
+
+/// In sync mode, no live node holds the acknowledged image: nobody takes over (an older image
+/// would lose what was acknowledged); said once per absence of the leader.
+fn note_no_holder(ctx: &Ctx, svc: &mut Service, v: &View) {
+    let Some(c) = v.committed.as_ref().filter(|_| v.spec.mode == Mode::Sync) else {
+        return;
+    };
+    if svc.no_holder_noted {
+        return;
+    }
+    svc.no_holder_noted = true;
+    ctx.log.note(&format!(
+        "{}: no live node holds the acknowledged image {} (generation {}, seq {}): waiting for \
+         its holder; nothing older is started in sync mode",
+        svc.name,
+        hex(c.value.id),
+        c.value.generation,
+        c.value.seq
+    ));
 }
 
 /// The transaction that takes the leader key, then the program's start.
@@ -182,7 +221,11 @@ fn take_over(
 /// Once the leader (another node) has an image of a newer generation than some held here,
 /// those are dropped: they were superseded by the takeover that made that generation, and
 /// images a fenced leader wrote after its last push would collide by name with the new
-/// leader's. The warm standby goes with them; it starts again on the first image received.
+/// leader's. The acknowledged (committed) image and the images it depends on stay: until this
+/// node holds an image of the new generation that is committed too, it may be the only copy a
+/// takeover can start from (the new generation started from it or from a newer one, so its
+/// name never collides with the new leader's). The warm standby goes with the dropped images;
+/// it starts again on the first image received.
 fn drop_stale(ctx: &Ctx, svc: &mut Service, v: &View) {
     let (Some(l), Some(ck)) = (&v.leader, &v.checkpoint) else {
         return;
@@ -191,9 +234,11 @@ fn drop_stale(ctx: &Ctx, svc: &mut Service, v: &View) {
         return;
     }
     let current = ck.image.generation;
+    let keep = committed_chain(&svc.dir, v);
     let stale: Vec<_> = snapshim_image::list_images(&svc.dir)
         .unwrap_or_default()
         .into_iter()
+        .filter(|p| !keep.contains(p))
         .filter(|p| program::describe(p).is_some_and(|i| i.generation < current))
         .collect();
     if stale.is_empty() {
@@ -209,6 +254,26 @@ fn drop_stale(ctx: &Ctx, svc: &mut Service, v: &View) {
         svc.name,
         stale.len()
     ));
+}
+
+/// The committed image, if held here, and every image it depends on.
+fn committed_chain(dir: &std::path::Path, v: &View) -> Vec<std::path::PathBuf> {
+    let Some(c) = &v.committed else {
+        return Vec::new();
+    };
+    let mut chain = Vec::new();
+    let mut path = dir.join(snapshim_image::image_file_name(c.value.seq));
+    if program::describe(&path).is_none_or(|i| i.id != c.value.id) {
+        return chain;
+    }
+    while !chain.contains(&path) {
+        chain.push(path.clone());
+        match snapshim_image::Image::open(&path).ok().and_then(|i| i.meta.parent) {
+            Some(p) => path = dir.join(p.file),
+            None => break,
+        }
+    }
+    chain
 }
 
 /// Keeps `snapshim-restore --standby` running once there is an image.
