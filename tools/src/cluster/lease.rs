@@ -166,7 +166,11 @@ impl Lease {
             return;
         }
         kill_tree(pid);
-        let note = self.on_fire.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let note = self
+            .on_fire
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(note) = note {
             note();
             self.noted.store(true, Ordering::SeqCst);

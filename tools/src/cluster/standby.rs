@@ -127,8 +127,13 @@ fn note_no_holder(ctx: &Ctx, svc: &mut Service, v: &View) {
     let Some(c) = v.committed.as_ref().filter(|_| v.spec.mode == Mode::Sync) else {
         return;
     };
-    if svc.no_holder_noted {
-        return;
+    let key = |i: &Image| (i.generation, i.seq);
+    let held = v
+        .standbys
+        .values()
+        .any(|s| s.image.as_ref().is_some_and(|i| key(i) >= key(&c.value)));
+    if held || svc.no_holder_noted {
+        return; // a holder will take over; this node is just not one
     }
     svc.no_holder_noted = true;
     ctx.log.note(&format!(
@@ -268,7 +273,10 @@ fn committed_chain(dir: &std::path::Path, v: &View) -> Vec<std::path::PathBuf> {
     }
     while !chain.contains(&path) {
         chain.push(path.clone());
-        match snapshim_image::Image::open(&path).ok().and_then(|i| i.meta.parent) {
+        match snapshim_image::Image::open(&path)
+            .ok()
+            .and_then(|i| i.meta.parent)
+        {
             Some(p) => path = dir.join(p.file),
             None => break,
         }
