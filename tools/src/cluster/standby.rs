@@ -40,7 +40,7 @@ pub fn step(
     }
     drop_stale(ctx, svc, v);
     let newest = newest_image(&svc.dir);
-    keep_warm(ctx, svc, newest.is_some());
+    keep_warm(ctx, svc, newest.as_ref());
     publish(ctx, svc, newest.as_ref(), lease)?;
     match &v.leader {
         Some(l) => {
@@ -246,6 +246,20 @@ fn drop_stale(ctx: &Ctx, svc: &mut Service, v: &View) {
         .filter(|p| !keep.contains(p))
         .filter(|p| program::describe(p).is_some_and(|i| i.generation < current))
         .collect();
+    // The receiver's retention may have deleted them first, while the warm standby keeps the
+    // one it staged open: it would resume a superseded image.
+    let committed = v.committed.as_ref().map(|c| c.value.generation);
+    let warm_stale = svc.standby.is_some()
+        && svc.standby_generation < current
+        && committed != Some(svc.standby_generation);
+    if warm_stale {
+        stop_standby(svc);
+        ctx.log.note(&format!(
+            "{}: the warm standby was on an image of generation {}, older than {current}: \
+             stopped",
+            svc.name, svc.standby_generation
+        ));
+    }
     if stale.is_empty() {
         return;
     }
@@ -285,7 +299,7 @@ fn committed_chain(dir: &std::path::Path, v: &View) -> Vec<std::path::PathBuf> {
 }
 
 /// Keeps `snapshim-restore --standby` running once there is an image.
-fn keep_warm(ctx: &Ctx, svc: &mut Service, have_image: bool) {
+fn keep_warm(ctx: &Ctx, svc: &mut Service, newest: Option<&Image>) {
     if let Some(child) = &mut svc.standby {
         match child.try_wait() {
             Ok(None) => return,
@@ -300,10 +314,11 @@ fn keep_warm(ctx: &Ctx, svc: &mut Service, have_image: bool) {
     let recent = svc
         .standby_started
         .is_some_and(|t| t.elapsed() < RESTART_AFTER);
-    if !have_image || recent {
+    let Some(newest) = newest.filter(|_| !recent) else {
         return;
-    }
+    };
     svc.standby_started = Some(Instant::now());
+    svc.standby_generation = newest.generation;
     match program::start_standby(&svc.dir) {
         Ok(child) => svc.standby = Some(child),
         Err(e) => ctx.log.note(&format!("{}: {e}", svc.name)),
