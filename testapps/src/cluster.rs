@@ -285,6 +285,10 @@ impl Cluster {
             .arg("--initial-cluster-state=new")
             // Fast elections for fast tests (defaults: 100 ms and 1000 ms).
             .args(["--heartbeat-interval=100", "--election-timeout=500"])
+            // etcd 3.4 defaults to no pre-vote (3.5 turned it on): a member back from a cut
+            // then campaigns with the higher term it reached alone and deposes the leader,
+            // and the election that follows can outlast a 2 s lease TTL.
+            .arg("--pre-vote")
             .stdout(log.try_clone().context("dup the etcd log")?)
             .stderr(log);
         let what = crate::process::command_line(&cmd);

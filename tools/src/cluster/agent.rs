@@ -101,6 +101,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         ctx.store.display()
     ));
     let mut services: BTreeMap<String, Entry> = BTreeMap::new();
+    let base_timeout = ctx.etcd.timeout();
     while !TERMINATE.load(Ordering::SeqCst) {
         if node_lease.lost() {
             match register(&ctx) {
@@ -111,6 +112,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         for e in services.values_mut() {
             leader::check_fence(&ctx, &mut e.svc, &mut e.role);
         }
+        ctx.etcd.set_timeout(etcd_timeout(&services, base_timeout));
         match tick(&ctx, &mut services) {
             Ok(()) => last_error.clear(),
             Err(e) => note_once(&ctx, &mut last_error, e),
@@ -169,6 +171,18 @@ fn register(ctx: &Ctx) -> Result<Arc<Lease>, String> {
     ctx.etcd
         .put(&keys::node(&ctx.node), &to_json(&info), lease.id())?;
     Ok(lease)
+}
+
+/// The loop's timeout per etcd request and endpoint: a quarter of the shortest TTL, at most
+/// `base` (the command's), so that a dead endpoint delays a look (and a leader's step down)
+/// by little.
+fn etcd_timeout(services: &BTreeMap<String, Entry>, base: Duration) -> Duration {
+    services
+        .values()
+        .filter_map(|e| e.svc.lease.as_ref().map(|l| l.ttl() / 4))
+        .min()
+        .unwrap_or(base)
+        .min(base)
 }
 
 /// A tenth of the shortest TTL, at most [`MAX_TICK`].

@@ -7,7 +7,7 @@
 //! any member's answer good: a member cut off from the majority fails the call rather than
 //! answer stale data for writes and linearizable reads (the gateway's default).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -28,7 +28,8 @@ pub struct Kv {
 #[derive(Debug)]
 pub struct Etcd {
     endpoints: Vec<String>,
-    timeout: Duration,
+    /// Per request and endpoint, in milliseconds.
+    timeout_ms: AtomicU64,
     current: AtomicUsize,
 }
 
@@ -50,7 +51,7 @@ impl Etcd {
         }
         Ok(Etcd {
             endpoints,
-            timeout,
+            timeout_ms: AtomicU64::new(timeout.as_millis() as u64),
             current: AtomicUsize::new(0),
         })
     }
@@ -59,9 +60,20 @@ impl Etcd {
     pub fn with_timeout(&self, timeout: Duration) -> Etcd {
         Etcd {
             endpoints: self.endpoints.clone(),
-            timeout,
+            timeout_ms: AtomicU64::new(timeout.as_millis() as u64),
             current: AtomicUsize::new(self.current.load(Ordering::Relaxed)),
         }
+    }
+
+    /// Changes the per-request timeout of this client (the agent's loop keeps it within the
+    /// shortest service TTL it serves).
+    pub fn set_timeout(&self, timeout: Duration) {
+        self.timeout_ms
+            .store(timeout.as_millis().max(1) as u64, Ordering::Relaxed);
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
     }
 
     /// POSTs `body` to `path`, trying each endpoint in turn from the last good one.
@@ -72,7 +84,7 @@ impl Etcd {
         for i in 0..self.endpoints.len() {
             let n = (first + i) % self.endpoints.len();
             let ep = &self.endpoints[n];
-            match post(ep, path, &body, self.timeout) {
+            match post(ep, path, &body, self.timeout()) {
                 Ok(text) => {
                     self.current.store(n, Ordering::Relaxed);
                     return serde_json::from_str(&text)

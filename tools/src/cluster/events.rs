@@ -47,6 +47,7 @@ impl Event {
 }
 
 /// Where the events go.
+#[derive(Clone)]
 pub struct Log {
     pub node: String,
     pub hook: Option<PathBuf>,

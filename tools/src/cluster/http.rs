@@ -4,13 +4,14 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// An answer larger than this is not one etcd would give us.
 const MAX_ANSWER: u64 = 64 << 20;
 
-/// POSTs `body` to `http://HOST:PORT` + `path`, within `timeout` for each step (connect, write,
-/// read). Returns the body of a 200 answer; anything else is an error line.
+/// POSTs `body` to `http://HOST:PORT` + `path`, within `timeout` for each step (connect, and
+/// then the request and its whole answer): a slow answer cannot hold the caller longer than
+/// twice `timeout`. Returns the body of a 200 answer; anything else is an error line.
 pub fn post(endpoint: &str, path: &str, body: &str, timeout: Duration) -> Result<String, String> {
     let hostport = endpoint
         .strip_prefix("http://")
@@ -18,6 +19,7 @@ pub fn post(endpoint: &str, path: &str, body: &str, timeout: Duration) -> Result
         .trim_end_matches('/');
     let addr = resolve(hostport)?;
     let mut conn = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + timeout;
     conn.set_read_timeout(Some(timeout))
         .and_then(|()| conn.set_write_timeout(Some(timeout)))
         .map_err(|e| e.to_string())?;
@@ -28,11 +30,31 @@ pub fn post(endpoint: &str, path: &str, body: &str, timeout: Duration) -> Result
     );
     conn.write_all(request.as_bytes())
         .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    conn.take(MAX_ANSWER)
-        .read_to_end(&mut raw)
-        .map_err(|e| e.to_string())?;
+    let raw = read_until(&mut conn, deadline)?;
     parse_answer(&raw)
+}
+
+/// Reads the answer to its end (at most [`MAX_ANSWER`] bytes), by `deadline`.
+fn read_until(conn: &mut TcpStream, deadline: Instant) -> Result<Vec<u8>, String> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("timed out reading the answer".into());
+        }
+        conn.set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        match conn.read(&mut buf) {
+            Ok(0) => return Ok(raw),
+            Ok(n) if (raw.len() + n) as u64 > MAX_ANSWER => {
+                return Err("the answer is too large".into())
+            }
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 fn resolve(hostport: &str) -> Result<SocketAddr, String> {

@@ -100,7 +100,7 @@ pub fn start(
         Start::Restore => program::start_restore(&svc.dir)?,
         Start::Fresh => program::start_fresh(&v.spec, &ctx.store)?,
     };
-    lease.fence(child.id());
+    protect(ctx, &svc.name, lease, child.id(), generation);
     if lease.lost() {
         kill_tree(child.id());
     }
@@ -129,23 +129,35 @@ pub fn start(
     })
 }
 
+/// Protects `pid` with `lease`: when the fence kills it, the lease's thread logs `fenced` (and
+/// runs the hook) at once, not when the agent's loop gets to it.
+fn protect(ctx: &Ctx, service: &str, lease: &Lease, pid: u32, generation: u32) {
+    let (log, service, ttl) = (ctx.log.clone(), service.to_string(), lease.ttl());
+    lease.fence_noting(
+        pid,
+        Box::new(move || log.event(Event::Fenced, &service, generation, &fenced_detail(ttl))),
+    );
+}
+
+fn fenced_detail(ttl: Duration) -> String {
+    format!("could not renew the lease within {ttl:?} less the margin: program killed")
+}
+
 /// Called every loop, etcd reachable or not: a leader whose lease was lost (the fence killed
-/// the program, or etcd said the lease is gone) stops leading.
+/// the program, or etcd said the lease is gone) stops leading. The event was logged by the
+/// lease's thread when the fence fired, unless there was nothing to kill then.
 pub fn check_fence(ctx: &Ctx, svc: &mut Service, role: &mut Role) {
-    let lost = svc.lease.as_ref().is_some_and(|l| l.lost());
-    if !lost {
+    let Some(lease) = svc.lease.as_ref().filter(|l| l.lost()) else {
         return;
-    }
+    };
     if let Role::Leading(lead) = role {
         kill_tree(lead.child.id());
         let _ = lead.child.wait();
-        let ttl = svc.lease.as_ref().map_or(Duration::ZERO, |l| l.ttl());
-        ctx.log.event(
-            Event::Fenced,
-            &svc.name,
-            lead.generation,
-            &format!("could not renew the lease within {ttl:?} less the margin: program killed"),
-        );
+        if !lease.noted() {
+            let detail = fenced_detail(lease.ttl());
+            ctx.log
+                .event(Event::Fenced, &svc.name, lead.generation, &detail);
+        }
         *role = Role::Standby;
     }
 }
@@ -262,6 +274,7 @@ fn sync_generation(ctx: &Ctx, svc: &Service, lead: &mut Leading, rev: i64, lease
         vec![op_put(&key, &to_json(&value), lease.id())],
     ) {
         lead.generation = g;
+        protect(ctx, &svc.name, lease, lead.child.id(), g);
     }
 }
 
@@ -513,7 +526,7 @@ fn switchover(
 fn resume_here(ctx: &Ctx, svc: &Service, lead: &mut Leading, lease: &Lease) -> Option<Role> {
     match program::start_restore(&svc.dir) {
         Ok(child) => {
-            lease.fence(child.id());
+            protect(ctx, &svc.name, lease, child.id(), lead.generation);
             lead.child = child;
             None
         }

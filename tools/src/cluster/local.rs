@@ -37,12 +37,16 @@ pub struct Service {
     /// The warm standby (`snapshim-restore --standby`), while a standby.
     pub standby: Option<Child>,
     pub standby_started: Option<Instant>,
+    /// The generation of the newest image when the warm standby started: what it staged.
+    pub standby_generation: u32,
     /// The standby key as last written (with the lease it was written on).
     pub published: String,
     /// The leader key was there at the last look (with this generation).
     pub leader_seen: Option<u32>,
     /// Since when the leader key has been missing.
     pub absent_since: Option<Instant>,
+    /// That no live node holds the acknowledged image was said (sync mode).
+    pub no_holder_noted: bool,
 }
 
 impl Service {
@@ -53,9 +57,11 @@ impl Service {
             lease: None,
             standby: None,
             standby_started: None,
+            standby_generation: 0,
             published: String::new(),
             leader_seen: None,
             absent_since: None,
+            no_holder_noted: false,
         }
     }
 

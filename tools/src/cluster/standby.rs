@@ -40,12 +40,13 @@ pub fn step(
     }
     drop_stale(ctx, svc, v);
     let newest = newest_image(&svc.dir);
-    keep_warm(ctx, svc, newest.is_some());
+    keep_warm(ctx, svc, newest.as_ref());
     publish(ctx, svc, newest.as_ref(), lease)?;
     match &v.leader {
         Some(l) => {
             svc.leader_seen = Some(l.value.generation);
             svc.absent_since = None;
+            svc.no_holder_noted = false;
             if l.value.node == ctx.node && l.lease == lease.id() {
                 // Handed over by a switchover.
                 return take_over(ctx, svc, v, l.value.generation, lease, false);
@@ -59,12 +60,14 @@ pub fn step(
             }
             let since = *svc.absent_since.get_or_insert_with(Instant::now);
             let Some(rank) = rank(&ctx.node, v, nodes, newest.as_ref()) else {
+                note_no_holder(ctx, svc, v);
                 return Ok(Role::Standby);
             };
             if since.elapsed() < lease.ttl() / 4 * rank as u32 {
                 return Ok(Role::Standby);
             }
-            try_take(ctx, svc, v, newest.as_ref(), lease)
+            let lease = fresh_lease(ctx, svc, lease)?;
+            try_take(ctx, svc, v, newest.as_ref(), &lease)
         }
     }
 }
@@ -100,6 +103,47 @@ fn rank(
     let mut live: Vec<&str> = nodes.keys().map(|n| n.as_str()).collect();
     live.sort_by_key(|n| (Some(*n) != v.spec.prefer.as_deref(), n.to_string()));
     live.iter().position(|n| *n == me)
+}
+
+/// The lease to take the key on: `lease` if its last keepalive that succeeded is recent,
+/// otherwise a new one. A key put on a lease whose renewals have been failing for a while
+/// would be fenced soon after the takeover, though etcd works again.
+fn fresh_lease(ctx: &Ctx, svc: &mut Service, lease: &Arc<Lease>) -> Result<Arc<Lease>, String> {
+    if lease.fresh() {
+        return Ok(lease.clone());
+    }
+    ctx.log.note(&format!(
+        "{}: the standby lease was not renewed lately: taking the key on a new one",
+        svc.name
+    ));
+    lease.release(&ctx.etcd);
+    svc.published.clear();
+    svc.lease(ctx, lease.ttl())
+}
+
+/// In sync mode, no live node holds the acknowledged image: nobody takes over (an older image
+/// would lose what was acknowledged); said once per absence of the leader.
+fn note_no_holder(ctx: &Ctx, svc: &mut Service, v: &View) {
+    let Some(c) = v.committed.as_ref().filter(|_| v.spec.mode == Mode::Sync) else {
+        return;
+    };
+    let key = |i: &Image| (i.generation, i.seq);
+    let held = v
+        .standbys
+        .values()
+        .any(|s| s.image.as_ref().is_some_and(|i| key(i) >= key(&c.value)));
+    if held || svc.no_holder_noted {
+        return; // a holder will take over; this node is just not one
+    }
+    svc.no_holder_noted = true;
+    ctx.log.note(&format!(
+        "{}: no live node holds the acknowledged image {} (generation {}, seq {}): waiting for \
+         its holder; nothing older is started in sync mode",
+        svc.name,
+        hex(c.value.id),
+        c.value.generation,
+        c.value.seq
+    ));
 }
 
 /// The transaction that takes the leader key, then the program's start.
@@ -182,7 +226,11 @@ fn take_over(
 /// Once the leader (another node) has an image of a newer generation than some held here,
 /// those are dropped: they were superseded by the takeover that made that generation, and
 /// images a fenced leader wrote after its last push would collide by name with the new
-/// leader's. The warm standby goes with them; it starts again on the first image received.
+/// leader's. The acknowledged (committed) image and the images it depends on stay: until this
+/// node holds an image of the new generation that is committed too, it may be the only copy a
+/// takeover can start from (the new generation started from it or from a newer one, so its
+/// name never collides with the new leader's). The warm standby goes with the dropped images;
+/// it starts again on the first image received.
 fn drop_stale(ctx: &Ctx, svc: &mut Service, v: &View) {
     let (Some(l), Some(ck)) = (&v.leader, &v.checkpoint) else {
         return;
@@ -191,11 +239,27 @@ fn drop_stale(ctx: &Ctx, svc: &mut Service, v: &View) {
         return;
     }
     let current = ck.image.generation;
+    let keep = committed_chain(&svc.dir, v);
     let stale: Vec<_> = snapshim_image::list_images(&svc.dir)
         .unwrap_or_default()
         .into_iter()
+        .filter(|p| !keep.contains(p))
         .filter(|p| program::describe(p).is_some_and(|i| i.generation < current))
         .collect();
+    // The receiver's retention may have deleted them first, while the warm standby keeps the
+    // one it staged open: it would resume a superseded image.
+    let committed = v.committed.as_ref().map(|c| c.value.generation);
+    let warm_stale = svc.standby.is_some()
+        && svc.standby_generation < current
+        && committed != Some(svc.standby_generation);
+    if warm_stale {
+        stop_standby(svc);
+        ctx.log.note(&format!(
+            "{}: the warm standby was on an image of generation {}, older than {current}: \
+             stopped",
+            svc.name, svc.standby_generation
+        ));
+    }
     if stale.is_empty() {
         return;
     }
@@ -211,8 +275,31 @@ fn drop_stale(ctx: &Ctx, svc: &mut Service, v: &View) {
     ));
 }
 
+/// The committed image, if held here, and every image it depends on.
+fn committed_chain(dir: &std::path::Path, v: &View) -> Vec<std::path::PathBuf> {
+    let Some(c) = &v.committed else {
+        return Vec::new();
+    };
+    let mut chain = Vec::new();
+    let mut path = dir.join(snapshim_image::image_file_name(c.value.seq));
+    if program::describe(&path).is_none_or(|i| i.id != c.value.id) {
+        return chain;
+    }
+    while !chain.contains(&path) {
+        chain.push(path.clone());
+        match snapshim_image::Image::open(&path)
+            .ok()
+            .and_then(|i| i.meta.parent)
+        {
+            Some(p) => path = dir.join(p.file),
+            None => break,
+        }
+    }
+    chain
+}
+
 /// Keeps `snapshim-restore --standby` running once there is an image.
-fn keep_warm(ctx: &Ctx, svc: &mut Service, have_image: bool) {
+fn keep_warm(ctx: &Ctx, svc: &mut Service, newest: Option<&Image>) {
     if let Some(child) = &mut svc.standby {
         match child.try_wait() {
             Ok(None) => return,
@@ -227,10 +314,11 @@ fn keep_warm(ctx: &Ctx, svc: &mut Service, have_image: bool) {
     let recent = svc
         .standby_started
         .is_some_and(|t| t.elapsed() < RESTART_AFTER);
-    if !have_image || recent {
+    let Some(newest) = newest.filter(|_| !recent) else {
         return;
-    }
+    };
     svc.standby_started = Some(Instant::now());
+    svc.standby_generation = newest.generation;
     match program::start_standby(&svc.dir) {
         Ok(child) => svc.standby = Some(child),
         Err(e) => ctx.log.note(&format!("{}: {e}", svc.name)),

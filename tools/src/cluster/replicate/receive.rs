@@ -495,7 +495,7 @@ fn check_and_commit(
     }
     if sh.opts.keep > 0 {
         if let Ok(images) = snapshim_image::list_images(dir) {
-            snapshim_image::retain_among(dir, images, sh.opts.keep);
+            snapshim_image::retain_among(dir, newest_last(images, &path), sh.opts.keep);
         }
     }
     let _ = store::sync_dir(dir);
@@ -503,4 +503,23 @@ fn check_and_commit(
         check,
         commit: t0.elapsed() - check,
     })
+}
+
+/// `images` ordered for retention, the one to keep most last: by generation, then by number,
+/// and the image just received after all of them. By number alone, images of an older
+/// generation that a fenced leader wrote here after its last push (higher numbers than the new
+/// leader's first images) would make retention delete the image just acknowledged.
+fn newest_last(images: Vec<PathBuf>, received: &Path) -> Vec<PathBuf> {
+    let mut keyed: Vec<(bool, u32, PathBuf)> = images
+        .into_iter()
+        .map(|p| {
+            let generation = Image::open(&p)
+                .ok()
+                .and_then(|i| i.meta.lineage.map(|l| l.generation))
+                .unwrap_or(0);
+            (p == received, generation, p)
+        })
+        .collect();
+    keyed.sort(); // the same generation: by name, which is by number
+    keyed.into_iter().map(|(_, _, p)| p).collect()
 }

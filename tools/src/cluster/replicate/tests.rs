@@ -141,6 +141,33 @@ fn pushes_send_what_is_missing_and_retention_keeps_what_deltas_need() {
 }
 
 #[test]
+fn retention_keeps_the_image_received_over_later_numbers_of_an_older_generation() {
+    // A leader fenced after its last push wrote images 5..7 of generation 1 here; the new
+    // leader (generation 2) restored image 3 elsewhere and pushes its image 4.
+    let (src, store) = (tmpdir("src-gen"), tmpdir("store-gen"));
+    let (rx, _) = start(&store, Arc::new(|_: &Offer| Ok(())), 3);
+    let dst = store.join("svc");
+    std::fs::create_dir_all(&dst).unwrap();
+    for seq in 5..=7 {
+        write_image(&dst, seq, 0x100 + seq, None, 1);
+    }
+    write_image(&src, 4, 0x204, None, 2);
+    let r = push(rx.local_addr(), &key(), "svc", &src, T).unwrap();
+    assert_eq!(r.acknowledged, [0x204]);
+    // Kept: the image received, then the newest of generation 1.
+    let held = names(&dst);
+    assert!(held.contains(&"ckpt-00000004.snap".to_string()), "{held:?}");
+    assert_eq!(held.len(), 3, "{held:?}");
+    assert!(
+        !held.contains(&"ckpt-00000005.snap".to_string()),
+        "{held:?}"
+    );
+    rx.stop();
+    let _ = std::fs::remove_dir_all(&src);
+    let _ = std::fs::remove_dir_all(&store);
+}
+
+#[test]
 fn the_gate_sees_the_offer_and_its_refusal_reaches_the_sender() {
     let (src, store) = (tmpdir("gsrc"), tmpdir("gstore"));
     let seen = Arc::new(Mutex::new(None));
