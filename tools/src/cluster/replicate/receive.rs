@@ -26,7 +26,8 @@ use super::ReplicateError;
 /// Decides whether an offered image may enter the store (e.g. refuses a stale generation);
 /// `Err(why)` is sent back to the sender.
 pub type Gate = Arc<dyn Fn(&Offer) -> Result<(), String> + Send + Sync>;
-/// Told of each image committed (after its directory is fsynced).
+/// Told of each image committed, after its acknowledgement was sent (the session goes on only
+/// when it returns).
 pub type OnCommit = Arc<dyn Fn(&Offer, &Path) + Send + Sync>;
 
 /// How a receiver keeps its store.

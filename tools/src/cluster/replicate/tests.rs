@@ -94,6 +94,19 @@ fn start(store: &Path, gate: Gate, keep: usize) -> (Receiver, Arc<Mutex<Vec<Offe
 
 const T: Duration = Duration::from_secs(30);
 
+/// Waits until the receiver's sessions have ended (a push returns when its last image is
+/// acknowledged; the receiver tells `on_commit` after the acknowledgement).
+fn settle(rx: &Receiver) {
+    let deadline = std::time::Instant::now() + T;
+    while rx.sessions() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a session never ended"
+        );
+        std::thread::yield_now();
+    }
+}
+
 fn sent(r: &PushReport) -> Vec<String> {
     r.sent.iter().map(|s| s.file.clone()).collect()
 }
@@ -131,6 +144,7 @@ fn pushes_send_what_is_missing_and_retention_keeps_what_deltas_need() {
     // A re-push sends nothing.
     let r = push(to, &key(), "svc", &src, T).unwrap();
     assert!(r.sent.is_empty() && r.already.len() == 1);
+    settle(&rx);
     let ids: Vec<u64> = committed.lock().unwrap().iter().map(|o| o.id).collect();
     assert_eq!(ids, [0x101, 0x102, 0x103, 0x104, 0x105]);
     assert_eq!(newest(&dst).unwrap().id, 0x105);
@@ -199,6 +213,7 @@ fn the_gate_sees_the_offer_and_its_refusal_reaches_the_sender() {
         .unwrap()
         .len();
     assert_eq!(o.size, len);
+    settle(&rx);
     assert!(committed.lock().unwrap().is_empty());
     assert!(names(&store.join("svc")).is_empty());
     rx.stop();
@@ -271,14 +286,7 @@ fn a_sender_that_stops_halfway_leaves_nothing_behind() {
     s.shutdown(std::net::Shutdown::Both).unwrap();
     // The receiver ends the session once it sees the connection closed, and deletes what it
     // received of the image.
-    let deadline = std::time::Instant::now() + T;
-    while rx.sessions() > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the session never ended"
-        );
-        std::thread::yield_now();
-    }
+    settle(&rx);
     assert_eq!(all_files(&store.join("svc")), before);
     let r = push(rx.local_addr(), &key(), "svc", &src, T).unwrap();
     assert_eq!(sent(&r), ["ckpt-00000002.snap"]);
@@ -288,6 +296,7 @@ fn a_sender_that_stops_halfway_leaves_nothing_behind() {
         "a temporary file stayed: {after:?}"
     );
     assert_eq!(before.len() + 1, after.len(), "{before:?} then {after:?}");
+    settle(&rx);
     assert_eq!(committed.lock().unwrap().len(), 2);
     rx.stop();
     let _ = std::fs::remove_dir_all(&src);
