@@ -20,6 +20,7 @@ mod checkpoint;
 mod cli;
 mod cluster;
 mod companions;
+mod durable;
 mod enterable;
 mod failure;
 mod group;

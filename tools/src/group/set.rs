@@ -11,13 +11,12 @@
 //! one image directory DIR, also in a copy of DIR), else at the absolute path it had when the
 //! set was committed.
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::durable::{rename_noreplace, sync_dir};
 use crate::failure::{Failure, Result};
 
 /// The name of the pointer at the newest committed set in a group directory.
@@ -120,29 +119,6 @@ fn set_number(name: &str) -> Option<u64> {
         .strip_suffix(".json")?
         .parse()
         .ok()
-}
-
-fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
-    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
-    let (f, t) = (c(from)?, c(to)?);
-    // SAFETY: two NUL-terminated paths, relative to the working directory.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            f.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 /// The set `target` names: a set file, or a group directory (its `latest`). Returns the set

@@ -483,14 +483,14 @@ fn check_and_commit(
         .map_err(|e| format!("cannot fsync the image: {e}"))?;
     let _held = sh.commit.lock().unwrap_or_else(|p| p.into_inner());
     let path = dir.join(&o.file);
-    match store::rename_noreplace(tmp, &path) {
+    match crate::durable::rename_noreplace(tmp, &path) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) && id_at(&path) == Some(o.id) => {
             let _ = std::fs::remove_file(tmp);
         }
         Err(e) => return Err(format!("cannot rename it into place: {e}")),
     }
-    store::sync_dir(dir).map_err(|e| format!("cannot fsync {}: {e}", dir.display()))?;
+    crate::durable::sync_dir(dir).map_err(|e| format!("cannot fsync {}: {e}", dir.display()))?;
     if let Err(e) = store::repoint_latest(dir) {
         log(&format!("cannot update {}/latest: {e}", dir.display()));
     }
@@ -499,7 +499,7 @@ fn check_and_commit(
             snapshim_image::retain_among(dir, newest_last(images, &path), sh.opts.keep);
         }
     }
-    let _ = store::sync_dir(dir);
+    let _ = crate::durable::sync_dir(dir);
     Ok(Phases {
         check,
         commit: t0.elapsed() - check,

@@ -104,29 +104,6 @@ pub fn holding(dir: &Path) -> Vec<HeldRef> {
         .collect()
 }
 
-/// `rename`, failing with EEXIST rather than replacing `to` (as the shim commits).
-pub fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
-    };
-    let (f, t) = (c(from)?, c(to)?);
-    // SAFETY: two NUL-terminated paths that live across the call, relative to no directory.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            f.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Points `dir/latest` at the newest committed image of `dir`, as the shim's commit does.
 pub fn repoint_latest(dir: &Path) -> std::io::Result<()> {
     let Some(newest) = snapshim_image::list_images(dir)
@@ -139,11 +116,6 @@ pub fn repoint_latest(dir: &Path) -> std::io::Result<()> {
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(newest.file_name().unwrap_or_default(), &tmp)?;
     std::fs::rename(&tmp, dir.join(LATEST))
-}
-
-/// fsync of a directory (its entries: a rename, a new link).
-pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
