@@ -115,6 +115,13 @@ impl Drop for Serve {
     }
 }
 
+/// A new key, `key` in the session directory.
+fn new_key(session: &Session) -> Result<PathBuf> {
+    let key = session.dir().join("key");
+    keygen(session, &key)?;
+    Ok(key)
+}
+
 fn keygen(session: &Session, path: &Path) -> Result<()> {
     let c = run_captured(
         Command::new(session.tools()?.tool)
@@ -203,8 +210,7 @@ fn expect_same_bytes(serve: &Serve, images: &[&Snapshot]) -> Result<()> {
 #[test]
 fn full_image_and_deltas_replicate_and_restore_byte_identical() -> Result<()> {
     let session = incremental_session()?;
-    let key = session.dir().join("key");
-    keygen(&session, &key)?;
+    let key = new_key(&session)?;
     let serve = Serve::start(&session, &key, &session.dir().join("store"))?;
     let app = session.spawn()?.wait_ready()?.pause_randomly()?;
     let full = app.checkpoint()?;
@@ -261,8 +267,7 @@ fn full_image_and_deltas_replicate_and_restore_byte_identical() -> Result<()> {
 #[test]
 fn a_standby_on_the_store_resumes_from_the_newest_replicated_image() -> Result<()> {
     let session = incremental_session()?;
-    let key = session.dir().join("key");
-    keygen(&session, &key)?;
+    let key = new_key(&session)?;
     let serve = Serve::start(&session, &key, &session.dir().join("store"))?;
     let app = session.spawn()?.wait_ready()?.pause_randomly()?;
     app.checkpoint()?;
@@ -341,8 +346,7 @@ fn a_wrong_key_is_refused_both_ways() -> Result<()> {
 #[test]
 fn a_corrupted_image_is_refused_and_the_previous_images_stay() -> Result<()> {
     let session = incremental_session()?;
-    let key = session.dir().join("key");
-    keygen(&session, &key)?;
+    let key = new_key(&session)?;
     let serve = Serve::start(&session, &key, &session.dir().join("store"))?;
     let app = session.spawn_without_reference()?.wait_ready()?;
     let full = app.checkpoint()?;
@@ -386,8 +390,7 @@ fn a_corrupted_image_is_refused_and_the_previous_images_stay() -> Result<()> {
 #[test]
 fn a_delta_without_its_parent_is_refused() -> Result<()> {
     let session = incremental_session()?;
-    let key = session.dir().join("key");
-    keygen(&session, &key)?;
+    let key = new_key(&session)?;
     let serve = Serve::start(&session, &key, &session.dir().join("store"))?;
     let app = session.spawn_without_reference()?.wait_ready()?;
     let full = app.checkpoint()?;
@@ -422,8 +425,7 @@ fn a_delta_without_its_parent_is_refused() -> Result<()> {
 #[test]
 fn the_gate_refuses_an_image_of_an_older_generation() -> Result<()> {
     let session = incremental_session()?;
-    let key = session.dir().join("key");
-    keygen(&session, &key)?;
+    let key = new_key(&session)?;
     let store = session.dir().join("store");
     let serve = Serve::start_with(&session, &key, &store, &["--min-generation", "2"])?;
     let app = session.spawn_without_reference()?.wait_ready()?;
@@ -448,8 +450,7 @@ fn the_gate_refuses_an_image_of_an_older_generation() -> Result<()> {
 #[test]
 fn serve_on_a_busy_port_says_so_in_one_line() -> Result<()> {
     let session = incremental_session()?;
-    let key = session.dir().join("key");
-    keygen(&session, &key)?;
+    let key = new_key(&session)?;
     let busy = std::net::TcpListener::bind("127.0.0.1:0").context("bind a port")?;
     let addr = busy.local_addr().context("its address")?.to_string();
     let c = run_captured(
