@@ -265,6 +265,22 @@ fn uninterrupted(dir: &Path) -> Result<Vec<u8>> {
     Ok(std::fs::read(&path)?)
 }
 
+/// A cluster named after `test` whose service (in `mode`) node a leads, with a warm standby on
+/// node b. Returns the cluster, the output file and the status that showed the standby warm.
+fn a_leads_b_waits(test: &str, mode: &str) -> Result<(Cluster, PathBuf, Value)> {
+    let mut c = Cluster::start(test)?;
+    let out = add_service(&c, mode)?;
+    c.agent("a")?;
+    c.until("node a to lead", |c| {
+        Ok(c.status("single")
+            .ok()
+            .filter(|v| leader(v).is_some_and(|l| l.0 == "a")))
+    })?;
+    c.agent("b")?;
+    let warm = c.status_until("a warm standby on b", |v| warm_standby(v, "b"))?;
+    Ok((c, out, warm))
+}
+
 /// Defines the service `single` with node a preferred and its output in the cluster's
 /// directory; returns the output file.
 fn add_service(c: &Cluster, mode: &str) -> Result<PathBuf> {
@@ -337,16 +353,7 @@ fn failover_resumes_on_the_standby_and_refuses_the_old_generation() -> Result<()
     if !have_etcd()? {
         return Ok(());
     }
-    let mut c = Cluster::start("failover")?;
-    let out = add_service(&c, "async")?;
-    c.agent("a")?;
-    c.until("node a to lead", |c| {
-        Ok(c.status("single")
-            .ok()
-            .filter(|v| leader(v).is_some_and(|l| l.0 == "a")))
-    })?;
-    c.agent("b")?;
-    let before = c.status_until("a warm standby on b", |v| warm_standby(v, "b"))?;
+    let (mut c, out, before) = a_leads_b_waits("failover", "async")?;
     let (_, old_generation) = leader(&before).unwrap_or_default();
 
     c.kill_node("a");
@@ -406,16 +413,7 @@ fn switchover_and_failback_keep_the_output() -> Result<()> {
     if !have_etcd()? {
         return Ok(());
     }
-    let mut c = Cluster::start("switchover")?;
-    let out = add_service(&c, "sync")?;
-    c.agent("a")?;
-    c.until("node a to lead", |c| {
-        Ok(c.status("single")
-            .ok()
-            .filter(|v| leader(v).is_some_and(|l| l.0 == "a")))
-    })?;
-    c.agent("b")?;
-    c.status_until("a warm standby on b", |v| warm_standby(v, "b"))?;
+    let (c, out, _) = a_leads_b_waits("switchover", "sync")?;
     // Sync mode: an image counts as committed once b holds it.
     c.status_until("an image committed", |v| !v["committed"].is_null())?;
     for (to, from) in [("b", "a"), ("a", "b")] {
@@ -452,16 +450,7 @@ fn a_leader_cut_off_from_etcd_fences_itself_and_the_service_recovers() -> Result
     if !have_etcd()? {
         return Ok(());
     }
-    let mut c = Cluster::start("fencing")?;
-    let out = add_service(&c, "async")?;
-    c.agent("a")?;
-    c.until("node a to lead", |c| {
-        Ok(c.status("single")
-            .ok()
-            .filter(|v| leader(v).is_some_and(|l| l.0 == "a")))
-    })?;
-    c.agent("b")?;
-    c.status_until("a warm standby on b", |v| warm_standby(v, "b"))?;
+    let (c, out, _) = a_leads_b_waits("fencing", "async")?;
     let program: u32 = c.until("node a's program", |c| Ok(activated_pid(&c.agent_log("a"))))?;
 
     // etcd stops answering: node a cannot renew its lease and must kill its program before
